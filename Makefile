@@ -1,0 +1,47 @@
+# medops: `make run` brings the platform up on embedded defaults, `make test` runs every test.
+# The first target of each bootstraps .venv from the lock in requirements/ (fast when nothing changed).
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.synced
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: venv run stop test test-fast lint bench lock clean
+
+venv: $(STAMP)
+
+# uv is bootstrapped with pip into the venv itself, so nothing outside the checkout is needed.
+$(STAMP): requirements/dev.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv
+	@VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip sync --quiet requirements/dev.txt
+	@VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+lock:
+	$(BIN)/uv pip compile --quiet --no-header --python-version 3.11 requirements/base.in -o requirements/base.txt
+	$(BIN)/uv pip compile --quiet --no-header --python-version 3.11 requirements/dev.in -o requirements/dev.txt
+
+run: venv
+	$(BIN)/medops up
+
+stop: venv
+	$(BIN)/medops down
+
+test: venv
+	$(BIN)/ruff check medops pipelines serving monitoring dags tests bench
+	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not e2e and not integration"
+
+lint: venv
+	$(BIN)/ruff check medops pipelines serving monitoring dags tests bench
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .medops

@@ -1,0 +1,158 @@
+"""One settings object for every part of medops (env prefix ``MEDOPS_``).
+
+Built lazily by :func:`get_settings` and overridden in tests with :func:`reset_settings`.
+Nothing here touches the disk at import time; directories are created by ``medops init``.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+MODEL_NAME = "breast_cancer_diagnosis"
+
+
+class Settings(BaseSettings):
+    """Everything an operator can configure; names of the ``MEDOPS_*`` variables are a contract."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDOPS_", extra="ignore")
+
+    home: Path = Field(default=REPO_ROOT / ".medops", description="Where all runtime state lives.")
+    api_keys: str | None = Field(default=None, description="Comma-separated bearer keys for the service.")
+
+    airflow_port: int = 8080
+    mlflow_port: int = 5000
+    serving_port: int = 3000
+    evidently_port: int = 8000
+    host: str = Field(default="127.0.0.1", description="Servers listen on loopback only.")
+
+    alert_webhook_url: str | None = None
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    alert_email_to: str | None = None
+    alert_email_from: str = "medops@localhost"
+    alert_dedup_minutes: float = Field(default=60.0, description="Identical alerts within this window are sent once.")
+
+    drift_min_rows: int = 200
+    drift_share_threshold: float = Field(default=0.3, description="Share of drifted columns that means drift.")
+    drift_schedule: str = "@hourly"
+    retrain_cooldown_hours: float = 6.0
+    require_approval: bool = False
+
+    dvc_remote: str | None = None
+    mlflow_tracking_uri: str | None = None
+    model_name: str = MODEL_NAME
+
+    min_sensitivity: float = Field(default=0.95, description="Gate: sensitivity for malignant on hold-out rows.")
+    min_roc_auc: float = Field(default=0.97, description="Gate: ROC AUC on hold-out rows.")
+    max_auc_drop: float = Field(default=0.01, description="Gate: largest ROC AUC loss allowed vs the champion.")
+    sensitivity_target: float = Field(default=0.98, description="Operating point chosen on validation folds.")
+    seed: int = 42
+    test_size: float = 0.2
+    cv_folds: int = 5
+
+    max_records: int = 1000
+    max_body_bytes: int = 2 * 1024 * 1024
+    serving_workers: int = 1
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    # Layout under MEDOPS_HOME ------------------------------------------------------------
+    @property
+    def landing_dir(self) -> Path:
+        return self.home / "landing"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.home / "quarantine"
+
+    @property
+    def registry_dir(self) -> Path:
+        """The data registry: a git + DVC repository whose tags ``data-vN`` are data versions."""
+        return self.home / "registry"
+
+    @property
+    def dvc_remote_url(self) -> str:
+        return self.dvc_remote or str(self.home / "dvc-remote")
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.mlflow_dir / "artifacts"
+
+    @property
+    def bentoml_home(self) -> Path:
+        return self.home / "bentoml"
+
+    @property
+    def predictions_dir(self) -> Path:
+        """Append-only prediction log and feedback labels."""
+        return self.home / "predictions"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def evidently_workspace(self) -> Path:
+        return self.home / "evidently"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files and logs of the processes `make run` starts."""
+        return self.home / "run"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.home / "secrets"
+
+    # Secrets generated on first use, kept under MEDOPS_HOME, never in code ----------------
+    def _secret(self, name: str) -> str:
+        path = self.secrets_dir / name
+        if path.exists():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(32)
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+        return value
+
+    def service_api_keys(self) -> list[str]:
+        """Bearer keys the service accepts: ``MEDOPS_API_KEYS`` or a key generated on first run."""
+        if self.api_keys:
+            return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+        return [self._secret("api_key")]
+
+    def encounter_hash_key(self) -> bytes:
+        """Key of the HMAC that replaces encounter ids in the prediction log."""
+        return self._secret("encounter_hash_key").encode()
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests change ``MEDOPS_*`` variables and call this)."""
+    get_settings.cache_clear()

@@ -1,0 +1,1 @@
+"""Data, training, evaluation and registry steps of medops: pure functions the DAGs and the CLI call."""
