@@ -22,6 +22,8 @@ from pipelines import registry
 from pipelines.validate import REASON, BatchRejected, read_batch, validate_batch
 
 PROCESSED = "processed"
+CLAIMED = ".claimed"
+PARTIAL = (".part", ".tmp")
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,28 @@ class IngestResult:
         return line + (f" -> {self.version}" if self.version else " -> no new version")
 
 
+def _waiting(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not p.name.endswith(PARTIAL)]
+
+
 def landing_files(settings: Settings) -> list[Path]:
-    """Files waiting in the landing folder (hidden and partially written ``.part`` files excluded)."""
-    if not settings.landing_dir.exists():
+    """Files waiting in the landing folder or in a per-site subfolder ``landing/<site_id>/``.
+
+    Hidden files and partially written ones (``.part``, ``.tmp``) are left alone until renamed.
+    """
+    root = settings.landing_dir
+    if not root.exists():
         return []
-    return sorted(
-        p
-        for p in settings.landing_dir.iterdir()
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith((".part", ".tmp"))
-    )
+    files = _waiting(root)
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.name.startswith(".") and folder.name != PROCESSED:
+            files.extend(_waiting(folder))
+    return sorted(files)
+
+
+def landing_site(path: Path, settings: Settings) -> str | None:
+    """The site a file was dropped for: its subfolder's name, None for the landing root."""
+    return path.parent.name if path.parent != settings.landing_dir else None
 
 
 def _quarantine_dir(name: str, sha256: str, settings: Settings) -> Path:
@@ -137,11 +152,13 @@ def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> I
 
 def archive_landed(path: Path, settings: Settings) -> Path:
     """Move a processed file out of the landing folder, keeping it (nothing is deleted)."""
-    target = settings.landing_dir / PROCESSED / path.name
+    relative = path.relative_to(settings.landing_dir)
+    target = settings.landing_dir / PROCESSED / relative
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         target = target.with_name(f"{target.stem}.{os.getpid()}.{datetime.now(UTC):%Y%m%d%H%M%S%f}{target.suffix}")
     shutil.move(str(path), target)
+    (settings.landing_dir / CLAIMED / str(relative).replace(os.sep, "__")).unlink(missing_ok=True)
     return target
 
 
@@ -149,7 +166,7 @@ def ingest_landing(settings: Settings, site_id: str | None = None) -> list[Inges
     """Ingest every file waiting in the landing folder, oldest name first, archiving each after."""
     results = []
     for path in landing_files(settings):
-        results.append(ingest_file(path, settings, site_id=site_id))
+        results.append(ingest_file(path, settings, site_id=site_id or landing_site(path, settings)))
         archive_landed(path, settings)
     return results
 

@@ -1,0 +1,150 @@
+"""
+### train_model
+
+Trains, evaluates and registers a diagnosis model, then lets the gate decide about `@champion`.
+
+* **Runs when** a new data version is announced (`medops/data`), when `monitor_drift` saw drift
+  (`medops/drift`, at most once per `MEDOPS_RETRAIN_COOLDOWN_HOURS`), or manually with the form.
+* **Steps**: cross-validated search over logistic regression, SVM and gradient boosting; an
+  operating threshold meeting the sensitivity target; one MLflow run (metrics, plots, model card,
+  data version + DVC hash, code git sha, this run's id); a model version with `@challenger`.
+* **Gate**: sensitivity >= 0.95 and ROC AUC >= 0.97 on the hold-out rows (form-configurable) and no
+  more than 0.01 ROC AUC below the champion on the same rows. The decision and its reasons are
+  tags on the model version.
+* **Approval**: with `MEDOPS_REQUIRE_APPROVAL=true`, a drift-triggered promotion waits for a person
+  in *Required actions*; otherwise the gate alone decides.
+* **Emits** `medops/champion` on promotion, which schedules `deploy_model`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import Param, dag, get_current_context, task
+
+from medops.assets import CHAMPION, DATA, DRIFT
+from medops.dag_defaults import DEFAULT_ARGS
+
+FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
+
+
+@dag(
+    dag_id="train_model",
+    schedule=(DATA | DRIFT),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["medops", "training"],
+    doc_md=__doc__,
+    params={
+        "families": Param(
+            FAMILIES,
+            type="array",
+            items={"type": "string", "enum": FAMILIES},
+            description="Model families the search compares.",
+        ),
+        "min_sensitivity": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            description="Gate: blank uses MEDOPS_MIN_SENSITIVITY (0.95).",
+        ),
+        "min_roc_auc": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            description="Gate: blank uses MEDOPS_MIN_ROC_AUC (0.97).",
+        ),
+        "data_version": Param("", type="string", description="data-vN to train on; blank: the latest."),
+    },
+)
+def train_model():
+    @task.short_circuit
+    def plan() -> dict | None:
+        """Decide what to train on and why; skip a drift retraining inside the cooldown."""
+        from medops.settings import get_settings
+        from pipelines.retraining import plan_training
+
+        context = get_current_context()
+        return plan_training(
+            get_settings(),
+            triggering_events=context.get("triggering_asset_events") or {},
+            data_version=context["params"].get("data_version") or None,
+        )
+
+    @task
+    def train(plan: dict) -> dict:
+        """Train, evaluate, log the MLflow run, register @challenger and tag the gate's decision."""
+        from medops.settings import get_settings
+        from pipelines.train import GateConfig, train_model
+
+        settings, context = get_settings(), get_current_context()
+        params = context["params"]
+        gate = GateConfig.from_settings(
+            settings, min_sensitivity=params.get("min_sensitivity"), min_roc_auc=params.get("min_roc_auc")
+        )
+        result = train_model(
+            settings,
+            data_version=plan["data_version"],
+            families=params.get("families") or None,
+            gate_config=gate,
+            trigger=plan["trigger"],
+            airflow_run_id=context["run_id"],
+        )
+        print(f"model version {result.model_version} ({result.family}): {result.metrics}")
+        print(f"gate {'passed' if result.gate.passed else 'failed'}: {'; '.join(result.gate.reasons)}")
+        return {
+            "model_version": result.model_version,
+            "gate_passed": result.gate.passed,
+            "trigger": plan["trigger"],
+            "reasons": result.gate.reasons,
+            "needs_approval": plan["needs_approval"],
+        }
+
+    @task.branch
+    def decide(result: dict) -> str | list[str] | None:
+        """Rejected by the gate: stop. Drift-triggered with approval required: ask a person."""
+        if not result["gate_passed"]:
+            return None
+        return ["await_approval", "promote"] if result["needs_approval"] else "promote"
+
+    await_approval = ApprovalOperator(
+        task_id="await_approval",
+        subject="Promote model version {{ ti.xcom_pull(task_ids='train')['model_version'] }} to @champion?",
+        body=(
+            "A drift-triggered retraining passed the gate.\n\n"
+            "{{ ti.xcom_pull(task_ids='train')['reasons'] | join('\n\n') }}\n\n"
+            "Compare it with the champion in the MLflow UI before approving."
+        ),
+        response_timeout=timedelta(days=2),
+        retries=0,
+    )
+
+    @task(outlets=[CHAMPION], trigger_rule="none_failed_min_one_success")
+    def promote(result: dict) -> str:
+        """Move @champion to the new version (the gate passed and, if asked, a person approved)."""
+        from medops.settings import get_settings
+        from pipelines.train import promote as promote_version
+
+        settings, context = get_settings(), get_current_context()
+        approved_by = None
+        if result["needs_approval"]:
+            approval = context["ti"].xcom_pull(task_ids="await_approval") or {}
+            approved_by = str(approval.get("responded_by_user") or approval.get("responded_by") or "approver")
+        if not promote_version(result["model_version"], settings, approved_by=approved_by):
+            raise RuntimeError(f"model version {result['model_version']} did not pass the gate")
+        context["outlet_events"][CHAMPION].extra = {"model_version": result["model_version"]}
+        return result["model_version"]
+
+    trained = train(plan())
+    branch = decide(trained)
+    promoted = promote(trained)
+    branch >> [await_approval, promoted]
+    await_approval >> promoted
+
+
+train_model()

@@ -1,0 +1,252 @@
+"""The `medops` command: the same functions the DAGs call, for people at a terminal.
+
+Errors are one clear line on stderr and a non-zero exit code; long work shows progress.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from medops.settings import REPO_ROOT, get_settings
+
+app = typer.Typer(
+    name="medops",
+    help="medops: version clinical data, train, gate, serve and monitor diagnosis models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="The seed dataset and the data registry.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+out = Console()
+
+
+class UserError(Exception):
+    """An error the person at the terminal can act on: printed as one line, exit code 1."""
+
+
+def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn any failure into one readable line and exit 1 (a traceback with MEDOPS_DEBUG=1)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import os
+
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            if os.environ.get("MEDOPS_DEBUG"):
+                raise
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def command(target: typer.Typer = app, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        return target.command(**kwargs)(one_line_errors(func))
+
+    return decorate
+
+
+@contextmanager
+def step(message: str):
+    """A spinner for work that takes more than a moment."""
+    with console.status(f"[cyan]{message}…", spinner="dots"):
+        yield
+    console.print(f"[green]✓[/] {message}")
+
+
+def emit(payload: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(payload, default=str))
+
+
+@command()
+def init() -> None:
+    """Create MEDOPS_HOME: the data registry (seed as data-v1), DVC remote, MLflow store, Airflow home."""
+    from pipelines import models, registry
+
+    settings = get_settings()
+    for folder in (
+        settings.landing_dir,
+        settings.quarantine_dir,
+        settings.airflow_home,
+        settings.reports_dir,
+        settings.predictions_dir,
+        settings.run_dir,
+    ):
+        folder.mkdir(parents=True, exist_ok=True)
+    with step("data registry (git + DVC) with the seed as data-v1"):
+        version = registry.init_registry(settings)
+    with step("MLflow store"):
+        models.ensure_experiment(settings)
+    out.print(f"MEDOPS_HOME   {settings.home}")
+    out.print(f"data registry {settings.registry_dir} ({version.tag}, {version.rows} rows, dvc {version.dvc_md5})")
+    out.print(f"DVC remote    {settings.dvc_remote_url}")
+    out.print(f"MLflow store  {settings.tracking_uri}")
+
+
+@command(data_app, name="seed")
+def data_seed(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write seed.csv into.")] = REPO_ROOT / "data",
+) -> None:
+    """Write the seed dataset deterministically (the data.dvc in the repo pins its hash)."""
+    from pipelines.data import write_seed
+
+    path = write_seed(out_dir)
+    out.print(f"wrote {path}")
+
+
+@command(data_app, name="restore")
+def data_restore(
+    version: Annotated[str, typer.Argument(help="Data version tag, e.g. data-v1.")],
+    to: Annotated[Path, typer.Option("--to", help="Empty folder to restore the rows into.")],
+) -> None:
+    """Restore the exact rows of a data version from the DVC remote."""
+    from pipelines import registry
+
+    with step(f"restoring {version}"):
+        path = registry.restore_version(version, to, get_settings())
+    out.print(f"{version} restored into {path}")
+
+
+@command(data_app, name="versions")
+def data_versions(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List data versions with their DVC hashes and row counts."""
+    from pipelines import registry
+
+    settings = get_settings()
+    rows = [registry.version_info(tag, settings) for tag in registry.list_versions(settings)]
+    if as_json:
+        return emit({"versions": rows}, True)
+    for row in rows:
+        out.print(f"{row['tag']:>10}  {row['rows']:>7} rows  {row['dvc_md5']}  {row['commit'][:10]}")
+
+
+@command()
+def ingest(
+    file: Annotated[Path, typer.Argument(help="CSV batch to validate and version.", exists=False)],
+    site: Annotated[str | None, typer.Option("--site", help="site_id for rows that name none.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Validate a batch: good rows become a new data version, the rest go to quarantine with reasons."""
+    from pipelines.ingest import ingest_file
+
+    with step(f"validating and versioning {file.name}"):
+        result = ingest_file(file, get_settings(), site_id=site)
+    if as_json:
+        return emit(result.__dict__, True)
+    out.print(result.summary(), highlight=False)
+
+
+@command()
+def train(
+    family: Annotated[list[str] | None, typer.Option("--family", help="Model family (repeatable).")] = None,
+    data_version: Annotated[str | None, typer.Option("--data-version")] = None,
+    min_sensitivity: Annotated[float | None, typer.Option()] = None,
+    min_roc_auc: Annotated[float | None, typer.Option()] = None,
+    promote: Annotated[bool, typer.Option("--promote/--no-promote", help="Move @champion if the gate passes.")] = True,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Train on a data version, log to MLflow, register @challenger, and promote if the gate passes."""
+    from pipelines import train as training
+
+    settings = get_settings()
+    gate = training.GateConfig.from_settings(settings, min_sensitivity=min_sensitivity, min_roc_auc=min_roc_auc)
+    with step("training (cross-validated search over model families)"):
+        result = training.train_model(settings, data_version=data_version, families=family, gate_config=gate)
+    if promote:
+        result.promoted = training.promote(result, settings)
+    if as_json:
+        return emit(result.to_dict(), True)
+    m = result.metrics
+    out.print(
+        f"model version {result.model_version} ({result.family}) on {result.data_version}: "
+        f"ROC AUC {m['roc_auc']:.4f}, sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, "
+        f"threshold {result.threshold:.3f}"
+    )
+    out.print(f"gate {'passed' if result.gate.passed else 'FAILED'}: {'; '.join(result.gate.reasons)}")
+    out.print("promoted to @champion" if result.promoted else "@champion unchanged")
+
+
+@command()
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Data versions, the champion, and which platform services are up."""
+    from medops import platform
+    from pipelines import models, registry
+
+    settings = get_settings()
+    payload: dict[str, Any] = {"home": str(settings.home), "data_version": registry.latest_version(settings)}
+    champion = models.champion_version(settings) if (settings.mlflow_dir / "mlflow.db").exists() else None
+    payload["champion"] = champion
+    if champion:
+        payload["champion_tags"] = models.version_tags(champion, settings)
+    payload["services"] = platform.service_status(settings)
+    if as_json:
+        return emit(payload, True)
+    out.print(f"MEDOPS_HOME  {payload['home']}")
+    out.print(f"data         {payload['data_version'] or 'no registry yet (medops init)'}")
+    if champion:
+        tags = payload["champion_tags"]
+        out.print(
+            f"champion     v{champion} ({tags.get('family')}, trained on {tags.get('data_version')}, "
+            f"ROC AUC {tags.get('roc_auc')}, sensitivity {tags.get('sensitivity')})"
+        )
+    else:
+        out.print("champion     none yet")
+    for name, info in payload["services"].items():
+        state = f"[green]up[/] {info['url']}" if info["up"] else "[dim]down[/]"
+        out.print(f"{name:<12} {state}")
+
+
+@command()
+def up(
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until a champion is serving.")] = True,
+) -> None:
+    """Start the whole platform on embedded defaults and run the loop once (what `make run` does)."""
+    from medops import platform
+
+    platform.up(get_settings(), wait=wait, console=console, out=out)
+
+
+@command()
+def down() -> None:
+    """Stop every process `medops up` started (what `make stop` does)."""
+    from medops import platform
+
+    platform.down(get_settings(), console=console)
+
+
+def _register_optional(module_name: str) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            return
+        raise
+    module.register(app)
+
+
+for _module in ("serving.commands", "monitoring.commands"):
+    _register_optional(_module)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,249 @@
+"""`medops up` / `medops down`: the whole platform on embedded defaults, on loopback.
+
+Airflow (`airflow standalone`: scheduler, API server, triggerer, DAG processor on SQLite), the
+MLflow UI, the Evidently UI and the served champion. `up` lands the seed through `ingest_data`
+and waits until a champion answers on the serving port; `down` stops everything it started.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+
+from medops import processes
+from medops.settings import REPO_ROOT, Settings
+
+DAG_IDS = ["ingest_data", "train_model", "deploy_model", "monitor_drift"]
+
+
+def airflow_env(settings: Settings) -> dict[str, str]:
+    """Airflow configuration for the embedded platform, as environment variables."""
+    base = f"http://{settings.host}:{settings.airflow_port}"
+    return processes.child_env(
+        settings,
+        {
+            "AIRFLOW_HOME": str(settings.airflow_home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__API__HOST": settings.host,
+            "AIRFLOW__API__PORT": str(settings.airflow_port),
+            "AIRFLOW__API__BASE_URL": base,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "15",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "600",
+            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "True",
+            "NO_PROXY": "*",
+        },
+    )
+
+
+def urls(settings: Settings) -> dict[str, str]:
+    h = settings.host
+    return {
+        "airflow": f"http://{h}:{settings.airflow_port}",
+        "mlflow": f"http://{h}:{settings.mlflow_port}",
+        "serving": f"http://{h}:{settings.serving_port}",
+        "evidently": f"http://{h}:{settings.evidently_port}",
+    }
+
+
+def _health_urls(settings: Settings) -> dict[str, str]:
+    u = urls(settings)
+    return {
+        "airflow": f"{u['airflow']}/api/v2/monitor/health",
+        "mlflow": f"{u['mlflow']}/health",
+        "serving": f"{u['serving']}/readyz",
+        "evidently": f"{u['evidently']}/",
+    }
+
+
+def service_status(settings: Settings) -> dict[str, dict[str, Any]]:
+    return {
+        name: {"up": processes.http_ok(health, timeout=1.0), "url": urls(settings)[name]}
+        for name, health in _health_urls(settings).items()
+    }
+
+
+def start_airflow(settings: Settings) -> int:
+    settings.airflow_home.mkdir(parents=True, exist_ok=True)
+    return processes.start(
+        "airflow", [str(processes.venv_bin() / "airflow"), "standalone"], settings, env=airflow_env(settings)
+    )
+
+
+def start_mlflow(settings: Settings) -> int:
+    settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(processes.venv_bin() / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        settings.tracking_uri,
+        "--default-artifact-root",
+        settings.artifact_root.as_uri(),
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.mlflow_port),
+        "--workers",
+        "1",
+    ]
+    return processes.start("mlflow", argv, settings)
+
+
+def start_evidently(settings: Settings) -> int:
+    settings.evidently_workspace.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(processes.venv_bin() / "evidently"),
+        "ui",
+        "--workspace",
+        str(settings.evidently_workspace),
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.evidently_port),
+    ]
+    return processes.start("evidently", argv, settings)
+
+
+def airflow_client(settings: Settings):
+    from medops.airflow_api import AirflowClient, admin_password
+
+    return AirflowClient(urls(settings)["airflow"], password=admin_password(settings.airflow_home))
+
+
+def wait_for_airflow(settings: Settings, timeout: float = 240) -> None:
+    from medops.airflow_api import AirflowClient, admin_password
+
+    probe = AirflowClient(urls(settings)["airflow"])
+    alive = lambda: processes.read_pid("airflow", settings) is not None  # noqa: E731
+    processes.wait_until(probe.healthy, timeout, "Airflow API server and scheduler", alive=alive)
+    processes.wait_until(lambda: admin_password(settings.airflow_home) is not None, 60, "Airflow admin password")
+    probe.close()
+
+
+def serving_version(settings: Settings) -> str | None:
+    """The model version the stable endpoint serves, from its X-Model-Version header."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{urls(settings)['serving']}/readyz", timeout=2.0)
+    except httpx.HTTPError:
+        return None
+    return response.headers.get("x-model-version") if response.status_code == 200 else None
+
+
+def up(settings: Settings, *, wait: bool = True, console: Console, out: Console, timeout: float = 900) -> None:
+    """Start everything, land the seed through ingest_data and wait for a champion to serve."""
+    from pipelines import models, registry
+
+    started = time.monotonic()
+    for folder in (settings.landing_dir, settings.quarantine_dir, settings.reports_dir, settings.run_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    with console.status("[cyan]MLflow store and data registry…"):
+        models.ensure_experiment(settings)
+        fresh = registry.latest_version(settings) is None
+        api_key = settings.service_api_keys()[0]
+    with console.status("[cyan]starting MLflow UI, Evidently UI and airflow standalone…"):
+        start_mlflow(settings)
+        start_evidently(settings)
+        start_airflow(settings)
+        wait_for_airflow(settings)
+    console.print("[green]✓[/] Airflow, MLflow and Evidently are up")
+    client = airflow_client(settings)
+    with console.status("[cyan]waiting for the DAG processor to parse the DAGs…"):
+        client.wait_for_dags(DAG_IDS)
+        for dag_id in DAG_IDS:
+            client.unpause(dag_id)
+    console.print("[green]✓[/] DAGs parsed and unpaused: " + ", ".join(DAG_IDS))
+
+    champion = models.champion_version(settings)
+    if champion is None:
+        run_id = client.trigger("ingest_data", {"announce_latest": True})
+        console.print(
+            f"[green]✓[/] triggered ingest_data ({run_id}): the seed lands as data-v1"
+            if fresh
+            else f"[green]✓[/] triggered ingest_data ({run_id})"
+        )
+    elif serving_version(settings) != champion:
+        client.trigger("deploy_model", {"model_version": champion})
+        console.print(f"[green]✓[/] triggered deploy_model for champion v{champion}")
+    if wait:
+        with console.status("[cyan]ingest_data → train_model → deploy_model: waiting for a champion to serve…"):
+            processes.wait_until(
+                lambda: (v := models.champion_version(settings)) is not None and serving_version(settings) == v,
+                timeout,
+                "a champion serving on the serving port",
+                poll=2.0,
+            )
+        console.print(
+            f"[green]✓[/] champion v{models.champion_version(settings)} serving ({time.monotonic() - started:.0f}s)"
+        )
+    client.close()
+    print_summary(settings, out, api_key)
+
+
+def print_summary(settings: Settings, out: Console, api_key: str) -> None:
+    from medops.airflow_api import admin_password
+
+    u = urls(settings)
+    example = '{"records": [' + _example_record() + "]}"
+    out.print(
+        f"""
+[bold]medops is up[/] (MEDOPS_HOME={settings.home})
+
+  Airflow     {u["airflow"]}    user [bold]admin[/], password [bold]{admin_password(settings.airflow_home)}[/]
+  MLflow      {u["mlflow"]}
+  Evidently   {u["evidently"]}
+  Service     {u["serving"]}    API key [bold]{api_key}[/]
+
+Predict:
+  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\
+       -d '{example}' {u["serving"]}/predict
+
+Drift scenario (drifted traffic → monitor → alert → retrain → new champion serving):
+  .venv/bin/medops simulate --site site-d --records 400 --drift covariate --feedback && \\
+  .venv/bin/medops monitor
+
+Stop everything: make stop
+""",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _example_record() -> str:
+    import json
+
+    from pipelines.data import seed_frame
+    from pipelines.schema import FEATURES
+
+    row = seed_frame().iloc[0]
+    record = {name: float(row[name]) for name in FEATURES} | {"encounter_id": "enc-0001"}
+    return json.dumps(record, separators=(",", ":"))
+
+
+def down(settings: Settings, *, console: Console) -> None:
+    """Stop the served Bentos, Airflow, MLflow and Evidently that `up` started."""
+    try:
+        from serving import rollout
+
+        rollout.stop_all(settings)
+        console.print("[green]✓[/] serving stopped")
+    except (ImportError, AttributeError):
+        pass
+    for name in ("airflow", "mlflow", "evidently"):
+        if processes.stop(name, settings):
+            console.print(f"[green]✓[/] {name} stopped")
+        else:
+            console.print(f"[dim]{name} was not running[/]")

@@ -1,0 +1,139 @@
+"""Why and on what a training runs: data announcements, drift (with cooldown), or a person.
+
+A drift-triggered retraining first turns the hospitals' feedback labels, joined with the
+features the service logged, into a labelled batch that goes through the same validation into a
+new data version, so the new model learns from the drifted site's cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pandas as pd
+
+from medops.settings import Settings
+from pipelines import registry
+
+DATA_ASSET = "medops/data"
+DRIFT_ASSET = "medops/drift"
+
+
+def _state_file(settings: Settings):
+    return settings.home / "state" / "retraining.json"
+
+
+def _load_state(settings: Settings) -> dict[str, Any]:
+    path = _state_file(settings)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_state(state: dict[str, Any], settings: Settings) -> None:
+    path = _state_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=1) + "\n")
+
+
+def _events_by_asset(triggering_events: Any) -> dict[str, list[Any]]:
+    """Triggering asset events keyed by asset name (Airflow keys them by asset objects)."""
+    grouped: dict[str, list[Any]] = {}
+    for key, events in dict(triggering_events or {}).items():
+        name = getattr(key, "name", None) or getattr(key, "uri", None) or str(key)
+        grouped.setdefault(str(name), []).extend(events or [])
+    return grouped
+
+
+def in_cooldown(settings: Settings, now: datetime | None = None) -> timedelta | None:
+    """Time left before another drift-triggered retraining may run, or None when it may run now."""
+    last = _load_state(settings).get("last_drift_retraining")
+    if not last:
+        return None
+    now = now or datetime.now(UTC)
+    left = datetime.fromisoformat(last) + timedelta(hours=settings.retrain_cooldown_hours) - now
+    return left if left > timedelta(0) else None
+
+
+def labelled_feedback_batch(settings: Settings, since: datetime | None = None) -> pd.DataFrame:
+    """Feedback labels joined with the features logged for the same encounters (no raw ids)."""
+    from pipelines.prediction_log import read_feedback, read_predictions
+    from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, SITE
+
+    feedback = read_feedback(settings)
+    if feedback.empty:
+        return pd.DataFrame(columns=list(DATA_COLUMNS))
+    if since is not None:
+        feedback = feedback[pd.to_datetime(feedback["logged_at"], utc=True) > since]
+    predictions = read_predictions(settings)
+    predictions = predictions[predictions["encounter_hash"].fillna("").astype(str) != ""]
+    latest = predictions.drop_duplicates("encounter_hash", keep="last")
+    labels = feedback.drop_duplicates("encounter_hash", keep="last")[["encounter_hash", "diagnosis"]]
+    joined = latest.merge(labels.rename(columns={"diagnosis": LABEL}), on="encounter_hash", how="inner")
+    return joined[[*FEATURES, LABEL, SITE]].reset_index(drop=True)
+
+
+def version_feedback(settings: Settings) -> str | None:
+    """Validate and version feedback labels received since the last time; returns the new version."""
+    from pipelines.data import write_frame
+    from pipelines.ingest import quarantine_batch
+    from pipelines.validate import validate_batch
+
+    state = _load_state(settings)
+    since = datetime.fromisoformat(state["feedback_until"]) if state.get("feedback_until") else None
+    now = datetime.now(UTC)
+    batch = labelled_feedback_batch(settings, since=since)
+    state["feedback_until"] = now.isoformat()
+    if batch.empty:
+        _save_state(state, settings)
+        return None
+    raw = batch.astype({name: "string" for name in ("diagnosis", "site_id")})
+    result = validate_batch(raw, existing_keys=registry.existing_row_keys(settings))
+    scratch = settings.home / "state" / "feedback-batch.csv"
+    write_frame(batch, scratch)
+    sha256 = hashlib.sha256(scratch.read_bytes()).hexdigest()
+    name = f"feedback-{now:%Y%m%dT%H%M%S}.csv"
+    if len(result.rejected):
+        quarantine_batch(result.rejected, name=name, sha256=sha256, received=result.received, settings=settings)
+    version = registry.record_batch(
+        result.accepted,
+        source_name=name,
+        sha256=sha256,
+        quarantined=len(result.rejected),
+        settings=settings,
+        origin="feedback",
+    )
+    _save_state(state, settings)
+    return version.tag if version else None
+
+
+def plan_training(
+    settings: Settings, *, triggering_events: Any = None, data_version: str | None = None
+) -> dict[str, Any] | None:
+    """What ``train_model`` should do for this run, or None to skip it (drift inside the cooldown)."""
+    events = _events_by_asset(triggering_events)
+    if DATA_ASSET in events:
+        trigger = "data"
+        announced = [e.extra.get("data_version") for e in events[DATA_ASSET] if getattr(e, "extra", None)]
+        data_version = data_version or next((v for v in reversed(announced) if v), None)
+    elif DRIFT_ASSET in events:
+        trigger = "drift"
+        left = in_cooldown(settings)
+        if left is not None:
+            print(f"drift retraining skipped: cooldown of {settings.retrain_cooldown_hours} h has {left} left")
+            return None
+        state = _load_state(settings)
+        state["last_drift_retraining"] = datetime.now(UTC).isoformat()
+        _save_state(state, settings)
+        feedback_version = version_feedback(settings)
+        print(f"feedback labels versioned as {feedback_version}" if feedback_version else "no new feedback labels")
+    else:
+        trigger = "manual"
+    data_version = data_version or registry.latest_version(settings)
+    if data_version is None:
+        raise RuntimeError("the data registry has no data version yet; run ingest_data first")
+    return {
+        "trigger": trigger,
+        "data_version": data_version,
+        "needs_approval": trigger == "drift" and settings.require_approval,
+    }
