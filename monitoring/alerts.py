@@ -1,0 +1,279 @@
+"""Alerts for on-call people: a webhook in Slack's JSON shape and e-mail, both optional, deduplicated.
+
+:func:`send_alert` delivers one alert through every channel configured in settings
+(``MEDOPS_ALERT_WEBHOOK_URL``; ``MEDOPS_SMTP_HOST`` with ``MEDOPS_ALERT_EMAIL_TO``). An identical
+alert (same title, verdict, columns, site, severity and details) sent within ``alert_dedup_minutes`` is
+not sent again; the record of what went out lives in ``MEDOPS_HOME/state/alerts.json``. A channel
+that fails is logged and reported in the returned :class:`AlertOutcome`; nothing here raises into
+the caller, so a broken mail server never fails a DAG run or hides the original error.
+
+:class:`MedopsNotifier` is the Airflow notifier every DAG uses as ``on_failure_callback``
+(:func:`failure_notifier`), so failures reach the same channels as drift.
+
+This module is imported when DAG files are parsed: stdlib and ``airflow.sdk`` only at the top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import smtplib
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseNotifier
+
+if TYPE_CHECKING:
+    from medops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SEVERITIES = ("info", "warning", "error", "critical")
+_EMOJI = {"info": ":information_source:", "warning": ":warning:", "error": ":x:", "critical": ":rotating_light:"}
+_TIMEOUT_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class AlertOutcome:
+    """What happened to one alert: per channel ``sent``, ``failed: <reason>`` or ``not configured``."""
+
+    sent: bool
+    deduplicated: bool = False
+    channels: dict[str, str] = field(default_factory=dict)
+
+
+def send_alert(
+    title: str,
+    verdict: str,
+    drifted_columns: Sequence[str],
+    site: str | None,
+    report_url: str | None,
+    settings: Settings | None = None,
+    *,
+    severity: str = "warning",
+    details: str | None = None,
+    now: datetime | None = None,
+) -> AlertOutcome:
+    """Send one alert to the configured webhook and e-mail recipients, unless sent just before.
+
+    ``verdict`` is a drift verdict (``drift``) or, for failures, ``failure``; ``site`` names the
+    hospital(s) concerned (None: all); ``report_url`` is the link people follow. Returns what each
+    channel did; never raises.
+    """
+    try:
+        if settings is None:
+            from medops.settings import get_settings
+
+            settings = get_settings()
+        if severity not in SEVERITIES:
+            severity = "warning"
+        now = now or datetime.now(UTC)
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        alert = _Alert(title, verdict, tuple(drifted_columns), site, report_url, severity, details)
+        channels = {
+            "webhook": "not configured" if not settings.alert_webhook_url else "",
+            "email": "not configured" if not (settings.smtp_host and settings.alert_email_to) else "",
+        }
+        if all(channels.values()):
+            log.info("alert not sent (no webhook or e-mail configured): %s", title)
+            return AlertOutcome(sent=False, channels=channels)
+        with _DedupState(settings) as state:
+            if state.sent_recently(alert.fingerprint, now, settings.alert_dedup_minutes):
+                log.info("alert not sent again within %s min: %s", settings.alert_dedup_minutes, title)
+                return AlertOutcome(sent=False, deduplicated=True, channels=channels)
+            if not channels["webhook"]:
+                channels["webhook"] = _deliver(post_webhook, alert, settings)
+            if not channels["email"]:
+                channels["email"] = _deliver(send_email, alert, settings)
+            sent = "sent" in channels.values()
+            if sent:  # a failed delivery is retried next time rather than suppressed
+                state.record(alert.fingerprint, now)
+        return AlertOutcome(sent=sent, channels=channels)
+    except Exception as error:  # an alert must never take its caller down
+        log.exception("alert %r could not be sent: %s", title, error)
+        return AlertOutcome(sent=False, channels={"error": f"failed: {error}"})
+
+
+@dataclass(frozen=True)
+class _Alert:
+    title: str
+    verdict: str
+    drifted_columns: tuple[str, ...]
+    site: str | None
+    report_url: str | None
+    severity: str
+    details: str | None
+
+    @property
+    def fingerprint(self) -> str:
+        key = [self.title, self.verdict, sorted(self.drifted_columns), self.site, self.severity, self.details]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+
+    def columns_text(self, limit: int = 12) -> str:
+        if not self.drifted_columns:
+            return "none"
+        shown = ", ".join(self.drifted_columns[:limit])
+        more = len(self.drifted_columns) - limit
+        return f"{shown} (+{more} more)" if more > 0 else shown
+
+    def text(self) -> str:
+        lines = [
+            f"[{self.severity.upper()}] {self.title}",
+            f"Verdict: {self.verdict}",
+            f"Site: {self.site or 'all sites'}",
+            f"Drifted columns: {self.columns_text()}",
+        ]
+        if self.details:
+            lines.append(self.details)
+        if self.report_url:
+            lines.append(f"Report: {self.report_url}")
+        return "\n".join(lines)
+
+
+def _deliver(channel: Any, alert: _Alert, settings: Settings) -> str:
+    try:
+        channel(alert, settings)
+    except Exception as error:
+        log.warning("alert channel %s failed: %s", channel.__name__, error)
+        return f"failed: {error}"
+    return "sent"
+
+
+def slack_payload(alert: _Alert) -> dict[str, Any]:
+    """Slack's message shape: ``text`` for notifications and clients without blocks, then blocks."""
+    fields = [
+        {"type": "mrkdwn", "text": f"*Verdict*\n{alert.verdict}"},
+        {"type": "mrkdwn", "text": f"*Severity*\n{alert.severity}"},
+        {"type": "mrkdwn", "text": f"*Site*\n{alert.site or 'all sites'}"},
+        {"type": "mrkdwn", "text": f"*Drifted columns*\n{alert.columns_text()}"},
+    ]
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": alert.title[:150]}},
+        {"type": "section", "fields": fields},
+    ]
+    if alert.details:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": alert.details[:2900]}})
+    if alert.report_url:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"<{alert.report_url}|Open the report>"}})
+    text = f"{_EMOJI[alert.severity]} {alert.title}: {alert.verdict}"
+    if alert.report_url:
+        text += f" ({alert.report_url})"
+    return {"text": text, "blocks": blocks}
+
+
+def post_webhook(alert: _Alert, settings: Settings) -> None:
+    request = urllib.request.Request(
+        settings.alert_webhook_url,
+        data=json.dumps(slack_payload(alert)).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=_TIMEOUT_SECONDS) as response:
+        if response.status >= 300:
+            raise RuntimeError(f"webhook answered HTTP {response.status}")
+
+
+def email_message(alert: _Alert, settings: Settings) -> EmailMessage:
+    message = EmailMessage()
+    message["Subject"] = f"[medops][{alert.severity}] {alert.title}"
+    message["From"] = settings.alert_email_from
+    message["To"] = ", ".join(address.strip() for address in settings.alert_email_to.split(",") if address.strip())
+    message.set_content(alert.text() + "\n")
+    return message
+
+
+def send_email(alert: _Alert, settings: Settings) -> None:
+    with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=_TIMEOUT_SECONDS) as smtp:
+        smtp.send_message(email_message(alert, settings))
+
+
+class _DedupState:
+    """What was sent when, in ``MEDOPS_HOME/state/alerts.json``, behind a lock shared by processes."""
+
+    def __init__(self, settings: Settings):
+        self.path = settings.home / "state" / "alerts.json"
+        self.keep = timedelta(minutes=max(settings.alert_dedup_minutes, 7 * 24 * 60))
+        self.sent: dict[str, str] = {}
+
+    def __enter__(self) -> _DedupState:
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.path) + ".lock", timeout=30)
+        self._lock.acquire()
+        try:
+            self.sent = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, ValueError):
+            self.sent = {}  # a damaged record means at worst one duplicate alert
+        self._dirty = False
+        return self
+
+    def sent_recently(self, fingerprint: str, now: datetime, minutes: float) -> bool:
+        last = self.sent.get(fingerprint)
+        return bool(last) and now - datetime.fromisoformat(last) < timedelta(minutes=minutes)
+
+    def record(self, fingerprint: str, now: datetime) -> None:
+        oldest = now - self.keep
+        self.sent = {key: at for key, at in self.sent.items() if datetime.fromisoformat(at) > oldest}
+        self.sent[fingerprint] = now.isoformat()
+        self._dirty = True
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._dirty:
+                partial = self.path.with_suffix(".json.partial")
+                partial.write_text(json.dumps(self.sent, indent=1) + "\n")
+                partial.replace(self.path)
+        finally:
+            self._lock.release()
+
+
+# Airflow --------------------------------------------------------------------------------------------
+class MedopsNotifier(BaseNotifier):
+    """Sends a failed task (or DAG run) to the medops alert channels: ``on_failure_callback=failure_notifier()``."""
+
+    template_fields = ("severity",)
+
+    def __init__(self, severity: str = "error"):
+        super().__init__()
+        self.severity = severity
+
+    def notify(self, context: Any) -> None:
+        notify_task_failure(context, severity=self.severity)
+
+
+def failure_notifier(severity: str = "error") -> MedopsNotifier:
+    """The notifier every medops DAG passes as ``on_failure_callback`` (in ``default_args`` or on the DAG)."""
+    return MedopsNotifier(severity=severity)
+
+
+def notify_task_failure(context: Any, *, severity: str = "error") -> AlertOutcome:
+    """Alert that a task (or, in a DAG-level callback, a DAG run) failed; reads what the context has."""
+    try:
+        ti = context.get("ti") or context.get("task_instance")
+        dag = context.get("dag")
+        dag_id = getattr(ti, "dag_id", None) or getattr(dag, "dag_id", None) or "unknown DAG"
+        task_id = getattr(ti, "task_id", None)
+        run_id = getattr(ti, "run_id", None) or context.get("run_id") or getattr(context.get("dag_run"), "run_id", None)
+        error = context.get("exception") or context.get("reason")
+        title = f"{dag_id}.{task_id} failed" if task_id else f"{dag_id} failed"
+        details = None
+        if error:
+            first_line = (str(error).strip().splitlines() or [""])[0][:500]
+            details = f"Reason: {first_line}" if isinstance(error, str) else f"{type(error).__name__}: {first_line}"
+        log.info("alerting on failure of %s (run %s)", title, run_id)
+        try:
+            url = getattr(ti, "log_url", None) if ti is not None else None
+        except Exception:  # log_url reads Airflow's config; a missing one must not stop the alert
+            url = None
+        # The run id is in the log link, not the text: the same failure every hour is one alert per window.
+        return send_alert(title, "failure", [], None, url, severity=severity, details=details)
+    except Exception as error:
+        log.exception("failure alert could not be built: %s", error)
+        return AlertOutcome(sent=False, channels={"error": f"failed: {error}"})

@@ -1,0 +1,165 @@
+"""Alerts reach a local webhook sink and a local SMTP sink, are deduplicated, and never raise."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email import message_from_bytes
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+
+from medops.settings import Settings, get_settings, reset_settings
+from monitoring.alerts import MedopsNotifier, failure_notifier, notify_task_failure, send_alert
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def webhook() -> Iterator[SimpleNamespace]:
+    """A Slack-like webhook on a free loopback port; ``received`` holds the JSON bodies."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="webhook-sink", daemon=True)
+    thread.start()
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}/hooks/alerts", received=received)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def smtp() -> Iterator[SimpleNamespace]:
+    """An aiosmtpd SMTP server on a free loopback port; ``received`` holds the parsed messages."""
+    from aiosmtpd.controller import Controller
+
+    received: list = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's hook name)
+            received.append(message_from_bytes(envelope.content))
+            return "250 OK"
+
+    controller = Controller(Handler(), hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield SimpleNamespace(port=controller.port, received=received)
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def alerting(medops_home: Settings, webhook, smtp, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("MEDOPS_ALERT_WEBHOOK_URL", webhook.url)
+    monkeypatch.setenv("MEDOPS_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("MEDOPS_SMTP_PORT", str(smtp.port))
+    monkeypatch.setenv("MEDOPS_ALERT_EMAIL_TO", "oncall@hospital.example, ml@hospital.example")
+    monkeypatch.setenv("MEDOPS_ALERT_DEDUP_MINUTES", "30")
+    reset_settings()
+    return get_settings()
+
+
+COLUMNS = ["mean_radius", "worst_area"]
+REPORT = "http://127.0.0.1:8000/projects/p/reports/r"
+
+
+def test_drift_alert_reaches_webhook_and_email(alerting, webhook, smtp):
+    outcome = send_alert("Drift at site-b", "drift", COLUMNS, "site-b", REPORT, alerting, severity="warning")
+    assert outcome.sent and outcome.channels == {"webhook": "sent", "email": "sent"}
+
+    (payload,) = webhook.received
+    assert "Drift at site-b" in payload["text"] and REPORT in payload["text"]
+    assert payload["blocks"][0] == {"type": "header", "text": {"type": "plain_text", "text": "Drift at site-b"}}
+    fields = " ".join(field["text"] for field in payload["blocks"][1]["fields"])
+    assert "drift" in fields and "site-b" in fields and "mean_radius, worst_area" in fields and "warning" in fields
+    assert any(REPORT in json.dumps(block) for block in payload["blocks"][2:])
+
+    (mail,) = smtp.received
+    assert mail["Subject"] == "[medops][warning] Drift at site-b"
+    assert mail["To"] == "oncall@hospital.example, ml@hospital.example"
+    assert mail["From"] == alerting.alert_email_from
+    body = mail.get_payload()
+    assert "Verdict: drift" in body and "Site: site-b" in body and "mean_radius, worst_area" in body
+    assert REPORT in body
+
+
+def test_identical_alert_within_the_window_is_sent_once(alerting, webhook, smtp):
+    start = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    first = send_alert("Drift", "drift", COLUMNS, "site-b", REPORT, alerting, now=start)
+    again = send_alert(
+        "Drift", "drift", COLUMNS[::-1], "site-b", REPORT + "?x", alerting, now=start + timedelta(minutes=10)
+    )
+    other = send_alert(
+        "Drift", "drift", ["mean_texture"], "site-b", REPORT, alerting, now=start + timedelta(minutes=11)
+    )
+    later = send_alert("Drift", "drift", COLUMNS, "site-b", REPORT, alerting, now=start + timedelta(minutes=31))
+    assert first.sent and not first.deduplicated
+    assert again.deduplicated and not again.sent  # same columns in another order, another report link
+    assert other.sent and later.sent
+    assert len(webhook.received) == 3 and len(smtp.received) == 3
+    assert (alerting.home / "state" / "alerts.json").exists()
+
+
+def test_a_failing_channel_is_reported_not_raised_and_retried(alerting, webhook, monkeypatch):
+    monkeypatch.setenv("MEDOPS_SMTP_PORT", str(free_port()))  # nothing listens there
+    reset_settings()
+    settings = get_settings()
+    outcome = send_alert("Drift", "drift", COLUMNS, None, REPORT, settings)
+    assert outcome.sent and outcome.channels["webhook"] == "sent"
+    assert outcome.channels["email"].startswith("failed:")
+
+    monkeypatch.setenv("MEDOPS_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{free_port()}/down")
+    reset_settings()
+    broken = get_settings()
+    first = send_alert("Other", "drift", COLUMNS, None, REPORT, broken)
+    second = send_alert("Other", "drift", COLUMNS, None, REPORT, broken)
+    assert not first.sent and not second.deduplicated  # nothing went out, so nothing is suppressed
+
+
+def test_without_channels_nothing_is_sent(medops_home):
+    outcome = send_alert("Drift", "drift", COLUMNS, None, None, medops_home)
+    assert not outcome.sent
+    assert outcome.channels == {"webhook": "not configured", "email": "not configured"}
+
+
+def test_failure_notifier_alerts_through_the_same_channels(alerting, webhook, smtp):
+    ti = SimpleNamespace(
+        dag_id="train_model", task_id="train", run_id="manual__1", log_url="http://127.0.0.1:8080/dags/x"
+    )
+    notifier = failure_notifier()
+    assert isinstance(notifier, MedopsNotifier)
+    notifier({"ti": ti, "exception": ValueError("gate config is broken\nsecond line")})
+    (payload,) = webhook.received
+    assert payload["blocks"][0]["text"]["text"] == "train_model.train failed"
+    assert "ValueError: gate config is broken" in json.dumps(payload)
+    assert "http://127.0.0.1:8080/dags/x" in payload["text"]
+    assert smtp.received[0]["Subject"] == "[medops][error] train_model.train failed"
+
+
+def test_failure_alert_never_raises_on_an_odd_context(alerting):
+    outcome = notify_task_failure({"dag": None, "reason": "task_failure"})
+    assert outcome.sent  # "unknown DAG failed" still reaches people
+    assert notify_task_failure(None).sent is False  # type: ignore[arg-type]
