@@ -1,0 +1,114 @@
+"""`dag.test()` runs of ingest_data and train_model on a temporary MEDOPS_HOME, and retraining plans."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import pytest
+
+from medops.settings import Settings
+from pipelines import models, registry
+from pipelines.data import seed_frame
+from pipelines.retraining import in_cooldown, plan_training
+
+
+def _load_dag(dag_id: str):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.test_dags import DAGS_FOLDER
+
+    bag = DagBag(dag_folder=str(DAGS_FOLDER / f"{dag_id}.py"))
+    assert not bag.import_errors
+    return bag.dags[dag_id]
+
+
+def _states(run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+
+
+def test_ingest_data_dag_versions_landed_files_and_keeps_bad_ones(airflow_db, registry_home: Settings):
+    landing = registry_home.landing_dir
+    landing.mkdir(parents=True, exist_ok=True)
+    good = seed_frame().iloc[:25].copy()
+    good["mean_radius"] += 0.21
+    good.to_csv(landing / "good.csv", index=False)
+    (landing / "scan.csv").write_bytes(bytes(range(256)) * 4)
+
+    run = _load_dag("ingest_data").test()
+
+    assert str(run.state) == "success"
+    assert _states(run)["publish"] == "success"
+    assert registry.list_versions(registry_home) == ["data-v1", "data-v2"]
+    quarantined = list(registry_home.quarantine_dir.glob("*-scan/scan.csv"))
+    assert len(quarantined) == 1
+    assert sorted(p.name for p in (landing / "processed").iterdir()) == ["good.csv", "scan.csv"]
+
+
+def test_ingest_data_dag_with_nothing_new_skips_publishing(airflow_db, registry_home: Settings):
+    run = _load_dag("ingest_data").test()
+    assert str(run.state) == "success"
+    assert _states(run)["publish"] == "skipped"
+
+
+def test_train_model_dag_trains_gates_and_promotes(airflow_db, registry_home: Settings):
+    run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"]})
+
+    states = _states(run)
+    assert str(run.state) == "success", states
+    assert states["promote"] == "success" and states["await_approval"] == "skipped"
+    champion = models.champion_version(registry_home)
+    assert champion is not None
+    tags = models.version_tags(champion, registry_home)
+    assert tags["data_version"] == "data-v1" and tags["gate_decision"] == "promoted"
+    assert tags["airflow_run_id"] == run.run_id
+
+
+def test_train_model_dag_stops_at_the_gate(airflow_db, registry_home: Settings):
+    run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "min_roc_auc": 0.9999})
+    states = _states(run)
+    assert states["train"] == "success" and states["promote"] == "skipped"
+    assert models.champion_version(registry_home) is None
+
+
+@dataclass(frozen=True)
+class _AssetKey:  # Airflow keys triggering events by the asset's unique key, which has a name
+    name: str
+
+
+def _event(name: str, **extra):
+    return _AssetKey(name), [SimpleNamespace(extra=extra)]
+
+
+def test_plan_from_a_data_announcement(registry_home: Settings):
+    key, events = _event("medops/data", data_version="data-v1")
+    assert plan_training(registry_home, triggering_events={key: events}) == {
+        "trigger": "data",
+        "data_version": "data-v1",
+        "needs_approval": False,
+    }
+
+
+def test_drift_retraining_respects_cooldown_and_approval(registry_home: Settings, monkeypatch):
+    monkeypatch.setattr("pipelines.retraining.version_feedback", lambda settings: None)
+    settings = registry_home.model_copy(update={"require_approval": True})
+    key, events = _event("medops/drift", verdict="drift")
+
+    first = plan_training(settings, triggering_events={key: events})
+    assert first == {"trigger": "drift", "data_version": "data-v1", "needs_approval": True}
+    assert plan_training(settings, triggering_events={key: events}) is None  # inside the cooldown
+    left = in_cooldown(settings)
+    assert timedelta(hours=5, minutes=59) < left <= timedelta(hours=6)
+    assert in_cooldown(settings, now=datetime.now(UTC) + timedelta(hours=6, seconds=1)) is None
+    # a manual run is never held back by the cooldown
+    assert plan_training(settings)["trigger"] == "manual"
+
+
+@pytest.mark.parametrize("hours", [0.0])
+def test_zero_cooldown_allows_back_to_back_retraining(registry_home: Settings, monkeypatch, hours):
+    monkeypatch.setattr("pipelines.retraining.version_feedback", lambda settings: None)
+    settings = registry_home.model_copy(update={"retrain_cooldown_hours": hours})
+    key, events = _event("medops/drift")
+    assert plan_training(settings, triggering_events={key: events}) is not None
+    assert plan_training(settings, triggering_events={key: events}) is not None

@@ -1,0 +1,157 @@
+"""The seed, the data contract and batch validation on small in-memory frames."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipelines.data import read_data_dir, seed_frame, write_seed
+from pipelines.schema import DATA_COLUMNS, FEATURE_RANGES, FEATURES, LABEL, SITE
+from pipelines.validate import BatchRejected, read_batch, validate_batch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_seed_is_the_breast_cancer_data_with_malignant_spelled_out():
+    frame = seed_frame()
+    assert list(frame.columns) == list(DATA_COLUMNS)
+    assert len(frame) == 569
+    # scikit-learn codes malignant as 0: 212 malignant, 357 benign.
+    assert frame[LABEL].value_counts().to_dict() == {"benign": 357, "malignant": 212}
+    assert set(frame[SITE]) == {"site-a", "site-b", "site-c"}
+    for name, (low, high) in FEATURE_RANGES.items():
+        assert frame[name].between(low, high).all(), name
+
+
+def test_seed_hash_matches_data_dvc(tmp_path: Path):
+    """Regenerate the seed and let DVC hash it: it must be what data.dvc in the repo pins."""
+    write_seed(tmp_path / "data")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "add", "data", "-q"], cwd=tmp_path, check=True)
+    regenerated = yaml.safe_load((tmp_path / "data.dvc").read_text())["outs"][0]
+    committed = yaml.safe_load((REPO_ROOT / "data.dvc").read_text())["outs"][0]
+    assert regenerated["md5"] == committed["md5"]
+    assert regenerated["size"] == committed["size"]
+
+
+def test_read_data_dir_round_trips_the_seed(tmp_path: Path):
+    write_seed(tmp_path)
+    frame = read_data_dir(tmp_path)
+    pd.testing.assert_frame_equal(frame, seed_frame(), check_dtype=False)
+
+
+def _batch(tmp_path: Path, frame: pd.DataFrame, name: str = "batch.csv") -> pd.DataFrame:
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return read_batch(path)
+
+
+def test_clean_batch_is_accepted_whole(tmp_path: Path):
+    result = validate_batch(_batch(tmp_path, seed_frame().head(50)))
+    assert len(result.accepted) == 50 and len(result.rejected) == 0
+    assert result.accepted[list(FEATURES)].dtypes.eq("float64").all()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("mean_radius", "abc", "mean_radius: not a number (got 'abc')"),
+        ("mean_area", "", "mean_area: missing value"),
+        ("mean_radius", "14200", "mean_radius: out of plausible range [0, 60] (got 14200.0)"),  # micrometres
+        ("worst_area", "inf", "worst_area: not a finite number"),
+        ("mean_texture", "-3", "mean_texture: out of plausible range"),
+        ("diagnosis", "maybe", "diagnosis: must be 'malignant' or 'benign'"),
+        ("site_id", "", "site_id: missing value"),
+    ],
+)
+def test_each_bad_value_is_rejected_with_its_reason(tmp_path: Path, column: str, value: str, reason: str):
+    frame = seed_frame().head(20).astype(str)
+    frame.loc[7, column] = value
+    result = validate_batch(_batch(tmp_path, frame))
+    assert len(result.accepted) == 19
+    assert len(result.rejected) == 1
+    assert result.rejected.loc[0, "row_number"] == 9  # header is line 1, row index 7 is line 9
+    assert reason in result.rejected.loc[0, "reason"]
+    assert result.received == 20
+
+
+def test_several_problems_in_one_row_are_all_named(tmp_path: Path):
+    frame = seed_frame().head(5).astype(str)
+    frame.loc[2, "mean_radius"] = "x"
+    frame.loc[2, "mean_area"] = "99999"
+    result = validate_batch(_batch(tmp_path, frame))
+    reason = result.rejected.loc[0, "reason"]
+    assert "mean_radius: not a number" in reason and "mean_area: out of plausible range" in reason
+
+
+def test_duplicates_within_batch_and_against_registry(tmp_path: Path):
+    from pipelines.validate import row_keys
+
+    frame = seed_frame().head(10)
+    batch = pd.concat([frame, frame.iloc[[3]]], ignore_index=True)
+    result = validate_batch(_batch(tmp_path, batch))
+    assert len(result.accepted) == 10
+    assert list(result.rejected["reason"]) == ["duplicate of an earlier row in this batch"]
+
+    known = row_keys(seed_frame().head(4))
+    result = validate_batch(_batch(tmp_path, frame), existing_keys=known)
+    assert len(result.accepted) == 6
+    assert set(result.rejected["reason"]) == {"duplicate of a row already in the data registry"}
+
+
+def test_site_option_fills_rows_without_site(tmp_path: Path):
+    frame = seed_frame().head(5).drop(columns=[SITE])
+    with pytest.raises(BatchRejected, match="missing required column"):
+        validate_batch(_batch(tmp_path, frame))
+    result = validate_batch(_batch(tmp_path, frame), site_id="site-z")
+    assert set(result.accepted[SITE]) == {"site-z"}
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "empty file"),
+        (bytes(range(256)) * 4, "binary content"),
+        (b"\xff\xfe" + "mean_radius,é".encode("utf-16-le") + b"\n1,2\n", "not"),
+    ],
+)
+def test_unreadable_files_are_rejected_whole(tmp_path: Path, content: bytes, reason: str):
+    path = tmp_path / "landed.csv"
+    path.write_bytes(content)
+    with pytest.raises(BatchRejected, match=reason):
+        validate_batch(read_batch(path))
+
+
+def test_unknown_column_rejects_the_batch_without_echoing_values(tmp_path: Path):
+    frame = seed_frame().head(5)
+    frame["patient_name"] = "Jane Roe"
+    with pytest.raises(BatchRejected) as error:
+        validate_batch(_batch(tmp_path, frame))
+    assert "patient_name" in str(error.value)
+    assert "Jane" not in str(error.value)
+
+
+def test_missing_column_and_no_usable_column(tmp_path: Path):
+    with pytest.raises(BatchRejected, match="missing required column.*mean_radius"):
+        validate_batch(_batch(tmp_path, seed_frame().head(5).drop(columns=["mean_radius"])))
+    with pytest.raises(BatchRejected, match="no usable column"):
+        validate_batch(_batch(tmp_path, pd.DataFrame({"foo": [1, 2]})))
+
+
+def test_counts_always_add_up_on_a_messy_batch(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    frame = seed_frame().sample(200, random_state=1).reset_index(drop=True).astype(str)
+    for _ in range(60):
+        row, column = rng.integers(0, 200), rng.choice(list(DATA_COLUMNS))
+        frame.loc[row, column] = rng.choice(["", "n/a", "1e9", "-1", "benign?"])
+    frame = pd.concat([frame, frame.head(15)], ignore_index=True)
+    result = validate_batch(_batch(tmp_path, frame))
+    assert len(result.accepted) + len(result.rejected) == len(frame)
+    assert result.rejected["reason"].str.len().gt(0).all()

@@ -1,0 +1,109 @@
+"""Training, the operating threshold, the MLflow run and the gate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medops.settings import Settings
+from pipelines import models
+from pipelines.evaluate import clinical_metrics
+from pipelines.train import GateConfig, choose_threshold, gate, promote, split_rows, train_model
+
+GATE = GateConfig(min_sensitivity=0.95, min_roc_auc=0.97, max_auc_drop=0.01)
+
+
+def test_clinical_metrics_treat_malignant_as_positive():
+    is_malignant = np.array([True, True, True, False, False])
+    predicted = np.array([True, True, False, False, True])
+    probability = np.array([0.9, 0.8, 0.3, 0.1, 0.6])
+    metrics = clinical_metrics(is_malignant, probability, predicted)
+    assert metrics["sensitivity"] == pytest.approx(2 / 3)
+    assert metrics["specificity"] == pytest.approx(1 / 2)
+    assert metrics["ppv"] == pytest.approx(2 / 3)
+    assert metrics["npv"] == pytest.approx(1 / 2)
+    assert (metrics["tp"], metrics["fn"], metrics["tn"], metrics["fp"]) == (2, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion_auc", "passed", "why"),
+    [
+        ({"sensitivity": 0.97, "roc_auc": 0.99}, None, True, "no champion"),
+        ({"sensitivity": 0.93, "roc_auc": 0.99}, None, False, "sensitivity 0.930 below 0.950"),
+        ({"sensitivity": 0.97, "roc_auc": 0.96}, None, False, "ROC AUC 0.9600 below 0.9700"),
+        ({"sensitivity": 0.97, "roc_auc": 0.985}, 0.999, False, "worse than champion"),
+        ({"sensitivity": 0.97, "roc_auc": 0.992}, 0.999, True, "within 0.01 of champion"),
+    ],
+)
+def test_gate(candidate, champion_auc, passed, why):
+    decision = gate(candidate, champion_auc, "1" if champion_auc else None, GATE)
+    assert decision.passed is passed
+    assert any(why in reason for reason in decision.reasons)
+
+
+def test_threshold_meets_the_sensitivity_target_out_of_fold(registry_home: Settings):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pipelines.registry import load_version_frame
+
+    train, _ = split_rows(load_version_frame("data-v1", registry_home), registry_home)
+    estimator = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    strict = choose_threshold(estimator, train, 0.99, registry_home)
+    loose = choose_threshold(estimator, train, 0.90, registry_home)
+    assert 0 < strict <= loose <= 0.5
+
+
+def test_train_registers_challenger_and_promotes_through_the_gate(registry_home: Settings):
+    import mlflow
+
+    result = train_model(
+        registry_home, families=["logistic_regression"], trigger="manual", airflow_run_id="manual__test"
+    )
+    assert result.family == "logistic_regression" and result.data_version == "data-v1"
+    assert result.metrics["sensitivity"] >= 0.95 and result.metrics["roc_auc"] >= 0.97
+    assert result.gate.passed
+    assert models.alias_version(models.CHALLENGER, registry_home) == result.model_version
+    assert models.champion_version(registry_home) is None  # not before promote
+
+    tags = models.version_tags(result.model_version, registry_home)
+    assert tags["data_version"] == "data-v1" and tags["gate_decision"] == "passed"
+    assert json.loads(tags["gate_reasons"])
+    assert float(tags["threshold"]) == pytest.approx(result.threshold, abs=1e-6)
+
+    run = mlflow.get_run(result.run_id)
+    assert run.data.tags["data_version"] == "data-v1"
+    assert run.data.tags["airflow_run_id"] == "manual__test"
+    assert run.data.tags["code_git_sha"]
+    assert run.data.tags["data_dvc_md5"].endswith(".dir")
+    for metric in ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier"):
+        assert metric in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    assert {"roc_curve.png", "confusion_matrix.png", "calibration.png", "model_card.md"} <= artifacts
+    inputs = [i.dataset.name for i in run.inputs.dataset_inputs]
+    assert "data-v1-train" in inputs
+
+    assert promote(result, registry_home)
+    assert models.champion_version(registry_home) == result.model_version
+
+    # The stored model predicts with its operating threshold.
+    model = models.load_model(result.model_version, registry_home)
+    assert model.threshold == pytest.approx(result.threshold)
+    assert list(model.classes_) == ["benign", "malignant"]
+
+
+def test_a_model_that_fails_the_gate_is_not_promoted(registry_home: Settings):
+    strict = GateConfig(min_sensitivity=1.01, min_roc_auc=0.97, max_auc_drop=0.01)
+    result = train_model(registry_home, families=["logistic_regression"], gate_config=strict)
+    assert not result.gate.passed
+    assert not promote(result, registry_home)
+    assert models.champion_version(registry_home) is None
+    assert models.version_tags(result.model_version, registry_home)["gate_decision"] == "rejected"
+
+
+def test_unknown_family_is_a_clear_error(registry_home: Settings):
+    with pytest.raises(ValueError, match="unknown model family random_forest"):
+        train_model(registry_home, families=["random_forest"])
