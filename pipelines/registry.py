@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import subprocess
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -80,10 +81,23 @@ def describe_version(tag: str, settings: Settings) -> DataVersion:
     return DataVersion(tag=tag, dvc_md5=out["md5"], rows=rows, commit=_git(repo, "rev-list", "-n1", tag))
 
 
+@contextlib.contextmanager
+def _quiet_dvc():
+    """DVC's hints for humans ("to track changes with git, run ...") are noise here; errors still raise."""
+    logger = logging.getLogger("dvc")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _dvc_add_and_push(repo: Path) -> None:
     from dvc.repo import Repo
 
-    with Repo(str(repo)) as dvc:
+    with _quiet_dvc(), Repo(str(repo)) as dvc:
         dvc.add([str(repo / "data")])
         dvc.push()
 
@@ -98,12 +112,12 @@ def init_registry(settings: Settings) -> DataVersion:
 
         repo.mkdir(parents=True, exist_ok=True)
         _git(repo, "init", "-q", "-b", "main")
-        with contextlib.redirect_stdout(io.StringIO()):  # dvc init prints a hint for humans
+        with _quiet_dvc():
             Repo.init(str(repo), force=True).close()
         remote = settings.dvc_remote_url
         if "://" not in remote:
             Path(remote).mkdir(parents=True, exist_ok=True)
-        with Repo(str(repo)) as dvc, dvc.config.edit() as config:
+        with _quiet_dvc(), Repo(str(repo)) as dvc, dvc.config.edit() as config:
             config["core"]["remote"] = "storage"
             config["core"]["autostage"] = True
             config["remote"]["storage"] = {"url": remote}
@@ -211,7 +225,8 @@ def restore_version(tag: str, dest: Path, settings: Settings) -> Path:
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    Repo.get(str(settings.registry_dir), "data", out=str(dest), rev=tag)
+    with _quiet_dvc():
+        Repo.get(str(settings.registry_dir), "data", out=str(dest), rev=tag)
     return dest
 
 

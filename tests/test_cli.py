@@ -1,0 +1,58 @@
+"""The `medops` command: same functions as the DAGs, one-line errors, non-zero exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from medops.cli import app
+from medops.settings import Settings
+from pipelines.data import seed_frame
+
+runner = CliRunner()
+
+
+def test_init_then_status(medops_home: Settings):
+    result = runner.invoke(app, ["init"])
+    assert result.exit_code == 0, result.output
+    assert "data-v1" in result.output
+    status = runner.invoke(app, ["status", "--json"])
+    assert status.exit_code == 0, status.output
+    payload = json.loads(status.stdout)
+    assert payload["data_version"] == "data-v1" and payload["champion"] is None
+
+
+def test_ingest_reports_counts_and_quarantine(registry_home: Settings, tmp_path: Path):
+    batch = seed_frame().iloc[10:30].copy()
+    batch["mean_radius"] += 0.13
+    batch = batch.astype(str)
+    batch.loc[12, "worst_area"] = "-5"
+    path = tmp_path / "b.csv"
+    batch.to_csv(path, index=False)
+    result = runner.invoke(app, ["ingest", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert (payload["received"], payload["accepted"], payload["quarantined"]) == (20, 19, 1)
+    assert payload["version"] == "data-v2"
+
+
+def test_errors_are_one_line_with_non_zero_exit(registry_home: Settings, tmp_path: Path):
+    result = runner.invoke(app, ["ingest", str(tmp_path / "missing.csv")])
+    assert result.exit_code == 1
+    assert "error: no such file" in result.output
+    assert "Traceback" not in result.output
+
+    result = runner.invoke(app, ["train", "--family", "random_forest"])
+    assert result.exit_code == 1
+    assert "unknown model family random_forest" in result.output
+
+    result = runner.invoke(app, ["data", "restore", "data-v7", "--to", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "unknown data version data-v7" in result.output
+
+
+def test_data_seed_writes_the_seed(tmp_path: Path):
+    result = runner.invoke(app, ["data", "seed", "--out", str(tmp_path)])
+    assert result.exit_code == 0
+    assert len((tmp_path / "seed.csv").read_text().splitlines()) == 570
