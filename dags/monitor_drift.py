@@ -1,0 +1,93 @@
+"""
+### monitor_drift
+
+Compares what the service received since the last report with the champion's training rows
+(Evidently), writes reports, alerts on-call people on drift and announces it to `train_model`.
+
+* **Runs** hourly, or manually (the form can set where the window starts and mute the alert).
+* **Current data**: the prediction log since the last report. Fewer than `MEDOPS_DRIFT_MIN_ROWS`
+  rows (200) is `insufficient_data`: no report, no alert, and the rows stay for the next window.
+* **Reference**: the champion's training rows, restored from its data version (`data-vN`) and
+  scored by the champion for prediction drift.
+* **Tests**: Evidently's per-column drift tests on the 30 features, drift of
+  `probability_malignant`, classification quality where `/feedback` sent true diagnoses, and the
+  same verdict per `site_id`. Drift: a share of drifted features of at least
+  `MEDOPS_DRIFT_SHARE_THRESHOLD`, for the whole window or for any one site.
+* **Reports**: `MEDOPS_HOME/reports/<timestamp>/` (HTML, JSON, `summary.json`), the Evidently UI
+  project named after the model, and the champion's MLflow run (`monitoring/<timestamp>/`).
+* **On drift**: an alert (webhook + e-mail, deduplicated) and the `medops/drift` Asset with extra
+  `verdict`, `drifted_columns`, `sites`, `report`, which schedules `train_model` (with cooldown).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from medops.assets import DRIFT
+from medops.dag_defaults import DEFAULT_ARGS
+from monitoring.alerts import failure_notifier
+
+
+@dag(
+    dag_id="monitor_drift",
+    schedule="@hourly",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args={**DEFAULT_ARGS, "on_failure_callback": failure_notifier()},
+    tags=["medops", "monitoring"],
+    doc_md=__doc__,
+    params={
+        "since": Param(
+            "",
+            type="string",
+            description="ISO time the window starts at (e.g. 2026-05-01T00:00:00Z); blank: since the last report.",
+        ),
+        "alert": Param(True, type="boolean", description="Alert on-call people when there is drift."),
+    },
+)
+def monitor_drift():
+    @task
+    def check_drift() -> dict:
+        """Drift of the prediction log window vs the champion's training rows; reports written."""
+        from medops.settings import get_settings
+        from monitoring.reports import run_monitoring
+
+        since = get_current_context()["params"].get("since") or None
+        result = run_monitoring(get_settings(), since=datetime.fromisoformat(since) if since else None, alert=False)
+        print(f"verdict: {result.verdict} ({result.n_current} rows) {result.note}".strip())
+        if result.report:
+            print(f"report: {result.report_url or result.report}")
+        return result.to_dict()
+
+    @task
+    def alert_on_call(result: dict) -> dict | None:
+        """Alert on drift (never on no_drift or insufficient_data)."""
+        from medops.settings import get_settings
+        from monitoring.reports import alert_for_result
+
+        if not get_current_context()["params"].get("alert", True):
+            return None
+        return alert_for_result(result, get_settings())
+
+    @task.short_circuit
+    def drifted(result: dict) -> bool:
+        """Go on to announce drift only when there is drift."""
+        return result["verdict"] == "drift"
+
+    @task(outlets=[DRIFT])
+    def announce_drift(result: dict) -> None:
+        """Emit medops/drift with the verdict, columns, sites and report link."""
+        from monitoring.reports import MonitoringResult
+
+        extra = MonitoringResult(**result).asset_extra()
+        get_current_context()["outlet_events"][DRIFT].extra = extra
+
+    result = check_drift()
+    alert_on_call(result)
+    drifted(result) >> announce_drift(result)
+
+
+monitor_drift()
