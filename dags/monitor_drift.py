@@ -27,7 +27,6 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from medops.assets import DRIFT
 from medops.dag_defaults import DEFAULT_ARGS
-from monitoring.alerts import failure_notifier
 
 
 @dag(
@@ -36,7 +35,7 @@ from monitoring.alerts import failure_notifier
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={**DEFAULT_ARGS, "on_failure_callback": failure_notifier()},
+    default_args=DEFAULT_ARGS,  # owner, retries, and monitoring's failure notifier
     tags=["medops", "monitoring"],
     doc_md=__doc__,
     params={
