@@ -176,8 +176,10 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
             else f"[green]✓[/] triggered ingest_data ({run_id})"
         )
     elif serving_version(settings) != champion:
-        client.trigger("deploy_model", {"model_version": champion})
-        console.print(f"[green]✓[/] triggered deploy_model for champion v{champion}")
+        from serving import rollout
+
+        with console.status(f"[cyan]starting the champion v{champion} on the serving port…"):
+            rollout.serve(settings, champion)
     if wait:
         with console.status("[cyan]ingest_data → train_model → deploy_model: waiting for a champion to serve…"):
             processes.wait_until(

@@ -157,6 +157,20 @@ def fit_final(estimator: Any, threshold: float, train: pd.DataFrame):
     return model.fit(train[list(FEATURES)], train[LABEL])
 
 
+def trusted_types(model: Any) -> list[str]:
+    """The scikit-learn types of a model we built ourselves, for MLflow's safe skops format.
+
+    Loading trusts only these (stored in the MLmodel file), never arbitrary pickled code.
+    """
+    import skops.io
+
+    untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+    foreign = [name for name in untrusted if not name.startswith(("sklearn.", "numpy.", "scipy."))]
+    if foreign:
+        raise TypeError(f"model holds types outside scikit-learn/numpy/scipy: {', '.join(foreign)}")
+    return untrusted
+
+
 def gate(
     candidate: dict[str, float], champion_auc: float | None, champion: str | None, config: GateConfig
 ) -> GateDecision:
@@ -314,6 +328,7 @@ def train_model(
         info = mlflow.sklearn.log_model(
             model,
             name="model",
+            skops_trusted_types=trusted_types(model),
             signature=infer_signature(features, model.predict(features)),
             input_example=features.head(3),
             registered_model_name=settings.model_name,

@@ -107,3 +107,16 @@ def test_a_model_that_fails_the_gate_is_not_promoted(registry_home: Settings):
 def test_unknown_family_is_a_clear_error(registry_home: Settings):
     with pytest.raises(ValueError, match="unknown model family random_forest"):
         train_model(registry_home, families=["random_forest"])
+
+
+def test_every_family_logs_and_loads_back_through_mlflow(registry_home: Settings):
+    """MLflow stores scikit-learn models in the safe skops format: every family must round-trip."""
+    from pipelines.registry import load_version_frame
+    from pipelines.schema import FEATURES
+
+    rows = load_version_frame("data-v1", registry_home).head(30)
+    for family in ("svm", "gradient_boosting"):
+        result = train_model(registry_home, families=[family])
+        model = models.load_model(result.model_version, registry_home)
+        assert result.family == family
+        assert model.predict_proba(rows[list(FEATURES)]).shape == (30, 2)

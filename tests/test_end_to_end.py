@@ -1,0 +1,206 @@
+"""The whole loop on real processes, driven only through public interfaces.
+
+`medops up` on a temporary MEDOPS_HOME and free loopback ports starts `airflow standalone`, the
+MLflow UI, the Evidently UI and (through the DAGs) the served champion. The test then talks to
+Airflow's REST API, the service's HTTP contract and the MLflow client, exactly as people and
+clinical apps do: seed lands -> champion v1 serving -> undrifted traffic: no_drift, no alert ->
+drifted traffic: drift -> alert at the webhook and SMTP sinks -> train_model runs from the drift
+Asset -> a new champion is deployed and X-Model-Version changes on the serving port, while a
+separate process keeps calling /predict and sees no failed request. Nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipelines.data import seed_frame
+from pipelines.schema import FEATURES
+from tests.test_alerts import smtp, webhook  # noqa: F401  (fixtures: local alert sinks)
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _medops(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "medops"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"medops {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _steady_load(url: str, key: str, record: dict, stop, counts) -> None:
+    """Another process calling /predict back to back, as a clinical app would, counting failures."""
+    with httpx.Client(timeout=30) as client:
+        while not stop.is_set():
+            try:
+                answer = client.post(url, json={"records": [record]}, headers={"Authorization": f"Bearer {key}"})
+                ok = answer.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            with counts.get_lock():
+                counts[0 if ok else 1] += 1
+            time.sleep(0.05)
+
+
+class Stages:
+    def __init__(self) -> None:
+        self.started = self.last = time.monotonic()
+        self.durations: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.monotonic()
+        self.durations[name] = round(now - self.last, 1)
+        self.last = now
+
+    def report(self) -> str:
+        total = round(time.monotonic() - self.started, 1)
+        return json.dumps({"total_seconds": total, "stages_seconds": self.durations}, indent=1)
+
+
+def _wait(check, timeout: float, what: str, poll: float = 2.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _platform_processes(home: Path) -> list[int]:
+    """Processes whose environment names this test's MEDOPS_HOME (everything the platform started)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if process.environ().get("MEDOPS_HOME") == str(home) and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F811
+    from medops.airflow_api import AirflowClient, admin_password
+
+    home = tmp_path / "medops-home"
+    ports = {name: _free_port() for name in ("AIRFLOW", "MLFLOW", "SERVING", "EVIDENTLY")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDOPS_", "AIRFLOW"))}
+    env.update({f"MEDOPS_{name}_PORT": str(port) for name, port in ports.items()})
+    env.update(
+        {
+            "MEDOPS_HOME": str(home),
+            "MEDOPS_API_KEYS": "e2e-key",
+            "MEDOPS_ALERT_WEBHOOK_URL": webhook.url,
+            "MEDOPS_SMTP_HOST": "127.0.0.1",
+            "MEDOPS_SMTP_PORT": str(smtp.port),
+            "MEDOPS_ALERT_EMAIL_TO": "oncall@hospital.example",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        }
+    )
+    serving = f"http://127.0.0.1:{ports['SERVING']}"
+    auth = {"Authorization": "Bearer e2e-key"}
+    stages = Stages()
+    airflow = None
+    try:
+        # 1. make run's command: platform up, seed lands, champion v1 serving.
+        _medops(env, "up")
+        stages.done("up: seed lands -> champion v1 serving")
+        airflow = AirflowClient(f"http://127.0.0.1:{ports['AIRFLOW']}", password=admin_password(home / "airflow"))
+        for dag_id in ("ingest_data", "train_model", "deploy_model"):
+            assert [r["state"] for r in airflow.runs(dag_id)] == ["success"], dag_id
+        metadata = httpx.get(f"{serving}/metadata", headers=auth, timeout=10)
+        assert metadata.status_code == 200 and metadata.headers["x-model-version"] == "1"
+
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{ports['MLFLOW']}")
+        champion = client.get_model_version_by_alias("breast_cancer_diagnosis", "champion")
+        assert champion.version == "1" and champion.tags["data_version"] == "data-v1"
+        assert client.get_run(champion.run_id).data.tags["data_version"] == "data-v1"
+
+        # 2. undrifted traffic: no_drift, and nobody is woken up.
+        _medops(env, "simulate", "--site", "site-a", "--records", "300", "--json")
+        run_id = airflow.trigger("monitor_drift")
+        assert airflow.wait_for_run("monitor_drift", run_id, timeout=300)["state"] == "success"
+        verdict = airflow.request(
+            "GET", f"/dags/monitor_drift/dagRuns/{run_id}/taskInstances/check_drift/xcomEntries/return_value"
+        )["value"]
+        verdict = verdict if isinstance(verdict, dict) else json.loads(verdict)
+        assert verdict["verdict"] == "no_drift", verdict
+        assert webhook.received == [] and smtp.received == []
+        stages.done("undrifted traffic -> no_drift, no alert")
+
+        # 3. drifted traffic with labels from the hospital, under continuous load from another process.
+        stop, counts = multiprocessing.Event(), multiprocessing.Array("i", 2)
+        row = seed_frame().iloc[5]
+        record = {name: float(row[name]) for name in FEATURES}
+        load = multiprocessing.Process(
+            target=_steady_load, args=(f"{serving}/predict", "e2e-key", record, stop, counts), daemon=True
+        )
+        load.start()
+        try:
+            _medops(
+                env, "simulate", "--site", "site-d", "--records", "400", "--drift", "covariate", "--feedback", "--json"
+            )
+            run_id = airflow.trigger("monitor_drift")
+            assert airflow.wait_for_run("monitor_drift", run_id, timeout=300)["state"] == "success"
+            verdict = airflow.request(
+                "GET", f"/dags/monitor_drift/dagRuns/{run_id}/taskInstances/check_drift/xcomEntries/return_value"
+            )["value"]
+            verdict = verdict if isinstance(verdict, dict) else json.loads(verdict)
+            assert verdict["verdict"] == "drift", verdict
+            stages.done("drifted traffic -> drift")
+
+            _wait(lambda: webhook.received and smtp.received, 60, "the drift alert at both sinks")
+            alert = json.dumps(webhook.received[0])
+            assert "drift" in alert and "site-d" in alert
+            assert "sim-site-d" not in alert  # no encounter ids in alerts
+            assert "drift" in smtp.received[0]["Subject"].lower()
+            stages.done("alert at webhook and SMTP")
+
+            def drift_training() -> dict | None:
+                runs = airflow.runs("train_model")  # newest first; the oldest one trained v1
+                done = [r for r in runs[:-1] if r["state"] in ("success", "failed")]
+                return done[0] if done else None
+
+            assert _wait(drift_training, 420, "train_model run from medops/drift")["state"] == "success"
+
+            def serving_new_version() -> str | None:
+                version = httpx.get(f"{serving}/livez", timeout=5).headers.get("x-model-version")
+                return version if version not in (None, "1") else None
+
+            new = _wait(serving_new_version, 420, "a new champion serving")
+            stages.done("retrain from drift Asset -> new champion serving")
+        finally:
+            stop.set()
+            load.join(timeout=60)
+        served, failed = counts[0], counts[1]
+        assert served > 20 and failed == 0, f"{failed} failed of {served + failed} requests during the rollout"
+        champion = client.get_model_version_by_alias("breast_cancer_diagnosis", "champion")
+        assert champion.version == new
+        seen = client.get_run(champion.run_id).data.tags["data_versions_seen"].split(",")
+        assert len(seen) >= 2, seen  # the drifted site's labelled cases became a data version
+    finally:
+        if airflow is not None:
+            airflow.close()
+        subprocess.run([str(BIN / "medops"), "down"], env=env, capture_output=True, timeout=180)
+        with capsys.disabled():
+            print("\nend-to-end stages:", stages.report())
+    _wait(lambda: not _platform_processes(home), 30, "all platform processes to exit", poll=1)
