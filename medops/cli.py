@@ -232,6 +232,18 @@ def down() -> None:
     platform.down(get_settings(), console=console)
 
 
+@command(name="drift-scenario")
+def drift_scenario(
+    site: Annotated[str, typer.Option("--site")] = "site-d",
+    records: Annotated[int, typer.Option("--records", min=1)] = 400,
+    drift: Annotated[str, typer.Option("--drift", help="covariate, prevalence or units")] = "covariate",
+) -> None:
+    """Drifted traffic -> monitor_drift -> alert -> retrain -> new champion serving, on the running platform."""
+    from medops.scenario import run_drift_scenario
+
+    run_drift_scenario(get_settings(), site=site, records=records, drift=drift, console=console)
+
+
 def _register_optional(module_name: str) -> None:
     import importlib
 

@@ -214,8 +214,7 @@ Predict:
        -d '{example}' {u["serving"]}/predict
 
 Drift scenario (drifted traffic → monitor → alert → retrain → new champion serving):
-  .venv/bin/medops simulate --site site-d --records 400 --drift covariate --feedback && \\
-  .venv/bin/medops monitor
+  .venv/bin/medops drift-scenario --site site-d --records 400 --drift covariate
 
 Stop everything: make stop
 """,

@@ -1,0 +1,88 @@
+"""The drift scenario `make run` offers: a hospital's traffic shifts and the platform renews itself.
+
+Simulated drifted traffic (with the true diagnoses as feedback) -> `monitor_drift` through
+Airflow's REST API -> the alert -> `train_model` from the `medops/drift` Asset -> `deploy_model`
+-> the new champion answering on the serving port. Each stage is printed as it completes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+from medops.settings import Settings
+
+
+def _wait(check: Callable[[], Any], timeout: float, what: str, poll: float = 3.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"{what}: nothing after {timeout:.0f}s; look at the Airflow UI for the run's logs")
+
+
+def run_drift_scenario(
+    settings: Settings, *, site: str, records: int, drift: str, console: Console, timeout: float = 900
+) -> str:
+    """Drive the loop once through public interfaces; returns the model version serving at the end."""
+    from medops import platform
+    from monitoring.simulate import simulate
+
+    started = time.monotonic()
+    before = platform.serving_version(settings)
+    if before is None:
+        raise RuntimeError("no champion is serving: run `make run` first")
+    sent = simulate(site, records, drift, feedback=True, settings=settings, progress=False)
+    console.print(
+        f"[green]✓[/] {site}: {sent.scored} cases scored by v{before}, {sent.feedback_sent} diagnoses "
+        f"sent back, {sent.rejected} refused"
+    )
+
+    client = platform.airflow_client(settings)
+    try:
+        trained_before = {run["dag_run_id"] for run in client.runs("train_model")}
+        run_id = client.trigger("monitor_drift")
+        with console.status("[cyan]monitor_drift…"):
+            client.wait_for_run("monitor_drift", run_id, timeout=timeout)
+        result = client.request(
+            "GET", f"/dags/monitor_drift/dagRuns/{run_id}/taskInstances/check_drift/xcomEntries/return_value"
+        )["value"]
+        console.print(
+            f"[green]✓[/] monitor_drift: [bold]{result['verdict']}[/] "
+            f"({', '.join(result.get('drifted_columns') or []) or 'no column drifted'}); "
+            f"report {result.get('report_url') or result.get('report')}"
+        )
+        if result["verdict"] != "drift":
+            return before
+
+        def new_training() -> dict | None:
+            runs = [r for r in client.runs("train_model") if r["dag_run_id"] not in trained_before]
+            return next((r for r in runs if r["state"] in ("success", "failed")), None)
+
+        with console.status("[cyan]train_model from the medops/drift Asset…"):
+            training = _wait(new_training, timeout, "train_model after drift")
+        console.print(f"[green]✓[/] train_model {training['state']} ({training['dag_run_id']})")
+        if training["state"] != "success":
+            raise RuntimeError("train_model failed; see its log in the Airflow UI")
+        from pipelines import models
+
+        champion = models.champion_version(settings)
+        if champion == before:
+            console.print(
+                f"[yellow]![/] the new model did not pass the gate (or awaits approval): v{before} keeps serving"
+            )
+            return before
+        with console.status(f"[cyan]deploy_model: rolling out v{champion}…"):
+            _wait(lambda: platform.serving_version(settings) == champion, timeout, f"v{champion} serving")
+        console.print(
+            f"[green]✓[/] v{champion} serving on {platform.urls(settings)['serving']} "
+            f"(was v{before}; {time.monotonic() - started:.0f}s in all)"
+        )
+        return champion
+    finally:
+        client.close()
