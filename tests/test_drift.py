@@ -11,9 +11,9 @@ import pytest
 from monitoring.drift import (
     PROBABILITY,
     Verdict,
-    _column_test,
-    _finite_sorted,
-    _Sorted,
+    _bin_right,
+    _Column,
+    _column_tests,
     detect_drift,
     label_predictions,
 )
@@ -96,24 +96,37 @@ def test_fast_tests_equal_evidentlys_own(medops_home):
 
     rng = np.random.default_rng(11)
     cases = [
-        (rng.normal(size=455), rng.normal(0.05, 1, size=20_000)),  # KS, asymptotic p-value
+        (rng.normal(size=455), rng.normal(0.05, 1, size=40_000)),  # KS, asymptotic p-value
         (rng.normal(size=455), rng.normal(size=900)),  # KS, exact p-value
-        (np.round(rng.normal(size=300), 1), np.round(rng.normal(0.1, 1, size=15_000), 1)),  # ties
+        (np.round(rng.normal(size=300), 1), np.round(rng.normal(0.1, 1, size=45_000), 1)),  # ties
+        (rng.lognormal(size=800), rng.lognormal(0.01, 1, size=60_000)),  # long tail: many values share cells
         (rng.normal(size=2_000), rng.normal(0.02, 1.1, size=12_000)),  # Wasserstein (> 1000 reference rows)
         (rng.integers(0, 4, 500).astype(float), rng.integers(0, 4, 5_000).astype(float)),  # few values
     ]
-    cases[0][1][:5] = [np.nan, np.inf, -np.inf, np.nan, 1e9]
+    cases[0][1][:5] = [np.nan, np.inf, -np.inf, np.nan, 1e300]
+    cases[2][1][:3] = cases[2][0][:3]  # current values equal to reference values
     for ref, cur in cases:
         sites = rng.integers(0, 3, len(cur))
-        runs = [_finite_sorted(np.sort(cur[sites == s])) for s in range(3)]
-        ours = _column_test("x", _finite_sorted(np.sort(ref)), _Sorted(runs))
-        clean_ref = pd.Series(ref).replace([np.inf, -np.inf], np.nan).dropna()
-        clean_cur = pd.Series(cur).replace([np.inf, -np.inf], np.nan).dropna()
-        test = get_stattest(clean_ref, clean_cur, ColumnType.Numerical, None)
-        theirs = test(clean_ref, clean_cur, ColumnType.Numerical, None)
-        assert ours.test == test.name
-        assert ours.drifted == theirs.drifted
-        assert ours.score == pytest.approx(theirs.drift_score, rel=1e-9, abs=1e-300)
+        overall, per_site = _column_tests("x", np.sort(ref), _Column(cur, sites, 3))
+        for ours, values in [(overall, cur), *zip(per_site, (cur[sites == s] for s in range(3)), strict=True)]:
+            clean_ref = pd.Series(ref).replace([np.inf, -np.inf], np.nan).dropna()
+            clean_cur = pd.Series(values).replace([np.inf, -np.inf], np.nan).dropna()
+            test = get_stattest(clean_ref, clean_cur, ColumnType.Numerical, None)
+            theirs = test(clean_ref, clean_cur, ColumnType.Numerical, None)
+            assert ours.test == test.name
+            assert ours.drifted == theirs.drifted
+            assert ours.score == pytest.approx(theirs.drift_score, rel=1e-9, abs=1e-300)
+
+
+def test_binning_equals_searchsorted():
+    rng = np.random.default_rng(5)
+    points = np.unique(np.round(rng.lognormal(size=400), 3))
+    values = np.concatenate(
+        [rng.lognormal(size=100_000), points, np.round(rng.lognormal(size=1000), 3), [-1e300, 1e300]]
+    )
+    bins, equal = _bin_right(values, points)
+    np.testing.assert_array_equal(bins, np.searchsorted(points, values, side="right"))
+    np.testing.assert_array_equal(equal, np.flatnonzero(np.isin(values, points)))
 
 
 def test_verdict_equals_plain_evidently_data_drift_preset(reference, medops_home):
