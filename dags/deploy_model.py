@@ -1,0 +1,88 @@
+"""
+### deploy_model
+
+Rolls the champion model version out to the stable BentoML endpoint (`MEDOPS_SERVING_PORT`,
+default 3000) without a failed request, or back to an earlier version.
+
+* **Runs when** `train_model` promotes a version (Asset `medops/champion`), or manually with the
+  form's `model_version`: a rollback, or serving a champion again after `medops serve-stop`.
+* **Steps**: `choose_version` (the form, else the promotion's event, else `@champion`) ->
+  `build_bento` (import `models:/<name>/<version>` into BentoML, build the Bento tagged with the
+  version) -> `roll_out` (start it beside the running server, smoke-test it: readiness and
+  predictions on the version's evaluation rows equal to the MLflow model's; then switch the
+  stable endpoint to it, smoke-test the endpoint, stop the candidate, point `@champion` at it).
+* **On failure** the version served before keeps serving, `@champion` points back to it and an
+  alert goes to on-call people (webhook / e-mail); the task fails with the reason.
+* Same functions as `medops deploy --version N` and `medops rollback` (`serving/rollout.py`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from medops.assets import CHAMPION
+from medops.dag_defaults import DEFAULT_ARGS
+
+
+@dag(
+    dag_id="deploy_model",
+    schedule=CHAMPION,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["medops", "serving"],
+    doc_md=__doc__,
+    params={
+        "model_version": Param(
+            "",
+            type="string",
+            description="Registry version to serve (a rollback); blank: the promoted @champion.",
+        ),
+    },
+)
+def deploy_model():
+    @task
+    def choose_version() -> str:
+        """The version to serve: the form's, else the promotion event's, else the current @champion."""
+        from medops.settings import get_settings
+        from pipelines.models import champion_version
+
+        context = get_current_context()
+        version = str(context["params"].get("model_version") or "").strip()
+        if not version:
+            events = (context.get("triggering_asset_events") or {}).get(CHAMPION) or []
+            extras = [event.extra or {} for event in events]
+            version = next((str(e["model_version"]) for e in reversed(extras) if e.get("model_version")), "")
+        version = version or champion_version(get_settings()) or ""
+        if not version:
+            raise ValueError("no model version given and no @champion in the registry")
+        return version
+
+    @task
+    def build_bento(version: str) -> str:
+        """Import the version from the MLflow registry into BentoML and build its Bento (tag = version)."""
+        from medops.settings import get_settings
+        from serving.rollout import prepare_bento
+
+        prepared = prepare_bento(version, get_settings())
+        print(f"Bento {prepared.bento} with model {prepared.model}")
+        return prepared.bento
+
+    @task(retries=1)
+    def roll_out(version: str, bento: str) -> dict:
+        """Start the Bento beside the running one, smoke-test, switch the stable endpoint, stop the old."""
+        from medops.settings import get_settings
+        from serving.rollout import deploy
+
+        result = deploy(version, get_settings(), bento=bento)
+        print(f"model version {result.version} serving on {result.url} ({result.switch}; was {result.previous})")
+        return result.to_dict()
+
+    version = choose_version()
+    roll_out(version, build_bento(version))
+
+
+deploy_model()

@@ -1,0 +1,311 @@
+"""The append-only prediction log and the feedback labels: written by the service, read by monitoring.
+
+Every served prediction is one CSV row in ``predictions_dir/log/predictions-YYYYMMDD-<pid>.csv``
+(one file per serving process and UTC day, so processes never share a file and rows never
+interleave); ground-truth labels sent to ``/feedback`` go to ``predictions_dir/feedback/``.
+Encounter ids never reach the disk: only their keyed hash (HMAC-SHA256 with the settings' key).
+
+Durability: a request's rows are written with one ``write`` before its response leaves (so they
+survive a crash of the serving process) and fsynced by a group commit a few milliseconds later
+(so one ``fsync`` covers every request of that window instead of one per record).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipelines.schema import FEATURES, LABEL, SITE
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from medops.settings import Settings
+
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "logged_at",
+    "request_id",
+    "model_name",
+    "model_version",
+    SITE,
+    "encounter_hash",
+    *FEATURES,
+    "probability_malignant",
+    "label",
+)
+FEEDBACK_COLUMNS: tuple[str, ...] = ("logged_at", "encounter_hash", LABEL)
+# site_id of the requests serving.rollout sends to check a new version before and after the switch
+SMOKE_TEST_SITE = "medops-smoke-test"
+_ID_COLUMNS = ("request_id", "model_name", "model_version", SITE, "encounter_hash")
+
+
+def predictions_log_dir(settings: Settings) -> Path:
+    return settings.predictions_dir / "log"
+
+
+def feedback_dir(settings: Settings) -> Path:
+    return settings.predictions_dir / "feedback"
+
+
+def encounter_hasher(key: bytes):
+    """A function mapping an encounter id to its HMAC-SHA256 hex digest ('' for no id)."""
+
+    def hash_encounter(encounter_id: str | None) -> str:
+        if not encounter_id:
+            return ""
+        return hmac.new(key, encounter_id.encode(), hashlib.sha256).hexdigest()
+
+    return hash_encounter
+
+
+def hash_encounter_id(encounter_id: str | None, settings: Settings) -> str:
+    """The keyed hash that stands for ``encounter_id`` in the log (join feedback on it)."""
+    return encounter_hasher(settings.encounter_hash_key())(encounter_id)
+
+
+def _utc_day(now: float) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(now))
+
+
+class _DailyAppendFile:
+    """An O_APPEND file per UTC day for this process, with the header written once per file."""
+
+    def __init__(self, directory: Path, prefix: str, header: Sequence[str]) -> None:
+        self.directory = directory
+        self.prefix = prefix
+        self.header = (",".join(header) + "\n").encode()
+        self.fd: int | None = None
+        self.day = ""
+        self.path: Path | None = None
+
+    def fd_for(self, now: float) -> int:
+        day = _utc_day(now)
+        if self.fd is None or day != self.day:
+            self._open(day)
+        assert self.fd is not None
+        return self.fd
+
+    def _open(self, day: str) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{self.prefix}-{day}-{os.getpid()}.csv"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        if os.fstat(fd).st_size == 0:
+            os.write(fd, self.header)
+            os.fsync(fd)
+            # the new directory entry must be durable too, or a crash could lose the whole file
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        self.fd, self.day, self.path = fd, day, path
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+
+class PredictionLogWriter:
+    """Appends prediction rows for one serving process; fsyncs them in group commits.
+
+    ``log_predictions`` writes the request's rows with a single ``write`` (whole lines, so rows of
+    concurrent requests never interleave) and returns; a background thread fsyncs at most every
+    ``commit_interval`` seconds while there is unsynced data. ``close`` flushes and fsyncs the rest.
+    """
+
+    def __init__(self, settings: Settings, *, commit_interval: float = 0.02) -> None:
+        self._predictions = _DailyAppendFile(predictions_log_dir(settings), "predictions", PREDICTION_COLUMNS)
+        self._feedback = _DailyAppendFile(feedback_dir(settings), "feedback", FEEDBACK_COLUMNS)
+        self._hash = encounter_hasher(settings.encounter_hash_key())
+        self._lock = threading.Lock()
+        self._dirty = threading.Event()
+        self._closed = False
+        self._commit_interval = commit_interval
+        self.rows_written = 0
+        self._committer = threading.Thread(target=self._commit_loop, name="prediction-log-commit", daemon=True)
+        self._committer.start()
+
+    def hash_encounter(self, encounter_id: str | None) -> str:
+        return self._hash(encounter_id)
+
+    def log_predictions(
+        self,
+        *,
+        request_id: str,
+        model_name: str,
+        model_version: str,
+        site_ids: Sequence[str],
+        encounter_ids: Sequence[str | None],
+        features: np.ndarray,
+        probabilities: np.ndarray,
+        labels: Sequence[str],
+    ) -> None:
+        """Append one row per record of a served request (all rows in one write)."""
+        now = time.time()
+        logged_at = datetime.fromtimestamp(now, UTC).isoformat()
+        prefix = f"{logged_at},{request_id},{model_name},{model_version},"
+        hash_encounter = self._hash
+        lines = [
+            f"{prefix}{site},{hash_encounter(encounter)},{','.join(map(repr, row))},{probability!r},{label}\n"
+            for site, encounter, row, probability, label in zip(
+                site_ids, encounter_ids, features.tolist(), probabilities.tolist(), labels, strict=True
+            )
+        ]
+        self._append(self._predictions, "".join(lines).encode(), now, len(lines))
+
+    def log_feedback(self, labels: Iterable[tuple[str, str]]) -> int:
+        """Append ``(encounter_id, diagnosis)`` pairs as hashed feedback rows, fsynced before return."""
+        now = time.time()
+        logged_at = datetime.fromtimestamp(now, UTC).isoformat()
+        lines = [f"{logged_at},{self._hash(encounter)},{diagnosis}\n" for encounter, diagnosis in labels]
+        with self._lock:
+            fd = self._feedback.fd_for(now)
+            os.write(fd, "".join(lines).encode())
+            os.fsync(fd)
+        return len(lines)
+
+    def _append(self, target: _DailyAppendFile, data: bytes, now: float, rows: int) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("prediction log is closed")
+            fd = target.fd_for(now)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            self.rows_written += rows
+        self._dirty.set()
+
+    def _commit_loop(self) -> None:
+        while not self._closed:
+            self._dirty.wait()
+            time.sleep(self._commit_interval)  # let concurrent requests join this commit
+            self._dirty.clear()
+            self.commit()
+
+    def commit(self) -> None:
+        """fsync everything written so far."""
+        with self._lock:
+            fd = self._predictions.fd
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            except OSError:  # closed by a day rollover in between; _open fsynced it
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._predictions.close()
+            self._feedback.close()
+        self._dirty.set()
+
+
+def _log_files(directory: Path, prefix: str, since: datetime | None) -> list[Path]:
+    files = sorted(directory.glob(f"{prefix}-*.csv"))
+    if since is None:
+        return files
+    first_day = since.astimezone(UTC).strftime("%Y%m%d")
+    return [path for path in files if path.name.split("-")[1] >= first_day]
+
+
+def _read_csv_files(files: list[Path], columns: tuple[str, ...], string_columns: tuple[str, ...]):
+    import pandas as pd
+
+    frames = []
+    for path in files:
+        # a crash mid-write can leave a torn last line: skip it rather than fail the whole read
+        frame = pd.read_csv(
+            path,
+            dtype={name: str for name in string_columns},
+            keep_default_na=False,
+            na_values={name: [""] for name in columns if name not in string_columns},
+            on_bad_lines="skip",
+            engine="c",
+        )
+        if tuple(frame.columns) != columns:
+            raise ValueError(f"{path} has columns {list(frame.columns)}, expected {list(columns)}")
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame({name: pd.Series(dtype=str if name in string_columns else float) for name in columns})
+    frame = pd.concat(frames, ignore_index=True)
+    return frame
+
+
+def read_predictions(
+    settings: Settings, since: datetime | None = None, *, include_smoke_tests: bool = False
+) -> pd.DataFrame:
+    """Every logged prediction (optionally those logged at or after ``since``), oldest first.
+
+    Columns are :data:`PREDICTION_COLUMNS`; ``logged_at`` is a tz-aware UTC timestamp, ids and
+    labels are strings (``encounter_hash`` is ``""`` where no encounter id was sent), features and
+    ``probability_malignant`` are floats. The rollout's own smoke-test requests (``site_id`` ==
+    :data:`SMOKE_TEST_SITE`) are left out unless ``include_smoke_tests``: they are not patients.
+    """
+    import pandas as pd
+
+    string_columns = (*_ID_COLUMNS, "label")
+    frame = _read_csv_files(
+        _log_files(predictions_log_dir(settings), "predictions", since), PREDICTION_COLUMNS, string_columns
+    )
+    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
+    frame = frame.dropna(subset=["probability_malignant"])  # torn rows
+    if not include_smoke_tests:
+        frame = frame[frame[SITE] != SMOKE_TEST_SITE]
+    if since is not None:
+        since_utc = pd.Timestamp(since)
+        since_utc = since_utc.tz_localize(UTC) if since_utc.tzinfo is None else since_utc.tz_convert(UTC)
+        frame = frame[frame["logged_at"] >= since_utc]
+    return frame.sort_values("logged_at", kind="stable").reset_index(drop=True)
+
+
+def read_feedback(settings: Settings) -> pd.DataFrame:
+    """Every feedback label: ``logged_at`` (UTC), ``encounter_hash``, ``diagnosis``."""
+    import pandas as pd
+
+    frame = _read_csv_files(
+        _log_files(feedback_dir(settings), "feedback", None), FEEDBACK_COLUMNS, ("encounter_hash", LABEL)
+    )
+    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
+    return frame.sort_values("logged_at", kind="stable").reset_index(drop=True)
+
+
+def append_predictions(settings: Settings, frame: pd.DataFrame) -> Path:
+    """Append rows given as a frame with :data:`PREDICTION_COLUMNS` (for tests and benchmarks).
+
+    The service writes through :class:`PredictionLogWriter`; this is for simulating served traffic
+    (``logged_at`` may be strings or timestamps, ``encounter_hash`` must already be hashed).
+    """
+    missing = [name for name in PREDICTION_COLUMNS if name not in frame.columns]
+    if missing:
+        raise ValueError(f"missing prediction log columns: {missing}")
+    directory = predictions_log_dir(settings)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"predictions-{_utc_day(time.time())}-{os.getpid()}.csv"
+    rows = frame.loc[:, list(PREDICTION_COLUMNS)].copy()
+    rows["logged_at"] = [
+        value.isoformat() if hasattr(value, "isoformat") else str(value) for value in rows["logged_at"]
+    ]
+    buffer = io.StringIO()
+    rows.to_csv(buffer, header=not path.exists() or path.stat().st_size == 0, index=False)
+    with path.open("a") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path

@@ -1,0 +1,74 @@
+"""``medops deploy``, ``medops rollback``, ``medops serve`` and ``medops serve-stop``.
+
+The same functions the ``deploy_model`` DAG calls (``serving.rollout``); ``medops/cli.py`` calls
+:func:`register` with its Typer app. Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the serving commands to the ``medops`` command line."""
+    from medops.cli import command, emit, out, step
+    from medops.settings import get_settings
+
+    @command(app)
+    def deploy(
+        version: Annotated[str, typer.Option("--version", help="Registry version of the model to roll out.")],
+        as_json: Annotated[bool, typer.Option("--json")] = False,
+    ) -> None:
+        """Roll a model version out: build its Bento, smoke-test it beside the running one, switch."""
+        from serving import rollout
+
+        settings = get_settings()
+        with step(f"rolling out model version {version} (build, smoke test, switch)"):
+            result = rollout.deploy(version, settings)
+        if as_json:
+            return emit(result.to_dict(), True)
+        before = f"v{result.previous}" if result.previous else "nothing"
+        out.print(f"serving  v{result.version} on {result.url} (was {before}; {result.seconds:.0f} s)")
+
+    @command(app)
+    def rollback(
+        version: Annotated[
+            str | None, typer.Option("--version", help="Version to go back to (default: the one deployed before).")
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json")] = False,
+    ) -> None:
+        """Serve the previously deployed model version again and point @champion at it."""
+        from serving import rollout
+
+        settings = get_settings()
+        with step("rolling back"):
+            result = rollout.rollback(settings, version)
+        if as_json:
+            return emit(result.to_dict(), True)
+        out.print(f"serving  v{result.version} on {result.url} (was v{result.previous})")
+
+    @command(app, name="serve")
+    def serve(
+        version: Annotated[
+            str | None, typer.Option("--version", help="Model version to serve (default: @champion).")
+        ] = None,
+    ) -> None:
+        """Start the champion's Bento on the serving port (loopback) if it is not running."""
+        from serving import rollout
+
+        settings = get_settings()
+        with step("starting the stable server"):
+            record = rollout.serve(settings, version)
+        out.print(f"serving  v{record.model_version} on {record.url} (pid {record.pid}, log {record.log})")
+
+    @command(app, name="serve-stop")
+    def serve_stop() -> None:
+        """Stop the stable server (and a candidate left by an interrupted rollout)."""
+        from serving import rollout
+
+        settings = get_settings()
+        was_running = rollout.stop_serving(settings)
+        rollout.stop_all(settings)
+        out.print("serving stopped" if was_running else "serving was not running")

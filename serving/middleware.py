@@ -1,0 +1,310 @@
+"""The ASGI gate in front of the service's routes: auth, body limits, error shape, version header.
+
+A plain ASGI middleware (no request/response objects) so the hot path pays for a few header
+comparisons only. It
+
+- answers 401 without a valid ``Authorization: Bearer <key>`` on every route except health and
+  metrics (keys from settings, compared in constant time);
+- answers 415 for any body that is not JSON, which also refuses BentoML's pickle content type;
+- answers 413 for bodies over ``settings.max_body_bytes``, from Content-Length before reading
+  and by counting when the body is streamed;
+- turns BentoML's 400 for a pydantic validation failure into the contract's 422, each error
+  naming the field (``records[3].mean_radius``) and the reason, and gives every 4xx one shape
+  (:class:`serving.contract.ErrorResponse`);
+- answers 422 for an ``X-Site-Id`` header that is not a valid site id;
+- adds ``X-Model-Version`` to every response (the handler sets it itself when it answered, so
+  a model swap between scoring and sending cannot mislabel a response);
+- serves ``GET /metadata`` through the typed ``/metadata`` API.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from pipelines.schema import FEATURE_RANGES, FEATURES, SITE_PATTERN
+
+logger = logging.getLogger("medops.serving")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+API_PATHS = frozenset({"/predict", "/explain", "/feedback", "/metadata"})
+JSON_TYPES = frozenset({b"application/json", b""})
+_VERSION_HEADER = b"x-model-version"
+_SITE = re.compile(SITE_PATTERN.encode())
+
+_REASONS = {
+    "missing": "missing",
+    "extra_forbidden": "unknown field",
+    "float_type": "wrong type: expected a number",
+    "string_type": "wrong type: expected a string",
+    "list_type": "wrong type: expected a list",
+    "model_type": "wrong type: expected an object",
+    "model_attributes_type": "wrong type: expected an object",
+    "dict_type": "wrong type: expected an object",
+    "finite_number": "not a finite number (NaN or infinity)",
+    "json_invalid": "body is not valid JSON",
+    "literal_error": "not one of the allowed values",
+    "string_pattern_mismatch": "does not match the allowed pattern",
+}
+
+
+def field_path(loc: list[Any] | tuple[Any, ...]) -> str:
+    """``["records", 3, "mean_radius"]`` -> ``"records[3].mean_radius"`` (``"body"`` for the root)."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "body"
+
+
+def describe_validation_error(error: dict[str, Any]) -> dict[str, str]:
+    loc = error.get("loc") or []
+    kind = str(error.get("type", "invalid"))
+    message = str(error.get("msg", "invalid value"))
+    reason = _REASONS.get(kind)
+    name = loc[-1] if loc else None
+    if kind in {"greater_than_equal", "less_than_equal", "greater_than", "less_than"} and name in FEATURE_RANGES:
+        low, high = FEATURE_RANGES[name]
+        reason = f"out of plausible range [{low}, {high}]"
+    if kind == "missing" and name in FEATURES:
+        reason = "missing feature"
+    return {
+        "field": field_path(loc),
+        "reason": f"{reason}: {message}" if reason and reason != message else message,
+        "type": kind,
+    }
+
+
+def _reshape_error(status: int, body: bytes) -> tuple[int, bytes]:
+    """Give a 4xx body of BentoML the contract's shape; validation failures become 422."""
+    try:
+        payload: Any = json.loads(body) if body else {}
+    except ValueError:
+        payload = {"error": body.decode("utf-8", "replace")}
+    if isinstance(payload, list) and payload and isinstance(payload[0], dict):
+        payload = payload[0]  # BentoML wraps non-validation errors in a one-element list
+    if not isinstance(payload, dict):
+        payload = {"error": str(payload)}
+    errors = payload.get("detail") if isinstance(payload.get("detail"), list) else []
+    detail = [describe_validation_error(error) for error in errors if isinstance(error, dict)]
+    if status == 400:
+        status = 422
+    message = str(payload.get("error") or "invalid request")
+    if detail:
+        message = "invalid request: " + "; ".join(f"{item['field']}: {item['reason']}" for item in detail[:5])
+    return status, json.dumps({"error": message, "detail": detail}).encode()
+
+
+def _json_response(status: int, error: str, version: bytes, extra: list[tuple[bytes, bytes]] = ()):
+    body = json.dumps({"error": error, "detail": []}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (_VERSION_HEADER, version),
+        *extra,
+    ]
+    return [
+        {"type": "http.response.start", "status": status, "headers": headers},
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
+
+
+class ServingGate:
+    """ASGI middleware; ``model_version`` returns the version currently served (for the header)."""
+
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        *,
+        model_version: Callable[[], str],
+        api_keys: list[str] | None = None,
+        max_body_bytes: int | None = None,
+    ) -> None:
+        from medops.settings import get_settings
+
+        settings = get_settings()
+        self.app = app
+        self.model_version = model_version
+        keys = api_keys if api_keys is not None else settings.service_api_keys()
+        self.keys = [key.encode() for key in keys if key]
+        self.max_body_bytes = max_body_bytes if max_body_bytes is not None else settings.max_body_bytes
+
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        for name, value in headers:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() != b"bearer" or not token:
+                    return False
+                token = token.strip()
+                # compare with every key so the time taken does not tell which one nearly matched
+                return sum(hmac.compare_digest(token, key) for key in self.keys) > 0
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        version = self.model_version().encode()
+        path = scope["path"]
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, _with_version(send, version))
+            return
+        headers = scope["headers"]
+        if not self._authorized(headers):
+            await _send_all(
+                send,
+                _json_response(401, "missing or invalid bearer key", version, [(b"www-authenticate", b"Bearer")]),
+            )
+            return
+        if path not in API_PATHS:
+            await self.app(scope, receive, _with_version(send, version))
+            return
+
+        if path == "/metadata" and scope["method"] in ("GET", "HEAD"):
+            scope = dict(scope, method="POST")
+            headers = [(b"content-type", b"application/json")]
+            scope["headers"] = headers
+            body = b"{}"
+        else:
+            content_type = b""
+            content_length = None
+            for name, value in headers:
+                if name == b"content-type":
+                    content_type = value.split(b";", 1)[0].strip().lower()
+                elif name == b"content-length":
+                    content_length = value
+                elif name == b"x-site-id" and _SITE.match(value) is None:
+                    await _send_all(send, _invalid_site(version))
+                    return
+            if content_type not in JSON_TYPES:
+                await _send_all(send, _json_response(415, "only application/json bodies are accepted", version))
+                return
+            if content_length is not None:
+                try:
+                    declared = int(content_length)
+                except ValueError:
+                    declared = -1
+                if declared < 0:
+                    await _send_all(send, _json_response(400, "invalid Content-Length", version))
+                    return
+                if declared > self.max_body_bytes:
+                    await _send_all(send, _too_large(self.max_body_bytes, version))
+                    return
+            body = await _read_body(receive, self.max_body_bytes)
+            if body is None:
+                await _send_all(send, _too_large(self.max_body_bytes, version))
+                return
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, _shaping_errors(send, version))
+
+
+def _invalid_site(version: bytes) -> list[Message]:
+    reason = f"does not match {SITE_PATTERN}"
+    body = json.dumps(
+        {
+            "error": f"invalid request: X-Site-Id: {reason}",
+            "detail": [{"field": "X-Site-Id", "reason": reason, "type": "string_pattern_mismatch"}],
+        }
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return [
+        {"type": "http.response.start", "status": 422, "headers": [*headers, (_VERSION_HEADER, version)]},
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
+
+
+def _too_large(limit: int, version: bytes) -> list[Message]:
+    return _json_response(413, f"request body larger than {limit} bytes", version)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it grows past ``limit``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _send_all(send: Send, messages: list[Message]) -> None:
+    for message in messages:
+        await send(message)
+
+
+def _add_version(headers: list[tuple[bytes, bytes]], version: bytes) -> list[tuple[bytes, bytes]]:
+    for name, _ in headers:
+        if name.lower() == _VERSION_HEADER:
+            return headers
+    return [*headers, (_VERSION_HEADER, version)]
+
+
+def _with_version(send: Send, version: bytes) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = _add_version(list(message.get("headers", [])), version)
+        await send(message)
+
+    return sending
+
+
+def _shaping_errors(send: Send, version: bytes) -> Send:
+    """Pass successful responses through (plus the header); buffer and reshape 4xx ones."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def sending(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            headers = _add_version(list(message.get("headers", [])), version)
+            if 400 <= message["status"] < 500:
+                start = dict(message, headers=headers)
+                return
+            message["headers"] = headers
+            await send(message)
+            return
+        if start is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        status, body = _reshape_error(start["status"], b"".join(chunks))
+        headers = [
+            (name, value)
+            for name, value in start["headers"]
+            if name.lower() not in (b"content-length", b"content-type")
+        ]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return sending

@@ -1,0 +1,479 @@
+"""Roll a champion model version out to the stable endpoint, and back.
+
+``deploy(version)``:
+
+1. import ``models:/<name>/<version>`` from the MLflow registry into BentoML and build the Bento
+   ``<name>_service:<version>`` (a child process, see ``serving/bento_build.py``);
+2. start that Bento beside the running one, on a free loopback port, and smoke-test it:
+   readiness, then ``/predict`` on the version's evaluation rows must equal what the MLflow
+   model itself predicts (labels exactly, probabilities to 1e-9), ``/metadata`` must name it;
+3. switch the stable endpoint (``settings.serving_port``) to the version: the stable server's
+   workers load it from the BentoML store, check it and swap it in whole, while they keep
+   answering (see ``serving/README.md`` for why this beats a process handoff); then the same
+   smoke test runs against the stable endpoint itself;
+4. stop the candidate server, point ``@champion`` at the version, record the deployment.
+
+If any step fails the stable endpoint keeps (or goes back to) the version it served, ``@champion``
+points back to that version, an alert goes out, and :class:`DeployFailed` is raised. With no
+stable server running (first deployment, or after ``medops serve-stop``), step 3 starts one from
+the new Bento instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from medops.settings import REPO_ROOT, Settings
+from pipelines.prediction_log import SMOKE_TEST_SITE
+from serving import control, processes
+from serving.processes import ServerRecord
+
+logger = logging.getLogger("medops.serving")
+
+STABLE = "stable"
+CANDIDATE = "candidate"
+SMOKE_ROWS = 40
+
+
+class DeployFailed(RuntimeError):
+    """A rollout step failed; the previous version is still (again) serving."""
+
+
+class SmokeTestFailed(RuntimeError):
+    """A server answered, but not what the registered model predicts."""
+
+
+@dataclass(frozen=True)
+class PreparedBento:
+    version: str
+    model: str
+    bento: str
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    version: str
+    previous: str | None
+    bento: str
+    url: str
+    switch: str  # "swap": running server switched in place; "start": stable server started
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# registry access (pipelines.models) ---------------------------------------------------------
+
+
+def _champion_version(settings: Settings) -> str | None:
+    from pipelines.models import champion_version
+
+    return champion_version(settings)
+
+
+def _set_champion(version: str, settings: Settings) -> None:
+    from pipelines.models import set_champion
+
+    set_champion(str(version), settings)
+
+
+def _load_registered_model(version: str, settings: Settings) -> Any:
+    from pipelines.models import load_model
+
+    return load_model(str(version), settings)
+
+
+def _raise_alert(title: str, details: str, settings: Settings) -> None:
+    """Tell on-call people a rollout failed (webhook / e-mail through monitoring.alerts)."""
+    logger.error("%s: %s", title, details)
+    try:
+        from monitoring.alerts import send_alert
+    except ImportError:
+        return
+    send_alert(
+        title,
+        "failure",
+        [],
+        None,
+        None,
+        settings,
+        severity="error",
+        details=details,
+    )
+
+
+# steps ------------------------------------------------------------------------------------
+
+
+def control_dir(settings: Settings) -> Path:
+    return settings.run_dir / "serving-control"
+
+
+def _built(version: str, settings: Settings) -> PreparedBento | None:
+    """The version's Bento and model if both are already in the BentoML stores (a redeploy, a rollback)."""
+    from serving.bento_build import bento_name
+
+    bento = settings.bentoml_home / "bentos" / bento_name(settings) / str(version) / "bento.yaml"
+    model = settings.bentoml_home / "models" / settings.model_name / str(version) / "model.yaml"
+    if bento.is_file() and model.is_file():
+        return PreparedBento(str(version), f"{settings.model_name}:{version}", f"{bento_name(settings)}:{version}")
+    return None
+
+
+def prepare_bento(version: str, settings: Settings, *, rebuild: bool = False, timeout: float = 600) -> PreparedBento:
+    """Import the version into BentoML and build its Bento, in a child process (see bento_build)."""
+    if not rebuild and (built := _built(version, settings)) is not None:
+        return built
+    command = [sys.executable, "-m", "serving.bento_build", "--version", str(version)]
+    if rebuild:
+        command.append("--rebuild")
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    completed = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        env=processes.child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    (settings.run_dir / f"build-{version}.log").write_text(completed.stdout + completed.stderr)
+    if completed.returncode != 0:
+        tail = "\n".join(completed.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"building the Bento for model version {version} failed: {tail}")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    return PreparedBento(version=str(version), model=result["model"], bento=result["bento"])
+
+
+def evaluation_rows(version: str, settings: Settings, n: int = SMOKE_ROWS):
+    """Hold-out rows of the data version the model was trained on (the seed data if unavailable)."""
+    from pipelines.schema import FEATURES
+
+    frame = None
+    try:
+        from pipelines import models, registry
+        from pipelines.train import split_rows
+
+        data_version = models.version_tags(str(version), settings).get("data_version")
+        if data_version:
+            _, frame = split_rows(registry.load_version_frame(data_version, settings), settings)
+    except Exception as error:  # no data registry here: the seed is the same population
+        logger.info("evaluation rows of model version %s unavailable (%s); using the seed", version, error)
+    if frame is None or frame.empty:
+        from pipelines.data import seed_frame
+
+        frame = seed_frame()
+    return frame[list(FEATURES)].head(n).reset_index(drop=True)
+
+
+def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = None, timeout: float = 60) -> None:
+    """Check a server serves ``version`` and predicts what the registered model predicts.
+
+    ``expected`` is ``(rows, probabilities, labels)`` from the MLflow model (computed once per
+    deployment by :func:`expected_predictions`).
+    """
+    import httpx
+    import numpy as np
+
+    rows, probabilities, labels = expected or expected_predictions(version, settings)
+    key = settings.service_api_keys()[0]
+    headers = {"Authorization": f"Bearer {key}", "X-Site-Id": SMOKE_TEST_SITE}
+    records = [dict(row) | {"encounter_id": f"smoke-{i}"} for i, row in enumerate(rows.to_dict("records"))]
+    with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
+        ready = client.get("/readyz")
+        if ready.status_code != 200:
+            raise SmokeTestFailed(f"{url}/readyz answered {ready.status_code}")
+        response = client.post("/predict", json={"records": records})
+        if response.status_code != 200:
+            raise SmokeTestFailed(f"{url}/predict answered {response.status_code}: {response.text[:300]}")
+        body = response.json()
+        served_version = response.headers.get("x-model-version")
+        if served_version != str(version) or body.get("model_version") != str(version):
+            raise SmokeTestFailed(f"{url} serves model version {served_version}, expected {version}")
+        got_probabilities = np.array([p["probability_malignant"] for p in body["predictions"]])
+        got_labels = [p["label"] for p in body["predictions"]]
+        if [p["encounter_id"] for p in body["predictions"]] != [r["encounter_id"] for r in records]:
+            raise SmokeTestFailed(f"{url}/predict returned predictions out of order")
+        if got_labels != list(labels):
+            wrong = sum(a != b for a, b in zip(got_labels, labels, strict=True))
+            raise SmokeTestFailed(f"{url}: {wrong} of {len(labels)} labels differ from the MLflow model's")
+        if not np.allclose(got_probabilities, probabilities, rtol=0, atol=1e-9):
+            gap = float(np.max(np.abs(got_probabilities - probabilities)))
+            raise SmokeTestFailed(f"{url}: probabilities differ from the MLflow model's by up to {gap:.3g}")
+        metadata = client.get("/metadata")
+        if metadata.status_code != 200 or metadata.json().get("model_version") != str(version):
+            raise SmokeTestFailed(f"{url}/metadata does not describe model version {version}")
+        explained = client.post("/explain", json={"records": records[:2]})
+        if explained.status_code != 200:
+            raise SmokeTestFailed(f"{url}/explain answered {explained.status_code}")
+
+
+def expected_predictions(version: str, settings: Settings):
+    """(evaluation rows, probability_malignant, labels) as the MLflow model itself computes them."""
+    from pipelines.schema import POSITIVE
+
+    rows = evaluation_rows(version, settings)
+    model = _load_registered_model(version, settings)
+    probabilities = model.predict_proba(rows)[:, list(model.classes_).index(POSITIVE)]
+    labels = [str(label) for label in model.predict(rows)]
+    return rows, probabilities, labels
+
+
+def _wait_for_workers(record: ServerRecord, version: str, timeout: float) -> None:
+    """Wait until every live worker of ``record`` acknowledged serving ``version``."""
+    directory = Path(record.control_dir or "")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not processes.is_running(record):
+            raise RuntimeError("the stable server exited during the switch")
+        workers = processes.worker_pids(record)
+        acks = control.read_acks(directory)
+        answered = [acks[pid] for pid in workers if pid in acks and acks[pid]["model_version"] == str(version)]
+        errors = [ack["error"] for ack in answered if ack.get("error")]
+        if errors:
+            raise RuntimeError(f"a serving worker could not load model version {version}: {errors[0]}")
+        if workers and len(answered) == len(workers):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"serving workers did not switch to model version {version} within {timeout:.0f} s")
+
+
+def switch_stable(record: ServerRecord, version: str, settings: Settings, *, timeout: float = 60) -> ServerRecord:
+    """Make the running stable server serve ``version`` (all workers acknowledged); no restart."""
+    directory = Path(record.control_dir or control_dir(settings))
+    control.request_model(directory, str(version))
+    _wait_for_workers(record, str(version), timeout)
+    record.model_version = str(version)
+    processes.write_record(settings, record)
+    return record
+
+
+def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout: float = 120) -> ServerRecord:
+    """Start the stable server on ``settings.serving_port`` from ``bento``, serving ``version``."""
+    if not processes.port_is_free(settings.host, settings.serving_port):
+        raise RuntimeError(
+            f"port {settings.serving_port} is taken by a process medops does not know about; "
+            "set MEDOPS_SERVING_PORT or stop it"
+        )
+    directory = control_dir(settings)
+    for stale in directory.glob("ack-*.json"):
+        stale.unlink(missing_ok=True)
+    control.request_model(directory, str(version))
+    record = processes.start_server(
+        settings,
+        bento=bento,
+        model_version=str(version),
+        port=settings.serving_port,
+        role=STABLE,
+        control_dir=directory,
+    )
+    try:
+        processes.wait_ready(record, timeout=ready_timeout)
+        _wait_for_workers(record, str(version), ready_timeout)
+    except Exception:
+        processes.stop_server(record, settings)
+        raise
+    return record
+
+
+def stable_server(settings: Settings) -> ServerRecord | None:
+    """The running stable server, or None (a record of a dead one is forgotten)."""
+    record = processes.read_record(settings, STABLE)
+    if record is None:
+        return None
+    if not processes.is_running(record):
+        processes.forget_record(settings, STABLE)
+        return None
+    return record
+
+
+def history_path(settings: Settings) -> Path:
+    return settings.run_dir / "deployments.jsonl"
+
+
+def deployments(settings: Settings) -> list[dict[str, Any]]:
+    """Successful deployments, oldest first."""
+    try:
+        lines = history_path(settings).read_text().splitlines()
+    except OSError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _record_deployment(result: DeployResult, settings: Settings) -> None:
+    path = history_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = result.to_dict() | {"at": datetime.now(UTC).isoformat()}
+    with path.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+@contextmanager
+def _deploy_lock(settings: Settings) -> Iterator[None]:
+    """One rollout at a time per MEDOPS_HOME (Airflow run, command line, tests)."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.run_dir / "deploy.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# entry points ---------------------------------------------------------------------------------
+
+
+def deploy(
+    version: str | int,
+    settings: Settings,
+    *,
+    bento: str | None = None,
+    ready_timeout: float = 120,
+    switch_timeout: float = 60,
+) -> DeployResult:
+    """Roll ``version`` out to the stable endpoint with a smoke-tested candidate; see module doc.
+
+    ``bento`` is the tag :func:`prepare_bento` returned, when the caller built it already.
+    On failure the version served before keeps serving, ``@champion`` points back at it, an
+    alert is raised and :class:`DeployFailed` is raised.
+    """
+    version = str(version)
+    started = time.monotonic()
+    with _deploy_lock(settings):
+        leftover = processes.read_record(settings, CANDIDATE)
+        if leftover is not None:  # from a rollout that was killed before it could clean up
+            processes.stop_server(leftover, settings)
+        stable = stable_server(settings)
+        previous = stable.model_version if stable is not None else _last_deployed(settings)
+        candidate: ServerRecord | None = None
+        switched = False
+        try:
+            prepared = (
+                PreparedBento(version, f"{settings.model_name}:{version}", bento)
+                if bento
+                else prepare_bento(version, settings)
+            )
+            expected = expected_predictions(version, settings)
+            candidate = processes.start_server(
+                settings,
+                bento=prepared.bento,
+                model_version=version,
+                port=processes.find_free_port(settings.host),
+                role=CANDIDATE,
+                workers=1,
+            )
+            processes.wait_ready(candidate, timeout=ready_timeout)
+            smoke_test(candidate.url, version, settings, expected=expected)
+            if stable is not None:
+                switched = True
+                stable = switch_stable(stable, version, settings, timeout=switch_timeout)
+                mode = "swap"
+            else:
+                stable = start_stable(prepared.bento, version, settings, ready_timeout=ready_timeout)
+                mode = "start"
+            smoke_test(stable.url, version, settings, expected=expected)
+            if _champion_version(settings) != version:
+                _set_champion(version, settings)
+        except Exception as error:
+            _fall_back(stable if switched else None, previous, settings)
+            message = f"deploying model version {version} failed: {error}"
+            _raise_alert(
+                f"medops deploy of model version {version} failed",
+                f"{message}. Still serving: {previous or 'nothing'}; @champion -> {previous or 'unchanged'}.",
+                settings,
+            )
+            raise DeployFailed(message) from error
+        finally:
+            if candidate is not None:
+                processes.stop_server(candidate, settings)
+        result = DeployResult(
+            version=version,
+            previous=previous,
+            bento=prepared.bento,
+            url=stable.url,
+            switch=mode,
+            seconds=round(time.monotonic() - started, 1),
+        )
+        _record_deployment(result, settings)
+        logger.info("model version %s serving on %s (%s, %.1f s)", version, stable.url, mode, result.seconds)
+        return result
+
+
+def _last_deployed(settings: Settings) -> str | None:
+    history = deployments(settings)
+    return str(history[-1]["version"]) if history else None
+
+
+def _fall_back(stable: ServerRecord | None, previous: str | None, settings: Settings) -> None:
+    """After a failed rollout: the stable server back on ``previous``, ``@champion`` too."""
+    if stable is not None and previous is not None:
+        try:
+            switch_stable(stable, previous, settings)
+        except Exception:
+            logger.exception("could not switch the stable server back to model version %s", previous)
+    if previous is not None:
+        try:
+            if _champion_version(settings) != previous:
+                _set_champion(previous, settings)
+        except Exception:
+            logger.exception("could not point @champion back at model version %s", previous)
+
+
+def rollback(settings: Settings, version: str | None = None) -> DeployResult:
+    """Serve the version deployed before the current one (or ``version``) and make it @champion."""
+    if version is None:
+        history = deployments(settings)
+        serving = stable_server(settings)
+        current = serving.model_version if serving else (str(history[-1]["version"]) if history else None)
+        earlier = [str(entry["version"]) for entry in history if str(entry["version"]) != current]
+        if not earlier:
+            raise DeployFailed("no earlier deployment to roll back to")
+        version = earlier[-1]
+    return deploy(version, settings)
+
+
+def serve(settings: Settings, version: str | None = None, *, ready_timeout: float = 120) -> ServerRecord:
+    """Start the stable server with the champion (or ``version``) if none is running; returns it."""
+    running = stable_server(settings)
+    if running is not None:
+        return running
+    version = str(version or _champion_version(settings) or "")
+    if not version:
+        raise RuntimeError(f"no @champion version of {settings.model_name} to serve yet")
+    started = time.monotonic()
+    with _deploy_lock(settings):
+        prepared = prepare_bento(version, settings)
+        record = start_stable(prepared.bento, version, settings, ready_timeout=ready_timeout)
+        seconds = round(time.monotonic() - started, 1)
+        _record_deployment(DeployResult(version, None, prepared.bento, record.url, "start", seconds), settings)
+    return record
+
+
+def stop_serving(settings: Settings) -> bool:
+    """Stop the stable server; True if one was running."""
+    record = processes.read_record(settings, STABLE)
+    if record is None:
+        return False
+    running = processes.is_running(record)
+    processes.stop_server(record, settings)
+    return running
+
+
+def stop_all(settings: Settings) -> None:
+    """Stop every server the rollout started (stable, and a candidate left by a killed deploy)."""
+    for role in (CANDIDATE, STABLE):
+        record = processes.read_record(settings, role)
+        if record is not None:
+            with suppress(Exception):
+                processes.stop_server(record, settings)

@@ -1,0 +1,273 @@
+"""The BentoML service clinical applications call: ``/predict``, ``/explain``, ``/feedback``, ``/metadata``.
+
+The model is declared at class scope by its registry version: a Bento is built for one champion
+version (``bentoml build --arg model_version=N``, see ``serving/rollout.py``) and imports exactly
+that BentoML model, ``<model_name>:<N>``, never ``:latest``. Outside a Bento (tests, ``bentoml
+serve serving.service:MedopsService``) the version comes from ``--arg model_version=N`` or the
+``MEDOPS_SERVING_MODEL_VERSION`` variable.
+
+Hot path of ``/predict``: pydantic validation straight from the JSON bytes (BentoML), records to a
+numpy array, the verified numpy form of the model, one buffered write to the prediction log, and a
+response built without re-validation. It is an async method, so no thread hop per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from http import HTTPStatus
+from operator import attrgetter
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException
+
+from pipelines.prediction_log import PredictionLogWriter
+from pipelines.schema import FEATURES
+from serving.contract import (
+    DEFAULT_SITE,
+    SERVICE_NAME,
+    SITE_HEADER,
+    VERSION_HEADER,
+    ExplainResponse,
+    Explanation,
+    FeedbackLabel,
+    FeedbackRequest,
+    FeedbackResponse,
+    MetadataRequest,
+    ModelMetadata,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    Record,
+)
+from serving.control import CONTROL_ENV, ModelWatcher, requested_model
+from serving.middleware import ServingGate
+from serving.scoring import ServingModel, model_from_store, model_from_stored
+
+logger = logging.getLogger("medops.serving")
+
+MODEL_VERSION_ENV = "MEDOPS_SERVING_MODEL_VERSION"
+
+
+class RequestTooLarge(BentoMLException):
+    error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class LogUnavailable(BentoMLException):
+    """The prediction could not be logged, so it is not served."""
+
+    error_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class _ClientErrorsAreNotServerErrors(logging.Filter):
+    """BentoML logs a traceback for every request it refuses; a client's bad input is not our error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return True
+        if isinstance(error, BentoMLException):
+            return int(error.error_code) >= 500
+        return type(error).__name__ != "ValidationError"
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorsAreNotServerErrors())
+
+
+def _deployed_model() -> tuple[str, str]:
+    """(model name, registry version) this service serves: Bento arguments, else the environment."""
+    from medops.settings import get_settings
+
+    arguments = bentoml.use_arguments()
+    name = getattr(arguments, "model_name", None) or get_settings().model_name
+    version = getattr(arguments, "model_version", None) or os.environ.get(MODEL_VERSION_ENV)
+    if not version:
+        raise RuntimeError(
+            "no model version: build the Bento with --arg model_version=N "
+            f"or set {MODEL_VERSION_ENV} (serving.rollout does this)"
+        )
+    return str(name), str(version)
+
+
+MODEL_NAME, MODEL_VERSION = _deployed_model()
+
+
+class ServingState:
+    """The model a worker serves right now; replaced as a whole, read once per request."""
+
+    model: ServingModel | None = None
+
+    def version(self) -> str:
+        model = self.model
+        return model.version if model is not None else MODEL_VERSION
+
+
+STATE = ServingState()
+_feature_values = attrgetter(*FEATURES)
+
+
+@bentoml.service(
+    name=SERVICE_NAME,
+    workers=1,  # rollout sets the number from settings.serving_workers at start
+    traffic={"timeout": 60},
+    logging={"access": {"enabled": False}},  # the prediction log is the record of what was served
+)
+class MedopsService:
+    """Breast cancer diagnosis support: probability of malignancy, label at the validated threshold."""
+
+    bento_model = bentoml.models.BentoModel(f"{MODEL_NAME}:{MODEL_VERSION}")
+
+    def __init__(self) -> None:
+        from medops.settings import get_settings
+
+        settings = get_settings()
+        self.max_records = settings.max_records
+        self.log = PredictionLogWriter(settings)
+        control = os.environ.get(CONTROL_ENV)
+        self.control_dir = Path(control) if control else None
+        STATE.model = self._initial_model()
+        self.watcher: ModelWatcher | None = None
+        if self.control_dir is not None:
+            self.watcher = ModelWatcher(self.control_dir, STATE.version, self._switch)
+            self.watcher.start()
+        logger.info(
+            "serving %s:%s (%s scoring)", MODEL_NAME, STATE.version(), "numpy" if STATE.model.is_fast else "sklearn"
+        )
+
+    def _initial_model(self) -> ServingModel:
+        wanted = requested_model(self.control_dir) if self.control_dir is not None else None
+        if wanted and wanted != MODEL_VERSION:
+            try:
+                return model_from_store(MODEL_NAME, wanted)
+            except Exception:  # serve the Bento's own version rather than nothing
+                logger.exception("cannot load requested model version %s", wanted)
+        return model_from_stored(self.bento_model)
+
+    def _switch(self, version: str) -> None:
+        STATE.model = model_from_store(MODEL_NAME, version)
+
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.log.close()
+
+    # helpers ---------------------------------------------------------------------------------
+    def _features(self, records: list[Any]) -> np.ndarray:
+        if len(records) > self.max_records:
+            raise RequestTooLarge(f"{len(records)} records, at most {self.max_records} per request")
+        return np.array([_feature_values(record) for record in records], dtype=float)
+
+    def _sites(self, records: list[Any], ctx: bentoml.Context) -> list[str]:
+        # the gate (serving.middleware) already refused an X-Site-Id that is not a valid site id
+        default = ctx.request.headers.get(SITE_HEADER) or DEFAULT_SITE
+        return [record.site_id or default for record in records]
+
+    # APIs ---------------------------------------------------------------------------------
+    @bentoml.api(input_spec=PredictRequest)
+    async def predict(self, records: list[Record], ctx: bentoml.Context) -> PredictResponse:  # type: ignore[valid-type]
+        """Probability of malignancy and label for each record; every prediction is logged."""
+        model = STATE.model
+        assert model is not None
+        X = self._features(records)
+        sites = self._sites(records, ctx)
+        if model.is_fast:
+            probabilities = model.probability_malignant(X)
+            labels = model.labels(X, probabilities)
+        else:  # scikit-learn path: keep the event loop free
+            probabilities = await anyio.to_thread.run_sync(model.probability_malignant, X)
+            labels = await anyio.to_thread.run_sync(model.labels, X, probabilities)
+        encounters = [record.encounter_id for record in records]
+        try:
+            self.log.log_predictions(
+                request_id=uuid.uuid4().hex,
+                model_name=model.name,
+                model_version=model.version,
+                site_ids=sites,
+                encounter_ids=encounters,
+                features=X,
+                probabilities=probabilities,
+                labels=labels,
+            )
+        except OSError as exc:
+            logger.exception("prediction log write failed")
+            raise LogUnavailable("prediction log unavailable; nothing was served") from exc
+        ctx.response.metadata[VERSION_HEADER] = model.version
+        return PredictResponse.model_construct(
+            model_name=model.name,
+            model_version=model.version,
+            predictions=[
+                Prediction.model_construct(label=label, probability_malignant=probability, encounter_id=encounter)
+                for label, probability, encounter in zip(labels, probabilities.tolist(), encounters, strict=True)
+            ],
+        )
+
+    @bentoml.api(input_spec=PredictRequest)
+    def explain(self, records: list[Record], ctx: bentoml.Context) -> ExplainResponse:  # type: ignore[valid-type]
+        """Each feature's contribution to each record's score (exact for linear models, else shap)."""
+        model = STATE.model
+        assert model is not None
+        X = self._features(records)
+        result = model.explain(X)
+        probabilities = model.probability_malignant(X)
+        labels = model.labels(X, probabilities)
+        ctx.response.metadata[VERSION_HEADER] = model.version
+        return ExplainResponse(
+            model_name=model.name,
+            model_version=model.version,
+            method=result.method,
+            explanations=[
+                Explanation(
+                    encounter_id=record.encounter_id,
+                    label=labels[i],
+                    probability_malignant=float(probabilities[i]),
+                    score=float(result.scores[i]),
+                    base_value=float(result.base_values[i]),
+                    score_kind=result.score_kind,  # type: ignore[arg-type]
+                    contributions=dict(zip(FEATURES, result.contributions[i].tolist(), strict=True)),
+                )
+                for i, record in enumerate(records)
+            ],
+        )
+
+    @bentoml.api(input_spec=FeedbackRequest)
+    def feedback(self, labels: list[FeedbackLabel], ctx: bentoml.Context) -> FeedbackResponse:
+        """Record ground-truth diagnoses for earlier encounters (stored hashed, next to the log)."""
+        if len(labels) > self.max_records:
+            raise RequestTooLarge(f"{len(labels)} labels, at most {self.max_records} per request")
+        try:
+            recorded = self.log.log_feedback((label.encounter_id, label.diagnosis) for label in labels)
+        except OSError as exc:
+            logger.exception("feedback write failed")
+            raise LogUnavailable("feedback store unavailable; nothing was recorded") from exc
+        ctx.response.metadata[VERSION_HEADER] = STATE.version()
+        return FeedbackResponse(recorded=recorded)
+
+    @bentoml.api(input_spec=MetadataRequest)
+    def metadata(self, ctx: bentoml.Context) -> ModelMetadata:
+        """The served model: name, version, data version, training time, evaluation metrics."""
+        model = STATE.model
+        assert model is not None
+        info = model.metadata
+        metrics = info.get("metrics") or {}
+        threshold = info.get("threshold", model.threshold)
+        ctx.response.metadata[VERSION_HEADER] = model.version
+        return ModelMetadata(
+            model_name=model.name,
+            model_version=model.version,
+            data_version=info.get("data_version"),
+            threshold=float(threshold) if threshold not in (None, "") else None,
+            trained_at=info.get("trained_at"),
+            run_id=info.get("run_id"),
+            metrics={str(key): float(value) for key, value in metrics.items()},
+            bento=os.environ.get("MEDOPS_SERVING_BENTO"),
+            explain_method=model.explain_method,
+        )
+
+
+MedopsService.add_asgi_middleware(ServingGate, model_version=STATE.version)

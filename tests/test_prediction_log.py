@@ -1,0 +1,158 @@
+"""The prediction log: exact file format, hashed encounter ids, group-committed writes, readers."""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+
+from medops.settings import Settings
+from pipelines.prediction_log import (
+    FEEDBACK_COLUMNS,
+    PREDICTION_COLUMNS,
+    SMOKE_TEST_SITE,
+    PredictionLogWriter,
+    append_predictions,
+    hash_encounter_id,
+    read_feedback,
+    read_predictions,
+)
+from pipelines.schema import FEATURES
+
+
+def _log(writer: PredictionLogWriter, n: int, *, request_id: str, site: str = "site-a", encounter: str | None = None):
+    X = np.arange(n * len(FEATURES), dtype=float).reshape(n, len(FEATURES)) / 7
+    probabilities = np.linspace(0.1, 0.9, n)
+    writer.log_predictions(
+        request_id=request_id,
+        model_name="breast_cancer_diagnosis",
+        model_version="3",
+        site_ids=[site] * n,
+        encounter_ids=[encounter] * n,
+        features=X,
+        probabilities=probabilities,
+        labels=["malignant" if p >= 0.3 else "benign" for p in probabilities],
+    )
+    return X, probabilities
+
+
+def test_file_layout_columns_and_header_once(medops_home: Settings):
+    writer = PredictionLogWriter(medops_home)
+    _log(writer, 2, request_id="r1", encounter="enc-1")
+    _log(writer, 3, request_id="r2")
+    writer.close()
+    day = datetime.now(UTC).strftime("%Y%m%d")
+    path = medops_home.predictions_dir / "log" / f"predictions-{day}-{os.getpid()}.csv"
+    lines = path.read_text().splitlines()
+    assert lines[0].split(",") == list(PREDICTION_COLUMNS)
+    assert PREDICTION_COLUMNS[:6] == ("logged_at", "request_id", "model_name", "model_version", "site_id",
+                                      "encounter_hash")
+    assert PREDICTION_COLUMNS[6:36] == FEATURES and PREDICTION_COLUMNS[36:] == ("probability_malignant", "label")
+    assert len(lines) == 1 + 5 and sum(line.startswith("logged_at") for line in lines) == 1
+    assert "enc-1" not in path.read_text()  # never the raw identifier
+
+
+def test_read_predictions_round_trip_and_hash(medops_home: Settings):
+    writer = PredictionLogWriter(medops_home)
+    X, probabilities = _log(writer, 4, request_id="r1", encounter="enc-42")
+    _log(writer, 1, request_id="r2")
+    writer.close()
+    frame = read_predictions(medops_home)
+    assert list(frame.columns) == list(PREDICTION_COLUMNS)
+    assert len(frame) == 5
+    first = frame[frame["request_id"] == "r1"]
+    # written exactly (repr); pandas' fast parser reads them back to within an ulp
+    np.testing.assert_allclose(first[list(FEATURES)].to_numpy(), X, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(first["probability_malignant"].to_numpy(), probabilities, rtol=1e-15, atol=0)
+    assert set(first["encounter_hash"]) == {hash_encounter_id("enc-42", medops_home)}
+    assert len(first["encounter_hash"].iloc[0]) == 64
+    assert frame[frame["request_id"] == "r2"]["encounter_hash"].tolist() == [""]
+    assert str(frame["logged_at"].dt.tz) == "UTC"
+    assert frame["model_version"].tolist() == ["3"] * 5
+
+
+def test_since_filter_and_smoke_tests_left_out(medops_home: Settings):
+    writer = PredictionLogWriter(medops_home)
+    _log(writer, 2, request_id="before")
+    writer.close()
+    cut = datetime.now(UTC)
+    writer = PredictionLogWriter(medops_home)
+    _log(writer, 3, request_id="after")
+    _log(writer, 2, request_id="smoke", site=SMOKE_TEST_SITE)
+    writer.close()
+    assert set(read_predictions(medops_home, since=cut)["request_id"]) == {"after"}
+    assert len(read_predictions(medops_home, since=cut, include_smoke_tests=True)) == 5
+    assert read_predictions(medops_home, since=cut + timedelta(days=1)).empty
+    assert len(read_predictions(medops_home)) == 5
+
+
+def test_empty_log_reads_as_empty_frame(medops_home: Settings):
+    frame = read_predictions(medops_home)
+    assert frame.empty and list(frame.columns) == list(PREDICTION_COLUMNS)
+    assert read_feedback(medops_home).empty
+
+
+def test_feedback_is_hashed_and_readable(medops_home: Settings):
+    writer = PredictionLogWriter(medops_home)
+    assert writer.log_feedback([("enc-1", "malignant"), ("enc-2", "benign")]) == 2
+    writer.close()
+    feedback = read_feedback(medops_home)
+    assert list(feedback.columns) == list(FEEDBACK_COLUMNS)
+    assert feedback["encounter_hash"].tolist() == [hash_encounter_id(e, medops_home) for e in ("enc-1", "enc-2")]
+    assert feedback["diagnosis"].tolist() == ["malignant", "benign"]
+    text = "".join(p.read_text() for p in (medops_home.predictions_dir / "feedback").glob("*.csv"))
+    assert "enc-1" not in text
+
+
+def test_concurrent_writers_lose_and_tear_nothing(medops_home: Settings):
+    writer = PredictionLogWriter(medops_home, commit_interval=0.001)
+    threads = [
+        threading.Thread(target=lambda i=i: [_log(writer, 1 + (j % 3), request_id=f"t{i}-{j}") for j in range(50)])
+        for i in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    expected = writer.rows_written
+    writer.close()
+    frame = read_predictions(medops_home)
+    assert expected == 8 * sum(1 + (j % 3) for j in range(50))
+    assert len(frame) == expected
+    assert frame.groupby("request_id").size().sum() == expected
+    assert frame["probability_malignant"].notna().all()
+
+
+def test_torn_last_line_is_skipped(medops_home: Settings):
+    writer = PredictionLogWriter(medops_home)
+    _log(writer, 2, request_id="ok")
+    writer.close()
+    path = next((medops_home.predictions_dir / "log").glob("*.csv"))
+    with path.open("a") as handle:
+        handle.write("2026-01-01T00:00:00+00:00,torn,breast_cancer_diagnosis,3,site-a,,1.0,2.0")
+    assert read_predictions(medops_home)["request_id"].tolist() == ["ok", "ok"]
+
+
+def test_append_predictions_for_simulated_traffic(medops_home: Settings):
+    rows = pd.DataFrame(
+        [
+            {
+                "logged_at": datetime(2026, 1, 1, tzinfo=UTC),
+                "request_id": "sim",
+                "model_name": "breast_cancer_diagnosis",
+                "model_version": "1",
+                "site_id": "site-d",
+                "encounter_hash": "",
+                **{name: 1.0 for name in FEATURES},
+                "probability_malignant": 0.5,
+                "label": "malignant",
+            }
+        ]
+    )
+    append_predictions(medops_home, rows)
+    append_predictions(medops_home, rows)
+    frame = read_predictions(medops_home)
+    assert len(frame) == 2 and frame["site_id"].tolist() == ["site-d", "site-d"]

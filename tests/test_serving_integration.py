@@ -1,0 +1,183 @@
+"""Real `bentoml serve` processes: BentoML's own client, concurrent load against the prediction log,
+rollouts under continuous traffic (v1 -> v2 with no failed request; a broken version that never
+serves), rollback, and teardown that leaves no process behind."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from serving_fixtures import (
+    API_KEY,
+    auth,
+    continuous_load,
+    fit_unservable_model,
+    records,
+    register_tiny_model,
+    serving_home,
+    shared_registry,
+)
+
+from medops.settings import Settings
+from pipelines.models import champion_version, set_champion
+from pipelines.prediction_log import hash_encounter_id, read_predictions
+from serving import processes, rollout
+
+pytestmark = pytest.mark.integration
+
+
+STARTED: list[processes.ServerRecord] = []  # every server this module started (arbiter pids)
+
+
+def server_processes(settings: Settings) -> set[int]:
+    """Live processes of this MEDOPS_HOME's servers: the arbiters started, and every worker.
+
+    Workers are found by their environment; an arbiter (circusd) rewrites its process title over
+    its environment, so arbiters are the ones this module recorded starting.
+    """
+    found = set()
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if process.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if "_bentoml_impl" in " ".join(process.info["cmdline"] or []):
+                if process.environ().get("MEDOPS_HOME") == str(settings.home):
+                    found.add(process.pid)
+        except psutil.Error:
+            continue
+    return found | {record.pid for record in STARTED if processes.is_running(record)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def record_starts() -> Iterator[None]:
+    start = processes.start_server
+
+    def recording(*args, **kwargs):
+        record = start(*args, **kwargs)
+        STARTED.append(record)
+        return record
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(processes, "start_server", recording)
+        yield
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    tracking_uri, _ = shared_registry()
+    with serving_home(
+        tmp_path_factory.mktemp("integration"),
+        MEDOPS_MLFLOW_TRACKING_URI=tracking_uri,
+        MEDOPS_SERVING_PORT=str(processes.find_free_port()),
+        MEDOPS_SERVING_WORKERS="2",
+    ) as settings:
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def versions(home: Settings) -> dict[str, str]:
+    v1 = shared_registry()[1]
+    v2 = register_tiny_model(home, threshold=0.5, alias=None)
+    broken = register_tiny_model(home, model=fit_unservable_model(), alias=None, serialization_format="cloudpickle")
+    set_champion(v1, home)
+    return {"v1": v1, "v2": v2, "broken": broken}
+
+
+@pytest.fixture(scope="module")
+def stable(home: Settings, versions: dict[str, str]) -> Iterator[processes.ServerRecord]:
+    record = rollout.serve(home)
+    try:
+        yield record
+    finally:
+        rollout.stop_all(home)
+        assert len(STARTED) >= 3  # stable, and a candidate per rollout
+        assert server_processes(home) == set(), "processes left behind"
+        assert processes.read_record(home, rollout.STABLE) is None
+
+
+def test_bentoml_client_against_the_real_server(stable: processes.ServerRecord, versions: dict[str, str]):
+    import bentoml
+
+    assert stable.port != 3000 and stable.host == "127.0.0.1"
+    assert len(processes.worker_pids(stable)) == 2
+    with bentoml.SyncHTTPClient(stable.url, token=API_KEY, server_ready_timeout=30) as client:
+        result = client.predict(records=records(2))
+        assert result["model_version"] == versions["v1"]
+        assert [p["encounter_id"] for p in result["predictions"]] == ["enc-0", "enc-1"]
+        assert client.metadata()["model_version"] == versions["v1"]
+    metrics = httpx.get(f"{stable.url}/metrics")  # open, like the health routes
+    assert metrics.status_code == 200 and metrics.headers["x-model-version"] == versions["v1"]
+    assert httpx.post(f"{stable.url}/predict", json={"records": records(1)}).status_code == 401
+
+
+def test_concurrent_load_logs_every_served_prediction(stable: processes.ServerRecord, home: Settings):
+    served: list[str] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client(thread: int) -> None:
+        with httpx.Client(base_url=stable.url, headers=auth(), timeout=30) as http:
+            for n in range(15):
+                body = [r | {"encounter_id": f"load-{thread}-{n}-{i}"} for i, r in enumerate(records(1 + n % 4))]
+                response = http.post("/predict", json={"records": body})
+                with lock:
+                    if response.status_code == 200:
+                        served.extend(p["encounter_id"] for p in response.json()["predictions"])
+                    else:
+                        failures.append(response.text)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    logged = read_predictions(home)
+    wanted = {hash_encounter_id(encounter, home) for encounter in served}
+    mine = logged[logged["encounter_hash"].isin(wanted)]
+    assert len(served) == 12 * sum(1 + n % 4 for n in range(15))
+    assert len(mine) == len(served)  # each served prediction logged exactly once
+    assert mine["encounter_hash"].nunique() == len(served)
+    assert len({Path(p).name for p in (home.predictions_dir / "log").glob("predictions-*.csv")}) >= 2  # 2 workers
+
+
+def test_rollout_under_load_fails_no_request(
+    stable: processes.ServerRecord, home: Settings, versions: dict[str, str], tmp_path: Path
+):
+    with continuous_load(stable.url, API_KEY, tmp_path, "rollout") as load:
+        result = rollout.deploy(versions["v2"], home)
+    assert load["failures"] == [], load["failures"][:5]
+    assert load["sent"] > 50 and set(load["versions"]) == {versions["v1"], versions["v2"]}, load
+    assert result.switch == "swap" and result.previous == versions["v1"]
+    assert httpx.get(f"{stable.url}/readyz").headers["x-model-version"] == versions["v2"]
+    assert champion_version(home) == versions["v2"]
+    assert processes.read_record(home, rollout.CANDIDATE) is None  # the candidate was stopped
+    assert processes.read_record(home, rollout.STABLE).pid == stable.pid  # same endpoint, same process
+    # every prediction served during the switch is in the log, exactly once
+    ids = (f"rollout-{t}-{n}-{i}" for t in range(4) for n in range(load["sent"]) for i in range(3))
+    possible = {hash_encounter_id(encounter, home) for encounter in ids}
+    logged = read_predictions(home)
+    assert logged["encounter_hash"].isin(possible).sum() == load["predictions"]
+
+
+def test_a_version_that_cannot_serve_leaves_the_old_one_serving(
+    stable: processes.ServerRecord, home: Settings, versions: dict[str, str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    alerts: list[tuple[str, str]] = []
+    monkeypatch.setattr(rollout, "_raise_alert", lambda title, details, settings: alerts.append((title, details)))
+    set_champion(versions["broken"], home)  # what train_model's promotion did
+    with continuous_load(stable.url, API_KEY, tmp_path, "broken") as load:
+        with pytest.raises(rollout.DeployFailed, match="cannot start"):
+            rollout.deploy(versions["broken"], home)
+    assert load["failures"] == [] and set(load["versions"]) == {versions["v2"]}
+    assert httpx.get(f"{stable.url}/readyz").headers["x-model-version"] == versions["v2"]
+    assert champion_version(home) == versions["v2"]
+    assert alerts and versions["broken"] in alerts[0][0]
+    assert processes.read_record(home, rollout.CANDIDATE) is None
+    # only the stable arbiter and its two workers are left: the candidate's processes are gone
+    assert server_processes(home) == {stable.pid, *processes.worker_pids(stable)}
