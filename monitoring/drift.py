@@ -39,6 +39,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +162,7 @@ def detect_drift(
     columns: Sequence[str] = FEATURES,
     report: bool = True,
     report_rows: int = REPORT_ROWS,
+    timestamp: datetime | None = None,
 ) -> DriftResult:
     """Compare a prediction-log window (``current``) with the champion's training rows (``reference``).
 
@@ -172,6 +174,7 @@ def detect_drift(
     columns reaches ``settings.drift_share_threshold`` (Evidently's dataset-drift rule); below
     ``settings.drift_min_rows`` current rows it is ``insufficient_data`` and nothing is tested.
     Each site with at least ``drift_min_rows`` rows gets its own verdict the same way.
+    ``timestamp`` (the window's end) dates the Evidently snapshots; ``report=False`` skips them.
     """
     if reference.empty:
         raise ValueError("the reference frame is empty: nothing to compare the prediction log with")
@@ -221,9 +224,9 @@ def detect_drift(
     if report:
         result.report_rows = min(n_current, report_rows)
         sample = _report_sample(current, sites, report_rows, settings.seed)
-        result.drift_snapshot = _drift_snapshot(sample, reference, columns, with_prediction, result)
+        result.drift_snapshot = _drift_snapshot(sample, reference, columns, with_prediction, result, timestamp)
         if labelled is not None and len(labelled):
-            result.performance_snapshot = _performance_snapshot(labelled)
+            result.performance_snapshot = _performance_snapshot(labelled, timestamp)
     return result
 
 
@@ -528,6 +531,7 @@ def _drift_snapshot(
     columns: list[str],
     with_prediction: bool,
     result: DriftResult,
+    timestamp: datetime | None,
 ) -> Snapshot:
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
@@ -551,10 +555,11 @@ def _drift_snapshot(
     return Report(metrics, metadata=metadata, tags=["drift", str(result.verdict)]).run(
         Dataset.from_pandas(sample[numeric].reset_index(drop=True), data_definition=definition),
         Dataset.from_pandas(reference[numeric].reset_index(drop=True), data_definition=definition),
+        timestamp=timestamp,
     )
 
 
-def _performance_snapshot(labelled: pd.DataFrame) -> Snapshot:
+def _performance_snapshot(labelled: pd.DataFrame, timestamp: datetime | None) -> Snapshot:
     from evidently import BinaryClassification, DataDefinition, Dataset, Report
     from evidently.presets import ClassificationPreset
 
@@ -566,5 +571,5 @@ def _performance_snapshot(labelled: pd.DataFrame) -> Snapshot:
     )
     frame = labelled[[LABEL, PREDICTED_LABEL]].reset_index(drop=True)
     return Report([ClassificationPreset()], tags=["performance"]).run(
-        Dataset.from_pandas(frame, data_definition=definition), None
+        Dataset.from_pandas(frame, data_definition=definition), None, timestamp=timestamp
     )

@@ -147,7 +147,7 @@ def run_monitoring(
     if served_by_other.any():
         current = current.assign(**{PROBABILITY: current[PROBABILITY].mask(served_by_other)})
     reference = load_reference(settings, champion)
-    found = detect_drift(current, reference.frame, settings, feedback=read_feedback(settings))
+    found = detect_drift(current, reference.frame, settings, feedback=read_feedback(settings), timestamp=now)
     result = _result(found, reference, window)
     if found.verdict == Verdict.INSUFFICIENT_DATA:
         result.note = (
@@ -160,7 +160,7 @@ def run_monitoring(
     files = write_reports(found, settings, stamp=stamp, context=result.to_dict())
     result.report_dir, result.report = str(files.directory), str(files.drift_html or files.summary)
     result.report_url = files.drift_html.as_uri() if files.drift_html else None
-    project_id, snapshots = add_to_workspace(found, settings, name=f"{stamp} v{champion}", timestamp=now)
+    project_id, snapshots = add_to_workspace(found, settings, name=f"{stamp} v{champion}")
     result.workspace_project_id, result.snapshot_ids = project_id, snapshots
     if snapshots:
         result.report_url = evidently_url(settings, project_id, snapshots[0])
@@ -274,9 +274,7 @@ def workspace_project(workspace: Any, name: str) -> Any:
     return project
 
 
-def add_to_workspace(
-    found: DriftResult, settings: Settings, *, name: str, timestamp: datetime | None = None
-) -> tuple[str | None, list[str]]:
+def add_to_workspace(found: DriftResult, settings: Settings, *, name: str) -> tuple[str | None, list[str]]:
     """Add the run's snapshots to the Evidently workspace project of ``settings.model_name``."""
     snapshots = [s for s in (found.drift_snapshot, found.performance_snapshot) if s is not None]
     if not snapshots:
