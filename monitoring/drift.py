@@ -38,7 +38,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -132,7 +132,8 @@ class DriftResult:
         return tuple(site for site, found in self.per_site.items() if found.verdict == Verdict.DRIFT)
 
     def summary(self) -> dict[str, Any]:
-        data = asdict(self)
+        # asdict deep-copies whatever is not a dataclass: leave the snapshots out first.
+        data = asdict(replace(self, drift_snapshot=None, performance_snapshot=None))
         for name in ("drift_snapshot", "performance_snapshot"):
             data.pop(name)
         data["drifted_sites"] = list(self.drifted_sites)
