@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -203,7 +203,12 @@ def detect_drift(
         return result
 
     tested = list(columns)
-    with_prediction = PROBABILITY in current.columns and PROBABILITY in reference.columns
+    # Prediction drift needs scores on both sides (run_monitoring blanks rows other versions served).
+    with_prediction = (
+        PROBABILITY in current.columns
+        and PROBABILITY in reference.columns
+        and int(np.isfinite(current[PROBABILITY].to_numpy(dtype="float64")).sum()) >= min_rows
+    )
     if with_prediction:
         tested.append(PROBABILITY)
     overall, by_site = _test_columns(current, reference, tested, sites)
@@ -231,7 +236,7 @@ def detect_drift(
     return result
 
 
-def _verdict(found: Any, threshold: float) -> tuple[Verdict, tuple[str, ...], float]:
+def _verdict(found: Iterable[ColumnDrift], threshold: float) -> tuple[Verdict, tuple[str, ...], float]:
     found = list(found)
     drifted = tuple(column.column for column in found if column.drifted)
     share = len(drifted) / len(found) if found else 0.0
@@ -538,6 +543,8 @@ def _drift_snapshot(
     from evidently.metrics import ValueDrift
     from evidently.presets import DataDriftPreset
 
+    # Evidently refuses a column without values: a sample may hold no score from the champion.
+    with_prediction = with_prediction and bool(sample[PROBABILITY].notna().any())
     numeric = columns + ([PROBABILITY] if with_prediction else [])
     definition = DataDefinition(numerical_columns=numeric)
     metrics: list[Any] = [DataDriftPreset(columns=columns, drift_share=result.share_threshold)]
@@ -547,6 +554,7 @@ def _drift_snapshot(
         "verdict": str(result.verdict),
         "rows_current": str(result.n_current),
         "rows_in_report": str(len(sample)),
+        "drifted_sites": ", ".join(result.drifted_sites) or "none",
         "note": (
             "Verdict and per-column tests in summary.json use every row of the window; "
             f"this report uses {len(sample)} of {result.n_current} rows (seeded, stratified by site)."

@@ -180,6 +180,14 @@ def test_prediction_drift_and_performance_from_feedback(reference, medops_home):
         assert encounter not in summary and encounter not in drift_json
 
 
+def test_scores_from_other_model_versions_leave_prediction_drift_out(reference, medops_home):
+    current = window(reference, 300, "site-a", 12)
+    current[PROBABILITY] = np.nan  # every row was served by a version other than the champion
+    found = detect_drift(current, reference, medops_home, reference_probabilities=np.full(len(reference), 0.4))
+    assert found.prediction_drift is None and found.verdict == Verdict.NO_DRIFT
+    assert found.drift_snapshot is not None
+
+
 def test_label_predictions_keeps_the_latest_label_and_drops_the_hash():
     current = pd.DataFrame(
         {"encounter_hash": ["h1", "h2", ""], PROBABILITY: [0.9, 0.2, 0.5], "label": ["malignant", "benign", "benign"]}
