@@ -39,55 +39,43 @@ from medops.dag_defaults import DEFAULT_ARGS
 )
 def ingest_data():
     @task
-    def ensure_registry() -> str:
-        """Create the data registry with the seed as data-v1 if this is a fresh platform."""
-        from medops.settings import get_settings
-        from pipelines.registry import init_registry
+    def ingest_landed() -> list[dict]:
+        """Validate, quarantine and version every file waiting in the landing folder.
 
-        return init_registry(get_settings()).tag
-
-    @task
-    def ingest_landed(_: str) -> list[dict]:
-        """Validate, quarantine and version every file waiting in the landing folder."""
+        On a fresh platform this first creates the data registry with the seed as data-v1.
+        """
         from medops.settings import get_settings
         from pipelines.ingest import ingest_landing
+        from pipelines.registry import init_registry
 
-        params = get_current_context()["params"]
-        results = ingest_landing(get_settings(), site_id=params.get("site_id") or None)
+        settings, params = get_settings(), get_current_context()["params"]
+        init_registry(settings)
+        results = ingest_landing(settings, site_id=params.get("site_id") or None)
         for result in results:
             print(result.summary())
         if not results:
             print("no files waiting in the landing folder")
         return [result.__dict__ for result in results]
 
-    @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def new_version(results: list[dict]) -> str | None:
-        """Continue only when there is a data version to announce."""
-        from medops.settings import get_settings
-        from pipelines.registry import latest_version
-
-        versions = [result["version"] for result in results if result.get("version")]
-        if versions:
-            return versions[-1]
-        if get_current_context()["params"].get("announce_latest"):
-            return latest_version(get_settings())
-        return None
-
     @task(outlets=[DATA])
-    def publish(version: str) -> str:
-        """Emit medops/data with the version, so train_model knows what to train on."""
+    def publish(results: list[dict]) -> str:
+        """Emit medops/data with the new version, so train_model knows what to train on."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from medops.settings import get_settings
-        from pipelines.registry import describe_version
+        from pipelines.registry import describe_version, latest_version
 
-        info = describe_version(version, get_settings())
-        get_current_context()["outlet_events"][DATA].extra = {
-            "data_version": info.tag,
-            "dvc_md5": info.dvc_md5,
-            "rows": info.rows,
-        }
-        return version
+        settings, context = get_settings(), get_current_context()
+        versions = [result["version"] for result in results if result.get("version")]
+        if not versions and context["params"].get("announce_latest"):
+            versions = [latest_version(settings)]
+        if not versions:
+            raise AirflowSkipException("no new data version to announce")
+        info = describe_version(versions[-1], settings)
+        context["outlet_events"][DATA].extra = {"data_version": info.tag, "dvc_md5": info.dvc_md5, "rows": info.rows}
+        return info.tag
 
-    publish(new_version(ingest_landed(ensure_registry())))
+    publish(ingest_landed())
 
 
 ingest_data()

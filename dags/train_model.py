@@ -63,27 +63,25 @@ FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
     },
 )
 def train_model():
-    @task.short_circuit
-    def plan() -> dict | None:
-        """Decide what to train on and why; skip a drift retraining inside the cooldown."""
+    @task
+    def train() -> dict:
+        """Decide what to train on (skip drift inside the cooldown), then train, evaluate, log the
+        MLflow run, register @challenger and tag the gate's decision."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from medops.settings import get_settings
         from pipelines.retraining import plan_training
-
-        context = get_current_context()
-        return plan_training(
-            get_settings(),
-            triggering_events=context.get("triggering_asset_events") or {},
-            data_version=context["params"].get("data_version") or None,
-        )
-
-    @task
-    def train(plan: dict) -> dict:
-        """Train, evaluate, log the MLflow run, register @challenger and tag the gate's decision."""
-        from medops.settings import get_settings
         from pipelines.train import GateConfig, train_model
 
         settings, context = get_settings(), get_current_context()
         params = context["params"]
+        plan = plan_training(
+            settings,
+            triggering_events=context.get("triggering_asset_events") or {},
+            data_version=params.get("data_version") or None,
+        )
+        if plan is None:
+            raise AirflowSkipException("drift retraining skipped: inside the cooldown")
         gate = GateConfig.from_settings(
             settings, min_sensitivity=params.get("min_sensitivity"), min_roc_auc=params.get("min_roc_auc")
         )
@@ -140,7 +138,7 @@ def train_model():
         context["outlet_events"][CHAMPION].extra = {"model_version": result["model_version"]}
         return result["model_version"]
 
-    trained = train(plan())
+    trained = train()
     branch = decide(trained)
     promoted = promote(trained)
     branch >> [await_approval, promoted]

@@ -121,7 +121,7 @@ def search_best(train: pd.DataFrame, families: list[str], settings: Settings) ->
     for name, (estimator, grid) in candidate_estimators(settings.seed).items():
         if name not in families:
             continue
-        search = GridSearchCV(estimator, grid, scoring="roc_auc", cv=cv, n_jobs=1, refit=False)
+        search = GridSearchCV(estimator, grid, scoring="roc_auc", cv=cv, n_jobs=settings.train_jobs, refit=False)
         search.fit(train[list(FEATURES)], y)
         scores[name] = float(search.best_score_)
         best[name] = estimator.set_params(**search.best_params_)
