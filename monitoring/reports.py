@@ -130,18 +130,15 @@ def run_monitoring(
     window = dict(window_start=since.isoformat() if since else None, window_end=now.isoformat())
     champion = models.champion_version(settings)
     if champion is None:
-        return MonitoringResult(
-            verdict=str(Verdict.INSUFFICIENT_DATA),
-            drifted_columns=[],
-            share=0.0,
-            sites=[],
-            n_current=0,
-            n_reference=0,
-            note="no @champion model yet: nothing is served, nothing to monitor",
-            **window,
-        )
+        return _no_verdict(window, 0, None, "no @champion model yet: nothing is served, nothing to monitor")
     current = read_predictions(settings, since=since)
     current = current[current["logged_at"] < pd.Timestamp(now)]
+    if len(current) < settings.drift_min_rows:  # before restoring and scoring the reference for nothing
+        note = (
+            f"{len(current)} rows since {window['window_start'] or 'the start of the log'}, fewer than "
+            f"{settings.drift_min_rows}: no verdict, these rows stay in the next window"
+        )
+        return _no_verdict(window, len(current), champion, note)
     # Prediction drift compares the champion's scores with the champion's scores only.
     served_by_other = current["model_version"].astype(str) != str(champion)
     if served_by_other.any():
@@ -149,12 +146,6 @@ def run_monitoring(
     reference = load_reference(settings, champion)
     found = detect_drift(current, reference.frame, settings, feedback=read_feedback(settings), timestamp=now)
     result = _result(found, reference, window)
-    if found.verdict == Verdict.INSUFFICIENT_DATA:
-        result.note = (
-            f"{found.n_current} rows since {result.window_start or 'the start of the log'}, fewer than "
-            f"{settings.drift_min_rows}: no verdict, these rows stay in the next window"
-        )
-        return result
 
     stamp = now.strftime(STAMP_FORMAT)
     files = write_reports(found, settings, stamp=stamp, context=result.to_dict())
@@ -169,6 +160,20 @@ def run_monitoring(
     if alert:
         result.alert = alert_for_result(result, settings)
     return result
+
+
+def _no_verdict(window: dict[str, Any], rows: int, champion: str | None, note: str) -> MonitoringResult:
+    return MonitoringResult(
+        verdict=str(Verdict.INSUFFICIENT_DATA),
+        drifted_columns=[],
+        share=0.0,
+        sites=[],
+        n_current=rows,
+        n_reference=0,
+        model_version=champion,
+        note=note,
+        **window,
+    )
 
 
 def _utc(moment: datetime) -> datetime:
