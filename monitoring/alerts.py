@@ -86,7 +86,8 @@ def send_alert(
         with _DedupState(settings) as state:
             if state.sent_recently(alert.fingerprint, now, settings.alert_dedup_minutes):
                 log.info("alert not sent again within %s min: %s", settings.alert_dedup_minutes, title)
-                return AlertOutcome(sent=False, deduplicated=True, channels=channels)
+                skipped = {name: state or "deduplicated" for name, state in channels.items()}
+                return AlertOutcome(sent=False, deduplicated=True, channels=skipped)
             if not channels["webhook"]:
                 channels["webhook"] = _deliver(post_webhook, alert, settings)
             if not channels["email"]:

@@ -118,6 +118,7 @@ def test_identical_alert_within_the_window_is_sent_once(alerting, webhook, smtp)
     later = send_alert("Drift", "drift", COLUMNS, "site-b", REPORT, alerting, now=start + timedelta(minutes=31))
     assert first.sent and not first.deduplicated
     assert again.deduplicated and not again.sent  # same columns in another order, another report link
+    assert again.channels == {"webhook": "deduplicated", "email": "deduplicated"}
     assert other.sent and later.sent
     assert len(webhook.received) == 3 and len(smtp.received) == 3
     assert (alerting.home / "state" / "alerts.json").exists()
