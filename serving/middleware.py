@@ -128,17 +128,22 @@ class ServingGate:
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
         *,
         model_version: Callable[[], str],
-        api_keys: list[str] | None = None,
-        max_body_bytes: int | None = None,
     ) -> None:
+        self.app = app
+        self.model_version = model_version
+        self._settings: Any = None
+        self.keys: list[bytes] = []
+        self.max_body_bytes = 0
+
+    def _configure(self) -> None:
+        """Keys and limits from the (cached) settings; re-read only when the settings object changes."""
         from medops.settings import get_settings
 
         settings = get_settings()
-        self.app = app
-        self.model_version = model_version
-        keys = api_keys if api_keys is not None else settings.service_api_keys()
-        self.keys = [key.encode() for key in keys if key]
-        self.max_body_bytes = max_body_bytes if max_body_bytes is not None else settings.max_body_bytes
+        if settings is not self._settings:
+            self.keys = [key.encode() for key in settings.service_api_keys() if key]
+            self.max_body_bytes = settings.max_body_bytes
+            self._settings = settings
 
     def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
         for name, value in headers:
@@ -155,6 +160,7 @@ class ServingGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        self._configure()
         version = self.model_version().encode()
         path = scope["path"]
         if path in OPEN_PATHS:

@@ -169,7 +169,17 @@ def service_app(settings: Settings, version: str) -> Iterator[Any]:
         assert service.MODEL_VERSION == version, "serving.service was imported for another version"
         # BentoModel caches what it resolved; this module's store is a different one
         object.__setattr__(service.MedopsService.inner.__dict__["bento_model"], "_Model__resolved", None)
-        yield service.MedopsService.to_asgi()
+        yield _asgi_app(service.MedopsService)
+
+
+@functools.cache
+def _asgi_app(service: Any) -> Any:
+    """One ASGI app per process: BentoML registers its Prometheus metrics once per process.
+
+    Each lifespan start (TestClient, schemathesis) creates a fresh service instance, which reads
+    the settings and stores of the module that starts it.
+    """
+    return service.to_asgi()
 
 
 def records(n: int = 3, start: int = 0) -> list[dict[str, Any]]:

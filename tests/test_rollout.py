@@ -303,3 +303,38 @@ def _wait(condition, timeout: float = 5.0) -> None:
             pass
         time.sleep(0.02)
     raise AssertionError("condition not met in time")
+
+
+# the deploy_model DAG -------------------------------------------------------------------------
+
+
+def _deploy_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[1] / "dags" / "deploy_model.py"))
+    assert not bag.import_errors
+    return bag.dags["deploy_model"]
+
+
+@pytest.mark.parametrize(("conf", "expected"), [({"model_version": "2"}, "2"), ({}, "7")], ids=["manual", "champion"])
+def test_deploy_model_dag_passes_the_version_through(airflow_db, settings: Settings, monkeypatch, conf, expected):
+    import pipelines.models
+
+    calls: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(pipelines.models, "champion_version", lambda s: "7")
+
+    def prepare(version: str, s: Settings, **kwargs: Any) -> rollout.PreparedBento:
+        calls.append(("build", version))
+        return rollout.PreparedBento(version, "m", f"b:{version}")
+
+    monkeypatch.setattr(rollout, "prepare_bento", prepare)
+
+    def deploy(version: str, s: Settings, *, bento: str | None = None, **kwargs: Any) -> rollout.DeployResult:
+        calls.append(("deploy", f"{version}@{bento}"))
+        return rollout.DeployResult(version, "1", bento or "", "http://127.0.0.1:18999", "swap", 1.0)
+
+    monkeypatch.setattr(rollout, "deploy", deploy)
+    run = _deploy_dag().test(run_conf=conf)
+    states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+    assert str(run.state) == "success", states
+    assert calls == [("build", expected), ("deploy", f"{expected}@b:{expected}")]
