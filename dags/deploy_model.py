@@ -48,18 +48,14 @@ def deploy_model():
     def choose_version() -> str:
         """The version to serve: the form's, else the promotion event's, else the current @champion."""
         from medops.settings import get_settings
-        from pipelines.models import champion_version
+        from serving.rollout import version_to_deploy
 
         context = get_current_context()
-        version = str(context["params"].get("model_version") or "").strip()
-        if not version:
-            events = (context.get("triggering_asset_events") or {}).get(CHAMPION) or []
-            extras = [event.extra or {} for event in events]
-            version = next((str(e["model_version"]) for e in reversed(extras) if e.get("model_version")), "")
-        version = version or champion_version(get_settings()) or ""
-        if not version:
-            raise ValueError("no model version given and no @champion in the registry")
-        return version
+        return version_to_deploy(
+            get_settings(),
+            requested=context["params"].get("model_version"),
+            triggering_events=context.get("triggering_asset_events"),
+        )
 
     @task
     def build_bento(version: str) -> str:

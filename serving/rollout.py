@@ -41,6 +41,7 @@ from serving.processes import ServerRecord
 
 logger = logging.getLogger("medops.serving")
 
+CHAMPION_ASSET = "medops/champion"  # medops.assets.CHAMPION's name (that module imports Airflow)
 STABLE = "stable"
 CANDIDATE = "candidate"
 SMOKE_ROWS = 40
@@ -332,6 +333,28 @@ def _deploy_lock(settings: Settings) -> Iterator[None]:
 
 
 # entry points ---------------------------------------------------------------------------------
+
+
+def version_to_deploy(settings: Settings, requested: str | None = None, triggering_events: Any = None) -> str:
+    """What deploy_model serves: the requested version, else the promoting event's, else @champion.
+
+    ``triggering_events`` is Airflow's ``triggering_asset_events`` (keyed by asset objects); the
+    ``medops/champion`` events carry ``{"model_version": ...}`` in their extra.
+    """
+    version = str(requested or "").strip()
+    if not version:
+        groups = [
+            group
+            for key, group in dict(triggering_events or {}).items()
+            if getattr(key, "name", key) == CHAMPION_ASSET
+        ]
+        extras = [getattr(event, "extra", None) or {} for group in groups for event in group]
+        version = next((str(e["model_version"]) for e in reversed(extras) if e.get("model_version")), "")
+    version = version or _champion_version(settings) or ""
+    if not version:
+        raise ValueError(f"no model version given and no @champion of {settings.model_name} in the registry")
+    return version
+
 
 
 def deploy(

@@ -308,6 +308,25 @@ def _wait(condition, timeout: float = 5.0) -> None:
 # the deploy_model DAG -------------------------------------------------------------------------
 
 
+def test_version_to_deploy_prefers_form_then_event_then_champion(settings: Settings, monkeypatch):
+    from types import SimpleNamespace
+
+    from medops.assets import CHAMPION, DATA
+
+    monkeypatch.setattr(rollout, "_champion_version", lambda s: "7")
+    champion, data = CHAMPION, DATA  # Airflow keys the events by these asset objects
+    events = {
+        champion: [SimpleNamespace(extra={"model_version": "4"}), SimpleNamespace(extra={"model_version": "5"})],
+        data: [SimpleNamespace(extra={"model_version": "9"})],
+    }
+    assert rollout.version_to_deploy(settings, " 3 ", events) == "3"
+    assert rollout.version_to_deploy(settings, "", events) == "5"  # the latest promotion
+    assert rollout.version_to_deploy(settings, None, {data: events[data]}) == "7"
+    monkeypatch.setattr(rollout, "_champion_version", lambda s: None)
+    with pytest.raises(ValueError, match="no model version"):
+        rollout.version_to_deploy(settings)
+
+
 def _deploy_dag():
     from airflow.dag_processing.dagbag import DagBag
 
