@@ -344,9 +344,7 @@ def version_to_deploy(settings: Settings, requested: str | None = None, triggeri
     version = str(requested or "").strip()
     if not version:
         groups = [
-            group
-            for key, group in dict(triggering_events or {}).items()
-            if getattr(key, "name", key) == CHAMPION_ASSET
+            group for key, group in dict(triggering_events or {}).items() if getattr(key, "name", key) == CHAMPION_ASSET
         ]
         extras = [getattr(event, "extra", None) or {} for group in groups for event in group]
         version = next((str(e["model_version"]) for e in reversed(extras) if e.get("model_version")), "")
@@ -354,7 +352,6 @@ def version_to_deploy(settings: Settings, requested: str | None = None, triggeri
     if not version:
         raise ValueError(f"no model version given and no @champion of {settings.model_name} in the registry")
     return version
-
 
 
 def deploy(

@@ -48,8 +48,14 @@ def test_file_layout_columns_and_header_once(medops_home: Settings):
     path = medops_home.predictions_dir / "log" / f"predictions-{day}-{os.getpid()}.csv"
     lines = path.read_text().splitlines()
     assert lines[0].split(",") == list(PREDICTION_COLUMNS)
-    assert PREDICTION_COLUMNS[:6] == ("logged_at", "request_id", "model_name", "model_version", "site_id",
-                                      "encounter_hash")
+    assert PREDICTION_COLUMNS[:6] == (
+        "logged_at",
+        "request_id",
+        "model_name",
+        "model_version",
+        "site_id",
+        "encounter_hash",
+    )
     assert PREDICTION_COLUMNS[6:36] == FEATURES and PREDICTION_COLUMNS[36:] == ("probability_malignant", "label")
     assert len(lines) == 1 + 5 and sum(line.startswith("logged_at") for line in lines) == 1
     assert "enc-1" not in path.read_text()  # never the raw identifier

@@ -271,8 +271,9 @@ ARBITER = textwrap.dedent(
 def test_stop_server_leaves_no_process(settings: Settings, tmp_path: Path, behaviour: str):
     script = tmp_path / "arbiter.py"
     script.write_text(ARBITER)
-    arbiter = subprocess.Popen([sys.executable, str(script), behaviour], stdout=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    arbiter = subprocess.Popen(
+        [sys.executable, str(script), behaviour], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     assert arbiter.stdout.readline().strip() == "ready"
     record = fake_record(settings, rollout.CANDIDATE, "2")
     record.pid, record.create_time = arbiter.pid, psutil.Process(arbiter.pid).create_time()

@@ -118,8 +118,7 @@ def test_missing_feature(client: TestClient):
 
 def test_wrong_type(client: TestClient):
     record = records(2)[1] | {"mean_texture": "17.5"}
-    assert_field_error(predict(client, {"records": [records(1)[0], record]}), "records[1].mean_texture",
-                       "wrong type")
+    assert_field_error(predict(client, {"records": [records(1)[0], record]}), "records[1].mean_texture", "wrong type")
     record = records(1)[0] | {"mean_texture": True}
     assert_field_error(predict(client, {"records": [record]}), "records[0].mean_texture", "wrong type")
     record = records(1)[0] | {"encounter_id": 12}
@@ -137,8 +136,7 @@ def test_out_of_plausible_range(client: TestClient):
     record = records(1)[0] | {"mean_radius": 179.9}  # micrometres sent for millimetres, say
     assert_field_error(predict(client, {"records": [record]}), "records[0].mean_radius", "out of plausible range")
     record = records(1)[0] | {"mean_smoothness": -0.1}
-    assert_field_error(predict(client, {"records": [record]}), "records[0].mean_smoothness",
-                       "out of plausible range")
+    assert_field_error(predict(client, {"records": [record]}), "records[0].mean_smoothness", "out of plausible range")
 
 
 def test_unknown_fields(client: TestClient):
@@ -194,8 +192,9 @@ def test_site_from_record_header_or_default(client: TestClient, home: Settings):
     assert sites == {100: "site-b", 101: "site-h", 102: "site-h", 200: "unknown"}
     bad = predict(client, {"records": records(1)}, **{"X-Site-Id": "site h; drop"})
     assert_field_error(bad, "X-Site-Id", "does not match")
-    assert_field_error(predict(client, {"records": [records(1)[0] | {"site_id": "a,b"}]}), "records[0].site_id",
-                       "pattern")
+    assert_field_error(
+        predict(client, {"records": [records(1)[0] | {"site_id": "a,b"}]}), "records[0].site_id", "pattern"
+    )
 
 
 def test_every_served_prediction_is_logged_once_with_hashed_ids(client: TestClient, home: Settings, version: str):
@@ -228,8 +227,7 @@ def test_explain_contributions_add_up_to_score_minus_base(client: TestClient, es
         contributions = explanation["contributions"]
         assert list(contributions) == list(FEATURES)
         assert explanation["score_kind"] == "log_odds"
-        assert sum(contributions.values()) == pytest.approx(explanation["score"] - explanation["base_value"],
-                                                            abs=1e-9)
+        assert sum(contributions.values()) == pytest.approx(explanation["score"] - explanation["base_value"], abs=1e-9)
         assert 1 / (1 + np.exp(-explanation["score"])) == pytest.approx(p, abs=1e-12)  # the model's own score
 
 

@@ -165,7 +165,10 @@ def test_rollout_under_load_fails_no_request(
 
 
 def test_a_version_that_cannot_serve_leaves_the_old_one_serving(
-    stable: processes.ServerRecord, home: Settings, versions: dict[str, str], tmp_path: Path,
+    stable: processes.ServerRecord,
+    home: Settings,
+    versions: dict[str, str],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ):
     alerts: list[tuple[str, str]] = []
