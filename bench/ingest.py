@@ -39,7 +39,10 @@ def landed_batch(n: int, path: Path, rng_seed: int = 11) -> Path:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
+    from pipelines.schema import FEATURES
+
     frame = fixtures.synthetic_rows(n, rng_seed=rng_seed)
+    frame[list(FEATURES)] = frame[list(FEATURES)].round(5)  # as many decimals as the seed's measurements
     rng = np.random.default_rng(rng_seed)
     bad = rng.choice(n, max(1, int(n * BAD_SHARE)), replace=False)
     third = len(bad) // 3

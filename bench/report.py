@@ -89,10 +89,10 @@ def header_lines(results: dict[str, Any]) -> list[str]:
 def render_text(results: dict[str, Any]) -> str:
     """The console table: fixed-width columns, one line per figure."""
     rows = [list(COLUMNS), *table_rows(results)]
-    widths = [min(max(len(r[i]) for r in rows), 48) for i in range(len(COLUMNS))]
+    widths = [min(max(len(r[i]) for r in rows), 56) for i in range(len(COLUMNS))]
     out = [*header_lines(results), ""]
     for n, row in enumerate(rows):
-        out.append("  ".join(cell[:48].ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        out.append("  ".join(cell[:56].ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     out += ["", *goal_lines(results, markdown=False), *note_lines(results, markdown=False)]

@@ -87,8 +87,8 @@ def _check_answers(urls: dict[str, str], body: bytes) -> dict[str, Any]:
 
 def run(quick: bool = False, runs: int = 3, profile: bool = False) -> SectionResult:
     section = SectionResult("serving")
-    seconds = 1.0 if quick else 5.0
-    warmup = 1.0 if quick else 2.0
+    seconds = 1.0 if quick else 4.0
+    warmup = 1.0
     connections = 16
     bodies = (1, 100)
     wrk = ensure_wrk()
