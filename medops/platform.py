@@ -145,9 +145,12 @@ def serving_version(settings: Settings) -> str | None:
 
 def up(settings: Settings, *, wait: bool = True, console: Console, out: Console, timeout: float = 900) -> None:
     """Start everything, land the seed through ingest_data and wait for a champion to serve."""
+    import os
+
     from pipelines import models, registry
 
     started = time.monotonic()
+    os.environ[processes.PLATFORM_MARKER] = str(settings.home)  # inherited by all we start, see down()
     for folder in (settings.landing_dir, settings.quarantine_dir, settings.reports_dir, settings.run_dir):
         folder.mkdir(parents=True, exist_ok=True)
     with console.status("[cyan]MLflow store and data registry…"):
@@ -248,3 +251,6 @@ def down(settings: Settings, *, console: Console) -> None:
             console.print(f"[green]✓[/] {name} stopped")
         else:
             console.print(f"[dim]{name} was not running[/]")
+    left = processes.stop_strays(settings)
+    if left:
+        console.print(f"[green]✓[/] stopped {len(left)} process(es) left behind by the above")

@@ -7,6 +7,7 @@ so nothing keeps running after `make stop` or a test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 import httpx
 
 from medops.settings import REPO_ROOT, Settings
+
+PLATFORM_MARKER = "MEDOPS_PLATFORM"
 
 
 def venv_bin() -> Path:
@@ -30,6 +33,7 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     env = dict(os.environ)
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
     env["MEDOPS_HOME"] = str(settings.home)
+    env[PLATFORM_MARKER] = str(settings.home)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})
     return env
@@ -98,6 +102,8 @@ def stop_pid(pid: int, timeout: float = 30.0, group: bool = True) -> None:
             pass
 
     send(signal.SIGTERM)
+    if timeout <= 0:
+        return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and is_alive(pid):
         try:
@@ -118,6 +124,41 @@ def stop(name: str, settings: Settings, timeout: float = 30.0) -> bool:
         return False
     stop_pid(pid, timeout=timeout)
     return True
+
+
+def strays(settings: Settings) -> list[int]:
+    """Live processes the platform started for this MEDOPS_HOME: they carry ``MEDOPS_PLATFORM`` in
+    their environment (set by `medops up` and inherited by every child). Never this process or its
+    ancestors, so a shell that happens to carry the variable is safe."""
+    import psutil
+
+    me = psutil.Process()
+    spared = {me.pid, *(parent.pid for parent in me.parents())}
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid in spared or process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if process.environ().get(PLATFORM_MARKER) == str(settings.home):
+                found.append(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def stop_strays(settings: Settings, timeout: float = 20.0) -> list[int]:
+    """SIGTERM, then SIGKILL, whatever is still running for this MEDOPS_HOME (task runners, workers)."""
+    pids = strays(settings)
+    for pid in pids:
+        stop_pid(pid, timeout=0, group=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(is_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if is_alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    return pids
 
 
 def wait_until(

@@ -11,6 +11,7 @@ separate process keeps calling /predict and sees no failed request. Nothing is l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ from pipelines.data import seed_frame
 from pipelines.schema import FEATURES
 from tests.test_alerts import smtp, webhook  # noqa: F401  (fixtures: local alert sinks)
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 BIN = Path(sys.executable).parent
 
 
@@ -94,6 +95,16 @@ def _platform_processes(home: Path) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def _describe(pids: list[int]) -> str:
+    import psutil
+
+    lines = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"{pid}: {' '.join(psutil.Process(pid).cmdline())[:200]}")
+    return "left running: " + "; ".join(lines)
 
 
 def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F811
@@ -203,4 +214,7 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         subprocess.run([str(BIN / "medops"), "down"], env=env, capture_output=True, timeout=180)
         with capsys.disabled():
             print("\nend-to-end stages:", stages.report())
-    _wait(lambda: not _platform_processes(home), 30, "all platform processes to exit", poll=1)
+    deadline = time.monotonic() + 60
+    while _platform_processes(home) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _platform_processes(home) == [], _describe(_platform_processes(home))
