@@ -15,7 +15,8 @@ from rich.console import Console
 from medops import processes
 from medops.settings import REPO_ROOT, Settings
 
-DAG_IDS = ["ingest_data", "train_model", "deploy_model", "monitor_drift"]
+LOOP_DAG_IDS = ["ingest_data", "train_model", "deploy_model"]
+DAG_IDS = [*LOOP_DAG_IDS, "monitor_drift"]
 
 
 def airflow_env(settings: Settings) -> dict[str, str]:
@@ -27,7 +28,8 @@ def airflow_env(settings: Settings) -> dict[str, str]:
             "AIRFLOW_HOME": str(settings.airflow_home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            # up() unpauses them in order: monitor_drift waits until a champion serves.
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
@@ -166,9 +168,9 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
     client = airflow_client(settings)
     with console.status("[cyan]waiting for the DAG processor to parse the DAGs…"):
         client.wait_for_dags(DAG_IDS)
-        for dag_id in DAG_IDS:
+        for dag_id in LOOP_DAG_IDS:
             client.unpause(dag_id)
-    console.print("[green]✓[/] DAGs parsed and unpaused: " + ", ".join(DAG_IDS))
+    console.print("[green]✓[/] DAGs parsed and unpaused: " + ", ".join(LOOP_DAG_IDS))
 
     champion = models.champion_version(settings)
     if champion is None:
@@ -194,6 +196,8 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
         console.print(
             f"[green]✓[/] champion v{models.champion_version(settings)} serving ({time.monotonic() - started:.0f}s)"
         )
+    # Hourly drift monitoring starts once there is a champion to monitor (its first run is immediate).
+    client.unpause("monitor_drift")
     client.close()
     print_summary(settings, out, api_key)
 
