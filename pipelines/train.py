@@ -329,6 +329,8 @@ def train_model(
             model,
             name="model",
             skops_trusted_types=trusted_types(model),
+            # Stated, not inferred: inference re-imports the model in a subprocess (~20 s here).
+            pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
             signature=infer_signature(features, model.predict(features)),
             input_example=features.head(3),
             registered_model_name=settings.model_name,
