@@ -9,7 +9,7 @@
    model itself predicts (labels exactly, probabilities to 1e-9), ``/metadata`` must name it;
 3. switch the stable endpoint (``settings.serving_port``) to the version: the stable server's
    workers load it from the BentoML store, check it and swap it in whole, while they keep
-   answering (see ``serving/README.md`` for why this beats a process handoff); then the same
+   answering (see the Serving section of ``README.md`` for why this beats a process handoff); then the same
    smoke test runs against the stable endpoint itself;
 4. stop the candidate server, point ``@champion`` at the version, record the deployment.
 

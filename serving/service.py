@@ -9,7 +9,7 @@ serve serving.service:MedopsService``) the version comes from ``--arg model_vers
 Hot path of ``/predict``: pydantic validation straight from the JSON bytes (BentoML), records to a
 numpy array, the verified numpy form of the model, one write to the prediction log (fsynced by a
 group commit), and a response validated by pydantic-core from plain dicts. It is an async method,
-so no thread hop per request. See ``serving/README.md`` for what else was cut and why.
+so no thread hop per request. See the Serving section of ``README.md`` for what else was cut and why.
 """
 
 from __future__ import annotations
