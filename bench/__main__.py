@@ -47,7 +47,13 @@ def run_section(name: str, quick: bool, runs: int, options: argparse.Namespace) 
     elif name == "drift":
         from bench import drift
 
-        result = drift.run(quick=quick, runs=runs, plain_max_rows=options.plain_max_rows, profile=options.profile)
+        result = drift.run(
+            quick=quick,
+            runs=runs,
+            plain_max_rows=options.plain_max_rows,
+            profile=options.profile,
+            read_log=options.drift_read_log,
+        )
     elif name == "loop":
         from bench import loop
 

@@ -333,9 +333,9 @@ def _rows_and_goals(section: SectionResult, results: dict, sizes: list[int], pla
                 case,
                 "read_predictions of the CSV log",
                 fmt(median([r["seconds"] for r in read]), " s"),
-                f"peak RSS {gib(median([r['peak_rss'] for r in read]))}",
+                f"no baseline; peak RSS {gib(median([r['peak_rss'] for r in read]))}",
                 None,
-                "(no baseline)",
+                "",
             )
     section.data["medians"] = medians
     big = medians[largest]
