@@ -29,7 +29,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             # up() unpauses them in order: monitor_drift waits until a champion serves.
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
@@ -46,6 +46,9 @@ def airflow_env(settings: Settings) -> dict[str, str]:
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "True",
             "NO_PROXY": "*",
+            # Tasks run side by side on few cores: multi-threaded BLAS only makes them spin (see train.py).
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
         },
     )
 

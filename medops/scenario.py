@@ -30,10 +30,13 @@ def run_drift_scenario(
     settings: Settings, *, site: str, records: int, drift: str, console: Console, timeout: float = 900
 ) -> str:
     """Drive the loop once through public interfaces; returns the model version serving at the end."""
+    from datetime import UTC, datetime
+
     from medops import platform
     from monitoring.simulate import simulate
 
     started = time.monotonic()
+    window = datetime.now(UTC).isoformat()  # the run below looks at exactly this traffic
     before = platform.serving_version(settings)
     if before is None:
         raise RuntimeError("no champion is serving: run `make run` first")
@@ -46,7 +49,7 @@ def run_drift_scenario(
     client = platform.airflow_client(settings)
     try:
         trained_before = {run["dag_run_id"] for run in client.runs("train_model")}
-        run_id = client.trigger("monitor_drift")
+        run_id = client.trigger("monitor_drift", {"since": window})
         with console.status("[cyan]monitor_drift…"):
             client.wait_for_run("monitor_drift", run_id, timeout=timeout)
         result = client.request(

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -147,8 +148,11 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         assert client.get_run(champion.run_id).data.tags["data_version"] == "data-v1"
 
         # 2. undrifted traffic: no_drift, and nobody is woken up.
+        # Each manual run names its window, so the hourly run (its first one starts on unpause, or at
+        # the top of the hour) cannot take the traffic away from it.
+        window = datetime.now(UTC).isoformat()
         _medops(env, "simulate", "--site", "site-a", "--records", "300", "--json")
-        run_id = airflow.trigger("monitor_drift")
+        run_id = airflow.trigger("monitor_drift", {"since": window})
         assert airflow.wait_for_run("monitor_drift", run_id, timeout=300)["state"] == "success"
         verdict = airflow.request(
             "GET", f"/dags/monitor_drift/dagRuns/{run_id}/taskInstances/check_drift/xcomEntries/return_value"
@@ -170,7 +174,7 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
             _medops(
                 env, "simulate", "--site", "site-d", "--records", "400", "--drift", "covariate", "--feedback", "--json"
             )
-            run_id = airflow.trigger("monitor_drift")
+            run_id = airflow.trigger("monitor_drift", {"since": window})
             assert airflow.wait_for_run("monitor_drift", run_id, timeout=300)["state"] == "success"
             verdict = airflow.request(
                 "GET", f"/dags/monitor_drift/dagRuns/{run_id}/taskInstances/check_drift/xcomEntries/return_value"
