@@ -142,7 +142,8 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
 
         import mlflow
 
-        client = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{ports['MLFLOW']}")
+        mlflow_url = f"http://127.0.0.1:{ports['MLFLOW']}"
+        client = mlflow.MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
         champion = client.get_model_version_by_alias("breast_cancer_diagnosis", "champion")
         assert champion.version == "1" and champion.tags["data_version"] == "data-v1"
         assert client.get_run(champion.run_id).data.tags["data_version"] == "data-v1"
