@@ -98,6 +98,16 @@ def _platform_processes(home: Path) -> list[int]:
     return found
 
 
+def _monitor(airflow, since: str) -> dict:
+    """Run monitor_drift over the traffic sent since ``since`` and return check_drift's result."""
+    run_id = airflow.trigger("monitor_drift", {"since": since})
+    assert airflow.wait_for_run("monitor_drift", run_id, timeout=300)["state"] == "success"
+    value = airflow.request(
+        "GET", f"/dags/monitor_drift/dagRuns/{run_id}/taskInstances/check_drift/xcomEntries/return_value"
+    )["value"]
+    return value if isinstance(value, dict) else json.loads(value)
+
+
 def _describe(pids: list[int]) -> str:
     import psutil
 
@@ -153,12 +163,7 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         # the top of the hour) cannot take the traffic away from it.
         window = datetime.now(UTC).isoformat()
         _medops(env, "simulate", "--site", "site-a", "--records", "300", "--json")
-        run_id = airflow.trigger("monitor_drift", {"since": window})
-        assert airflow.wait_for_run("monitor_drift", run_id, timeout=300)["state"] == "success"
-        verdict = airflow.request(
-            "GET", f"/dags/monitor_drift/dagRuns/{run_id}/taskInstances/check_drift/xcomEntries/return_value"
-        )["value"]
-        verdict = verdict if isinstance(verdict, dict) else json.loads(verdict)
+        verdict = _monitor(airflow, since=window)
         assert verdict["verdict"] == "no_drift", verdict
         assert webhook.received == [] and smtp.received == []
         stages.done("undrifted traffic -> no_drift, no alert")
@@ -172,16 +177,13 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         )
         load.start()
         try:
+            window = datetime.now(UTC).isoformat()
             _medops(
                 env, "simulate", "--site", "site-d", "--records", "400", "--drift", "covariate", "--feedback", "--json"
             )
-            run_id = airflow.trigger("monitor_drift", {"since": window})
-            assert airflow.wait_for_run("monitor_drift", run_id, timeout=300)["state"] == "success"
-            verdict = airflow.request(
-                "GET", f"/dags/monitor_drift/dagRuns/{run_id}/taskInstances/check_drift/xcomEntries/return_value"
-            )["value"]
-            verdict = verdict if isinstance(verdict, dict) else json.loads(verdict)
+            verdict = _monitor(airflow, since=window)
             assert verdict["verdict"] == "drift", verdict
+            assert "site-d" in verdict["sites"], verdict
             stages.done("drifted traffic -> drift")
 
             _wait(lambda: webhook.received and smtp.received, 60, "the drift alert at both sinks")
