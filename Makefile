@@ -1,5 +1,6 @@
 # medops: `make run` brings the platform up on embedded defaults, `make test` runs every test.
 # The first target of each bootstraps .venv from the lock in requirements/ (fast when nothing changed).
+# Bytecode is compiled at install: the DAG processor and every task start parse no Python source again.
 
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -16,7 +17,7 @@ venv: $(STAMP)
 $(STAMP): requirements/dev.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv
-	@VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip sync --quiet requirements/dev.txt
+	@VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip sync --quiet --compile-bytecode requirements/dev.txt
 	@VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
