@@ -155,3 +155,72 @@ def test_counts_always_add_up_on_a_messy_batch(tmp_path: Path):
     result = validate_batch(_batch(tmp_path, frame))
     assert len(result.accepted) + len(result.rejected) == len(frame)
     assert result.rejected["reason"].str.len().gt(0).all()
+
+
+def test_vectorised_checks_agree_with_the_pandera_schema():
+    """validate_batch checks ranges, labels and sites with numpy; pandera must find the same rows."""
+    import pandera.errors
+
+    from pipelines.validate import pandera_schema
+
+    rng = np.random.default_rng(7)
+    frame = seed_frame().sample(3000, replace=True, random_state=3).reset_index(drop=True)
+    frame[list(FEATURES)] += rng.normal(0, 1e-6, (len(frame), len(FEATURES)))  # no accidental duplicates
+    frame[list(FEATURES)] = frame[list(FEATURES)].abs()
+    for _ in range(150):
+        row, name = int(rng.integers(len(frame))), str(rng.choice(list(FEATURES)))
+        low, high = FEATURE_RANGES[name]
+        frame.loc[row, name] = rng.choice([low - 0.001, high + 0.001, high * 10, low, high])  # edges pass
+    frame.loc[rng.integers(len(frame), size=40), LABEL] = rng.choice(["maybe", "malignant", "b"], size=40)
+    frame.loc[rng.integers(len(frame), size=40), SITE] = rng.choice(["-bad", "site x", "ok.site_1"], size=40)
+
+    result = validate_batch(frame)
+    schema_reasons = ("out of plausible range", "must be 'malignant' or 'benign'", "not a valid site id")
+    ours = set(result.rejected.loc[result.rejected["reason"].str.contains("|".join(schema_reasons)), "row_number"] - 2)
+    with pytest.raises(pandera.errors.SchemaErrors) as errors:
+        pandera_schema().validate(frame, lazy=True)
+    theirs = set(errors.value.failure_cases["index"].dropna().astype(int))
+    assert ours == theirs
+    assert len(ours) > 100
+    assert len(result.accepted) + len(result.rejected) == len(frame)
+
+
+def test_text_is_normalised_once_per_distinct_value(tmp_path: Path):
+    frame = seed_frame().head(6).astype(str)
+    frame[LABEL] = [" Malignant", "BENIGN ", "benign", "", "Benign", "malignant"]
+    frame[SITE] = ["site-a", " site-a ", "", "site-b", "bad site", "site-b"]
+    result = validate_batch(_batch(tmp_path, frame), site_id="site-z")
+    assert list(result.accepted[LABEL]) == ["malignant", "benign", "benign", "malignant"]
+    assert list(result.accepted[SITE]) == ["site-a", "site-a", "site-z", "site-b"]
+    reasons = ["diagnosis: missing value", "site_id: not a valid site id (got 'bad site')"]
+    assert list(result.rejected["reason"]) == reasons
+    assert list(result.rejected["row_number"]) == [5, 6]
+    assert result.accepted[LABEL].map(type).eq(str).all() and result.accepted[SITE].map(type).eq(str).all()
+
+
+def test_mixed_number_and_text_column_is_read_and_judged_per_value(tmp_path: Path):
+    """The C parser reads a long column in chunks: some chunks floats, one text. Both must work."""
+    frame = seed_frame().sample(200_000, replace=True, random_state=5).reset_index(drop=True)
+    frame["mean_radius"] += np.random.default_rng(5).normal(0, 1e-6, len(frame))
+    frame["mean_radius"] = frame["mean_radius"].abs()
+    texture = frame["mean_texture"].astype(object)
+    texture.iloc[-3:] = [" 12.5 ", "n/a", ""]
+    frame["mean_texture"] = texture
+    raw = _batch(tmp_path, frame)
+    assert set(raw["mean_texture"].map(type)) == {float, str}  # the case this test is about
+    result = validate_batch(raw)
+    assert list(result.rejected["reason"]) == ["mean_texture: not a number (got 'n/a')", "mean_texture: missing value"]
+    assert result.accepted["mean_texture"].iloc[-1] == 12.5
+    assert len(result.accepted) == len(frame) - 2
+
+
+def test_a_first_row_longer_than_the_header_rejects_the_batch(tmp_path: Path):
+    """pandas would take the extra field for an index and shift every value one column left."""
+    frame = seed_frame().head(3)
+    path = tmp_path / "landed.csv"
+    frame.to_csv(path, index=False)
+    lines = path.read_text().splitlines()
+    lines[1] += ",extra"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BatchRejected, match="more fields than the header"):
+        read_batch(path)
