@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, NEGATIVE, POSITIVE, SITE
@@ -31,10 +33,85 @@ def seed_frame() -> pd.DataFrame:
 
 
 def write_frame(frame: pd.DataFrame, path: Path) -> Path:
-    """Write data rows in the registry's canonical CSV format."""
+    """Write data rows in the registry's canonical CSV format, atomically.
+
+    The bytes are what ``to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\\n")``
+    writes (a test holds them equal), ten times faster or more on large batches: pandas formats
+    every float with a Python ``%``; here pyarrow writes each float's shortest form, which is
+    ``FLOAT_FORMAT``'s text whenever it has at most ten digits and no exponent (almost every
+    measurement), and Python's ``%`` formats only the rest.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame[list(DATA_COLUMNS)].to_csv(path, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    partial = path.with_name(path.name + ".partial")
+    table = _text_table(frame)
+    with partial.open("wb") as handle:
+        if table is None:  # a text field needs CSV quoting: the csv module knows pandas' rules
+            _write_with_csv_module(frame, handle)
+        else:
+            import pyarrow.csv as pacsv
+
+            handle.write((",".join(DATA_COLUMNS) + "\n").encode())
+            pacsv.write_csv(table, handle, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+    partial.replace(path)
     return path
+
+
+def _text_table(frame: pd.DataFrame):
+    """Every field as the text pandas would write, in a pyarrow table; None if some text needs quotes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = {}
+    for name in DATA_COLUMNS:
+        column = frame[name]
+        if column.dtype.kind == "f":
+            columns[name] = _float_texts(column.to_numpy(dtype="float64"))
+            continue
+        try:
+            texts = pa.array(column.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # not all text: write what str() gives, as pandas does
+            texts = pa.array([None if pd.isna(v) else str(v) for v in column.tolist()], type=pa.string())
+        if pc.any(pc.match_substring_regex(texts, '[,"\r\n]')).as_py():
+            return None
+        columns[name] = texts
+    return pa.table(columns)
+
+
+def _float_texts(values: np.ndarray):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    texts = pc.cast(pa.array(values, from_pandas=True), pa.string())  # shortest round-trip text
+    digits = pc.utf8_length(pc.replace_substring(pc.utf8_ltrim(pc.replace_substring(texts, "-", ""), "0."), ".", ""))
+    magnitude = np.abs(values)
+    positional = (magnitude == 0) | ((magnitude >= 1e-4) & (magnitude < 1e10))  # where %g writes no exponent
+    same = positional & pc.fill_null(pc.less_equal(digits, 10), True).to_numpy(zero_copy_only=False)
+    redo = np.flatnonzero(~same & ~np.isnan(values))
+    if redo.size == 0:
+        return texts
+    replacement = np.full(len(values), None, dtype=object)
+    replacement[redo] = [FLOAT_FORMAT % value for value in values[redo].tolist()]
+    mask = np.zeros(len(values), dtype=bool)
+    mask[redo] = True
+    return pc.if_else(pa.array(mask), pa.array(replacement, type=pa.string()), texts)
+
+
+def _write_with_csv_module(frame: pd.DataFrame, handle) -> None:
+    import io
+
+    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(DATA_COLUMNS)
+    fields = []
+    for name in DATA_COLUMNS:
+        column = frame[name]
+        if column.dtype.kind == "f":
+            fields.append(["" if v != v else FLOAT_FORMAT % v for v in column.to_numpy(dtype="float64").tolist()])
+        else:
+            fields.append(["" if pd.isna(v) else str(v) for v in column.tolist()])
+    writer.writerows(zip(*fields, strict=True))
+    text.flush()
+    text.detach()
 
 
 def write_seed(data_dir: Path) -> Path:

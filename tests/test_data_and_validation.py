@@ -224,3 +224,35 @@ def test_a_first_row_longer_than_the_header_rejects_the_batch(tmp_path: Path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(BatchRejected, match="more fields than the header"):
         read_batch(path)
+
+
+def _tricky_frame(rng: np.random.Generator, n: int = 4000) -> pd.DataFrame:
+    """Floats at every magnitude and precision %g can meet, missing values, zeros of both signs."""
+    magnitude = 10.0 ** rng.integers(-9, 13, size=(n, len(FEATURES)))
+    values = rng.random((n, len(FEATURES))) * magnitude
+    digits = rng.integers(0, 16, size=values.shape)
+    for decimals in range(12):  # short and long decimals; digits of 12 and more keep full precision
+        values = np.where(digits == decimals, np.round(values, decimals), values)
+    values[rng.random(values.shape) < 0.02] = np.nan
+    values[rng.random(values.shape) < 0.02] = 0.0
+    values[rng.random(values.shape) < 0.01] = -0.0
+    values[rng.random(values.shape) < 0.01] *= -1
+    frame = pd.DataFrame(values, columns=list(FEATURES))
+    frame[LABEL] = pd.array(rng.choice(["malignant", "benign", None], size=n), dtype="string")
+    frame[SITE] = rng.choice(["site-a", "site_b.2"], size=n).astype(object)
+    return frame
+
+
+@pytest.mark.parametrize("awkward_text", [None, "site, with comma", 'say "hi"', 7])
+def test_write_frame_writes_exactly_what_pandas_would(tmp_path: Path, awkward_text: object):
+    """The registry's CSV bytes (and so DVC hashes) must not depend on how write_frame is implemented."""
+    from pipelines.data import FLOAT_FORMAT, write_frame
+
+    frame = _tricky_frame(np.random.default_rng(11))
+    if awkward_text is not None:
+        frame.loc[5, SITE] = awkward_text
+    write_frame(frame, tmp_path / "ours.csv")
+    expected = tmp_path / "pandas.csv"
+    frame[list(DATA_COLUMNS)].to_csv(expected, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    assert (tmp_path / "ours.csv").read_bytes() == expected.read_bytes()
+    assert not list(tmp_path.glob("*.partial"))
