@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -212,19 +211,6 @@ def free_port(host: str = HOST) -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def wait_for(
-    check: Callable[[], bool], timeout: float, what: str, poll: float = 0.25, alive: Callable[[], bool] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        if alive is not None and not alive():
-            raise RuntimeError(f"{what}: the process exited")
-        time.sleep(poll)
-    raise TimeoutError(f"{what}: not ready within {timeout:.0f} s")
 
 
 def http_ready(url: str, timeout: float = 2.0) -> bool:

@@ -39,9 +39,9 @@ from bench.common import (
     ratio,
     start_process,
     stop_process,
-    wait_for,
 )
 from bench.load import ensure_wrk, run_python, run_wrk
+from medops.processes import wait_until
 
 API_KEY = "bench-serving-key"
 TARGETS = ("medops", "fastapi", "ceiling")
@@ -136,7 +136,7 @@ def run(quick: bool = False, runs: int = 3, profile: bool = False) -> SectionRes
             section.data["setup_bento_build_and_start_seconds"] = round(time.monotonic() - started, 1)
             urls = {"medops": record.url, **{k: f"http://{HOST}:{p}" for k, p in ports.items()}}
             for name in ("fastapi", "ceiling"):
-                wait_for(
+                wait_until(
                     lambda n=name: http_ready(f"{urls[n]}/readyz"),
                     120,
                     f"{name} server",
@@ -313,7 +313,7 @@ def _profile_one(
     ]
     process = start_process(argv, env=env, log=settings.home / f"{name}.log")
     try:
-        wait_for(
+        wait_until(
             lambda: http_ready(f"http://{HOST}:{port}/readyz"),
             120,
             "profiled service",
@@ -327,7 +327,7 @@ def _profile_one(
         else:
             run_python(url, body_file, connections=connections, seconds=seconds, headers=headers)
         os.kill(process.pid, signal.SIGUSR2)
-        wait_for(out.exists, 60, "profile result", alive=lambda: process.poll() is None or out.exists())
+        wait_until(out.exists, 60, "profile result", alive=lambda: process.poll() is None or out.exists())
         return json.loads(out.read_text())
     finally:
         stop_process(process)

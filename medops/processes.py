@@ -14,10 +14,13 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from medops.settings import REPO_ROOT, Settings
+
+T = TypeVar("T")
 
 PLATFORM_MARKER = "MEDOPS_PLATFORM"
 
@@ -162,16 +165,27 @@ def stop_strays(settings: Settings, timeout: float = 20.0) -> list[int]:
 
 
 def wait_until(
-    check: Callable[[], bool], timeout: float, what: str, poll: float = 1.0, alive: Callable[[], bool] | None = None
-) -> None:
+    check: Callable[[], T],
+    timeout: float,
+    what: str,
+    poll: float = 1.0,
+    alive: Callable[[], bool] | None = None,
+    hint: str = "see its log under MEDOPS_HOME/run/",
+) -> T:
+    """Poll ``check`` until it returns something truthy, and return that.
+
+    Raises ``RuntimeError`` as soon as ``alive`` says the process being waited for has exited, and
+    ``TimeoutError`` after ``timeout`` seconds; both messages name ``what`` and end with ``hint``.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():
-            return
+        value = check()
+        if value:
+            return value
         if alive is not None and not alive():
-            raise RuntimeError(f"{what}: the process exited; see its log under MEDOPS_HOME/run/")
+            raise RuntimeError(f"{what}: the process exited; {hint}")
         time.sleep(poll)
-    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s; see its log under MEDOPS_HOME/run/")
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s; {hint}")
 
 
 def http_ok(url: str, timeout: float = 3.0) -> bool:

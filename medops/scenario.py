@@ -13,17 +13,12 @@ from typing import Any
 
 from rich.console import Console
 
+from medops.processes import wait_until
 from medops.settings import Settings
 
 
 def _wait(check: Callable[[], Any], timeout: float, what: str, poll: float = 3.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"{what}: nothing after {timeout:.0f}s; look at the Airflow UI for the run's logs")
+    return wait_until(check, timeout, what, poll=poll, hint="look at the Airflow UI for the run's logs")
 
 
 def run_drift_scenario(

@@ -56,8 +56,10 @@ class Settings(BaseSettings):
     seed: int = 42
     test_size: float = 0.2
     cv_folds: int = 5
-    train_jobs: int = Field(default=1, description="Parallel fits in the search (worker start-up costs more "
-                            "than it saves on data this small).")
+    train_jobs: int = Field(
+        default=1,
+        description="Parallel fits in the search (worker start-up costs more than it saves on data this small).",
+    )
 
     max_records: int = 1000
     max_body_bytes: int = 2 * 1024 * 1024

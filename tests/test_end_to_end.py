@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from medops.processes import wait_until
 from pipelines.data import seed_frame
 from pipelines.schema import FEATURES
 from tests.test_alerts import smtp, webhook  # noqa: F401  (fixtures: local alert sinks)
@@ -75,13 +76,7 @@ class Stages:
 
 
 def _wait(check, timeout: float, what: str, poll: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return wait_until(check, timeout, what, poll=poll, hint="the test's MEDOPS_HOME/run/ holds the logs")
 
 
 def _platform_processes(home: Path) -> list[int]:
