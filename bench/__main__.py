@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "--plain-max-rows",
         type=int,
         default=None,
-        help="largest window plain Evidently runs on (default 100000: 1M takes ~100 s a run)",
+        help="largest window plain Evidently runs on (default: all; above 100,000 rows it runs once, 50-100 s)",
     )
     parser.add_argument(
         "--profile",
