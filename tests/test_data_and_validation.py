@@ -256,3 +256,20 @@ def test_write_frame_writes_exactly_what_pandas_would(tmp_path: Path, awkward_te
     frame[list(DATA_COLUMNS)].to_csv(expected, index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     assert (tmp_path / "ours.csv").read_bytes() == expected.read_bytes()
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_float_text_matches_percent_g_at_every_digit_count_and_power_of_ten_edge():
+    from pipelines.data import FLOAT_FORMAT, _float_texts
+
+    rng = np.random.default_rng(5)
+    decimals = [
+        f"{rng.integers(1, 10)}{''.join(map(str, rng.integers(0, 10, k - 1)))}e{exponent - k + 1}"
+        for k in range(1, 18)
+        for exponent in range(-6, 12)
+        for _ in range(20)
+    ]
+    mantissas = ("1", "9.999999999", "9.9999999999")
+    edges = [f"{sign}{m}e{p}" for sign in ("", "-") for p in range(-6, 12) for m in mantissas]
+    values = np.array([float(text) for text in decimals + edges])
+    values = np.concatenate([values, np.nextafter(values, np.inf), np.nextafter(values, -np.inf)])
+    assert _float_texts(values).to_pylist() == [FLOAT_FORMAT % value for value in values.tolist()]
