@@ -45,10 +45,10 @@ def write_frame(frame: pd.DataFrame, path: Path) -> Path:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    table = _text_table(frame)
+    table, needs_quotes = _text_table(frame)
     with partial.open("wb") as handle:
-        if table is None:  # a text field needs CSV quoting: the csv module knows pandas' rules
-            _write_with_csv_module(frame, handle)
+        if needs_quotes:  # the csv module quotes as pandas does
+            _write_with_csv_module(table, handle)
         else:
             import pyarrow.csv as pacsv
 
@@ -59,7 +59,7 @@ def write_frame(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def _text_table(frame: pd.DataFrame):
-    """Every field as the text pandas would write, in a pyarrow table; None if some text needs quotes."""
+    """Every field as the text pandas would write, in a pyarrow table, and whether some text needs quotes."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -69,6 +69,7 @@ def _text_table(frame: pd.DataFrame):
         formatted = pool.map(_float_texts, [frame[name].to_numpy(dtype="float64") for name in floats])
         texts_of = dict(zip(floats, formatted, strict=True))
     columns = {}
+    needs_quotes = False
     for name in DATA_COLUMNS:
         column = frame[name]
         if name in texts_of:
@@ -78,10 +79,9 @@ def _text_table(frame: pd.DataFrame):
             texts = pa.array(column.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # not all text: write what str() gives, as pandas does
             texts = pa.array([None if pd.isna(v) else str(v) for v in column.tolist()], type=pa.string())
-        if pc.any(pc.match_substring_regex(texts, '[,"\r\n]')).as_py():
-            return None
+        needs_quotes = needs_quotes or pc.any(pc.match_substring_regex(texts, '[,"\r\n]')).as_py()
         columns[name] = texts
-    return pa.table(columns)
+    return pa.table(columns), needs_quotes
 
 
 def _float_texts(values: np.ndarray):
@@ -119,19 +119,13 @@ def _ten_digits_at_most(magnitude: np.ndarray) -> np.ndarray:
         return (scaled < 1e10) & (scaled / scale == magnitude)
 
 
-def _write_with_csv_module(frame: pd.DataFrame, handle) -> None:
+def _write_with_csv_module(table, handle) -> None:
     import io
 
     text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(DATA_COLUMNS)
-    fields = []
-    for name in DATA_COLUMNS:
-        column = frame[name]
-        if column.dtype.kind == "f":
-            fields.append(["" if v != v else FLOAT_FORMAT % v for v in column.to_numpy(dtype="float64").tolist()])
-        else:
-            fields.append(["" if pd.isna(v) else str(v) for v in column.tolist()])
+    fields = [["" if v is None else v for v in table.column(name).to_pylist()] for name in DATA_COLUMNS]
     writer.writerows(zip(*fields, strict=True))
     text.flush()
     text.detach()
