@@ -33,6 +33,7 @@ stop: venv
 
 test: venv
 	$(BIN)/ruff check medops pipelines serving monitoring dags tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 test-fast: venv
@@ -40,6 +41,7 @@ test-fast: venv
 
 lint: venv
 	$(BIN)/ruff check medops pipelines serving monitoring dags tests bench
+	$(BIN)/lint-imports
 
 bench: venv
 	$(BIN)/python -m bench

@@ -226,7 +226,7 @@ def http_ready(url: str, timeout: float = 2.0) -> bool:
 @contextlib.contextmanager
 def medops_home(prefix: str, keep: bool = False, **env: str) -> Iterator[Any]:
     """A temporary MEDOPS_HOME (and ``MEDOPS_*`` variables) for this process and its children."""
-    from medops.settings import get_settings, reset_settings
+    from medops.core.settings import get_settings, reset_settings
 
     saved = {name: value for name, value in os.environ.items() if name.startswith("MEDOPS_")}
     root = Path(tempfile.mkdtemp(prefix=f"medops-bench-{prefix}-"))

@@ -60,7 +60,7 @@ def reference_frame() -> Any:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from medops.settings import Settings
+    from medops.core.settings import Settings
     from pipelines.schema import FEATURES, LABEL, POSITIVE
     from pipelines.train import split_rows
 
@@ -113,7 +113,7 @@ def write_prediction_log(frame: Any, home: Path) -> Path:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    from medops.settings import Settings
+    from medops.core.settings import Settings
     from pipelines.prediction_log import PREDICTION_COLUMNS, predictions_log_dir
 
     rows = frame[list(PREDICTION_COLUMNS)].copy()
@@ -142,7 +142,7 @@ def measure(mode: str, current_path: str, reference_path: str) -> dict[str, Any]
     """One measurement (run it in a fresh fork): load the frames, then time ``mode``'s computation."""
     import pandas as pd
 
-    from medops.settings import Settings
+    from medops.core.settings import Settings
     from pipelines.schema import FEATURES
 
     settings = Settings()
@@ -379,7 +379,7 @@ def profile_drift(n: int) -> dict[str, Any]:
     from pyinstrument import Profiler
 
     from bench.profiling import hot_spots, save
-    from medops.settings import Settings
+    from medops.core.settings import Settings
     from monitoring.drift import detect_drift
 
     reference, model = reference_frame()

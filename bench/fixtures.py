@@ -64,7 +64,7 @@ def request_body(n_records: int) -> bytes:
 
 def train_champion(settings: Any, families: list[str]) -> str:
     """Seed data registry, one training (the given families) and promotion; the @champion version."""
-    from pipelines.registry import init_registry
+    from pipelines.data_registry import init_registry
     from pipelines.train import promote, train_model
 
     init_registry(settings)

@@ -9,7 +9,7 @@ interleaved with its baseline:
   registry's seed rows) against a plain vectorised pandas check of the same ranges, missing
   values and duplicates, without reasons;
 - versioning: ``dvc add`` + ``dvc push`` of the registry's ``data/`` once the batch file is in it
-  (``pipelines.registry``'s own helper, which is what ``record_batch`` runs) against ``cp`` of
+  (``pipelines.data_registry``'s own helper, which is what ``record_batch`` runs) against ``cp`` of
   the same file, both from a warm page cache;
 - the registry's CSV writing of the accepted rows (``pipelines.data.write_frame``, which
   ``record_batch`` runs before DVC, in the fixed float format DVC hashes depend on) against
@@ -128,13 +128,13 @@ def _versioning(folder: Path, landed: Path, accepted: Any, runs: int, n_write: i
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    from pipelines import registry
+    from pipelines import data_registry
     from pipelines.data import write_frame
 
     times: dict[str, list[float]] = {"dvc_add_push": [], "cp": [], "write_frame": [], "plain_write": []}
     sample = accepted.head(n_write)
     with medops_home("ingest") as settings:
-        registry.init_registry(settings)
+        data_registry.init_registry(settings)
         data = settings.registry_dir / "data"
         for i in range(runs):
             # a distinct file each run, so DVC cannot reuse what it cached before
@@ -144,7 +144,7 @@ def _versioning(folder: Path, landed: Path, accepted: Any, runs: int, n_write: i
                 handle.write(f"# run {i}\n")
             batch.read_bytes()  # warm page cache for both
             started = time.perf_counter()
-            registry._dvc_add_and_push(settings.registry_dir)
+            data_registry._dvc_add_and_push(settings.registry_dir)
             times["dvc_add_push"].append(time.perf_counter() - started)
             target = folder / f"copy-{i}"
             target.mkdir()

@@ -1,7 +1,7 @@
 """Loop latency: a batch landing -> the new champion answering on the serving port, on real Airflow.
 
 Set-up (not measured): a temporary MEDOPS_HOME on free loopback ports, ``airflow standalone``
-started with ``medops.platform.start_airflow`` (the platform's own Airflow configuration), and
+started with ``medops.app.platform.start_airflow`` (the platform's own Airflow configuration), and
 meanwhile a first champion trained on the seed and served with ``serving.rollout.serve``, so that
 the measured loops are the steady state: a stable server that ``deploy_model`` switches in place.
 
@@ -47,8 +47,8 @@ def run(quick: bool = False, runs: int = 3, budget_seconds: float | None = None)
     """Measure up to ``runs`` loops; stop starting new ones when ``budget_seconds`` would be exceeded."""
     from rich.console import Console
 
-    from medops import platform, processes
-    from pipelines import models
+    from medops.app import platform, processes
+    from pipelines import model_registry
     from serving import rollout
 
     section = SectionResult("loop")
@@ -92,7 +92,7 @@ def run(quick: bool = False, runs: int = 3, budget_seconds: float | None = None)
                     )
                     break
                 began = time.monotonic()
-                loops.append(_one_loop(i, settings, client, models))
+                loops.append(_one_loop(i, settings, client, model_registry))
                 longest = max(longest, time.monotonic() - began)
                 if not loops[-1]["ok"]:
                     break
@@ -163,12 +163,12 @@ def _stop_leftovers(home: Path, processes: Any) -> None:
             continue
 
 
-def _one_loop(index: int, settings: Any, client: Any, models: Any) -> dict[str, Any]:
+def _one_loop(index: int, settings: Any, client: Any, model_registry: Any) -> dict[str, Any]:
     import httpx
 
     from pipelines.data import write_frame
 
-    before = models.champion_version(settings)
+    before = model_registry.champion_version(settings)
     batch = fixtures.synthetic_rows(BATCH_ROWS, rng_seed=1000 + index)
     landing = settings.landing_dir
     landing.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def _one_loop(index: int, settings: Any, client: Any, models: Any) -> dict[str, 
     served, champion, t_end, response = None, None, None, None
     with httpx.Client(timeout=5.0) as http:
         while time.monotonic() < deadline:
-            champion = models.champion_version(settings)
+            champion = model_registry.champion_version(settings)
             if champion and champion != before:
                 try:
                     response = http.post(

@@ -41,7 +41,7 @@ from bench.common import (
     stop_process,
 )
 from bench.load import ensure_wrk, run_python, run_wrk
-from medops.processes import wait_until
+from medops.core.processes import wait_until
 
 API_KEY = "bench-serving-key"
 TARGETS = ("medops", "fastapi", "ceiling")

@@ -22,8 +22,7 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from medops.assets import CHAMPION
-from medops.dag_defaults import DEFAULT_ARGS
+from medops.orchestration import CHAMPION, DEFAULT_ARGS
 
 
 @dag(
@@ -47,7 +46,7 @@ def deploy_model():
     @task
     def choose_version() -> str:
         """The version to serve: the form's, else the promotion event's, else the current @champion."""
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
         from serving.rollout import version_to_deploy
 
         context = get_current_context()
@@ -60,7 +59,7 @@ def deploy_model():
     @task
     def build_bento(version: str) -> str:
         """Import the version from the MLflow registry into BentoML and build its Bento (tag = version)."""
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
         from serving.rollout import prepare_bento
 
         prepared = prepare_bento(version, get_settings())
@@ -70,7 +69,7 @@ def deploy_model():
     @task(retries=1)
     def roll_out(version: str, bento: str) -> dict:
         """Start the Bento beside the running one, smoke-test, switch the stable endpoint, stop the old."""
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
         from serving.rollout import deploy
 
         result = deploy(version, get_settings(), bento=bento)

@@ -19,8 +19,7 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from medops.assets import DATA, LANDING
-from medops.dag_defaults import DEFAULT_ARGS
+from medops.orchestration import DATA, DEFAULT_ARGS, LANDING
 
 
 @dag(
@@ -44,9 +43,9 @@ def ingest_data():
 
         On a fresh platform this first creates the data registry with the seed as data-v1.
         """
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
+        from pipelines.data_registry import init_registry
         from pipelines.ingest import ingest_landing
-        from pipelines.registry import init_registry
 
         settings, params = get_settings(), get_current_context()["params"]
         init_registry(settings)
@@ -62,8 +61,8 @@ def ingest_data():
         """Emit medops/data with the new version, so train_model knows what to train on."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from medops.settings import get_settings
-        from pipelines.registry import describe_version, latest_version
+        from medops.core.settings import get_settings
+        from pipelines.data_registry import describe_version, latest_version
 
         settings, context = get_settings(), get_current_context()
         versions = [result["version"] for result in results if result.get("version")]

@@ -25,8 +25,7 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from medops.assets import DRIFT
-from medops.dag_defaults import DEFAULT_ARGS
+from medops.orchestration import DEFAULT_ARGS, DRIFT
 
 
 @dag(
@@ -51,7 +50,7 @@ def monitor_drift():
     @task
     def check_drift() -> dict:
         """Drift of the prediction log window vs the champion's training rows; reports written."""
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
         from monitoring.reports import run_monitoring
 
         since = get_current_context()["params"].get("since") or None
@@ -64,7 +63,7 @@ def monitor_drift():
     @task
     def alert_on_call(result: dict) -> dict | None:
         """Alert on drift (never on no_drift or insufficient_data)."""
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
         from monitoring.reports import alert_for_result
 
         if not get_current_context()["params"].get("alert", True):

@@ -23,8 +23,7 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
-from medops.assets import CHAMPION, DATA, DRIFT
-from medops.dag_defaults import DEFAULT_ARGS
+from medops.orchestration import CHAMPION, DATA, DEFAULT_ARGS, DRIFT
 
 FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
 
@@ -69,7 +68,7 @@ def train_model():
         MLflow run, register @challenger and tag the gate's decision."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
         from pipelines.retraining import plan_training
         from pipelines.train import GateConfig, train_model
 
@@ -125,7 +124,7 @@ def train_model():
     @task(outlets=[CHAMPION], trigger_rule="none_failed_min_one_success")
     def promote(result: dict) -> str:
         """Move @champion to the new version (the gate passed and, if asked, a person approved)."""
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
         from pipelines.train import promote as promote_version
 
         settings, context = get_settings(), get_current_context()

@@ -1,6 +1,5 @@
-"""Monitoring: drift of what the service receives (Evidently), performance from feedback, alerts.
+"""Monitoring: drift of what the service receives (Evidently) and performance from feedback labels.
 
-Submodules are imported where they are used: :mod:`monitoring.alerts` is light (stdlib and
-``airflow.sdk`` only) so DAG files can import its notifier at parse time; :mod:`monitoring.drift`
-and :mod:`monitoring.reports` pull in pandas, scipy and Evidently.
+Alerts go out through :mod:`medops.core.alerts`. Submodules pull in pandas, scipy and Evidently,
+so they are imported where they are used.
 """

@@ -51,7 +51,7 @@ from pipelines.schema import FEATURES, LABEL, NEGATIVE, POSITIVE, SITE
 if TYPE_CHECKING:
     from evidently.core.report import Snapshot
 
-    from medops.settings import Settings
+    from medops.core.settings import Settings
 
 PROBABILITY = "probability_malignant"
 PREDICTED_LABEL = "label"

@@ -31,7 +31,7 @@ from monitoring.drift import PROBABILITY, DriftResult, Verdict
 if TYPE_CHECKING:
     import pandas as pd
 
-    from medops.settings import Settings
+    from medops.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,13 @@ def run_monitoring(
     import pandas as pd
 
     from monitoring.drift import detect_drift
-    from pipelines import models
+    from pipelines import model_registry
     from pipelines.prediction_log import read_feedback, read_predictions
 
     now = _utc(now or datetime.now(UTC))
     since = _utc(since) if since is not None else _window_state(settings).get("window_end")
     window = dict(window_start=since.isoformat() if since else None, window_end=now.isoformat())
-    champion = models.champion_version(settings)
+    champion = model_registry.champion_version(settings)
     if champion is None:
         return _no_verdict(window, 0, None, "no @champion model yet: nothing is served, nothing to monitor")
     current = read_predictions(settings, since=since)
@@ -211,17 +211,17 @@ def load_reference(settings: Settings, model_version: str) -> Reference:
     """
     import numpy as np
 
-    from pipelines import models
-    from pipelines.registry import load_version_frame
+    from pipelines import model_registry
+    from pipelines.data_registry import load_version_frame
     from pipelines.schema import FEATURES, POSITIVE
     from pipelines.train import split_rows
 
-    data_version = models.version_tags(model_version, settings).get("data_version")
+    data_version = model_registry.version_tags(model_version, settings).get("data_version")
     if not data_version:
         raise RuntimeError(f"model version {model_version} has no data_version tag: cannot find its training rows")
     train, _ = split_rows(load_version_frame(data_version, settings), settings)
     try:
-        model = models.load_model(model_version, settings)
+        model = model_registry.load_model(model_version, settings)
         positive = list(model.classes_).index(POSITIVE)
         train[PROBABILITY] = np.asarray(model.predict_proba(train[list(FEATURES)]))[:, positive]
     except Exception as error:
@@ -304,9 +304,9 @@ def log_to_mlflow(
     files: ReportFiles, settings: Settings, *, model_version: str, stamp: str, result: MonitoringResult | None = None
 ) -> str:
     """Log the report folder to the model version's run under ``monitoring/<stamp>/`` and tag the version."""
-    from pipelines import models
+    from pipelines import model_registry
 
-    client = models.client(settings)
+    client = model_registry.client(settings)
     version = client.get_model_version(settings.model_name, str(model_version))
     if not version.run_id:
         raise RuntimeError(f"model version {model_version} has no MLflow run to log reports to")
@@ -348,7 +348,7 @@ def _save_window_state(settings: Settings, window_end: datetime, result: Monitor
 
 def alert_for_result(result: MonitoringResult | dict[str, Any], settings: Settings) -> dict[str, Any] | None:
     """Alert on-call people about drift; nothing for ``no_drift`` or ``insufficient_data``."""
-    from monitoring.alerts import send_alert
+    from medops.core.alerts import send_alert
 
     data = result.to_dict() if isinstance(result, MonitoringResult) else result
     if data["verdict"] != Verdict.DRIFT:

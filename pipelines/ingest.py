@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from medops.settings import Settings
-from pipelines import registry
+from medops.core.settings import Settings
+from pipelines import data_registry
 from pipelines.validate import REASON, BatchRejected, read_batch, validate_batch
 
 PROCESSED = "processed"
@@ -110,18 +110,20 @@ def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> I
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    registry.init_registry(settings)
-    sha256 = registry.file_checksum(path)
-    previous = registry.find_batch(sha256, settings)
+    data_registry.init_registry(settings)
+    sha256 = data_registry.file_checksum(path)
+    previous = data_registry.find_batch(sha256, settings)
     if previous is not None:
         where = previous.get("version") or "no version: every row was quarantined"
         return IngestResult(path.name, sha256, "already_ingested", 0, 0, 0, previous.get("version"), reason=where)
     try:
         raw = read_batch(path)
-        result = validate_batch(raw, site_id=site_id, existing_keys=registry.existing_row_keys(settings))
+        result = validate_batch(raw, site_id=site_id, existing_keys=data_registry.existing_row_keys(settings))
     except BatchRejected as rejected:
         folder = quarantine_file(path, sha256=sha256, reason=str(rejected), settings=settings)
-        registry.record_batch(pd.DataFrame(), source_name=path.name, sha256=sha256, quarantined=0, settings=settings)
+        data_registry.record_batch(
+            pd.DataFrame(), source_name=path.name, sha256=sha256, quarantined=0, settings=settings
+        )
         return IngestResult(
             path.name, sha256, "rejected_whole", 0, 0, 0, quarantine_path=str(folder), reason=str(rejected)
         )
@@ -130,7 +132,7 @@ def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> I
         folder = quarantine_batch(
             result.rejected, name=path.name, sha256=sha256, received=result.received, settings=settings
         )
-    version = registry.record_batch(
+    version = data_registry.record_batch(
         result.accepted,
         source_name=path.name,
         sha256=sha256,

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-    from medops.settings import Settings
+    from medops.core.settings import Settings
 
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "logged_at",

@@ -14,11 +14,9 @@ from typing import Any
 
 import pandas as pd
 
-from medops.settings import Settings
-from pipelines import registry
-
-DATA_ASSET = "medops/data"
-DRIFT_ASSET = "medops/drift"
+from medops.core import assets
+from medops.core.settings import Settings
+from pipelines import data_registry
 
 
 def _state_file(settings: Settings):
@@ -88,14 +86,14 @@ def version_feedback(settings: Settings) -> str | None:
         _save_state(state, settings)
         return None
     raw = batch.astype({name: "string" for name in ("diagnosis", "site_id")})
-    result = validate_batch(raw, existing_keys=registry.existing_row_keys(settings))
+    result = validate_batch(raw, existing_keys=data_registry.existing_row_keys(settings))
     scratch = settings.home / "state" / "feedback-batch.csv"
     write_frame(batch, scratch)
     sha256 = hashlib.sha256(scratch.read_bytes()).hexdigest()
     name = f"feedback-{now:%Y%m%dT%H%M%S}.csv"
     if len(result.rejected):
         quarantine_batch(result.rejected, name=name, sha256=sha256, received=result.received, settings=settings)
-    version = registry.record_batch(
+    version = data_registry.record_batch(
         result.accepted,
         source_name=name,
         sha256=sha256,
@@ -112,11 +110,11 @@ def plan_training(
 ) -> dict[str, Any] | None:
     """What ``train_model`` should do for this run, or None to skip it (drift inside the cooldown)."""
     events = _events_by_asset(triggering_events)
-    if DATA_ASSET in events:
+    if assets.DATA in events:
         trigger = "data"
-        announced = [e.extra.get("data_version") for e in events[DATA_ASSET] if getattr(e, "extra", None)]
+        announced = [e.extra.get("data_version") for e in events[assets.DATA] if getattr(e, "extra", None)]
         data_version = data_version or next((v for v in reversed(announced) if v), None)
-    elif DRIFT_ASSET in events:
+    elif assets.DRIFT in events:
         trigger = "drift"
         left = in_cooldown(settings)
         if left is not None:
@@ -129,7 +127,7 @@ def plan_training(
         print(f"feedback labels versioned as {feedback_version}" if feedback_version else "no new feedback labels")
     else:
         trigger = "manual"
-    data_version = data_version or registry.latest_version(settings)
+    data_version = data_version or data_registry.latest_version(settings)
     if data_version is None:
         raise RuntimeError("the data registry has no data version yet; run ingest_data first")
     return {

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medops.settings import Settings
-from pipelines import models, registry
+from medops.core.settings import Settings
+from pipelines import data_registry, model_registry
 from pipelines.evaluate import evaluate_model, evaluation_figures, probability_malignant
 from pipelines.schema import FEATURES, LABEL, POSITIVE
 
@@ -202,15 +202,15 @@ def gate(
 def _champion_auc(test: pd.DataFrame, settings: Settings) -> tuple[str | None, float | None]:
     from sklearn.metrics import roc_auc_score
 
-    version = models.champion_version(settings)
+    version = model_registry.champion_version(settings)
     if version is None:
         return None, None
-    champion = models.load_model(version, settings)
+    champion = model_registry.load_model(version, settings)
     auc = roc_auc_score(test[LABEL] == POSITIVE, probability_malignant(champion, test))
     return version, float(auc)
 
 
-def model_card(result: TrainResult, data: registry.DataVersion, config: GateConfig, settings: Settings) -> str:
+def model_card(result: TrainResult, data: data_registry.DataVersion, config: GateConfig, settings: Settings) -> str:
     m = result.metrics
     return f"""# Model card: {settings.model_name} v{result.model_version}
 
@@ -262,11 +262,11 @@ def train_model(
     if unknown:
         raise ValueError(f"unknown model family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     gate_config = gate_config or GateConfig.from_settings(settings)
-    data_version = data_version or registry.latest_version(settings)
+    data_version = data_version or data_registry.latest_version(settings)
     if data_version is None:
         raise RuntimeError("the data registry has no data version yet: run `medops init` first")
-    data = registry.describe_version(data_version, settings)
-    frame = registry.load_version_frame(data_version, settings)
+    data = data_registry.describe_version(data_version, settings)
+    frame = data_registry.load_version_frame(data_version, settings)
     train, test = split_rows(frame, settings)
 
     # One BLAS thread: on small data, OpenBLAS threads spin against each other and every other
@@ -279,8 +279,8 @@ def train_model(
         champion, champion_auc = _champion_auc(test, settings)
     decision = gate(evaluation.metrics, champion_auc, champion, gate_config)
 
-    experiment_id = models.ensure_experiment(settings)
-    versions_seen = registry.list_versions(settings)[: registry.version_number(data_version)]
+    experiment_id = model_registry.ensure_experiment(settings)
+    versions_seen = data_registry.list_versions(settings)[: data_registry.version_number(data_version)]
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{family}-{data_version}") as run:
         mlflow.set_tags(
             {
@@ -288,7 +288,7 @@ def train_model(
                 "data_dvc_md5": data.dvc_md5,
                 "data_registry_commit": data.commit,
                 "data_versions_seen": ",".join(versions_seen),
-                "code_git_sha": models.code_version(),
+                "code_git_sha": model_registry.code_version(),
                 "airflow_run_id": airflow_run_id or "",
                 "trigger": trigger,
                 "family": family,
@@ -356,10 +356,10 @@ def train_model(
             test.to_csv(rows, index=False)
             mlflow.log_artifact(str(rows))
 
-    mlflow_client = models.client(settings)
+    mlflow_client = model_registry.client(settings)
     mlflow_client.update_model_version(settings.model_name, result.model_version, description=card)
-    mlflow_client.set_registered_model_alias(settings.model_name, models.CHALLENGER, result.model_version)
-    models.tag_version(
+    mlflow_client.set_registered_model_alias(settings.model_name, model_registry.CHALLENGER, result.model_version)
+    model_registry.tag_version(
         result.model_version,
         {
             "data_version": data_version,
@@ -382,13 +382,13 @@ def train_model(
 def promote(result_or_version: TrainResult | str, settings: Settings, *, approved_by: str | None = None) -> bool:
     """Move ``@champion`` to a version whose gate passed; returns whether it moved."""
     version = result_or_version.model_version if isinstance(result_or_version, TrainResult) else result_or_version
-    tags = models.version_tags(version, settings)
+    tags = model_registry.version_tags(version, settings)
     if tags.get("gate_passed") != "true":
-        models.tag_version(version, {"gate_decision": "rejected"}, settings)
+        model_registry.tag_version(version, {"gate_decision": "rejected"}, settings)
         return False
-    previous = models.champion_version(settings)
-    models.set_champion(version, settings)
-    models.tag_version(
+    previous = model_registry.champion_version(settings)
+    model_registry.set_champion(version, settings)
+    model_registry.tag_version(
         version,
         {
             "gate_decision": "promoted",

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medops.settings import REPO_ROOT, Settings, get_settings
+from medops.core.settings import REPO_ROOT, Settings, get_settings
 
 logger = logging.getLogger("medops.serving")
 
@@ -36,9 +36,9 @@ def model_tag(version: str, settings: Settings) -> str:
 
 
 def configure_mlflow(settings: Settings) -> None:
-    """Point MLflow at the settings' stores: the lead's ``pipelines.models`` version when it exists."""
+    """Point MLflow at the settings' stores: the lead's ``pipelines.model_registry`` version when it exists."""
     try:
-        from pipelines.models import configure_mlflow as configure
+        from pipelines.model_registry import configure_mlflow as configure
     except ImportError:
         import mlflow
 

@@ -137,7 +137,7 @@ class ServingGate:
 
     def _configure(self) -> None:
         """Keys and limits from the (cached) settings; re-read only when the settings object changes."""
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
 
         settings = get_settings()
         if settings is not self._settings:

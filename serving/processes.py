@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from medops.settings import Settings
+from medops.core.settings import Settings
 from serving.contract import SERVICE_NAME
 from serving.control import CONTROL_ENV
 

@@ -34,14 +34,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medops.settings import REPO_ROOT, Settings
+from medops.core import assets
+from medops.core.settings import REPO_ROOT, Settings
 from pipelines.prediction_log import SMOKE_TEST_SITE
 from serving import control, processes
 from serving.processes import ServerRecord
 
 logger = logging.getLogger("medops.serving")
 
-CHAMPION_ASSET = "medops/champion"  # medops.assets.CHAMPION's name (that module imports Airflow)
 STABLE = "stable"
 CANDIDATE = "candidate"
 SMOKE_ROWS = 40
@@ -75,32 +75,32 @@ class DeployResult:
         return asdict(self)
 
 
-# registry access (pipelines.models) ---------------------------------------------------------
+# registry access (pipelines.model_registry) ---------------------------------------------------------
 
 
 def _champion_version(settings: Settings) -> str | None:
-    from pipelines.models import champion_version
+    from pipelines.model_registry import champion_version
 
     return champion_version(settings)
 
 
 def _set_champion(version: str, settings: Settings) -> None:
-    from pipelines.models import set_champion
+    from pipelines.model_registry import set_champion
 
     set_champion(str(version), settings)
 
 
 def _load_registered_model(version: str, settings: Settings) -> Any:
-    from pipelines.models import load_model
+    from pipelines.model_registry import load_model
 
     return load_model(str(version), settings)
 
 
 def _raise_alert(title: str, details: str, settings: Settings) -> None:
-    """Tell on-call people a rollout failed (webhook / e-mail through monitoring.alerts)."""
+    """Tell on-call people a rollout failed (webhook / e-mail through medops.core.alerts)."""
     logger.error("%s: %s", title, details)
     try:
-        from monitoring.alerts import send_alert
+        from medops.core.alerts import send_alert
     except ImportError:
         return
     send_alert(
@@ -163,12 +163,12 @@ def evaluation_rows(version: str, settings: Settings, n: int = SMOKE_ROWS):
 
     frame = None
     try:
-        from pipelines import models, registry
+        from pipelines import data_registry, model_registry
         from pipelines.train import split_rows
 
-        data_version = models.version_tags(str(version), settings).get("data_version")
+        data_version = model_registry.version_tags(str(version), settings).get("data_version")
         if data_version:
-            _, frame = split_rows(registry.load_version_frame(data_version, settings), settings)
+            _, frame = split_rows(data_registry.load_version_frame(data_version, settings), settings)
     except Exception as error:  # no data registry here: the seed is the same population
         logger.info("evaluation rows of model version %s unavailable (%s); using the seed", version, error)
     if frame is None or frame.empty:
@@ -344,7 +344,9 @@ def version_to_deploy(settings: Settings, requested: str | None = None, triggeri
     version = str(requested or "").strip()
     if not version:
         groups = [
-            group for key, group in dict(triggering_events or {}).items() if getattr(key, "name", key) == CHAMPION_ASSET
+            group
+            for key, group in dict(triggering_events or {}).items()
+            if getattr(key, "name", key) == assets.CHAMPION
         ]
         extras = [getattr(event, "extra", None) or {} for group in groups for event in group]
         version = next((str(e["model_version"]) for e in reversed(extras) if e.get("model_version")), "")

@@ -82,7 +82,7 @@ logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorsAr
 
 def _deployed_model() -> tuple[str, str]:
     """(model name, registry version) this service serves: Bento arguments, else the environment."""
-    from medops.settings import get_settings
+    from medops.core.settings import get_settings
 
     arguments = bentoml.use_arguments()
     name = getattr(arguments, "model_name", None) or get_settings().model_name
@@ -140,7 +140,7 @@ class MedopsService:
     bento_model = bentoml.models.BentoModel(f"{MODEL_NAME}:{MODEL_VERSION}")
 
     def __init__(self) -> None:
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
 
         settings = get_settings()
         self.max_records = settings.max_records

@@ -23,7 +23,7 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
-from medops.settings import Settings, get_settings, reset_settings  # noqa: E402
+from medops.core.settings import Settings, get_settings, reset_settings  # noqa: E402
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def seeded_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data registry with the seed as data-v1, built once and copied by `registry_home`."""
     home = tmp_path_factory.mktemp("seeded") / "medops-home"
     settings = Settings(home=home)
-    from pipelines.registry import init_registry
+    from pipelines.data_registry import init_registry
 
     init_registry(settings)
     return home

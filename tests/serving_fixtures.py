@@ -4,7 +4,7 @@ It follows the model contract the lead's training will honour: an ``mlflow.sklea
 of ``settings.model_name`` whose estimator is a ``FixedThresholdClassifier`` around a scaling
 ``Pipeline``, fitted on a DataFrame with exactly the FEATURES columns and string labels, tagged with
 ``data_version`` and ``threshold`` and reachable through the ``@champion`` alias. Swap
-:func:`register_tiny_model` for the real training once ``pipelines.models`` lands.
+:func:`register_tiny_model` for the real training once ``pipelines.model_registry`` lands.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from medops.settings import Settings
+from medops.core.settings import Settings
 from pipelines.schema import CLASSES, FEATURES, NEGATIVE, POSITIVE
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -77,8 +77,8 @@ def register_tiny_model(
     """Fit, log and register a tiny model version; returns the registry version (``"1"``, ``"2"``...)."""
     import mlflow
 
-    from pipelines.models import client as registry_client
-    from pipelines.models import ensure_experiment
+    from pipelines.model_registry import client as registry_client
+    from pipelines.model_registry import ensure_experiment
 
     experiment_id = ensure_experiment(settings, "serving-tests")
     client = registry_client(settings)
@@ -121,7 +121,7 @@ OTHER_KEY = "second-test-key"
 @contextmanager
 def serving_home(root: Path, **env: str) -> Iterator[Settings]:
     """MEDOPS_HOME under ``root`` with known API keys, for as long as the context lasts."""
-    from medops.settings import get_settings, reset_settings
+    from medops.core.settings import get_settings, reset_settings
 
     with pytest.MonkeyPatch.context() as patch:
         for name in list(os.environ):

@@ -13,8 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from medops.settings import Settings, get_settings, reset_settings
-from monitoring.alerts import MedopsNotifier, failure_notifier, notify_task_failure, send_alert
+from medops.core.alerts import send_alert
+from medops.core.settings import Settings, get_settings, reset_settings
+from medops.orchestration import MedopsNotifier, failure_notifier, notify_task_failure
 
 
 def free_port() -> int:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from medops.cli import app
-from medops.settings import Settings
+from medops.app.cli import app
+from medops.core.settings import Settings
 from pipelines.data import seed_frame
 
 runner = CliRunner()

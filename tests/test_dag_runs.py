@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from medops.settings import Settings
-from pipelines import models, registry
+from medops.core.settings import Settings
+from pipelines import data_registry, model_registry
 from pipelines.data import seed_frame
 from pipelines.retraining import in_cooldown, plan_training
 
@@ -40,7 +40,7 @@ def test_ingest_data_dag_versions_landed_files_and_keeps_bad_ones(airflow_db, re
 
     assert str(run.state) == "success"
     assert _states(run)["publish"] == "success"
-    assert registry.list_versions(registry_home) == ["data-v1", "data-v2"]
+    assert data_registry.list_versions(registry_home) == ["data-v1", "data-v2"]
     quarantined = list(registry_home.quarantine_dir.glob("*-scan/scan.csv"))
     assert len(quarantined) == 1
     assert sorted(p.name for p in (landing / "processed").iterdir()) == ["good.csv", "scan.csv"]
@@ -58,9 +58,9 @@ def test_train_model_dag_trains_gates_and_promotes(airflow_db, registry_home: Se
     states = _states(run)
     assert str(run.state) == "success", states
     assert states["promote"] == "success" and states["await_approval"] == "skipped"
-    champion = models.champion_version(registry_home)
+    champion = model_registry.champion_version(registry_home)
     assert champion is not None
-    tags = models.version_tags(champion, registry_home)
+    tags = model_registry.version_tags(champion, registry_home)
     assert tags["data_version"] == "data-v1" and tags["gate_decision"] == "promoted"
     assert tags["airflow_run_id"] == run.run_id
 
@@ -69,7 +69,7 @@ def test_train_model_dag_stops_at_the_gate(airflow_db, registry_home: Settings):
     run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "min_roc_auc": 0.9999})
     states = _states(run)
     assert states["train"] == "success" and states["promote"] == "skipped"
-    assert models.champion_version(registry_home) is None
+    assert model_registry.champion_version(registry_home) is None
 
 
 @dataclass(frozen=True)

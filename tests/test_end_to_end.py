@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from medops.processes import wait_until
+from medops.core.processes import wait_until
 from pipelines.data import seed_frame
 from pipelines.schema import FEATURES
 from tests.test_alerts import smtp, webhook  # noqa: F401  (fixtures: local alert sinks)
@@ -114,7 +114,7 @@ def _describe(pids: list[int]) -> str:
 
 
 def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F811
-    from medops.airflow_api import AirflowClient, admin_password
+    from medops.app.airflow_api import AirflowClient, admin_password
 
     home = tmp_path / "medops-home"
     ports = {name: _free_port() for name in ("AIRFLOW", "MLFLOW", "SERVING", "EVIDENTLY")}

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medops.settings import REPO_ROOT, Settings, get_settings, reset_settings
+from medops.core.settings import REPO_ROOT, Settings, get_settings, reset_settings
 from pipelines.schema import FEATURES, LABEL, POSITIVE
 
 # Loading the model scans Airflow's modules (skops), which warns about each deprecated name it touches.
@@ -38,26 +38,26 @@ def register_champion(settings: Settings) -> str:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pipelines import models
-    from pipelines.registry import load_version_frame
+    from pipelines import model_registry
+    from pipelines.data_registry import load_version_frame
     from pipelines.train import split_rows
 
     train, _ = split_rows(load_version_frame("data-v1", settings), settings)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(train[list(FEATURES)], train[LABEL])
-    experiment = models.ensure_experiment(settings, "monitoring-tests")
+    experiment = model_registry.ensure_experiment(settings, "monitoring-tests")
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.sklearn.log_model(
             model, name="model", registered_model_name=settings.model_name, pip_requirements=["scikit-learn"]
         )
     version = str(info.registered_model_version)
-    models.tag_version(version, {"data_version": "data-v1"}, settings)
-    models.set_champion(version, settings)
+    model_registry.tag_version(version, {"data_version": "data-v1"}, settings)
+    model_registry.set_champion(version, settings)
     return version
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory):
-    from pipelines.registry import init_registry
+    from pipelines.data_registry import init_registry
 
     home = tmp_path_factory.mktemp("monitoring") / "medops-home"
     with pytest.MonkeyPatch.context() as patch:
@@ -75,9 +75,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _load(settings: Settings, version: str):
-    from pipelines import models
+    from pipelines import model_registry
 
-    return models.load_model(version, settings)
+    return model_registry.load_model(version, settings)
 
 
 @pytest.fixture
@@ -141,7 +141,7 @@ def test_drift_run_writes_reports_workspace_and_mlflow(monitored):
     from evidently.ui.workspace import Workspace
 
     from monitoring.reports import run_monitoring
-    from pipelines import models
+    from pipelines import model_registry
 
     settings = monitored.settings
     log = log_traffic(monitored, 300, "site-x", seed=1, scale=1.25, feedback=120)
@@ -182,14 +182,14 @@ def test_drift_run_writes_reports_workspace_and_mlflow(monitored):
         f"http://127.0.0.1:{settings.evidently_port}/projects/{project.id}/reports/{result.snapshot_ids[0]}"
     )
 
-    client = models.client(settings)
+    client = model_registry.client(settings)
     run_id = client.get_model_version(settings.model_name, monitored.version).run_id
     assert result.mlflow_run_id == run_id
     logged = {f.path for f in client.list_artifacts(run_id, f"monitoring/{report_dir.name}")}
     assert (
         f"monitoring/{report_dir.name}/drift.html" in logged and f"monitoring/{report_dir.name}/summary.json" in logged
     )
-    tags = models.version_tags(monitored.version, settings)
+    tags = model_registry.version_tags(monitored.version, settings)
     assert (
         tags["monitoring_last_verdict"] == "drift" and tags["monitoring_last_report"] == f"monitoring/{report_dir.name}"
     )
@@ -227,7 +227,7 @@ def test_a_short_window_waits_for_more_rows(monitored):
 def test_dag_parses_with_owner_retries_tags_and_failure_alert():
     from airflow.dag_processing.dagbag import DagBag
 
-    from monitoring.alerts import MedopsNotifier
+    from medops.orchestration import MedopsNotifier
 
     bag = DagBag(dag_folder=str(DAG_FILE))
     assert bag.import_errors == {}

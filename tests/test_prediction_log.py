@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 
-from medops.settings import Settings
+from medops.core.settings import Settings
 from pipelines.prediction_log import (
     FEEDBACK_COLUMNS,
     PREDICTION_COLUMNS,

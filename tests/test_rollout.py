@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from medops.settings import Settings
+from medops.core.settings import Settings
 from serving import control, processes, rollout
 from serving.processes import ServerRecord
 
@@ -90,7 +90,7 @@ class FakePlatform:
 @pytest.fixture
 def settings(medops_home: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setenv("MEDOPS_SERVING_PORT", "18999")
-    from medops.settings import get_settings, reset_settings
+    from medops.core.settings import get_settings, reset_settings
 
     reset_settings()
     return get_settings()
@@ -312,7 +312,7 @@ def _wait(condition, timeout: float = 5.0) -> None:
 def test_version_to_deploy_prefers_form_then_event_then_champion(settings: Settings, monkeypatch):
     from types import SimpleNamespace
 
-    from medops.assets import CHAMPION, DATA
+    from medops.orchestration import CHAMPION, DATA
 
     monkeypatch.setattr(rollout, "_champion_version", lambda s: "7")
     champion, data = CHAMPION, DATA  # Airflow keys the events by these asset objects
@@ -338,10 +338,10 @@ def _deploy_dag():
 
 @pytest.mark.parametrize(("conf", "expected"), [({"model_version": "2"}, "2"), ({}, "7")], ids=["manual", "champion"])
 def test_deploy_model_dag_passes_the_version_through(airflow_db, settings: Settings, monkeypatch, conf, expected):
-    import pipelines.models
+    import pipelines.model_registry
 
     calls: list[tuple[str, str | None]] = []
-    monkeypatch.setattr(pipelines.models, "champion_version", lambda s: "7")
+    monkeypatch.setattr(pipelines.model_registry, "champion_version", lambda s: "7")
 
     def prepare(version: str, s: Settings, **kwargs: Any) -> rollout.PreparedBento:
         calls.append(("build", version))

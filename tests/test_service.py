@@ -22,7 +22,7 @@ from serving_fixtures import (
 )
 from starlette.testclient import TestClient
 
-from medops.settings import Settings
+from medops.core.settings import Settings
 from pipelines.prediction_log import hash_encounter_id, read_feedback, read_predictions
 from pipelines.schema import FEATURES
 
@@ -46,7 +46,7 @@ def version(home: Settings) -> str:
 
 @pytest.fixture(scope="module")
 def estimator(home: Settings, version: str) -> Any:
-    from pipelines.models import load_model
+    from pipelines.model_registry import load_model
 
     return load_model(version, home)
 

@@ -22,8 +22,8 @@ from serving_fixtures import (
     shared_registry,
 )
 
-from medops.settings import Settings
-from pipelines.models import champion_version, set_champion
+from medops.core.settings import Settings
+from pipelines.model_registry import champion_version, set_champion
 from pipelines.prediction_log import hash_encounter_id, read_predictions
 from serving import processes, rollout
 

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from medops.settings import Settings
-from monitoring.simulate import AREA_FEATURES, LENGTH_FEATURES, SimulationError, simulate, traffic
+from medops.app.simulate import AREA_FEATURES, LENGTH_FEATURES, SimulationError, simulate, traffic
+from medops.core.settings import Settings
 from pipelines.data import seed_frame
 from pipelines.schema import ENCOUNTER, FEATURE_RANGES, FEATURES, LABEL, POSITIVE, SITE
 
@@ -142,8 +142,8 @@ def test_errors_are_one_clear_line(service):
 def test_medops_simulate_and_monitor_commands(service, monkeypatch):
     from typer.testing import CliRunner
 
-    from medops.cli import app
-    from pipelines import models
+    from medops.app.cli import app
+    from pipelines import model_registry
 
     runner = CliRunner()
     done = runner.invoke(app, ["simulate", "--site", "site-c", "--records", "30", "--url", service.url, "--json"])
@@ -152,7 +152,7 @@ def test_medops_simulate_and_monitor_commands(service, monkeypatch):
     bad = runner.invoke(app, ["simulate", "--site", "s", "--drift", "seasonal", "--url", service.url])
     assert bad.exit_code != 0 and "covariate" in bad.output
     # No model has been trained here (and creating an empty MLflow store takes many seconds).
-    monkeypatch.setattr(models, "champion_version", lambda settings: None)
+    monkeypatch.setattr(model_registry, "champion_version", lambda settings: None)
     done = runner.invoke(app, ["monitor", "--no-alert"])
     assert done.exit_code == 0, done.output
     assert "insufficient_data" in done.stdout and "no @champion" in done.stdout

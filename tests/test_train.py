@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from medops.settings import Settings
-from pipelines import models
+from medops.core.settings import Settings
+from pipelines import model_registry
 from pipelines.evaluate import clinical_metrics
 from pipelines.train import GateConfig, choose_threshold, gate, promote, split_rows, train_model
 
@@ -48,7 +48,7 @@ def test_threshold_meets_the_sensitivity_target_out_of_fold(registry_home: Setti
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pipelines.registry import load_version_frame
+    from pipelines.data_registry import load_version_frame
 
     train, _ = split_rows(load_version_frame("data-v1", registry_home), registry_home)
     estimator = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
@@ -66,10 +66,10 @@ def test_train_registers_challenger_and_promotes_through_the_gate(registry_home:
     assert result.family == "logistic_regression" and result.data_version == "data-v1"
     assert result.metrics["sensitivity"] >= 0.95 and result.metrics["roc_auc"] >= 0.97
     assert result.gate.passed
-    assert models.alias_version(models.CHALLENGER, registry_home) == result.model_version
-    assert models.champion_version(registry_home) is None  # not before promote
+    assert model_registry.alias_version(model_registry.CHALLENGER, registry_home) == result.model_version
+    assert model_registry.champion_version(registry_home) is None  # not before promote
 
-    tags = models.version_tags(result.model_version, registry_home)
+    tags = model_registry.version_tags(result.model_version, registry_home)
     assert tags["data_version"] == "data-v1" and tags["gate_decision"] == "passed"
     assert json.loads(tags["gate_reasons"])
     assert float(tags["threshold"]) == pytest.approx(result.threshold, abs=1e-6)
@@ -87,10 +87,10 @@ def test_train_registers_challenger_and_promotes_through_the_gate(registry_home:
     assert "data-v1-train" in inputs
 
     assert promote(result, registry_home)
-    assert models.champion_version(registry_home) == result.model_version
+    assert model_registry.champion_version(registry_home) == result.model_version
 
     # The stored model predicts with its operating threshold.
-    model = models.load_model(result.model_version, registry_home)
+    model = model_registry.load_model(result.model_version, registry_home)
     assert model.threshold == pytest.approx(result.threshold)
     assert list(model.classes_) == ["benign", "malignant"]
 
@@ -100,8 +100,8 @@ def test_a_model_that_fails_the_gate_is_not_promoted(registry_home: Settings):
     result = train_model(registry_home, families=["logistic_regression"], gate_config=strict)
     assert not result.gate.passed
     assert not promote(result, registry_home)
-    assert models.champion_version(registry_home) is None
-    assert models.version_tags(result.model_version, registry_home)["gate_decision"] == "rejected"
+    assert model_registry.champion_version(registry_home) is None
+    assert model_registry.version_tags(result.model_version, registry_home)["gate_decision"] == "rejected"
 
 
 def test_unknown_family_is_a_clear_error(registry_home: Settings):
@@ -111,12 +111,12 @@ def test_unknown_family_is_a_clear_error(registry_home: Settings):
 
 def test_every_family_logs_and_loads_back_through_mlflow(registry_home: Settings):
     """MLflow stores scikit-learn models in the safe skops format: every family must round-trip."""
-    from pipelines.registry import load_version_frame
+    from pipelines.data_registry import load_version_frame
     from pipelines.schema import FEATURES
 
     rows = load_version_frame("data-v1", registry_home).head(30)
     for family in ("svm", "gradient_boosting"):
         result = train_model(registry_home, families=[family])
-        model = models.load_model(result.model_version, registry_home)
+        model = model_registry.load_model(result.model_version, registry_home)
         assert result.family == family
         assert model.predict_proba(rows[list(FEATURES)]).shape == (30, 2)

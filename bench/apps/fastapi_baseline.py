@@ -16,8 +16,8 @@ import pandas as pd
 from fastapi import FastAPI
 from pydantic import BaseModel, create_model
 
-from medops.settings import get_settings
-from pipelines.models import load_model
+from medops.core.settings import get_settings
+from pipelines.model_registry import load_model
 from pipelines.schema import FEATURES, NEGATIVE, POSITIVE
 
 Record = create_model("Record", encounter_id=(str | None, None), **{name: (float, ...) for name in FEATURES})

@@ -1,6 +1,6 @@
 """``medops deploy``, ``medops rollback``, ``medops serve`` and ``medops serve-stop``.
 
-The same functions the ``deploy_model`` DAG calls (``serving.rollout``); ``medops/cli.py`` calls
+The same functions the ``deploy_model`` DAG calls (``serving.rollout``); ``medops.app.cli`` calls
 :func:`register` with its Typer app. Heavy imports happen inside the commands.
 """
 
@@ -13,8 +13,8 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add the serving commands to the ``medops`` command line."""
-    from medops.cli import command, emit, out, step
-    from medops.settings import get_settings
+    from medops.app.cli import command, emit, out, step
+    from medops.core.settings import get_settings
 
     @command(app)
     def deploy(

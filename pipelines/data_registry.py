@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 from filelock import FileLock
 
-from medops.settings import Settings
+from medops.core.settings import Settings
 from pipelines.data import read_data_dir, write_frame, write_seed
 
 TAG_PREFIX = "data-v"

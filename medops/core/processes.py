@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import httpx
 
-from medops.settings import REPO_ROOT, Settings
+from medops.core.settings import REPO_ROOT, Settings
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from medops.settings import REPO_ROOT, get_settings
+from medops.core.settings import REPO_ROOT, get_settings
 
 app = typer.Typer(
     name="medops",
@@ -79,7 +79,7 @@ def emit(payload: dict[str, Any], as_json: bool) -> None:
 @command()
 def init() -> None:
     """Create MEDOPS_HOME: the data registry (seed as data-v1), DVC remote, MLflow store, Airflow home."""
-    from pipelines import models, registry
+    from pipelines import data_registry, model_registry
 
     settings = get_settings()
     for folder in (
@@ -92,9 +92,9 @@ def init() -> None:
     ):
         folder.mkdir(parents=True, exist_ok=True)
     with step("data registry (git + DVC) with the seed as data-v1"):
-        version = registry.init_registry(settings)
+        version = data_registry.init_registry(settings)
     with step("MLflow store"):
-        models.ensure_experiment(settings)
+        model_registry.ensure_experiment(settings)
     out.print(f"MEDOPS_HOME   {settings.home}")
     out.print(f"data registry {settings.registry_dir} ({version.tag}, {version.rows} rows, dvc {version.dvc_md5})")
     out.print(f"DVC remote    {settings.dvc_remote_url}")
@@ -118,20 +118,20 @@ def data_restore(
     to: Annotated[Path, typer.Option("--to", help="Empty folder to restore the rows into.")],
 ) -> None:
     """Restore the exact rows of a data version from the DVC remote."""
-    from pipelines import registry
+    from pipelines import data_registry
 
     with step(f"restoring {version}"):
-        path = registry.restore_version(version, to, get_settings())
+        path = data_registry.restore_version(version, to, get_settings())
     out.print(f"{version} restored into {path}")
 
 
 @command(data_app, name="versions")
 def data_versions(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List data versions with their DVC hashes and row counts."""
-    from pipelines import registry
+    from pipelines import data_registry
 
     settings = get_settings()
-    rows = [registry.version_info(tag, settings) for tag in registry.list_versions(settings)]
+    rows = [data_registry.version_info(tag, settings) for tag in data_registry.list_versions(settings)]
     if as_json:
         return emit({"versions": rows}, True)
     for row in rows:
@@ -187,15 +187,15 @@ def train(
 @command()
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Data versions, the champion, and which platform services are up."""
-    from medops import platform
-    from pipelines import models, registry
+    from medops.app import platform
+    from pipelines import data_registry, model_registry
 
     settings = get_settings()
-    payload: dict[str, Any] = {"home": str(settings.home), "data_version": registry.latest_version(settings)}
-    champion = models.champion_version(settings) if (settings.mlflow_dir / "mlflow.db").exists() else None
+    payload: dict[str, Any] = {"home": str(settings.home), "data_version": data_registry.latest_version(settings)}
+    champion = model_registry.champion_version(settings) if (settings.mlflow_dir / "mlflow.db").exists() else None
     payload["champion"] = champion
     if champion:
-        payload["champion_tags"] = models.version_tags(champion, settings)
+        payload["champion_tags"] = model_registry.version_tags(champion, settings)
     payload["services"] = platform.service_status(settings)
     if as_json:
         return emit(payload, True)
@@ -219,7 +219,7 @@ def up(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until a champion is serving.")] = True,
 ) -> None:
     """Start the whole platform on embedded defaults and run the loop once (what `make run` does)."""
-    from medops import platform
+    from medops.app import platform
 
     platform.up(get_settings(), wait=wait, console=console, out=out)
 
@@ -227,7 +227,7 @@ def up(
 @command()
 def down() -> None:
     """Stop every process `medops up` started (what `make stop` does)."""
-    from medops import platform
+    from medops.app import platform
 
     platform.down(get_settings(), console=console)
 
@@ -239,25 +239,15 @@ def drift_scenario(
     drift: Annotated[str, typer.Option("--drift", help="covariate, prevalence or units")] = "covariate",
 ) -> None:
     """Drifted traffic -> monitor_drift -> alert -> retrain -> new champion serving, on the running platform."""
-    from medops.scenario import run_drift_scenario
+    from medops.app.scenario import run_drift_scenario
 
     run_drift_scenario(get_settings(), site=site, records=records, drift=drift, console=console)
 
 
-def _register_optional(module_name: str) -> None:
-    import importlib
+from medops.app import monitoring_commands, serving_commands  # noqa: E402  (they extend `app`)
 
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and module_name.startswith(error.name):
-            return
-        raise
-    module.register(app)
-
-
-for _module in ("serving.commands", "monitoring.commands"):
-    _register_optional(_module)
+serving_commands.register(app)
+monitoring_commands.register(app)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ not sent again; the record of what went out lives in ``MEDOPS_HOME/state/alerts.
 that fails is logged and reported in the returned :class:`AlertOutcome`; nothing here raises into
 the caller, so a broken mail server never fails a DAG run or hides the original error.
 
-:class:`MedopsNotifier` is the Airflow notifier every DAG uses as ``on_failure_callback``
-(:func:`failure_notifier`), so failures reach the same channels as drift.
-
-This module is imported when DAG files are parsed: stdlib and ``airflow.sdk`` only at the top.
+Failures of DAG tasks reach the same channels through ``medops.orchestration``'s notifier. This
+module imports only the standard library at the top: DAG files import it (through that notifier)
+when they are parsed.
 """
 
 from __future__ import annotations
@@ -26,10 +25,8 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseNotifier
-
 if TYPE_CHECKING:
-    from medops.settings import Settings
+    from medops.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +64,7 @@ def send_alert(
     """
     try:
         if settings is None:
-            from medops.settings import get_settings
+            from medops.core.settings import get_settings
 
             settings = get_settings()
         if severity not in SEVERITIES:
@@ -233,48 +230,3 @@ class _DedupState:
                 partial.replace(self.path)
         finally:
             self._lock.release()
-
-
-# Airflow --------------------------------------------------------------------------------------------
-class MedopsNotifier(BaseNotifier):
-    """Sends a failed task (or DAG run) to the medops alert channels: ``on_failure_callback=failure_notifier()``."""
-
-    template_fields = ("severity",)
-
-    def __init__(self, severity: str = "error"):
-        super().__init__()
-        self.severity = severity
-
-    def notify(self, context: Any) -> None:
-        notify_task_failure(context, severity=self.severity)
-
-
-def failure_notifier(severity: str = "error") -> MedopsNotifier:
-    """The notifier every medops DAG passes as ``on_failure_callback`` (in ``default_args`` or on the DAG)."""
-    return MedopsNotifier(severity=severity)
-
-
-def notify_task_failure(context: Any, *, severity: str = "error") -> AlertOutcome:
-    """Alert that a task (or, in a DAG-level callback, a DAG run) failed; reads what the context has."""
-    try:
-        ti = context.get("ti") or context.get("task_instance")
-        dag = context.get("dag")
-        dag_id = getattr(ti, "dag_id", None) or getattr(dag, "dag_id", None) or "unknown DAG"
-        task_id = getattr(ti, "task_id", None)
-        run_id = getattr(ti, "run_id", None) or context.get("run_id") or getattr(context.get("dag_run"), "run_id", None)
-        error = context.get("exception") or context.get("reason")
-        title = f"{dag_id}.{task_id} failed" if task_id else f"{dag_id} failed"
-        details = None
-        if error:
-            first_line = (str(error).strip().splitlines() or [""])[0][:500]
-            details = f"Reason: {first_line}" if isinstance(error, str) else f"{type(error).__name__}: {first_line}"
-        log.info("alerting on failure of %s (run %s)", title, run_id)
-        try:
-            url = getattr(ti, "log_url", None) if ti is not None else None
-        except Exception:  # log_url reads Airflow's config; a missing one must not stop the alert
-            url = None
-        # The run id is in the log link, not the text: the same failure every hour is one alert per window.
-        return send_alert(title, "failure", [], None, url, severity=severity, details=details)
-    except Exception as error:
-        log.exception("failure alert could not be built: %s", error)
-        return AlertOutcome(sent=False, channels={"error": f"failed: {error}"})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 from typing import Any
 
-from medops.settings import REPO_ROOT, Settings
+from medops.core.settings import REPO_ROOT, Settings
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

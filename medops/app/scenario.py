@@ -13,8 +13,8 @@ from typing import Any
 
 from rich.console import Console
 
-from medops.processes import wait_until
-from medops.settings import Settings
+from medops.core.processes import wait_until
+from medops.core.settings import Settings
 
 
 def _wait(check: Callable[[], Any], timeout: float, what: str, poll: float = 3.0) -> Any:
@@ -27,8 +27,8 @@ def run_drift_scenario(
     """Drive the loop once through public interfaces; returns the model version serving at the end."""
     from datetime import UTC, datetime
 
-    from medops import platform
-    from monitoring.simulate import simulate
+    from medops.app import platform
+    from medops.app.simulate import simulate
 
     started = time.monotonic()
     window = datetime.now(UTC).isoformat()  # the run below looks at exactly this traffic
@@ -67,9 +67,9 @@ def run_drift_scenario(
         console.print(f"[green]✓[/] train_model {training['state']} ({training['dag_run_id']})")
         if training["state"] != "success":
             raise RuntimeError("train_model failed; see its log in the Airflow UI")
-        from pipelines import models
+        from pipelines import model_registry
 
-        champion = models.champion_version(settings)
+        champion = model_registry.champion_version(settings)
         if champion == before:
             console.print(
                 f"[yellow]![/] the new model did not pass the gate (or awaits approval): v{before} keeps serving"

@@ -1,6 +1,6 @@
 """``medops monitor`` and ``medops simulate``: the functions the monitor_drift DAG calls, at a terminal.
 
-``medops/cli.py`` calls :func:`register` with its Typer app. Heavy imports happen inside commands,
+``medops.app.cli`` calls :func:`register` with its Typer app. Heavy imports happen inside commands,
 so ``medops --help`` stays quick.
 """
 
@@ -14,8 +14,8 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add ``monitor`` and ``simulate`` to the ``medops`` command line."""
-    from medops.cli import command, emit, out, step
-    from medops.settings import get_settings
+    from medops.app.cli import command, emit, out, step
+    from medops.core.settings import get_settings
 
     @command(app)
     def monitor(
@@ -64,8 +64,8 @@ def register(app: typer.Typer) -> None:
         """Send realistic clinical traffic from one site to the service, optionally shifted."""
         from dataclasses import asdict
 
-        from monitoring.simulate import DRIFTS
-        from monitoring.simulate import simulate as run
+        from medops.app.simulate import DRIFTS
+        from medops.app.simulate import simulate as run
 
         if drift is not None and drift not in DRIFTS:
             raise typer.BadParameter(f"choose from {', '.join(DRIFTS)}", param_hint="--drift")

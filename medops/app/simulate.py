@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import httpx
     import pandas as pd
 
-    from medops.settings import Settings
+    from medops.core.settings import Settings
 
 Drift = Literal["covariate", "prevalence", "units"]
 DRIFTS: tuple[str, ...] = ("covariate", "prevalence", "units")
@@ -136,7 +136,7 @@ def simulate(
     if records < 1:
         raise ValueError("records must be at least 1")
     if settings is None:
-        from medops.settings import get_settings
+        from medops.core.settings import get_settings
 
         settings = get_settings()
     base_url = (base_url or f"http://{settings.host}:{settings.serving_port}").rstrip("/")

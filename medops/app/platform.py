@@ -12,8 +12,8 @@ from typing import Any
 
 from rich.console import Console
 
-from medops import processes
-from medops.settings import REPO_ROOT, Settings
+from medops.core import processes
+from medops.core.settings import REPO_ROOT, Settings
 
 LOOP_DAG_IDS = ["ingest_data", "train_model", "deploy_model"]
 DAG_IDS = [*LOOP_DAG_IDS, "monitor_drift"]
@@ -122,13 +122,13 @@ def start_evidently(settings: Settings) -> int:
 
 
 def airflow_client(settings: Settings):
-    from medops.airflow_api import AirflowClient, admin_password
+    from medops.app.airflow_api import AirflowClient, admin_password
 
     return AirflowClient(urls(settings)["airflow"], password=admin_password(settings.airflow_home))
 
 
 def wait_for_airflow(settings: Settings, timeout: float = 240) -> None:
-    from medops.airflow_api import AirflowClient, admin_password
+    from medops.app.airflow_api import AirflowClient, admin_password
 
     probe = AirflowClient(urls(settings)["airflow"])
     alive = lambda: processes.read_pid("airflow", settings) is not None  # noqa: E731
@@ -152,15 +152,15 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
     """Start everything, land the seed through ingest_data and wait for a champion to serve."""
     import os
 
-    from pipelines import models, registry
+    from pipelines import data_registry, model_registry
 
     started = time.monotonic()
     os.environ[processes.PLATFORM_MARKER] = str(settings.home)  # inherited by all we start, see down()
     for folder in (settings.landing_dir, settings.quarantine_dir, settings.reports_dir, settings.run_dir):
         folder.mkdir(parents=True, exist_ok=True)
     with console.status("[cyan]MLflow store and data registry…"):
-        models.ensure_experiment(settings)
-        fresh = registry.latest_version(settings) is None
+        model_registry.ensure_experiment(settings)
+        fresh = data_registry.latest_version(settings) is None
         api_key = settings.service_api_keys()[0]
     with console.status("[cyan]starting MLflow UI, Evidently UI and airflow standalone…"):
         start_mlflow(settings)
@@ -175,7 +175,7 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
             client.unpause(dag_id)
     console.print("[green]✓[/] DAGs parsed and unpaused: " + ", ".join(LOOP_DAG_IDS))
 
-    champion = models.champion_version(settings)
+    champion = model_registry.champion_version(settings)
     if champion is None:
         run_id = client.trigger("ingest_data", {"announce_latest": True})
         console.print(
@@ -191,13 +191,14 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
     if wait:
         with console.status("[cyan]ingest_data → train_model → deploy_model: waiting for a champion to serve…"):
             processes.wait_until(
-                lambda: (v := models.champion_version(settings)) is not None and serving_version(settings) == v,
+                lambda: (v := model_registry.champion_version(settings)) is not None and serving_version(settings) == v,
                 timeout,
                 "a champion serving on the serving port",
                 poll=2.0,
             )
         console.print(
-            f"[green]✓[/] champion v{models.champion_version(settings)} serving ({time.monotonic() - started:.0f}s)"
+            f"[green]✓[/] champion v{model_registry.champion_version(settings)} serving "
+            f"({time.monotonic() - started:.0f}s)"
         )
     # Hourly drift monitoring starts once there is a champion to monitor (its first run is immediate).
     client.unpause("monitor_drift")
@@ -206,7 +207,7 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
 
 
 def print_summary(settings: Settings, out: Console, api_key: str) -> None:
-    from medops.airflow_api import admin_password
+    from medops.app.airflow_api import admin_password
 
     u = urls(settings)
     example = '{"records": [' + _example_record() + "]}"

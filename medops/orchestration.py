@@ -1,0 +1,126 @@
+"""The one module outside ``dags/`` that imports Airflow: what every medops DAG shares.
+
+- the Assets that chain the loop (names in :mod:`medops.core.assets`), with the watcher that turns
+  a file landing in ``MEDOPS_HOME/landing/`` into an ``ingest_data`` run;
+- :class:`LandingTrigger`, run in Airflow's triggerer (it resolves the landing folder when it
+  runs, never at DAG parse time);
+- :data:`DEFAULT_ARGS`: owner, retries, and :class:`MedopsNotifier`, which sends a task that failed
+  for good to the same on-call channels as drift (:mod:`medops.core.alerts`).
+
+Only light Airflow modules and the standard library are imported at the top: DAG files import
+this module when they are parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import Asset, AssetWatcher, BaseNotifier
+from airflow.triggers.base import BaseEventTrigger, TriggerEvent
+
+from medops.core import assets
+from medops.core.alerts import AlertOutcome, send_alert
+
+log = logging.getLogger(__name__)
+
+
+class LandingTrigger(BaseEventTrigger):
+    """Fire when complete files wait in ``MEDOPS_HOME/landing`` that no ingest has claimed yet."""
+
+    def __init__(self, poke_interval: float = 3.0) -> None:
+        super().__init__()
+        self.poke_interval = poke_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return "medops.orchestration.LandingTrigger", {"poke_interval": self.poke_interval}
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from medops.core.settings import get_settings
+        from pipelines.ingest import CLAIMED, landing_files
+
+        settings = get_settings()
+        claimed_dir = settings.landing_dir / CLAIMED
+        sizes: dict[str, int] = {}
+        while True:
+            ready = []
+            for path in landing_files(settings):
+                key = str(path.relative_to(settings.landing_dir)).replace("/", "__")
+                size = path.stat().st_size
+                if (claimed_dir / key).exists():
+                    continue
+                if sizes.get(key) == size:  # complete: it stopped growing between two polls
+                    ready.append(key)
+                sizes[key] = size
+            if ready:
+                claimed_dir.mkdir(parents=True, exist_ok=True)
+                for key in ready:
+                    (claimed_dir / key).write_text(str(sizes[key]))
+                self.log.info("landing: %d file(s) ready: %s", len(ready), ", ".join(ready))
+                yield TriggerEvent({"files": ready})
+                return
+            await asyncio.sleep(self.poke_interval)
+
+
+class MedopsNotifier(BaseNotifier):
+    """Sends a failed task (or DAG run) to the medops alert channels: ``on_failure_callback=failure_notifier()``."""
+
+    template_fields = ("severity",)
+
+    def __init__(self, severity: str = "error"):
+        super().__init__()
+        self.severity = severity
+
+    def notify(self, context: Any) -> None:
+        notify_task_failure(context, severity=self.severity)
+
+
+def failure_notifier(severity: str = "error") -> MedopsNotifier:
+    """The notifier every medops DAG passes as ``on_failure_callback`` (in ``default_args`` or on the DAG)."""
+    return MedopsNotifier(severity=severity)
+
+
+def notify_task_failure(context: Any, *, severity: str = "error") -> AlertOutcome:
+    """Alert that a task (or, in a DAG-level callback, a DAG run) failed; reads what the context has."""
+    try:
+        ti = context.get("ti") or context.get("task_instance")
+        dag = context.get("dag")
+        dag_id = getattr(ti, "dag_id", None) or getattr(dag, "dag_id", None) or "unknown DAG"
+        task_id = getattr(ti, "task_id", None)
+        run_id = getattr(ti, "run_id", None) or context.get("run_id") or getattr(context.get("dag_run"), "run_id", None)
+        error = context.get("exception") or context.get("reason")
+        title = f"{dag_id}.{task_id} failed" if task_id else f"{dag_id} failed"
+        details = None
+        if error:
+            first_line = (str(error).strip().splitlines() or [""])[0][:500]
+            details = f"Reason: {first_line}" if isinstance(error, str) else f"{type(error).__name__}: {first_line}"
+        log.info("alerting on failure of %s (run %s)", title, run_id)
+        try:
+            url = getattr(ti, "log_url", None) if ti is not None else None
+        except Exception:  # log_url reads Airflow's config; a missing one must not stop the alert
+            url = None
+        # The run id is in the log link, not the text: the same failure every hour is one alert per window.
+        return send_alert(title, "failure", [], None, url, severity=severity, details=details)
+    except Exception as error:
+        log.exception("failure alert could not be built: %s", error)
+        return AlertOutcome(sent=False, channels={"error": f"failed: {error}"})
+
+
+LANDING = Asset(
+    assets.LANDING,
+    watchers=[AssetWatcher(name="medops_landing_folder", trigger=LandingTrigger())],
+    extra={"doc": "Files a hospital dropped into MEDOPS_HOME/landing/."},
+)
+DATA = Asset(assets.DATA, extra={"doc": "A new data version was tagged in the data registry."})
+CHAMPION = Asset(assets.CHAMPION, extra={"doc": "A model version was promoted to @champion."})
+DRIFT = Asset(assets.DRIFT, extra={"doc": "monitor_drift saw drift in what the service receives."})
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "ml-platform",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=20),
+    "on_failure_callback": failure_notifier(),
+}
