@@ -36,9 +36,10 @@ from medops.orchestration import CHAMPION, DEFAULT_ARGS
     doc_md=__doc__,
     params={
         "model_version": Param(
-            "",
-            type="string",
-            description="Registry version to serve (a rollback); blank: the promoted @champion.",
+            None,
+            type=["null", "string"],
+            pattern=r"^[0-9]+$",
+            description="Registry version to serve (a rollback). Blank: the promoted @champion.",
         ),
     },
 )

@@ -32,7 +32,12 @@ from medops.orchestration import DATA, DEFAULT_ARGS, LANDING
     tags=["medops", "data"],
     doc_md=__doc__,
     params={
-        "site_id": Param("", type="string", description="site_id for rows that name none (blank: rows must)."),
+        "site_id": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+            description="site_id for rows that name none. Blank: every row must name its site.",
+        ),
         "announce_latest": Param(False, type="boolean", description="Emit medops/data for the current version."),
     },
 )

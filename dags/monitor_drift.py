@@ -39,9 +39,10 @@ from medops.orchestration import DEFAULT_ARGS, DRIFT
     doc_md=__doc__,
     params={
         "since": Param(
-            "",
-            type="string",
-            description="ISO time the window starts at (e.g. 2026-05-01T00:00:00Z); blank: since the last report.",
+            None,
+            type=["null", "string"],
+            format="date-time",
+            description="Time the window starts at (UTC). Blank: where the last report's window ended.",
         ),
         "alert": Param(True, type="boolean", description="Alert on-call people when there is drift."),
     },

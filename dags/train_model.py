@@ -58,7 +58,12 @@ FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
             maximum=1,
             description="Gate: blank uses MEDOPS_MIN_ROC_AUC (0.97).",
         ),
-        "data_version": Param("", type="string", description="data-vN to train on; blank: the latest."),
+        "data_version": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^data-v[0-9]+$",
+            description="Data version (data-vN) to train on. Blank: the latest.",
+        ),
     },
 )
 def train_model():

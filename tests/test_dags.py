@@ -66,3 +66,17 @@ def test_dag_file_imports_nothing_heavy_at_top_level(dag_file: Path):
     assert result.returncode == 0, result.stderr[-2000:]
     heavy = [line for line in result.stdout.splitlines() if line.startswith("HEAVY=")][-1][len("HEAVY=") :]
     assert heavy == "", f"{dag_file.name} imports at parse time: {heavy}"
+
+
+def test_every_trigger_form_submits_with_its_defaults(dagbag):
+    """Airflow's form makes a typed field required unless its type allows null; a required field
+    whose default is blank disables the Trigger button. Every default must also pass its schema."""
+    for dag_id, dag in dagbag.dags.items():
+        for name, param in dag.params.items():
+            schema = param.schema
+            types = schema.get("type")
+            types = types if isinstance(types, list) else [types]
+            if param.value in (None, ""):
+                assert "null" in types, f"{dag_id}: blank default of {name!r} makes the form unsubmittable"
+            param.resolve(param.value)  # raises ParamValidationError if the default breaks the schema
+            assert param.description, f"{dag_id}: {name!r} has no help text"
