@@ -56,3 +56,11 @@ def test_data_seed_writes_the_seed(tmp_path: Path):
     result = runner.invoke(app, ["data", "seed", "--out", str(tmp_path)])
     assert result.exit_code == 0
     assert len((tmp_path / "seed.csv").read_text().splitlines()) == 570
+
+
+def test_long_paths_and_urls_stay_on_one_line_when_output_is_not_a_terminal(tmp_path: Path):
+    """A log or a pipe gets 80 columns from rich by default: a wrapped URL is a broken link."""
+    deep = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 3)
+    result = runner.invoke(app, ["data", "seed", "--out", str(deep)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {deep / 'seed.csv'}" in result.stdout.splitlines()

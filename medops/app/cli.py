@@ -27,8 +27,10 @@ app = typer.Typer(
 data_app = typer.Typer(help="The seed dataset and the data registry.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=True)
-out = Console()
+# soft_wrap: a long line (a URL, a path) stays one line when output goes to a log or a pipe,
+# where rich would otherwise break it at 80 columns and the link would no longer work.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 class UserError(Exception):
