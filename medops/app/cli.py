@@ -33,6 +33,14 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
+@app.callback()
+def _private_files() -> None:
+    """Everything medops writes under MEDOPS_HOME (and every process it starts) is private to its user."""
+    import os
+
+    os.umask(0o077)
+
+
 class UserError(Exception):
     """An error the person at the terminal can act on: printed as one line, exit code 1."""
 

@@ -132,13 +132,33 @@ class Settings(BaseSettings):
 
     # Secrets generated on first use, kept under MEDOPS_HOME, never in code ----------------
     def _secret(self, name: str) -> str:
+        """The secret ``name``, generated once: the first process to create it wins, atomically.
+
+        The value is written to a private temporary file and hard-linked into place, which fails
+        if the name exists: no reader ever sees a half-written or empty file, and two workers
+        starting together end up with the same key. An empty or unreadable secret is an error.
+        """
+        import os
+        import tempfile
+
         path = self.secrets_dir / name
-        if path.exists():
-            return path.read_text().strip()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_urlsafe(32)
-        path.write_text(value + "\n")
-        path.chmod(0o600)
+        if not path.exists():
+            self.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.secrets_dir.chmod(0o700)
+            fd, partial = tempfile.mkstemp(dir=self.secrets_dir, prefix=f".{name}.")  # mode 0600
+            try:
+                os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
+                os.fsync(fd)
+                os.close(fd)
+                try:
+                    os.link(partial, path)
+                except FileExistsError:
+                    pass  # another process created it first: use theirs
+            finally:
+                os.unlink(partial)
+        value = path.read_text().strip()
+        if not value:
+            raise RuntimeError(f"the secret {path} is empty: delete it to have a new one generated")
         return value
 
     def service_api_keys(self) -> list[str]:
