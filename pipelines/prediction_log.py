@@ -5,9 +5,13 @@ Every served prediction is one CSV row in ``predictions_dir/log/predictions-YYYY
 interleave); ground-truth labels sent to ``/feedback`` go to ``predictions_dir/feedback/``.
 Encounter ids never reach the disk: only their keyed hash (HMAC-SHA256 with the settings' key).
 
-Durability: a request's rows are written with one ``write`` before its response leaves (so they
-survive a crash of the serving process) and fsynced by a group commit a few milliseconds later
-(so one ``fsync`` covers every request of that window instead of one per record).
+Durability: a request's rows are written with one ``write`` and fsynced by a group commit a few
+milliseconds later (one ``fsync`` covers every request of that window instead of one per record);
+the service answers only once the commit that covers its rows is done (:meth:`PredictionLogWriter.
+wait_durable`). A failed write or fsync marks the writer failed: every waiting and later request
+is refused (the service answers 503 and reports not ready) rather than answered unlogged. A row
+torn by a crash (the process died mid-write, so it was never answered) is moved to a ``.torn``
+file beside the log when the file is next opened, so later rows never run into it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipelines.schema import FEATURES, LABEL, SITE
 
@@ -103,6 +107,7 @@ class _DailyAppendFile:
             os.close(self.fd)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{self.prefix}-{day}-{os.getpid()}.csv"
+        repair_torn_tail(path)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         if os.fstat(fd).st_size == 0:
             os.write(fd, self.header)
@@ -122,11 +127,48 @@ class _DailyAppendFile:
             self.fd = None
 
 
+class PredictionLogFailed(OSError):
+    """A write or fsync of the prediction log failed: nothing may be answered until a restart."""
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Cut a torn last line (no newline: its writer died mid-write) off ``path`` into ``path.torn``.
+
+    Such a row was never answered (answers wait for the fsync), so it is not a prediction anyone
+    received; it is kept aside for forensics, not deleted. Returns the bytes moved.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with path.open("r+b") as handle:
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return 0
+        tail_start = max(0, size - (1 << 20))
+        handle.seek(tail_start)
+        tail = handle.read()
+        cut = tail_start + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        handle.seek(cut)
+        fragment = handle.read()
+        with path.with_name(path.name + ".torn").open("ab") as torn:
+            torn.write(fragment + b"\n")
+            torn.flush()
+            os.fsync(torn.fileno())
+        handle.truncate(cut)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return len(fragment)
+
+
 class PredictionLogWriter:
     """Appends prediction rows for one serving process; fsyncs them in group commits.
 
     ``log_predictions`` writes the request's rows with a single ``write`` (whole lines, so rows of
-    concurrent requests never interleave) and returns; a background thread fsyncs at most every
+    concurrent requests never interleave) and returns a ticket; ``await wait_durable(ticket)``
+    returns once a group commit covering it is done. A background thread fsyncs at most every
     ``commit_interval`` seconds while there is unsynced data. ``close`` flushes and fsyncs the rest.
     """
 
@@ -139,8 +181,17 @@ class PredictionLogWriter:
         self._closed = False
         self._commit_interval = commit_interval
         self.rows_written = 0
+        self._written = 0  # tickets handed out
+        self._durable = 0  # tickets covered by a finished fsync
+        self._waiters: list[tuple[int, Any, Any]] = []  # (ticket, event loop, future)
+        self.failure: OSError | None = None
         self._committer = threading.Thread(target=self._commit_loop, name="prediction-log-commit", daemon=True)
         self._committer.start()
+
+    @property
+    def healthy(self) -> bool:
+        """False once a write or fsync failed: the service then reports not ready."""
+        return self.failure is None and not self._closed
 
     def hash_encounter(self, encounter_id: str | None) -> str:
         return self._hash(encounter_id)
@@ -156,8 +207,8 @@ class PredictionLogWriter:
         features: np.ndarray,
         probabilities: np.ndarray,
         labels: Sequence[str],
-    ) -> None:
-        """Append one row per record of a served request (all rows in one write).
+    ) -> int:
+        """Append one row per record of a served request (all rows in one write); returns its ticket.
 
         Numbers are formatted by orjson (shortest round-trip text, as ``repr`` would give, about
         ten times faster for a 100-record request); ids and labels are plain tokens (site ids
@@ -177,7 +228,7 @@ class PredictionLogWriter:
                 for site, encounter, row, label in zip(site_ids, encounter_ids, rows, labels, strict=True)
             ]
         )
-        self._append(self._predictions, data, now, len(rows))
+        return self._append(self._predictions, data, now, len(rows))
 
     def log_feedback(self, labels: Iterable[tuple[str, str]]) -> int:
         """Append ``(encounter_id, diagnosis)`` pairs as hashed feedback rows, fsynced before return."""
@@ -185,22 +236,64 @@ class PredictionLogWriter:
         logged_at = datetime.fromtimestamp(now, UTC).isoformat()
         lines = [f"{logged_at},{self._hash(encounter)},{diagnosis}\n" for encounter, diagnosis in labels]
         with self._lock:
-            fd = self._feedback.fd_for(now)
-            os.write(fd, "".join(lines).encode())
-            os.fsync(fd)
+            self._raise_if_failed()
+            try:
+                fd = self._feedback.fd_for(now)
+                os.write(fd, "".join(lines).encode())
+                os.fsync(fd)
+            except OSError as error:
+                self._fail(error)
+                raise PredictionLogFailed(f"feedback store write failed: {error}") from error
         return len(lines)
 
-    def _append(self, target: _DailyAppendFile, data: bytes, now: float, rows: int) -> None:
+    def _raise_if_failed(self) -> None:
+        if self._closed:
+            raise PredictionLogFailed("prediction log is closed")
+        if self.failure is not None:
+            raise PredictionLogFailed(f"prediction log failed earlier: {self.failure}")
+
+    def _append(self, target: _DailyAppendFile, data: bytes, now: float, rows: int) -> int:
         with self._lock:
-            if self._closed:
-                raise RuntimeError("prediction log is closed")
-            fd = target.fd_for(now)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            self._raise_if_failed()
+            try:
+                fd = target.fd_for(now)
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+            except OSError as error:
+                self._fail(error)
+                raise PredictionLogFailed(f"prediction log write failed: {error}") from error
             self.rows_written += rows
+            self._written += 1
+            ticket = self._written
         self._dirty.set()
+        return ticket
+
+    async def wait_durable(self, ticket: int, timeout: float = 10.0) -> None:
+        """Return once the rows of ``ticket`` are fsynced; raise PredictionLogFailed if they cannot be."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._durable >= ticket:
+                return
+            self._raise_if_failed()
+            future = loop.create_future()
+            self._waiters.append((ticket, loop, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise PredictionLogFailed(f"prediction log commit took longer than {timeout:.0f} s") from None
+
+    def _fail(self, error: OSError) -> None:
+        """Remember the failure (caller holds the lock) and release every waiter with it."""
+        if self.failure is None:
+            self.failure = error
+        waiters, self._waiters = self._waiters, []
+        failure = PredictionLogFailed(f"prediction log fsync failed: {error}")
+        for _, loop, future in waiters:
+            loop.call_soon_threadsafe(_settle, future, failure)
 
     def _commit_loop(self) -> None:
         while not self._closed:
@@ -210,23 +303,51 @@ class PredictionLogWriter:
             self.commit()
 
     def commit(self) -> None:
-        """fsync everything written so far."""
+        """fsync everything written so far and release the requests waiting for it."""
         with self._lock:
-            fd = self._predictions.fd
-        if fd is not None:
-            try:
-                os.fsync(fd)
-            except OSError:  # closed by a day rollover in between; _open fsynced it
-                pass
+            fd, ticket = self._predictions.fd, self._written
+        if fd is None or ticket == self._durable:
+            return
+        try:
+            os.fsync(fd)
+        except OSError as error:
+            with self._lock:
+                if self._predictions.fd == fd:
+                    self._fail(error)
+                    return
+            # the day rolled over in between: _open fsynced and closed that file itself
+        with self._lock:
+            self._durable = max(self._durable, ticket)
+            ready = [w for w in self._waiters if w[0] <= ticket]
+            self._waiters = [w for w in self._waiters if w[0] > ticket]
+        for _, loop, future in ready:
+            loop.call_soon_threadsafe(_settle, future, None)
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._predictions.close()
-            self._feedback.close()
+            try:
+                self._predictions.close()
+                self._feedback.close()
+            except OSError as error:
+                self._fail(error)
+            else:
+                self._durable = self._written
+                waiters, self._waiters = self._waiters, []
+                for _, loop, future in waiters:
+                    loop.call_soon_threadsafe(_settle, future, None)
         self._dirty.set()
+
+
+def _settle(future: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def _log_files(directory: Path, prefix: str, since: datetime | None) -> list[Path]:

@@ -87,7 +87,7 @@ def describe_validation_error(error: dict[str, Any]) -> dict[str, str]:
 
 
 def _reshape_error(status: int, body: bytes) -> tuple[int, bytes]:
-    """Give a 4xx body of BentoML the contract's shape; validation failures become 422."""
+    """Give a 4xx (or 503) body of BentoML the contract's shape; validation failures become 422."""
     try:
         payload: Any = json.loads(body) if body else {}
     except ValueError:
@@ -100,6 +100,9 @@ def _reshape_error(status: int, body: bytes) -> tuple[int, bytes]:
     detail = [describe_validation_error(error) for error in errors if isinstance(error, dict)]
     if status == 400:
         status = 422
+    if status == 503:  # BentoML hides every 5xx message; the service's only 503 is an unlogged answer
+        message = "prediction log unavailable: nothing was served or recorded; retry later"
+        return status, json.dumps({"error": message, "detail": []}).encode()
     message = str(payload.get("error") or "invalid request")
     if detail:
         message = "invalid request: " + "; ".join(f"{item['field']}: {item['reason']}" for item in detail[:5])
@@ -291,7 +294,7 @@ def _shaping_errors(send: Send, version: bytes) -> Send:
         nonlocal start
         if message["type"] == "http.response.start":
             headers = _add_version(list(message.get("headers", [])), version)
-            if 400 <= message["status"] < 500:
+            if 400 <= message["status"] < 500 or message["status"] == 503:
                 start = dict(message, headers=headers)
                 return
             message["headers"] = headers

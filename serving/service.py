@@ -182,6 +182,10 @@ class MedopsService:
         STATE.model = model_from_store(MODEL_NAME, version)
         _freeze_heap()
 
+    def __is_ready__(self) -> bool:
+        """Not ready once the prediction log failed: a load balancer must stop sending traffic here."""
+        return self.log.healthy
+
     @bentoml.on_shutdown
     def _close(self) -> None:
         if self.watcher is not None:
@@ -215,7 +219,7 @@ class MedopsService:
             labels = await anyio.to_thread.run_sync(model.labels, X, probabilities)
         encounters = [record.encounter_id for record in records]
         try:
-            self.log.log_predictions(
+            ticket = self.log.log_predictions(
                 request_id=os.urandom(16).hex(),
                 model_name=model.name,
                 model_version=model.version,
@@ -225,8 +229,10 @@ class MedopsService:
                 probabilities=probabilities,
                 labels=labels,
             )
+            # The answer leaves only once its rows are on disk (the group commit covers them).
+            await self.log.wait_durable(ticket)
         except OSError as exc:
-            logger.exception("prediction log write failed")
+            logger.error("prediction log unavailable, request refused: %s", exc)
             raise LogUnavailable("prediction log unavailable; nothing was served") from exc
         ctx.response.metadata[VERSION_HEADER] = model.version
         # validated by pydantic's compiled core from plain dicts: three times faster than
@@ -278,7 +284,7 @@ class MedopsService:
         try:
             recorded = self.log.log_feedback((label.encounter_id, label.diagnosis) for label in labels)
         except OSError as exc:
-            logger.exception("feedback write failed")
+            logger.error("feedback store unavailable, request refused: %s", exc)
             raise LogUnavailable("feedback store unavailable; nothing was recorded") from exc
         ctx.response.metadata[VERSION_HEADER] = STATE.version()
         return FeedbackResponse(recorded=recorded)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from medops.core.settings import Settings
 from pipelines.prediction_log import (
@@ -24,9 +25,18 @@ from pipelines.schema import FEATURES
 
 
 def _log(writer: PredictionLogWriter, n: int, *, request_id: str, site: str = "site-a", encounter: str | None = None):
+    _ticket(writer, n, request_id=request_id, site=site, encounter=encounter)
+    return _rows(n)
+
+
+def _rows(n: int):
     X = np.arange(n * len(FEATURES), dtype=float).reshape(n, len(FEATURES)) / 7
-    probabilities = np.linspace(0.1, 0.9, n)
-    writer.log_predictions(
+    return X, np.linspace(0.1, 0.9, n)
+
+
+def _ticket(writer: PredictionLogWriter, n: int, *, request_id: str, site: str = "site-a", encounter=None) -> int:
+    X, probabilities = _rows(n)
+    return writer.log_predictions(
         request_id=request_id,
         model_name="breast_cancer_diagnosis",
         model_version="3",
@@ -36,7 +46,6 @@ def _log(writer: PredictionLogWriter, n: int, *, request_id: str, site: str = "s
         probabilities=probabilities,
         labels=["malignant" if p >= 0.3 else "benign" for p in probabilities],
     )
-    return X, probabilities
 
 
 def test_file_layout_columns_and_header_once(medops_home: Settings):
@@ -162,3 +171,74 @@ def test_append_predictions_for_simulated_traffic(medops_home: Settings):
     append_predictions(medops_home, rows)
     frame = read_predictions(medops_home)
     assert len(frame) == 2 and frame["site_id"].tolist() == ["site-d", "site-d"]
+
+
+def test_an_answer_waits_for_the_fsync_that_covers_its_rows(medops_home: Settings, monkeypatch):
+    """wait_durable returns only after an fsync that started after the rows were written."""
+    import asyncio
+
+    from pipelines import prediction_log
+
+    synced_at: list[int] = []
+    real_fsync = os.fsync
+    writer = PredictionLogWriter(medops_home, commit_interval=0.01)
+
+    def counting_fsync(fd: int) -> None:
+        synced_at.append(writer.rows_written)
+        real_fsync(fd)
+
+    monkeypatch.setattr(prediction_log.os, "fsync", counting_fsync)
+
+    async def serve_one() -> int:
+        ticket = _ticket(writer, 3, request_id="r1")
+        await writer.wait_durable(ticket)
+        return writer.rows_written
+
+    rows = asyncio.run(serve_one())
+    assert rows == 3 and any(count >= 3 for count in synced_at)
+    writer.close()
+
+
+def test_a_failed_fsync_refuses_every_waiting_and_later_request(medops_home: Settings, monkeypatch):
+    import asyncio
+
+    from pipelines import prediction_log
+    from pipelines.prediction_log import PredictionLogFailed
+
+    writer = PredictionLogWriter(medops_home, commit_interval=0.01)
+    _log(writer, 1, request_id="before")  # opens the file (its header is fsynced on create)
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(prediction_log.os, "fsync", broken_fsync)
+
+    async def serve_one() -> None:
+        await writer.wait_durable(_ticket(writer, 2, request_id="lost"))
+
+    with pytest.raises(PredictionLogFailed, match="fsync failed"):
+        asyncio.run(serve_one())
+    assert not writer.healthy
+    with pytest.raises(PredictionLogFailed):
+        _log(writer, 1, request_id="after")
+    with pytest.raises(PredictionLogFailed):
+        writer.log_feedback([("enc-1", "benign")])
+
+
+def test_a_torn_row_is_moved_aside_before_the_file_is_appended_to_again(medops_home: Settings):
+    from pipelines.prediction_log import repair_torn_tail
+
+    writer = PredictionLogWriter(medops_home)
+    _log(writer, 2, request_id="ok")
+    writer.close()
+    path = next((medops_home.predictions_dir / "log").glob("*.csv"))
+    torn = "2026-01-01T00:00:00+00:00,torn,breast_cancer_diagnosis,3,site-a,,1.0,2.0"
+    with path.open("a") as handle:
+        handle.write(torn)
+    writer = PredictionLogWriter(medops_home)  # same pid, same day: the same file is reopened
+    _log(writer, 1, request_id="next")
+    writer.close()
+    assert read_predictions(medops_home)["request_id"].tolist() == ["ok", "ok", "next"]
+    assert path.read_bytes().endswith(b"\n") and b"torn" not in path.read_bytes()
+    assert path.with_name(path.name + ".torn").read_text() == torn + "\n"
+    assert repair_torn_tail(path) == 0

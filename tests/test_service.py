@@ -289,3 +289,24 @@ def test_openapi_document_describes_the_contract(client: TestClient):
 
 def test_nothing_written_outside_medops_home(home: Settings):
     assert not (Path.cwd() / "mlruns").exists()
+
+
+def test_a_prediction_that_cannot_be_logged_durably_is_not_answered(client: TestClient, home: Settings, monkeypatch):
+    """Runs last in this module: it breaks the worker's prediction log on purpose."""
+    import os
+
+    assert predict(client, {"records": records(1)}).status_code == 200
+    served = len(read_predictions(home))
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    refused = predict(client, {"records": records(2, start=10)})
+    assert refused.status_code == 503, refused.text
+    assert "prediction log unavailable" in refused.json()["error"]
+    assert client.get("/readyz").status_code == 503
+    assert predict(client, {"records": records(1)}).status_code == 503
+    monkeypatch.undo()
+    # what was refused is not claimed as served: the log holds only rows written before the answer
+    assert len(read_predictions(home)) <= served + 2
