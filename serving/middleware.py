@@ -208,10 +208,14 @@ class ServingGate:
                     await _send_all(send, _json_response(400, "invalid Content-Length", version))
                     return
                 if declared > self.max_body_bytes:
+                    if not _expects_continue(headers):  # else the client waits and never sends the body
+                        await _drain(receive, DRAIN_LIMIT_BYTES)
                     await _send_all(send, _too_large(self.max_body_bytes, version))
                     return
-            body = await _read_body(receive, self.max_body_bytes)
+            body, complete = await _read_body(receive, self.max_body_bytes)
             if body is None:
+                if not complete:
+                    await _drain(receive, DRAIN_LIMIT_BYTES)
                 await _send_all(send, _too_large(self.max_body_bytes, version))
                 return
 
@@ -243,11 +247,42 @@ def _invalid_site(version: bytes) -> list[Message]:
 
 
 def _too_large(limit: int, version: bytes) -> list[Message]:
-    return _json_response(413, f"request body larger than {limit} bytes", version)
+    return _json_response(413, f"request body larger than {limit} bytes", version, [(b"connection", b"close")])
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None once it grows past ``limit``."""
+# A refused body is read and thrown away before the 413 goes out: closing a socket that still
+# holds unread request bytes makes the kernel send a reset, and a client that sends its whole body
+# before reading (urllib, requests, httpx) then sees ConnectionResetError instead of the 413.
+# Reading stops after this many bytes or seconds, so a refused client costs a bounded amount.
+DRAIN_LIMIT_BYTES = 128 * 1024 * 1024
+DRAIN_SECONDS = 30.0
+
+
+def _expects_continue(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    """Read and discard the rest of a refused body, up to ``limit`` bytes and DRAIN_SECONDS."""
+    import asyncio
+
+    async def discard() -> None:
+        drained = 0
+        while drained <= limit:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+            drained += len(message.get("body", b""))
+
+    try:
+        await asyncio.wait_for(discard(), DRAIN_SECONDS)
+    except TimeoutError:
+        pass
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
+    """(the whole request body, True), or (None, whether the client has sent all of it) once the
+    body grows past ``limit``."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -257,11 +292,11 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return None
+            return None, not message.get("more_body", False)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), True
 
 
 async def _send_all(send: Send, messages: list[Message]) -> None:

@@ -114,6 +114,67 @@ def test_bentoml_client_against_the_real_server(stable: processes.ServerRecord, 
     assert httpx.post(f"{stable.url}/predict", json={"records": records(1)}).status_code == 401
 
 
+OVERSIZED = {"4MiB": 4 * 1024 * 1024, "64MiB": 64 * 1024 * 1024}
+
+
+def _oversized_body(size: int) -> bytes:
+    """A syntactically plausible JSON body of ``size`` bytes (the service must refuse it by size)."""
+    head = b'{"records": [{"mean_radius": 1.0, "padding": "'
+    return head + b"x" * (size - len(head) - 4) + b'"}]}'
+
+
+def _urllib(url: str, body: bytes) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={**auth(), "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _requests(url: str, body: bytes) -> tuple[int, dict]:
+    import requests
+
+    response = requests.post(url, data=body, headers={**auth(), "Content-Type": "application/json"}, timeout=60)
+    return response.status_code, response.json()
+
+
+def _httpx(url: str, body: bytes) -> tuple[int, dict]:
+    response = httpx.post(url, content=body, headers={**auth(), "Content-Type": "application/json"}, timeout=60)
+    return response.status_code, response.json()
+
+
+def _curl(url: str, body: bytes) -> tuple[int, dict]:
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+        handle.write(body)
+        handle.flush()
+        done = subprocess.run(
+            ["curl", "-sS", "--max-time", "60", "-w", "\\n%{http_code}", "-H", f"Authorization: Bearer {API_KEY}",
+             "-H", "Content-Type: application/json", "--data-binary", f"@{handle.name}", url],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    text, _, status = done.stdout.rpartition("\n")
+    return int(status), json.loads(text)
+
+
+@pytest.mark.parametrize("size", list(OVERSIZED), ids=str)
+@pytest.mark.parametrize("send", [_urllib, _requests, _httpx, _curl], ids=lambda f: f.__name__.strip("_"))
+def test_an_oversized_body_gets_a_413_the_client_can_read(stable: processes.ServerRecord, send, size: str):
+    """Never a reset connection: every common client reads the 413 and its reason."""
+    status, body = send(f"{stable.url}/predict", _oversized_body(OVERSIZED[size]))
+    assert status == 413, body
+    assert "request body larger than" in body["error"]
+
+
 def test_concurrent_load_logs_every_served_prediction(stable: processes.ServerRecord, home: Settings):
     served: list[str] = []
     failures: list[str] = []
