@@ -61,37 +61,20 @@ def canonical_lines(frame: pd.DataFrame) -> list[str]:
     """
     import pyarrow.compute as pc
 
-    from pipelines.data import _text_table
+    from pipelines.data import _text_table  # the registry writer's own text: one definition of a row's bytes
 
     missing = [name for name in DATA_COLUMNS if name not in frame.columns]
     if missing:
         raise ValueError(f"rows lack the contract column(s) {', '.join(missing)}: cannot key them")
     table, needs_quotes = _text_table(frame[list(DATA_COLUMNS)])
-    if needs_quotes:  # text with a comma, quote or line break: the csv module quotes as the writer does
-        import csv
-        import io
-
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerows(
-            zip(*(["" if v is None else v for v in table.column(n).to_pylist()] for n in DATA_COLUMNS), strict=True)
+    if needs_quotes:  # validation never lets such text into a data version
+        raise ValueError(
+            f"{LABEL} or {SITE}: text with a comma, quote or line break is not a valid contract row; validate it first"
         )
-        return _split_csv_records(buffer.getvalue())
     joined = pc.binary_join_element_wise(
         *(table.column(name) for name in DATA_COLUMNS), ",", null_handling="replace", null_replacement=""
     )
     return joined.to_pylist()
-
-
-def _split_csv_records(text: str) -> list[str]:
-    """Records of CSV text, keeping line breaks that sit inside quoted fields."""
-    records, current, quoted = [], [], False
-    for line in text.split("\n")[:-1]:
-        current.append(line)
-        quoted ^= line.count('"') % 2 == 1
-        if not quoted:
-            records.append("\n".join(current))
-            current = []
-    return records
 
 
 def row_keys(frame: pd.DataFrame) -> np.ndarray:

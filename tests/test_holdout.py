@@ -142,3 +142,12 @@ def test_the_seeds_holdout_is_not_stratified_but_has_a_sane_class_balance():
     assert all(site["malignant"] >= 10 for site in summary.sites.values()), summary.sites
     assert sum(site["rows"] for site in summary.sites.values()) == summary.rows
     assert summary.to_dict()["malignant_share"] == pytest.approx(summary.malignant / summary.rows)
+
+
+def test_rows_that_could_not_be_in_a_data_version_are_refused():
+    frame = seed_frame().head(2)
+    frame.loc[0, SITE] = "site,a"
+    with pytest.raises(ValueError, match="site_id: text with a comma"):
+        row_keys(frame)
+    with pytest.raises(ValueError, match="lack the contract column"):
+        row_keys(seed_frame().drop(columns=[SITE]))
