@@ -39,15 +39,16 @@ TEARDOWN_SECONDS = 45  # stopping the servers and airflow standalone, kept insid
 FAMILIES = ["logistic_regression"]
 
 
-def _ts(value: str | None) -> float | None:
-    return datetime.fromisoformat(value).timestamp() if value else None
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value else None
 
 
 def run(quick: bool = False, runs: int = 3, budget_seconds: float | None = None) -> SectionResult:
     """Measure up to ``runs`` loops; stop starting new ones when ``budget_seconds`` would be exceeded."""
     from rich.console import Console
 
-    from medops.app import platform, processes
+    from medops.app import platform
+    from medops.core import processes
     from pipelines import model_registry
     from serving import rollout
 
@@ -111,10 +112,10 @@ def _quiet_monitoring(client: Any, timeout: float = 180) -> None:
     Airflow creates DAGs unpaused here, so the hourly monitor_drift runs once as soon as it is
     parsed; measured loops would otherwise share the two cores with it.
     """
-    client.request("PATCH", "/dags/monitor_drift", json={"is_paused": True})
+    client.pause("monitor_drift")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(run["state"] in ("queued", "running") for run in client.runs("monitor_drift")):
+        if not any(run.state.value in ("queued", "running") for run in client.runs("monitor_drift")):
             return
         time.sleep(1.0)
 
@@ -138,11 +139,11 @@ def _warm_up(settings: Any, client: Any, timeout: float = 300) -> dict[str, Any]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = _loop_runs(client, t0).get("ingest_data")
-        if run is not None and run["state"] in ("success", "failed"):
+        if run is not None and run.state.value in ("success", "failed"):
             return {
-                "detection_seconds": round(_ts(run["queued_at"]) - t0, 1),
-                "run_seconds": round(_ts(run["end_date"]) - t0, 1),
-                "state": run["state"],
+                "detection_seconds": round(_ts(run.queued_at) - t0, 1),
+                "run_seconds": round(_ts(run.end_date) - t0, 1),
+                "state": run.state.value,
             }
         time.sleep(1.0)
     return {"error": f"the warm-up ingest_data run did not finish within {timeout:.0f} s"}
@@ -200,13 +201,20 @@ def _one_loop(index: int, settings: Any, client: Any, model_registry: Any) -> di
     if t_end is None:
         return {"index": index, "ok": False, "reason": f"no new champion serving within 600 s (served {served})"}
     runs = _loop_runs(client, t0)
+    wait_error = None
     if "deploy_model" in runs:  # let the rollout finish before the next batch lands
         try:
-            client.wait_for_run("deploy_model", runs["deploy_model"]["dag_run_id"], timeout=300, poll=1.0)
+            client.wait_for_run("deploy_model", runs["deploy_model"].dag_run_id, timeout=300, poll=1.0)
         except Exception as error:  # the loop closed already; only the breakdown's tail is missing
-            runs["deploy_model"]["wait_error"] = str(error)
+            wait_error = str(error)
     runs = _loop_runs(client, t0)
     segments = _segments(t0, t_end, runs, client)
+    described = {
+        dag: run.model_dump(mode="json", include={"dag_run_id", "queued_at", "start_date", "end_date", "state"})
+        for dag, run in runs.items()
+    }
+    if wait_error and "deploy_model" in described:
+        described["deploy_model"]["wait_error"] = wait_error
     return {
         "index": index,
         "ok": True,
@@ -214,32 +222,29 @@ def _one_loop(index: int, settings: Any, client: Any, model_registry: Any) -> di
         "previous_version": before,
         "total_seconds": t_end - t0,
         "segments": segments,
-        "runs": {
-            dag: {k: run.get(k) for k in ("dag_run_id", "queued_at", "start_date", "end_date", "state")}
-            for dag, run in runs.items()
-        },
+        "runs": described,
     }
 
 
 def _gate_refused(client: Any, t0: float) -> bool:
     for run in client.runs("train_model"):
-        if (_ts(run.get("queued_at")) or 0) >= t0 - 1 and run["state"] in ("success", "failed"):
-            tasks = {ti["task_id"]: ti["state"] for ti in client.task_instances("train_model", run["dag_run_id"])}
+        if (_ts(run.queued_at) or 0) >= t0 - 1 and run.state.value in ("success", "failed"):
+            tasks = {ti.task_id: ti.state for ti in client.task_instances("train_model", run.dag_run_id)}
             return tasks.get("promote") != "success"
     return False
 
 
-def _loop_runs(client: Any, t0: float) -> dict[str, dict[str, Any]]:
-    """The first run of each loop DAG queued after ``t0``."""
+def _loop_runs(client: Any, t0: float) -> dict[str, Any]:
+    """The first run (``DAGRunResponse``) of each loop DAG queued after ``t0``."""
     found = {}
     for dag_id in LOOP_DAGS:
-        runs = [r for r in client.runs(dag_id) if (_ts(r.get("queued_at")) or 0) >= t0 - 1]
+        runs = [r for r in client.runs(dag_id) if (_ts(r.queued_at) or 0) >= t0 - 1]
         if runs:
-            found[dag_id] = min(runs, key=lambda r: _ts(r["queued_at"]))
+            found[dag_id] = min(runs, key=lambda r: _ts(r.queued_at))
     return found
 
 
-def _segments(t0: float, t_end: float, runs: dict[str, dict[str, Any]], client: Any) -> list[dict[str, Any]]:
+def _segments(t0: float, t_end: float, runs: dict[str, Any], client: Any) -> list[dict[str, Any]]:
     """The loop cut into consecutive tasks and gaps, from ``t0`` to the first answer of the new version.
 
     The wait before a task is split (in ``detail``) into: until the scheduler scheduled it, until
@@ -265,20 +270,20 @@ def _segments(t0: float, t_end: float, runs: dict[str, dict[str, Any]], client: 
         run = runs.get(dag_id)
         if run is None or cursor >= t_end:
             break
-        add(f"{previous} -> {dag_id} run queued", "gap", _ts(run["queued_at"]))
-        tasks = [t for t in client.task_instances(dag_id, run["dag_run_id"]) if t.get("start_date")]
-        tasks.sort(key=lambda t: _ts(t["start_date"]))
+        add(f"{previous} -> {dag_id} run queued", "gap", _ts(run.queued_at))
+        tasks = [t for t in client.task_instances(dag_id, run.dag_run_id) if t.start_date]
+        tasks.sort(key=lambda t: _ts(t.start_date))
         for task in tasks:
-            name = f"{dag_id}.{task['task_id']}"
-            start = _ts(task["start_date"])
-            marks = {"scheduled": _ts(task.get("scheduled_dttm")), "queued": _ts(task.get("queued_dttm"))}
+            name = f"{dag_id}.{task.task_id}"
+            start = _ts(task.start_date)
+            marks = {"scheduled": _ts(task.scheduled_when), "queued": _ts(task.queued_when)}
             detail, last = {}, cursor
             for label, moment in (*marks.items(), ("process started", start)):
                 if moment is not None and moment > last:
                     detail[label] = round(min(moment, t_end) - last, 3)
                     last = moment
             add(f"wait: {name}", "gap", start, detail)
-            add(f"task: {name}", "task", _ts(task.get("end_date")) or t_end)
+            add(f"task: {name}", "task", _ts(task.end_date) or t_end)
             if cursor >= t_end:
                 break
         previous = dag_id

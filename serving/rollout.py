@@ -182,29 +182,32 @@ def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = No
     """Check a server serves ``version`` and predicts what the registered model predicts.
 
     ``expected`` is ``(rows, probabilities, labels)`` from the MLflow model (computed once per
-    deployment by :func:`expected_predictions`).
+    deployment by :func:`expected_predictions`). The checks go through :class:`MedopsClient`, the
+    client clinical apps use, as the smoke-test site.
     """
-    import httpx
     import numpy as np
+    from pydantic import ValidationError
+
+    from serving.client import MedopsClient, ServiceError
 
     rows, probabilities, labels = expected or expected_predictions(version, settings)
     key = settings.service_api_keys()[0]
-    headers = {"Authorization": f"Bearer {key}", "X-Site-Id": SMOKE_TEST_SITE}
     records = [dict(row) | {"encounter_id": f"smoke-{i}"} for i, row in enumerate(rows.to_dict("records"))]
-    with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
-        ready = client.get("/readyz")
-        if ready.status_code != 200:
-            raise SmokeTestFailed(f"{url}/readyz answered {ready.status_code}")
-        response = client.post("/predict", json={"records": records})
-        if response.status_code != 200:
-            raise SmokeTestFailed(f"{url}/predict answered {response.status_code}: {response.text[:300]}")
-        body = response.json()
-        served_version = response.headers.get("x-model-version")
-        if served_version != str(version) or body.get("model_version") != str(version):
+    with MedopsClient(url, key, site_id=SMOKE_TEST_SITE, timeout=timeout) as client:
+        if not client.ready():
+            raise SmokeTestFailed(f"{url}/readyz is not ready")
+        try:
+            answer = client.predict(records)
+        except ServiceError as error:
+            raise SmokeTestFailed(f"{url}/predict answered {error.status}: {error.message[:300]}") from None
+        except ValidationError as error:
+            raise SmokeTestFailed(f"{url}/predict answered outside the contract: {str(error)[:300]}") from None
+        served_version = client.last_model_version
+        if served_version != str(version) or answer.model_version != str(version):
             raise SmokeTestFailed(f"{url} serves model version {served_version}, expected {version}")
-        got_probabilities = np.array([p["probability_malignant"] for p in body["predictions"]])
-        got_labels = [p["label"] for p in body["predictions"]]
-        if [p["encounter_id"] for p in body["predictions"]] != [r["encounter_id"] for r in records]:
+        got_probabilities = np.array([p.probability_malignant for p in answer.predictions])
+        got_labels = [p.label for p in answer.predictions]
+        if [p.encounter_id for p in answer.predictions] != [r["encounter_id"] for r in records]:
             raise SmokeTestFailed(f"{url}/predict returned predictions out of order")
         if got_labels != list(labels):
             wrong = sum(a != b for a, b in zip(got_labels, labels, strict=True))
@@ -212,12 +215,18 @@ def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = No
         if not np.allclose(got_probabilities, probabilities, rtol=0, atol=1e-9):
             gap = float(np.max(np.abs(got_probabilities - probabilities)))
             raise SmokeTestFailed(f"{url}: probabilities differ from the MLflow model's by up to {gap:.3g}")
-        metadata = client.get("/metadata")
-        if metadata.status_code != 200 or metadata.json().get("model_version") != str(version):
+        try:
+            metadata = client.metadata()
+        except (ServiceError, ValidationError):
+            metadata = None
+        if metadata is None or metadata.model_version != str(version):
             raise SmokeTestFailed(f"{url}/metadata does not describe model version {version}")
-        explained = client.post("/explain", json={"records": records[:2]})
-        if explained.status_code != 200:
-            raise SmokeTestFailed(f"{url}/explain answered {explained.status_code}")
+        try:
+            client.explain(records[:2])
+        except ServiceError as error:
+            raise SmokeTestFailed(f"{url}/explain answered {error.status}: {error.message[:300]}") from None
+        except ValidationError as error:
+            raise SmokeTestFailed(f"{url}/explain answered outside the contract: {str(error)[:300]}") from None
 
 
 def expected_predictions(version: str, settings: Settings):

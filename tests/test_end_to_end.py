@@ -21,6 +21,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -28,7 +29,11 @@ import pytest
 from medops.core.processes import wait_until
 from pipelines.data import seed_frame
 from pipelines.schema import FEATURES
+from serving.client import MedopsClient, ServiceError
 from tests.test_alerts import smtp, webhook  # noqa: F401  (fixtures: local alert sinks)
+
+if TYPE_CHECKING:
+    from airflow_client.client.models import DAGRunResponse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 BIN = Path(sys.executable).parent
@@ -48,12 +53,13 @@ def _medops(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess
 
 def _steady_load(url: str, key: str, record: dict, stop, counts) -> None:
     """Another process calling /predict back to back, as a clinical app would, counting failures."""
-    with httpx.Client(timeout=30) as client:
+    # no connection retries: a connection refused during the rollout must count as a failure
+    with MedopsClient(url, key, timeout=30, connect_retries=0) as client:
         while not stop.is_set():
             try:
-                answer = client.post(url, json={"records": [record]}, headers={"Authorization": f"Bearer {key}"})
-                ok = answer.status_code == 200
-            except httpx.HTTPError:
+                client.predict([record])
+                ok = True
+            except (httpx.HTTPError, ServiceError):
                 ok = False
             with counts.get_lock():
                 counts[0 if ok else 1] += 1
@@ -96,11 +102,10 @@ def _platform_processes(home: Path) -> list[int]:
 def _monitor(airflow, since: str) -> dict:
     """Run monitor_drift over the traffic sent since ``since`` and return check_drift's result."""
     run_id = airflow.trigger("monitor_drift", {"since": since})
-    assert airflow.wait_for_run("monitor_drift", run_id, timeout=300)["state"] == "success"
-    value = airflow.request(
-        "GET", f"/dags/monitor_drift/dagRuns/{run_id}/taskInstances/check_drift/xcomEntries/return_value"
-    )["value"]
-    return value if isinstance(value, dict) else json.loads(value)
+    assert airflow.wait_for_run("monitor_drift", run_id, timeout=300).state.value == "success"
+    value = airflow.xcom("monitor_drift", run_id, "check_drift")
+    assert isinstance(value, dict), value
+    return value
 
 
 def _describe(pids: list[int]) -> str:
@@ -132,7 +137,6 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         }
     )
     serving = f"http://127.0.0.1:{ports['SERVING']}"
-    auth = {"Authorization": "Bearer e2e-key"}
     stages = Stages()
     airflow = None
     try:
@@ -141,9 +145,9 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         stages.done("up: seed lands -> champion v1 serving")
         airflow = AirflowClient(f"http://127.0.0.1:{ports['AIRFLOW']}", password=admin_password(home / "airflow"))
         for dag_id in ("ingest_data", "train_model", "deploy_model"):
-            assert [r["state"] for r in airflow.runs(dag_id)] == ["success"], dag_id
-        metadata = httpx.get(f"{serving}/metadata", headers=auth, timeout=10)
-        assert metadata.status_code == 200 and metadata.headers["x-model-version"] == "1"
+            assert [r.state.value for r in airflow.runs(dag_id)] == ["success"], dag_id
+        with MedopsClient(serving, "e2e-key", timeout=10) as service:
+            assert service.metadata().model_version == "1" and service.last_model_version == "1"
 
         import mlflow
 
@@ -168,7 +172,7 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         row = seed_frame().iloc[5]
         record = {name: float(row[name]) for name in FEATURES}
         load = multiprocessing.Process(
-            target=_steady_load, args=(f"{serving}/predict", "e2e-key", record, stop, counts), daemon=True
+            target=_steady_load, args=(serving, "e2e-key", record, stop, counts), daemon=True
         )
         load.start()
         try:
@@ -188,12 +192,12 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
             assert "drift" in smtp.received[0]["Subject"].lower()
             stages.done("alert at webhook and SMTP")
 
-            def drift_training() -> dict | None:
+            def drift_training() -> DAGRunResponse | None:
                 runs = airflow.runs("train_model")  # newest first; the oldest one trained v1
-                done = [r for r in runs[:-1] if r["state"] in ("success", "failed")]
+                done = [r for r in runs[:-1] if r.state.value in ("success", "failed")]
                 return done[0] if done else None
 
-            assert _wait(drift_training, 420, "train_model run from medops/drift")["state"] == "success"
+            assert _wait(drift_training, 420, "train_model run from medops/drift").state.value == "success"
 
             def serving_new_version() -> str | None:
                 version = httpx.get(f"{serving}/livez", timeout=5).headers.get("x-model-version")

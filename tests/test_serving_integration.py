@@ -22,10 +22,12 @@ from serving_fixtures import (
     shared_registry,
 )
 
+from medops.app.platform import serving_version
 from medops.core.settings import Settings
 from pipelines.model_registry import champion_version, set_champion
 from pipelines.prediction_log import hash_encounter_id, read_predictions
 from serving import processes, rollout
+from serving.client import MedopsClient, ServiceError
 
 pytestmark = pytest.mark.integration
 
@@ -175,21 +177,36 @@ def test_an_oversized_body_gets_a_413_the_client_can_read(stable: processes.Serv
     assert "request body larger than" in body["error"]
 
 
+def test_medops_client_against_the_real_server(stable: processes.ServerRecord, versions: dict[str, str]):
+    with MedopsClient(stable.url, API_KEY, site_id="site-r") as service:
+        assert service.ready() and service.last_model_version == versions["v1"]
+        answer = service.predict(records(2))
+        assert answer.model_version == service.last_model_version == versions["v1"]
+        assert [p.encounter_id for p in answer.predictions] == ["enc-0", "enc-1"]
+        assert service.metadata().model_version == versions["v1"]
+    with MedopsClient(stable.url, "wrong-key") as service, pytest.raises(ServiceError) as refused:
+        service.predict(records(1))
+    assert refused.value.status == 401
+
+
 def test_concurrent_load_logs_every_served_prediction(stable: processes.ServerRecord, home: Settings):
     served: list[str] = []
     failures: list[str] = []
     lock = threading.Lock()
 
     def client(thread: int) -> None:
-        with httpx.Client(base_url=stable.url, headers=auth(), timeout=30) as http:
+        # no connection retries: a refused connection is a failure here, not something to paper over
+        with MedopsClient(stable.url, API_KEY, timeout=30, connect_retries=0) as service:
             for n in range(15):
                 body = [r | {"encounter_id": f"load-{thread}-{n}-{i}"} for i, r in enumerate(records(1 + n % 4))]
-                response = http.post("/predict", json={"records": body})
+                try:
+                    answer = service.predict(body)
+                except ServiceError as error:
+                    with lock:
+                        failures.append(str(error))
+                    continue
                 with lock:
-                    if response.status_code == 200:
-                        served.extend(p["encounter_id"] for p in response.json()["predictions"])
-                    else:
-                        failures.append(response.text)
+                    served.extend(p.encounter_id for p in answer.predictions)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
     for thread in threads:
@@ -214,7 +231,7 @@ def test_rollout_under_load_fails_no_request(
     assert load["failures"] == [], load["failures"][:5]
     assert load["sent"] > 50 and set(load["versions"]) == {versions["v1"], versions["v2"]}, load
     assert result.switch == "swap" and result.previous == versions["v1"]
-    assert httpx.get(f"{stable.url}/readyz").headers["x-model-version"] == versions["v2"]
+    assert serving_version(home) == versions["v2"]  # what the stable endpoint's /readyz says
     assert champion_version(home) == versions["v2"]
     assert processes.read_record(home, rollout.CANDIDATE) is None  # the candidate was stopped
     assert processes.read_record(home, rollout.STABLE).pid == stable.pid  # same endpoint, same process
@@ -239,7 +256,7 @@ def test_a_version_that_cannot_serve_leaves_the_old_one_serving(
         with pytest.raises(rollout.DeployFailed, match="cannot start"):
             rollout.deploy(versions["broken"], home)
     assert load["failures"] == [] and set(load["versions"]) == {versions["v2"]}
-    assert httpx.get(f"{stable.url}/readyz").headers["x-model-version"] == versions["v2"]
+    assert serving_version(home) == versions["v2"]  # what the stable endpoint's /readyz says
     assert champion_version(home) == versions["v2"]
     assert alerts and versions["broken"] in alerts[0][0]
     assert processes.read_record(home, rollout.CANDIDATE) is None

@@ -1,24 +1,59 @@
-"""A small client for the Airflow 3 REST API (``/api/v2``) with the simple auth manager's token.
+"""Airflow 3's REST API (``/api/v2``) through its official client, ``apache-airflow-client``.
 
-Used by `medops up` to unpause and trigger DAGs and by the end-to-end test to drive the platform
-only through public interfaces.
+Used by `medops up` to unpause and trigger DAGs, by the drift scenario and the end-to-end test to
+drive the platform only through public interfaces, and by the loop benchmark for its timings.
+:class:`AirflowClient` is a small facade over the client's typed APIs: calls return the client's
+models (``DAGRunResponse``, ``TaskInstanceResponse``...), whose ``state`` enums compare equal to
+the plain strings (``run.state == "success"``).
+
+The simple auth manager hands out a JWT at ``POST /auth/token``, outside ``/api/v2`` and so
+outside the generated client; that one call is made with httpx. A token that expired (401) is
+replaced once per call.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import urllib3
+from airflow_client.client import (
+    ApiClient,
+    Configuration,
+    DAGApi,
+    DagRunApi,
+    ImportErrorApi,
+    MonitorApi,
+    TaskInstanceApi,
+    XComApi,
+)
+from airflow_client.client.exceptions import ApiException, UnauthorizedException
+from airflow_client.client.models import (
+    DAGPatchBody,
+    DAGResponse,
+    DAGRunResponse,
+    ImportErrorResponse,
+    TaskInstanceResponse,
+    TriggerDAGRunPostBody,
+)
 
-TERMINAL = {"success", "failed"}
+from medops.core.processes import wait_until
+
+FINISHED = frozenset({"success", "failed"})
+RUNS_LISTED = 50  # newest first; more than any caller looks back over
+
+T = TypeVar("T")
 
 
 class AirflowError(RuntimeError):
-    pass
+    """Airflow refused a call or could not be logged in to; one line for the terminal."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def admin_password(airflow_home: Path) -> str | None:
@@ -29,92 +64,157 @@ def admin_password(airflow_home: Path) -> str | None:
     return json.loads(path.read_text()).get("admin")
 
 
-@dataclass
 class AirflowClient:
-    base_url: str
-    username: str = "admin"
-    password: str | None = None
-    timeout: float = 30.0
+    """The calls medops makes to one Airflow API server, as ``username`` (simple auth manager)."""
 
-    def __post_init__(self) -> None:
-        self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout)
-        self._token: str | None = None
+    def __init__(self, base_url: str, username: str = "admin", password: str | None = None, timeout: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.username = username
+        self.password = password
+        self.timeout = timeout
+        self._api = ApiClient(Configuration(host=self.base_url))
+
+    def __enter__(self) -> AirflowClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
-        self._http.close()
+        self._api.rest_client.pool_manager.clear()
 
+    # authentication -------------------------------------------------------------------------
+    def _login(self) -> None:
+        try:
+            response = httpx.post(
+                f"{self.base_url}/auth/token",
+                json={"username": self.username, "password": self.password},
+                timeout=self.timeout,
+            )
+        except httpx.HTTPError as error:
+            raise AirflowError(f"cannot reach Airflow at {self.base_url} to log in: {error}") from None
+        if response.status_code not in (200, 201):
+            raise AirflowError(
+                f"Airflow login as {self.username} failed ({response.status_code}): {response.text[:200]}"
+            )
+        self._api.configuration.access_token = response.json()["access_token"]
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        """``call()`` with a token, renewed once on 401; Airflow's refusals become :class:`AirflowError`."""
+        if self._api.configuration.access_token is None:
+            self._login()
+        try:
+            try:
+                return call()
+            except UnauthorizedException:
+                self._login()
+                return call()
+        except ApiException as error:
+            body = (error.body or error.reason or "").replace("\n", " ")[:300]
+            raise AirflowError(f"{what}: {error.status} {body}", error.status) from None
+
+    # calls ------------------------------------------------------------------------------------
     def healthy(self) -> bool:
+        """Metadata database and scheduler report healthy (this route needs no login)."""
         try:
-            response = self._http.get("/api/v2/monitor/health")
-        except httpx.HTTPError:
+            health = MonitorApi(self._api).get_health(_request_timeout=self.timeout)
+        except (ApiException, urllib3.exceptions.HTTPError, ValueError):
             return False
-        if response.status_code != 200:
-            return False
-        body = response.json()
-        return all(body.get(part, {}).get("status") == "healthy" for part in ("metadatabase", "scheduler"))
+        return health.metadatabase.status == "healthy" and health.scheduler.status == "healthy"
 
-    def _auth(self) -> dict[str, str]:
-        if self._token is None:
-            response = self._http.post("/auth/token", json={"username": self.username, "password": self.password})
-            if response.status_code not in (200, 201):
-                raise AirflowError(f"Airflow login failed ({response.status_code}): {response.text[:200]}")
-            self._token = response.json()["access_token"]
-        return {"Authorization": f"Bearer {self._token}"}
-
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._http.request(method, f"/api/v2{path}", headers=self._auth(), **kwargs)
-        if response.status_code == 401:
-            self._token = None
-            response = self._http.request(method, f"/api/v2{path}", headers=self._auth(), **kwargs)
-        if response.status_code >= 400:
-            raise AirflowError(f"{method} {path}: {response.status_code} {response.text[:300]}")
-        return response.json() if response.content else None
-
-    def dag(self, dag_id: str) -> dict | None:
+    def dag(self, dag_id: str) -> DAGResponse | None:
+        """The DAG, or None while the DAG processor has not parsed it."""
         try:
-            return self.request("GET", f"/dags/{dag_id}")
+            return self._call(
+                f"GET dag {dag_id}", lambda: DAGApi(self._api).get_dag(dag_id, _request_timeout=self.timeout)
+            )
         except AirflowError as error:
-            if " 404 " in str(error):
+            if error.status == 404:
                 return None
             raise
 
-    def import_errors(self) -> list[dict]:
-        return self.request("GET", "/importErrors")["import_errors"]
+    def import_errors(self) -> list[ImportErrorResponse]:
+        listed = self._call(
+            "GET import errors", lambda: ImportErrorApi(self._api).get_import_errors(_request_timeout=self.timeout)
+        )
+        return listed.import_errors
+
+    def _set_paused(self, dag_id: str, paused: bool) -> None:
+        self._call(
+            f"PATCH dag {dag_id}",
+            lambda: DAGApi(self._api).patch_dag(dag_id, DAGPatchBody(is_paused=paused), _request_timeout=self.timeout),
+        )
 
     def unpause(self, dag_id: str) -> None:
-        self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+        self._set_paused(dag_id, False)
 
-    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
-        run = self.request("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
-        return run["dag_run_id"]
+    def pause(self, dag_id: str) -> None:
+        self._set_paused(dag_id, True)
 
-    def runs(self, dag_id: str) -> list[dict]:
-        return self.request("GET", f"/dags/{dag_id}/dagRuns", params={"order_by": "-start_date", "limit": 50})[
-            "dag_runs"
-        ]
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        """Start a manual run now (no logical date, as Airflow 3 asks) and return its run id."""
+        body = TriggerDAGRunPostBody(logical_date=None, conf=conf or {})
+        run = self._call(
+            f"trigger {dag_id}",
+            lambda: DagRunApi(self._api).trigger_dag_run(dag_id, body, _request_timeout=self.timeout),
+        )
+        return run.dag_run_id
 
-    def run(self, dag_id: str, run_id: str) -> dict:
-        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
+    def runs(self, dag_id: str) -> list[DAGRunResponse]:
+        """The DAG's latest runs, most recently started first."""
+        listed = self._call(
+            f"list runs of {dag_id}",
+            lambda: DagRunApi(self._api).get_dag_runs(
+                dag_id, order_by=["-start_date"], limit=RUNS_LISTED, _request_timeout=self.timeout
+            ),
+        )
+        return listed.dag_runs
 
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+    def run(self, dag_id: str, run_id: str) -> DAGRunResponse:
+        return self._call(
+            f"GET run {dag_id}/{run_id}",
+            lambda: DagRunApi(self._api).get_dag_run(dag_id, run_id, _request_timeout=self.timeout),
+        )
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600, poll: float = 2.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def task_instances(self, dag_id: str, run_id: str) -> list[TaskInstanceResponse]:
+        listed = self._call(
+            f"list task instances of {dag_id}/{run_id}",
+            lambda: TaskInstanceApi(self._api).get_task_instances(dag_id, run_id, _request_timeout=self.timeout),
+        )
+        return listed.task_instances
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        """The value ``task_id`` pushed under ``key`` in that run (a task's return value by default)."""
+        entry = self._call(
+            f"GET XCom {dag_id}/{run_id}/{task_id}/{key}",
+            lambda: XComApi(self._api).get_xcom_entry(dag_id, task_id, run_id, key, _request_timeout=self.timeout),
+        )
+        value = entry.actual_instance.value
+        # The native form is what the metadata DB holds; values stored as JSON text come back as text.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                return value
+        return value
+
+    # waiting ----------------------------------------------------------------------------------
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600, poll: float = 2.0) -> DAGRunResponse:
+        """The run once it succeeded or failed; ``TimeoutError`` if it has not within ``timeout``."""
+
+        def finished() -> DAGRunResponse | None:
             run = self.run(dag_id, run_id)
-            if run["state"] in TERMINAL:
-                return run
-            time.sleep(poll)
-        raise AirflowError(f"{dag_id} run {run_id} did not finish within {timeout:.0f}s")
+            return run if run.state.value in FINISHED else None
+
+        return wait_until(finished, timeout, f"{dag_id} run {run_id}", poll=poll, hint="see its logs in the Airflow UI")
 
     def wait_for_dags(self, dag_ids: list[str], timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        missing = list(dag_ids)
-        while time.monotonic() < deadline:
+        """Wait until the DAG processor has parsed every one of ``dag_ids``; name import errors if not."""
+        try:
+            wait_until(
+                lambda: all(self.dag(dag_id) is not None for dag_id in dag_ids), timeout, "DAGs parsed", poll=2.0
+            )
+        except TimeoutError:
             missing = [dag_id for dag_id in dag_ids if self.dag(dag_id) is None]
-            if not missing:
-                return
-            time.sleep(2)
-        errors = "; ".join(f"{e['filename']}: {e['stack_trace'][-200:]}" for e in self.import_errors())
-        raise AirflowError(f"DAGs not parsed within {timeout:.0f}s: {', '.join(missing)}. {errors}")
+            errors = "; ".join(f"{e.filename}: {e.stack_trace[-200:]}" for e in self.import_errors())
+            raise AirflowError(f"DAGs not parsed within {timeout:.0f}s: {', '.join(missing)}. {errors}") from None

@@ -8,12 +8,15 @@ and waits until a champion answers on the serving port; `down` stops everything 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from medops.core import processes
 from medops.core.settings import REPO_ROOT, Settings
+
+if TYPE_CHECKING:
+    from medops.app.airflow_api import AirflowClient
 
 LOOP_DAG_IDS = ["ingest_data", "train_model", "deploy_model"]
 DAG_IDS = [*LOOP_DAG_IDS, "monitor_drift"]
@@ -121,7 +124,7 @@ def start_evidently(settings: Settings) -> int:
     return processes.start("evidently", argv, settings)
 
 
-def airflow_client(settings: Settings):
+def airflow_client(settings: Settings) -> AirflowClient:
     from medops.app.airflow_api import AirflowClient, admin_password
 
     return AirflowClient(urls(settings)["airflow"], password=admin_password(settings.airflow_home))
@@ -130,22 +133,18 @@ def airflow_client(settings: Settings):
 def wait_for_airflow(settings: Settings, timeout: float = 240) -> None:
     from medops.app.airflow_api import AirflowClient, admin_password
 
-    probe = AirflowClient(urls(settings)["airflow"])
     alive = lambda: processes.read_pid("airflow", settings) is not None  # noqa: E731
-    processes.wait_until(probe.healthy, timeout, "Airflow API server and scheduler", alive=alive)
+    with AirflowClient(urls(settings)["airflow"]) as probe:
+        processes.wait_until(probe.healthy, timeout, "Airflow API server and scheduler", alive=alive)
     processes.wait_until(lambda: admin_password(settings.airflow_home) is not None, 60, "Airflow admin password")
-    probe.close()
 
 
 def serving_version(settings: Settings) -> str | None:
-    """The model version the stable endpoint serves, from its X-Model-Version header."""
-    import httpx
+    """The model version the stable endpoint serves (its X-Model-Version), or None if it is not ready."""
+    from serving.client import MedopsClient
 
-    try:
-        response = httpx.get(f"{urls(settings)['serving']}/readyz", timeout=2.0)
-    except httpx.HTTPError:
-        return None
-    return response.headers.get("x-model-version") if response.status_code == 200 else None
+    with MedopsClient(urls(settings)["serving"], timeout=2.0, connect_retries=0) as client:
+        return client.last_model_version if client.ready() else None
 
 
 def up(settings: Settings, *, wait: bool = True, console: Console, out: Console, timeout: float = 900) -> None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from medops.core.processes import wait_until
 from medops.core.settings import Settings
+
+if TYPE_CHECKING:
+    from airflow_client.client.models import DAGRunResponse
 
 
 def _wait(check: Callable[[], Any], timeout: float, what: str, poll: float = 3.0) -> Any:
@@ -28,6 +31,7 @@ def run_drift_scenario(
     from datetime import UTC, datetime
 
     from medops.app import platform
+    from medops.app.airflow_api import FINISHED
     from medops.app.simulate import simulate
 
     started = time.monotonic()
@@ -43,13 +47,13 @@ def run_drift_scenario(
 
     client = platform.airflow_client(settings)
     try:
-        trained_before = {run["dag_run_id"] for run in client.runs("train_model")}
+        trained_before = {run.dag_run_id for run in client.runs("train_model")}
         run_id = client.trigger("monitor_drift", {"since": window})
         with console.status("[cyan]monitor_drift…"):
-            client.wait_for_run("monitor_drift", run_id, timeout=timeout)
-        result = client.request(
-            "GET", f"/dags/monitor_drift/dagRuns/{run_id}/taskInstances/check_drift/xcomEntries/return_value"
-        )["value"]
+            monitored = client.wait_for_run("monitor_drift", run_id, timeout=timeout)
+        if monitored.state.value != "success":
+            raise RuntimeError(f"monitor_drift run {run_id} failed; see its log in the Airflow UI")
+        result = client.xcom("monitor_drift", run_id, "check_drift")
         console.print(
             f"[green]✓[/] monitor_drift: [bold]{result['verdict']}[/] "
             f"({', '.join(result.get('drifted_columns') or []) or 'no column drifted'}); "
@@ -58,14 +62,14 @@ def run_drift_scenario(
         if result["verdict"] != "drift":
             return before
 
-        def new_training() -> dict | None:
-            runs = [r for r in client.runs("train_model") if r["dag_run_id"] not in trained_before]
-            return next((r for r in runs if r["state"] in ("success", "failed")), None)
+        def new_training() -> DAGRunResponse | None:
+            runs = [r for r in client.runs("train_model") if r.dag_run_id not in trained_before]
+            return next((r for r in runs if r.state.value in FINISHED), None)
 
         with console.status("[cyan]train_model from the medops/drift Asset…"):
             training = _wait(new_training, timeout, "train_model after drift")
-        console.print(f"[green]✓[/] train_model {training['state']} ({training['dag_run_id']})")
-        if training["state"] != "success":
+        console.print(f"[green]✓[/] train_model {training.state.value} ({training.dag_run_id})")
+        if training.state.value != "success":
             raise RuntimeError("train_model failed; see its log in the Airflow UI")
         from pipelines import model_registry
 

@@ -22,14 +22,16 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
-    import httpx
     import pandas as pd
 
     from medops.core.settings import Settings
+    from serving.client import MedopsClient, ServiceError
+    from serving.contract import ErrorDetail, PredictResponse
 
 Drift = Literal["covariate", "prevalence", "units"]
 DRIFTS: tuple[str, ...] = ("covariate", "prevalence", "units")
@@ -46,6 +48,7 @@ MICROMETRES_PER_MILLIMETRE = 1000.0
 NOISE = 0.01  # relative measurement noise on every feature
 
 _RECORD_INDEX = re.compile(r"records\[(\d+)\]")
+T = TypeVar("T")
 
 
 class SimulationError(RuntimeError):
@@ -121,17 +124,17 @@ def simulate(
     batch_size: int = 50,
     seed: int | None = None,
     progress: bool = True,
-    client: httpx.Client | None = None,
+    client: MedopsClient | None = None,
 ) -> SimulationSummary:
     """Send ``records`` cases from ``site`` to the service's /predict (and their labels to /feedback).
 
     The service is ``base_url`` (default ``http://127.0.0.1:<MEDOPS_SERVING_PORT>``) with bearer
-    ``api_key`` (default the first of ``settings.service_api_keys()``). Raises
+    ``api_key`` (default the first of ``settings.service_api_keys()``), reached through
+    :class:`serving.client.MedopsClient` (or ``client``, used as given). Raises
     :class:`SimulationError` with one readable line when the service cannot be used.
     """
-    import httpx
-
     from pipelines.schema import ENCOUNTER, FEATURES, LABEL, POSITIVE, SITE
+    from serving.client import MedopsClient
 
     if records < 1:
         raise ValueError("records must be at least 1")
@@ -150,35 +153,33 @@ def simulate(
     payload_columns = [*FEATURES, ENCOUNTER, SITE]
     started = time.perf_counter()
     own_client = client is None
-    http = client or httpx.Client(base_url=base_url, timeout=30.0)
-    http.headers["Authorization"] = f"Bearer {api_key}"
+    service = client or MedopsClient(base_url, api_key)
     try:
         with _progress(progress, records, f"{site}: /predict") as advance:
             for start in range(0, records, batch_size):
                 batch = cases.iloc[start : start + batch_size]
                 body = batch[payload_columns].to_dict(orient="records")
-                accepted, predictions, refused = _predict(http, base_url, body, reasons)
+                accepted, answer, refused = _predict(service, body, reasons)
                 summary.batches += 1
                 summary.rejected += len(refused)
-                for index, prediction in zip(accepted, predictions.get("predictions", []), strict=False):
-                    summary.scored += 1
-                    summary.predicted_malignant += prediction.get("label") == POSITIVE
-                    scored_ids.append((body[index][ENCOUNTER], batch[LABEL].iloc[index]))
-                if predictions.get("model_version"):
-                    versions.add(str(predictions["model_version"]))
+                if answer is not None:
+                    for index, prediction in zip(accepted, answer.predictions, strict=False):
+                        summary.scored += 1
+                        summary.predicted_malignant += prediction.label == POSITIVE
+                        scored_ids.append((body[index][ENCOUNTER], batch[LABEL].iloc[index]))
+                    if answer.model_version:
+                        versions.add(answer.model_version)
                 advance(len(body))
         if feedback and scored_ids:
             with _progress(progress, len(scored_ids), f"{site}: /feedback") as advance:
                 for start in range(0, len(scored_ids), batch_size):
                     chunk = scored_ids[start : start + batch_size]
-                    labels = [{"encounter_id": encounter, "diagnosis": truth} for encounter, truth in chunk]
-                    answer = _post(http, base_url, "/feedback", {"labels": labels})
-                    _raise_for_status(answer, base_url, "/feedback")
-                    summary.feedback_sent += int(answer.json().get("recorded", len(chunk)))
+                    recorded = _call(service, "/feedback", service.feedback, chunk)
+                    summary.feedback_sent += recorded.recorded
                     advance(len(chunk))
     finally:
         if own_client:
-            http.close()
+            service.close()
     summary.model_versions = sorted(versions)
     summary.rejection_reasons = dict(reasons.most_common(5))
     summary.seconds = round(time.perf_counter() - started, 3)
@@ -186,68 +187,67 @@ def simulate(
 
 
 def _predict(
-    http: httpx.Client, base_url: str, body: list[dict[str, Any]], reasons: Counter[str]
-) -> tuple[list[int], dict[str, Any], list[int]]:
+    service: MedopsClient, body: list[dict[str, Any]], reasons: Counter[str]
+) -> tuple[list[int], PredictResponse | None, list[int]]:
     """Score one batch; on 422 drop the records the service named and send the rest once more.
 
     Returns the positions (in ``body``) that were scored, the response, and the refused positions.
     """
+    from serving.client import ServiceError
+
     pending = list(range(len(body)))
     refused: list[int] = []
     while pending:  # each round drops at least one record, so this ends
-        answer = _post(http, base_url, "/predict", {"records": [body[i] for i in pending]})
-        if answer.status_code != 422:
-            _raise_for_status(answer, base_url, "/predict")
-            return pending, answer.json(), refused
-        detail = _error_detail(answer)
-        for item in detail:
-            reasons[_reason_key(item)] += 1
-        named = {int(m.group(1)) for item in detail if (m := _RECORD_INDEX.match(str(item.get("field", ""))))}
-        named &= set(range(len(pending)))
-        if not named:  # nothing tells good records from bad ones: the whole batch is refused
-            if not detail:
-                reasons[_error_message(answer)[:80]] += 1
-            return [], {}, refused + pending
-        refused += [pending[i] for i in sorted(named)]
-        pending = [index for i, index in enumerate(pending) if i not in named]
-    return [], {}, refused
+        try:
+            answer = _call(service, "/predict", service.predict, [body[i] for i in pending], refusals=True)
+            return pending, answer, refused
+        except ServiceError as error:
+            for item in error.detail:
+                reasons[_reason_key(item)] += 1
+            named = {int(m.group(1)) for item in error.detail if (m := _RECORD_INDEX.match(item.field))}
+            named &= set(range(len(pending)))
+            if not named:  # nothing tells good records from bad ones: the whole batch is refused
+                if not error.detail:
+                    reasons[error.message[:80]] += 1
+                return [], None, refused + pending
+            refused += [pending[i] for i in sorted(named)]
+            pending = [index for i, index in enumerate(pending) if i not in named]
+    return [], None, refused
 
 
-def _reason_key(item: dict[str, Any]) -> str:
-    field_name = _RECORD_INDEX.sub("records[*]", str(item.get("field", "?")))
-    return f"{field_name}: {str(item.get('reason', 'invalid')).split(':')[0]}"
+def _reason_key(item: ErrorDetail) -> str:
+    field_name = _RECORD_INDEX.sub("records[*]", item.field)
+    return f"{field_name}: {item.reason.split(':')[0]}"
 
 
-def _error_detail(answer: httpx.Response) -> list[dict[str, Any]]:
-    try:
-        detail = answer.json().get("detail")
-    except (ValueError, AttributeError):
-        return []
-    return [item for item in detail if isinstance(item, dict)] if isinstance(detail, list) else []
+def _call(service: MedopsClient, path: str, call: Callable[..., T], *args: Any, refusals: bool = False) -> T:
+    """``call(*args)``, with the service's failures as one-line :class:`SimulationError` messages.
 
-
-def _error_message(answer: httpx.Response) -> str:
-    try:
-        return str(answer.json().get("error") or answer.text)
-    except (ValueError, AttributeError):
-        return answer.text
-
-
-def _post(http: httpx.Client, base_url: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    With ``refusals`` a 422 is handed back to the caller as the :class:`ServiceError` it is.
+    """
     import httpx
+    from pydantic import ValidationError
+
+    from serving.client import ServiceError
 
     try:
-        return http.post(path, json=body)
+        return call(*args)
     except httpx.TransportError as error:
-        raise SimulationError(f"cannot reach the service at {base_url} ({error}); is it running (make run)?") from None
+        raise SimulationError(
+            f"cannot reach the service at {service.url} ({error}); is it running (make run)?"
+        ) from None
+    except ServiceError as error:
+        if refusals and error.status == 422:
+            raise
+        raise _refused(error, f"{service.url}{path}") from None
+    except ValidationError as error:
+        raise SimulationError(f"{service.url}{path} answered outside the contract: {str(error)[:200]}") from None
 
 
-def _raise_for_status(answer: httpx.Response, base_url: str, path: str) -> None:
-    if answer.status_code < 300:
-        return
-    if answer.status_code == 401:
-        raise SimulationError(f"{base_url}{path} refused the API key (401): check MEDOPS_API_KEYS")
-    raise SimulationError(f"{base_url}{path} answered HTTP {answer.status_code}: {_error_message(answer)[:200]}")
+def _refused(error: ServiceError, where: str) -> SimulationError:
+    if error.status == 401:
+        return SimulationError(f"{where} refused the API key (401): check MEDOPS_API_KEYS")
+    return SimulationError(f"{where} answered HTTP {error.status}: {error.message[:200]}")
 
 
 class _progress:
