@@ -22,7 +22,7 @@ import pandas as pd
 
 from medops.core.settings import Settings
 from pipelines import data_registry, model_registry
-from pipelines.evaluate import evaluate_model, evaluation_figures, probability_malignant
+from pipelines.metrics import evaluate_model, evaluation_figures, probability_malignant
 from pipelines.schema import FEATURES, LABEL, POSITIVE
 
 FAMILIES = ("logistic_regression", "svm", "gradient_boosting")
@@ -174,7 +174,15 @@ def trusted_types(model: Any) -> list[str]:
 def gate(
     candidate: dict[str, float], champion_auc: float | None, champion: str | None, config: GateConfig
 ) -> GateDecision:
-    """Promote only a model that is clinically safe and not worse than the champion."""
+    """Promote only a model that is clinically safe and not worse than the champion.
+
+    An undefined metric (``None``: no malignant hold-out row, say) fails the gate: safety that
+    cannot be measured is not shown.
+    """
+    undefined = [name for name in ("sensitivity", "roc_auc") if candidate.get(name) is None]
+    if undefined:
+        reasons = [f"{name} undefined on the hold-out rows" for name in undefined]
+        return GateDecision(False, reasons, champion, champion_auc)
     reasons, passed = [], True
     if candidate["sensitivity"] >= config.min_sensitivity:
         reasons.append(f"sensitivity {candidate['sensitivity']:.3f} >= {config.min_sensitivity:.3f}")

@@ -222,11 +222,11 @@ def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = No
 
 def expected_predictions(version: str, settings: Settings):
     """(evaluation rows, probability_malignant, labels) as the MLflow model itself computes them."""
-    from pipelines.schema import POSITIVE
+    from pipelines.metrics import probability_malignant
 
     rows = evaluation_rows(version, settings)
     model = _load_registered_model(version, settings)
-    probabilities = model.predict_proba(rows)[:, list(model.classes_).index(POSITIVE)]
+    probabilities = probability_malignant(model, rows)
     labels = [str(label) for label in model.predict(rows)]
     return rows, probabilities, labels
 

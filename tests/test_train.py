@@ -9,7 +9,7 @@ import pytest
 
 from medops.core.settings import Settings
 from pipelines import model_registry
-from pipelines.evaluate import clinical_metrics
+from pipelines.metrics import clinical_metrics
 from pipelines.train import GateConfig, choose_threshold, gate, promote, split_rows, train_model
 
 GATE = GateConfig(min_sensitivity=0.95, min_roc_auc=0.97, max_auc_drop=0.01)
@@ -25,6 +25,21 @@ def test_clinical_metrics_treat_malignant_as_positive():
     assert metrics["ppv"] == pytest.approx(2 / 3)
     assert metrics["npv"] == pytest.approx(1 / 2)
     assert (metrics["tp"], metrics["fn"], metrics["tn"], metrics["fp"]) == (2, 1, 1, 1)
+    assert metrics["accuracy"] == pytest.approx(3 / 5) and metrics["f1"] == pytest.approx(2 / 3)
+    assert metrics["brier"] == pytest.approx(np.mean((probability - is_malignant) ** 2))
+
+
+def test_undefined_metrics_are_none_and_fail_the_gate():
+    no_malignant = np.array([False, False, False])
+    metrics = clinical_metrics(no_malignant, np.array([0.1, 0.6, 0.2]), np.array([False, True, False]))
+    assert metrics["sensitivity"] is None and metrics["roc_auc"] is None and metrics["ppv"] == 0.0
+    assert metrics["specificity"] == pytest.approx(2 / 3)
+    json.dumps(metrics, allow_nan=False)  # NaN would not be valid JSON
+    decision = gate(metrics, None, None, GATE)
+    assert not decision.passed and decision.reasons == [
+        "sensitivity undefined on the hold-out rows",
+        "roc_auc undefined on the hold-out rows",
+    ]
 
 
 @pytest.mark.parametrize(
