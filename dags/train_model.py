@@ -5,9 +5,12 @@ Trains, evaluates and registers a diagnosis model, then lets the gate decide abo
 
 * **Runs when** a new data version is announced (`medops/data`), when `monitor_drift` saw drift
   (`medops/drift`, at most once per `MEDOPS_RETRAIN_COOLDOWN_HOURS`), or manually with the form.
-* **Steps**: cross-validated search over logistic regression, SVM and gradient boosting; an
-  operating threshold meeting the sensitivity target; one MLflow run (metrics, plots, model card,
-  data version + DVC hash, code git sha, this run's id); a model version with `@challenger`.
+* **Steps**: `plan` (what to train on; drift inside the cooldown skips the run), `fit`
+  (cross-validated search over logistic regression, SVM and gradient boosting, an operating
+  threshold meeting the sensitivity target, hold-out evaluation; files in a work folder under
+  `MEDOPS_HOME/training`), `log_run` (one MLflow run: metrics, plots, data version + DVC hash, code
+  git sha, this run's id, the exact training and hold-out rows with their scores and the feature
+  importance under `reference/`), `register` (a model version with `@challenger` and the model card).
 * **Gate**: sensitivity >= 0.95 and ROC AUC >= 0.97 on the hold-out rows (form-configurable) and no
   more than 0.01 ROC AUC below the champion on the same rows. The decision and its reasons are
   tags on the model version.
@@ -68,43 +71,88 @@ FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
 )
 def train_model():
     @task
-    def train() -> dict:
-        """Decide what to train on (skip drift inside the cooldown), then train, evaluate, log the
-        MLflow run, register @challenger and tag the gate's decision."""
+    def plan() -> dict:
+        """Decide what to train on and with which gate; skip drift inside the cooldown."""
+        from dataclasses import asdict
+
         from airflow.sdk.exceptions import AirflowSkipException
 
         from medops.core.settings import get_settings
         from pipelines.retraining import plan_training
-        from pipelines.train import GateConfig, train_model
+        from pipelines.train import GateConfig
 
         settings, context = get_settings(), get_current_context()
         params = context["params"]
-        plan = plan_training(
+        planned = plan_training(
             settings,
             triggering_events=context.get("triggering_asset_events") or {},
             data_version=params.get("data_version") or None,
         )
-        if plan is None:
+        if planned is None:
             raise AirflowSkipException("drift retraining skipped: inside the cooldown")
         gate = GateConfig.from_settings(
             settings, min_sensitivity=params.get("min_sensitivity"), min_roc_auc=params.get("min_roc_auc")
         )
-        result = train_model(
+        return planned | {"families": params.get("families") or None, "gate": asdict(gate)}
+
+    @task
+    def fit(planned: dict) -> dict:
+        """Split, search, threshold, fit and evaluate; the model and reference rows go to a work folder."""
+        from medops.core.settings import get_settings
+        from pipelines.train import fit_candidate, training_work_dir
+
+        settings, context = get_settings(), get_current_context()
+        result = fit_candidate(
             settings,
-            data_version=plan["data_version"],
-            families=params.get("families") or None,
-            gate_config=gate,
-            trigger=plan["trigger"],
+            planned["data_version"],
+            planned["families"],
+            work_dir=training_work_dir(settings, context["run_id"]),
+        )
+        print(f"{result.family} on {result.data_version}: {result.metrics}")
+        return result.to_dict()
+
+    @task
+    def log_run(planned: dict, fitted: dict) -> str:
+        """Log the fit as one MLflow run (metrics, plots, inputs, model, reference rows); returns its id."""
+        from medops.core.settings import get_settings
+        from pipelines.train import FitResult, GateConfig
+        from pipelines.train import log_run as log_fit
+
+        context = get_current_context()
+        return log_fit(
+            FitResult.from_dict(fitted),
+            get_settings(),
+            gate_config=GateConfig(**planned["gate"]),
+            trigger=planned["trigger"],
             airflow_run_id=context["run_id"],
         )
+
+    @task
+    def register(planned: dict, fitted: dict, mlflow_run_id: str) -> dict:
+        """Register the run's model as @challenger and tag the gate's decision and the model card."""
+        from medops.core.settings import get_settings
+        from pipelines.train import FitResult, GateConfig, discard_work, register_version
+
+        context = get_current_context()
+        fit_result = FitResult.from_dict(fitted)
+        result = register_version(
+            mlflow_run_id,
+            fit_result,
+            get_settings(),
+            gate_config=GateConfig(**planned["gate"]),
+            trigger=planned["trigger"],
+            airflow_run_id=context["run_id"],
+        )
+        discard_work(fit_result)
         print(f"model version {result.model_version} ({result.family}): {result.metrics}")
         print(f"gate {'passed' if result.gate.passed else 'failed'}: {'; '.join(result.gate.reasons)}")
         return {
             "model_version": result.model_version,
+            "mlflow_run_id": mlflow_run_id,
             "gate_passed": result.gate.passed,
-            "trigger": plan["trigger"],
+            "trigger": planned["trigger"],
             "reasons": result.gate.reasons,
-            "needs_approval": plan["needs_approval"],
+            "needs_approval": planned["needs_approval"],
         }
 
     @task.branch
@@ -116,10 +164,10 @@ def train_model():
 
     await_approval = ApprovalOperator(
         task_id="await_approval",
-        subject="Promote model version {{ ti.xcom_pull(task_ids='train')['model_version'] }} to @champion?",
+        subject="Promote model version {{ ti.xcom_pull(task_ids='register')['model_version'] }} to @champion?",
         body=(
             "A drift-triggered retraining passed the gate.\n\n"
-            "{{ ti.xcom_pull(task_ids='train')['reasons'] | join('\n\n') }}\n\n"
+            "{{ ti.xcom_pull(task_ids='register')['reasons'] | join('\n\n') }}\n\n"
             "Compare it with the champion in the MLflow UI before approving."
         ),
         response_timeout=timedelta(days=2),
@@ -142,7 +190,9 @@ def train_model():
         context["outlet_events"][CHAMPION].extra = {"model_version": result["model_version"]}
         return result["model_version"]
 
-    trained = train()
+    planned = plan()
+    fitted = fit(planned)
+    trained = register(planned, fitted, log_run(planned, fitted))
     branch = decide(trained)
     promoted = promote(trained)
     branch >> [await_approval, promoted]

@@ -98,15 +98,26 @@ class SiteDrift:
 
 @dataclass(frozen=True)
 class Performance:
-    """Classification quality on predictions whose true diagnosis came back through /feedback."""
+    """Classification quality on predictions whose true diagnosis came back through /feedback.
+
+    The metrics are :func:`pipelines.metrics.clinical_metrics`' (the ones training and the gate
+    use); ``None`` where undefined, e.g. sensitivity when no labelled case was malignant.
+    """
 
     n_labelled: int
     n_malignant: int
-    accuracy: float
+    roc_auc: float | None
     sensitivity: float | None
     specificity: float | None
-    precision: float | None
-    roc_auc: float | None
+    ppv: float | None
+    npv: float | None
+    f1: float | None
+    brier: float | None
+    accuracy: float | None
+    tp: int
+    fn: int
+    tn: int
+    fp: int
 
 
 @dataclass
@@ -461,58 +472,39 @@ def _wasserstein_normed(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> float
 
 
 # Performance ------------------------------------------------------------------------------------
-def label_predictions(current: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
-    """Predictions whose true diagnosis came back, joined on the keyed encounter hash.
+def label_predictions(current: pd.DataFrame, feedback: pd.DataFrame | None) -> pd.DataFrame:
+    """The window's predictions whose true diagnosis came back, ready for performance and reports.
 
-    The latest label per encounter counts (a correction replaces the first answer), and the latest
-    prediction per encounter if it was scored more than once.
+    The join is the prediction log's own (:func:`pipelines.prediction_log.label_predictions`:
+    latest prediction and latest label per encounter hash); here only valid diagnoses count, the
+    served label is kept (or, for a window that lacks it, a 0.5 cut of the probability) and the
+    encounter hash is dropped: as far as reports go it is a patient identifier.
     """
-    needed = {ENCOUNTER_HASH, PROBABILITY}
-    if feedback is None or feedback.empty or not needed <= set(current.columns):
-        return pd.DataFrame(columns=[PROBABILITY, PREDICTED_LABEL, LABEL, SITE])
-    labels = feedback.dropna(subset=[ENCOUNTER_HASH, LABEL])
-    if "logged_at" in labels.columns:
-        labels = labels.sort_values("logged_at", kind="stable")
-    labels = labels.drop_duplicates(ENCOUNTER_HASH, keep="last")[[ENCOUNTER_HASH, LABEL]]
-    keep = [ENCOUNTER_HASH, PROBABILITY] + [c for c in (PREDICTED_LABEL, SITE) if c in current.columns]
-    has_encounter = current[ENCOUNTER_HASH].fillna("").astype(str) != ""  # "" where no encounter id was sent
-    predictions = current.loc[has_encounter, keep]
-    predictions = predictions.drop_duplicates(ENCOUNTER_HASH, keep="last")
-    labelled = predictions.merge(labels, on=ENCOUNTER_HASH, how="inner", suffixes=("", "_true"))
+    from pipelines.prediction_log import label_predictions as join_labels
+
+    columns = [PROBABILITY, PREDICTED_LABEL, LABEL, SITE]
+    if feedback is None or feedback.empty or not {ENCOUNTER_HASH, PROBABILITY} <= set(current.columns):
+        return pd.DataFrame(columns=columns)
+    keep = [ENCOUNTER_HASH, PROBABILITY, "logged_at", *(c for c in (PREDICTED_LABEL, SITE) if c in current.columns)]
+    labelled = join_labels(current[[c for c in keep if c in current.columns]], feedback.dropna(subset=[LABEL]))
     labelled = labelled[labelled[LABEL].isin([POSITIVE, NEGATIVE])]
     if PREDICTED_LABEL not in labelled.columns:
-        labelled[PREDICTED_LABEL] = np.where(labelled[PROBABILITY] >= 0.5, POSITIVE, NEGATIVE)
-    # The hash is a patient identifier as far as reports go: it stops here.
-    return labelled.drop(columns=[ENCOUNTER_HASH]).reset_index(drop=True)
+        labelled = labelled.assign(**{PREDICTED_LABEL: np.where(labelled[PROBABILITY] >= 0.5, POSITIVE, NEGATIVE)})
+    return labelled[[c for c in columns if c in labelled.columns]].reset_index(drop=True)
 
 
 def classification_performance(labelled: pd.DataFrame) -> Performance:
-    """Accuracy, sensitivity and specificity for malignant, precision and ROC AUC of labelled predictions."""
-    from scipy.stats import rankdata
+    """The clinical metrics of labelled predictions (malignant positive), with the labels as served."""
+    from pipelines.metrics import clinical_metrics
 
     truth = (labelled[LABEL] == POSITIVE).to_numpy()
-    predicted = (labelled[PREDICTED_LABEL] == POSITIVE).to_numpy()
-    scores = labelled[PROBABILITY].to_numpy(dtype="float64")
-    positives, negatives = int(truth.sum()), int((~truth).sum())
-    true_pos = int((truth & predicted).sum())
-    true_neg = int((~truth & ~predicted).sum())
-
-    def ratio(num: int, den: int) -> float | None:
-        return num / den if den else None
-
-    roc_auc = None
-    if positives and negatives:  # Mann-Whitney U over ranks, ties counted half
-        ranks = rankdata(scores)
-        roc_auc = (ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives)
-    return Performance(
-        n_labelled=len(labelled),
-        n_malignant=positives,
-        accuracy=(true_pos + true_neg) / len(labelled),
-        sensitivity=ratio(true_pos, positives),
-        specificity=ratio(true_neg, negatives),
-        precision=ratio(true_pos, int(predicted.sum())),
-        roc_auc=None if roc_auc is None else float(roc_auc),
+    metrics = clinical_metrics(
+        truth,
+        labelled[PROBABILITY].to_numpy(dtype="float64"),
+        (labelled[PREDICTED_LABEL] == POSITIVE).to_numpy(),
     )
+    n_labelled = metrics.pop("n")
+    return Performance(n_labelled=n_labelled, n_malignant=int(truth.sum()), **metrics)
 
 
 # Evidently reports ------------------------------------------------------------------------------

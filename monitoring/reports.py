@@ -203,30 +203,16 @@ def _result(found: DriftResult, reference: Reference, window: dict[str, Any]) ->
 
 
 def load_reference(settings: Settings, model_version: str) -> Reference:
-    """The champion's training rows, restored from its data version and split as training split them.
+    """The champion's training rows with its own scores, as its training run stored them.
 
-    Their ``probability_malignant`` comes from scoring them with the champion itself, so that
-    prediction drift compares like with like; if the model cannot be loaded, prediction drift is
-    left out (logged) rather than failing the run.
+    Read from the run (``reference/train.csv``: the exact rows and ``probability_malignant``),
+    never split again from today's settings, so prediction drift compares like with like. A
+    version whose run stored none raises :class:`pipelines.model_registry.MissingReference`.
     """
-    import numpy as np
+    from pipelines.model_registry import stored_reference
 
-    from pipelines import model_registry
-    from pipelines.data_registry import load_version_frame
-    from pipelines.schema import FEATURES, POSITIVE
-    from pipelines.train import split_rows
-
-    data_version = model_registry.version_tags(model_version, settings).get("data_version")
-    if not data_version:
-        raise RuntimeError(f"model version {model_version} has no data_version tag: cannot find its training rows")
-    train, _ = split_rows(load_version_frame(data_version, settings), settings)
-    try:
-        model = model_registry.load_model(model_version, settings)
-        positive = list(model.classes_).index(POSITIVE)
-        train[PROBABILITY] = np.asarray(model.predict_proba(train[list(FEATURES)]))[:, positive]
-    except Exception as error:
-        log.warning("could not score the reference rows with model version %s: %s", model_version, error)
-    return Reference(train, model_version, data_version)
+    stored = stored_reference(model_version, settings)
+    return Reference(stored.train, model_version, stored.data_version or "unknown")
 
 
 # Reports -----------------------------------------------------------------------------------------------

@@ -1,15 +1,28 @@
-"""The MLflow side of medops: where runs go, and the model registry's aliases.
+"""The MLflow side of medops: where runs go, the model registry's aliases, and what a run stored.
 
 Promotion uses aliases (``@champion``, ``@challenger``), never registry stages. Decisions and
 their reasons are tags on the model version, so the registry page tells the whole story.
+
+Every training run also stores its *reference* under ``reference/``: the exact training and
+hold-out rows it used, each with the model's ``probability_malignant``, and the model's feature
+importance. Whatever runs downstream of training (the rollout's smoke test, drift monitoring)
+reads them with :func:`stored_reference` instead of splitting the data again, so a setting
+changed since cannot make it compare against other rows.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from medops.core.settings import REPO_ROOT, Settings
+from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, SITE
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -108,3 +121,94 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
+
+
+# The stored reference of a training run -------------------------------------------------------------
+REFERENCE = "reference"
+"""Artifact folder of a training run holding the reference files below."""
+REFERENCE_TRAIN = "train.csv"
+REFERENCE_HOLDOUT = "holdout.csv"
+REFERENCE_IMPORTANCE = "importance.json"
+PROBABILITY = "probability_malignant"
+
+
+class MissingReference(LookupError):
+    """A model version whose training run stored no reference rows (registered before runs logged them)."""
+
+
+@dataclass(frozen=True)
+class StoredReference:
+    """What a model version's training run stored: its rows with the model's scores, and importances.
+
+    ``train`` and ``holdout`` have the 30 features, ``diagnosis``, ``site_id`` and the model's
+    ``probability_malignant``, row for row as training used them. ``importance`` maps each feature
+    to its share (sums to 1), computed as ``importance_method`` says.
+    """
+
+    model_version: str
+    run_id: str
+    data_version: str | None
+    train: pd.DataFrame
+    holdout: pd.DataFrame
+    importance: dict[str, float]
+    importance_method: str
+
+
+def write_reference(model: Any, train: pd.DataFrame, holdout: pd.DataFrame, directory: Path, *, seed: int) -> Path:
+    """Write a model's reference files into ``directory`` (to be logged as the run's ``reference/``).
+
+    Rows keep full float precision (read back bit for bit by :func:`read_reference`); the scores
+    are the model's own, and the importance is :func:`pipelines.metrics.feature_importance`.
+    """
+    from pipelines.metrics import feature_importance, probability_malignant
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows in ((REFERENCE_TRAIN, train), (REFERENCE_HOLDOUT, holdout)):
+        scored = rows[list(DATA_COLUMNS)].assign(**{PROBABILITY: probability_malignant(model, rows)})
+        scored.to_csv(directory / name, index=False, lineterminator="\n")
+    importance = feature_importance(model, train, holdout, seed=seed)
+    document = {"method": importance.method, "importance": importance.importance}
+    (directory / REFERENCE_IMPORTANCE).write_text(json.dumps(document, indent=1) + "\n")
+    return directory
+
+
+def read_reference(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float], str]:
+    """(training rows, hold-out rows, importance, importance method) from reference files on disk."""
+    import pandas as pd
+
+    dtypes = {name: "float64" for name in (*FEATURES, PROBABILITY)} | {LABEL: "string", SITE: "string"}
+    columns = [*DATA_COLUMNS, PROBABILITY]
+    frames = [
+        pd.read_csv(directory / name, dtype=dtypes, usecols=columns, float_precision="round_trip")[columns]
+        for name in (REFERENCE_TRAIN, REFERENCE_HOLDOUT)
+    ]
+    document = json.loads((directory / REFERENCE_IMPORTANCE).read_text())
+    importance = {name: float(document["importance"][name]) for name in FEATURES}
+    return frames[0], frames[1], importance, str(document["method"])
+
+
+def stored_reference(version: str, settings: Settings) -> StoredReference:
+    """The reference rows, scores and importances the training run of a model version stored.
+
+    Raises :class:`MissingReference` for a version whose run stored none: recomputing them from
+    today's settings could silently give other rows, which is what storing them prevents.
+    """
+    import tempfile
+
+    mlflow_client = client(settings)
+    model_version = mlflow_client.get_model_version(settings.model_name, str(version))
+    run_id = model_version.run_id
+    wanted = (REFERENCE_TRAIN, REFERENCE_HOLDOUT, REFERENCE_IMPORTANCE)
+    stored = {Path(item.path).name for item in mlflow_client.list_artifacts(run_id, REFERENCE)} if run_id else set()
+    missing = [f"{REFERENCE}/{name}" for name in wanted if name not in stored]
+    if missing:
+        raise MissingReference(
+            f"model version {version} of {settings.model_name} has no stored reference "
+            f"(missing {', '.join(missing)} in {'run ' + run_id if run_id else 'a training run'}): it was "
+            "registered before training stored its rows; retrain it (medops train) to get a version that has them"
+        )
+    with tempfile.TemporaryDirectory(prefix="medops-reference-") as tmp:
+        local = Path(mlflow_client.download_artifacts(run_id, REFERENCE, tmp))
+        train, holdout, importance, method = read_reference(local)
+    data_version = model_version.tags.get("data_version") or mlflow_client.get_run(run_id).data.tags.get("data_version")
+    return StoredReference(str(version), run_id, data_version, train, holdout, importance, method)

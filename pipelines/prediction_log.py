@@ -419,6 +419,35 @@ def read_feedback(settings: Settings) -> pd.DataFrame:
     return frame.sort_values("logged_at", kind="stable").reset_index(drop=True)
 
 
+def label_predictions(predictions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
+    """Logged predictions whose true diagnosis came back through /feedback, joined on the encounter hash.
+
+    The latest prediction per encounter counts (scored again, the last answer is what the clinic
+    saw) and the latest label per encounter (a correction replaces the first answer); predictions
+    sent without an encounter id (hash ``""``) cannot be labelled. Returns the predictions' columns
+    and ``diagnosis`` (the label), one row per labelled encounter, oldest prediction first. The
+    hash stays in: callers that write reports drop it.
+    """
+    hash_column = "encounter_hash"
+    for name, frame, needed in (
+        ("predictions", predictions, (hash_column,)),
+        ("feedback", feedback, (hash_column, LABEL)),
+    ):
+        missing = [column for column in needed if column not in frame.columns]
+        if missing:
+            raise ValueError(f"{name} lack the column(s) {', '.join(missing)} needed to join labels to predictions")
+
+    def latest(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame[frame[hash_column].fillna("").astype(str) != ""]
+        if "logged_at" in frame.columns:
+            frame = frame.sort_values("logged_at", kind="stable")
+        return frame.drop_duplicates(hash_column, keep="last")
+
+    labels = latest(feedback)[[hash_column, LABEL]]
+    scored = latest(predictions.drop(columns=[LABEL], errors="ignore"))
+    return scored.merge(labels, on=hash_column, how="inner").reset_index(drop=True)
+
+
 def append_predictions(settings: Settings, frame: pd.DataFrame) -> Path:
     """Append rows given as a frame with :data:`PREDICTION_COLUMNS` (for tests and benchmarks).
 

@@ -55,20 +55,16 @@ def in_cooldown(settings: Settings, now: datetime | None = None) -> timedelta | 
 
 def labelled_feedback_batch(settings: Settings, since: datetime | None = None) -> pd.DataFrame:
     """Feedback labels joined with the features logged for the same encounters (no raw ids)."""
-    from pipelines.prediction_log import read_feedback, read_predictions
-    from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, SITE
+    from pipelines.prediction_log import label_predictions, read_feedback, read_predictions
+    from pipelines.schema import DATA_COLUMNS
 
     feedback = read_feedback(settings)
-    if feedback.empty:
-        return pd.DataFrame(columns=list(DATA_COLUMNS))
     if since is not None:
         feedback = feedback[pd.to_datetime(feedback["logged_at"], utc=True) > since]
-    predictions = read_predictions(settings)
-    predictions = predictions[predictions["encounter_hash"].fillna("").astype(str) != ""]
-    latest = predictions.drop_duplicates("encounter_hash", keep="last")
-    labels = feedback.drop_duplicates("encounter_hash", keep="last")[["encounter_hash", "diagnosis"]]
-    joined = latest.merge(labels.rename(columns={"diagnosis": LABEL}), on="encounter_hash", how="inner")
-    return joined[[*FEATURES, LABEL, SITE]].reset_index(drop=True)
+    if feedback.empty:
+        return pd.DataFrame(columns=list(DATA_COLUMNS))
+    joined = label_predictions(read_predictions(settings), feedback)
+    return joined[list(DATA_COLUMNS)].reset_index(drop=True)
 
 
 def version_feedback(settings: Settings) -> str | None:

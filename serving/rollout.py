@@ -5,7 +5,7 @@
 1. import ``models:/<name>/<version>`` from the MLflow registry into BentoML and build the Bento
    ``<name>_service:<version>`` (a child process, see ``serving/bento_build.py``);
 2. start that Bento beside the running one, on a free loopback port, and smoke-test it:
-   readiness, then ``/predict`` on the version's evaluation rows must equal what the MLflow
+   readiness, then ``/predict`` on the version's stored hold-out rows must equal what the MLflow
    model itself predicts (labels exactly, probabilities to 1e-9), ``/metadata`` must name it;
 3. switch the stable endpoint (``settings.serving_port``) to the version: the stable server's
    workers load it from the BentoML store, check it and swap it in whole, while they keep
@@ -158,24 +158,16 @@ def prepare_bento(version: str, settings: Settings, *, rebuild: bool = False, ti
 
 
 def evaluation_rows(version: str, settings: Settings, n: int = SMOKE_ROWS):
-    """Hold-out rows of the data version the model was trained on (the seed data if unavailable)."""
+    """The first ``n`` hold-out rows the version's training run stored (features only).
+
+    Read from the run (``reference/holdout.csv``), not split again from today's settings; a
+    version whose run stored none raises :class:`pipelines.model_registry.MissingReference`.
+    """
+    from pipelines.model_registry import stored_reference
     from pipelines.schema import FEATURES
 
-    frame = None
-    try:
-        from pipelines import data_registry, model_registry
-        from pipelines.train import split_rows
-
-        data_version = model_registry.version_tags(str(version), settings).get("data_version")
-        if data_version:
-            _, frame = split_rows(data_registry.load_version_frame(data_version, settings), settings)
-    except Exception as error:  # no data registry here: the seed is the same population
-        logger.info("evaluation rows of model version %s unavailable (%s); using the seed", version, error)
-    if frame is None or frame.empty:
-        from pipelines.data import seed_frame
-
-        frame = seed_frame()
-    return frame[list(FEATURES)].head(n).reset_index(drop=True)
+    holdout = stored_reference(str(version), settings).holdout
+    return holdout[list(FEATURES)].head(n).reset_index(drop=True)
 
 
 def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = None, timeout: float = 60) -> None:
@@ -231,11 +223,11 @@ def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = No
 
 def expected_predictions(version: str, settings: Settings):
     """(evaluation rows, probability_malignant, labels) as the MLflow model itself computes them."""
-    from pipelines.schema import POSITIVE
+    from pipelines.metrics import probability_malignant
 
     rows = evaluation_rows(version, settings)
     model = _load_registered_model(version, settings)
-    probabilities = model.predict_proba(rows)[:, list(model.classes_).index(POSITIVE)]
+    probabilities = probability_malignant(model, rows)
     labels = [str(label) for label in model.predict(rows)]
     return rows, probabilities, labels
 

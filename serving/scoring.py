@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.metrics import probability_malignant
 from pipelines.schema import CLASSES, FEATURE_RANGES, FEATURES, NEGATIVE, POSITIVE
 
 logger = logging.getLogger("medops.serving")
@@ -174,8 +175,7 @@ class ServingModel:
             from scipy.special import expit
 
             return expit(((X - fast.mean) / fast.scale) @ fast.coef + fast.intercept)
-        proba = self.estimator.predict_proba(self._frame(X))
-        return proba[:, list(self.estimator.classes_).index(POSITIVE)]
+        return probability_malignant(self.estimator, X)
 
     def labels(self, X: np.ndarray, probabilities: np.ndarray) -> list[str]:
         if self.threshold is not None:
@@ -190,7 +190,7 @@ class ServingModel:
         X = reference_rows()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            expected = self.estimator.predict_proba(self._frame(X))[:, list(self.estimator.classes_).index(POSITIVE)]
+            expected = probability_malignant(self.estimator, X)
             expected_labels = [str(label) for label in self.estimator.predict(self._frame(X))]
         got = self.probability_malignant(X)
         return bool(np.allclose(got, expected, rtol=0, atol=1e-12)) and self.labels(X, got) == expected_labels

@@ -3,7 +3,8 @@
 It follows the model contract the lead's training will honour: an ``mlflow.sklearn`` model version
 of ``settings.model_name`` whose estimator is a ``FixedThresholdClassifier`` around a scaling
 ``Pipeline``, fitted on a DataFrame with exactly the FEATURES columns and string labels, tagged with
-``data_version`` and ``threshold`` and reachable through the ``@champion`` alias. Swap
+``data_version`` and ``threshold``, its run holding the reference rows training stores (the rollout's
+smoke test reads its hold-out rows), and reachable through the ``@champion`` alias. Swap
 :func:`register_tiny_model` for the real training once ``pipelines.model_registry`` lands.
 """
 
@@ -77,15 +78,21 @@ def register_tiny_model(
     """Fit, log and register a tiny model version; returns the registry version (``"1"``, ``"2"``...)."""
     import mlflow
 
+    from pipelines.data import seed_frame
+    from pipelines.model_registry import REFERENCE, ensure_experiment, write_reference
     from pipelines.model_registry import client as registry_client
-    from pipelines.model_registry import ensure_experiment
+    from pipelines.train import split_rows
 
     experiment_id = ensure_experiment(settings, "serving-tests")
     client = registry_client(settings)
     if model is None:
         model = fit_tiny_model(threshold=threshold, classifier=classifier, features=features)
-    with mlflow.start_run(experiment_id=experiment_id):
+    with mlflow.start_run(experiment_id=experiment_id), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics({"roc_auc": 0.99, "sensitivity": 0.97})
+        if list(features) == list(FEATURES):  # reference rows are scored on the serving features
+            train, holdout = split_rows(seed_frame(), settings)
+            reference = write_reference(model, train, holdout, Path(tmp), seed=settings.seed)
+            mlflow.log_artifacts(str(reference), artifact_path=REFERENCE)
         # Explicit requirements: inferring them starts a subprocess that costs seconds per model.
         info = mlflow.sklearn.log_model(
             model,

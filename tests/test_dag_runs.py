@@ -58,6 +58,8 @@ def test_train_model_dag_trains_gates_and_promotes(airflow_db, registry_home: Se
     states = _states(run)
     assert str(run.state) == "success", states
     assert states["promote"] == "success" and states["await_approval"] == "skipped"
+    assert [states[step] for step in ("plan", "fit", "log_run", "register")] == ["success"] * 4
+    assert not list((registry_home.home / "training").iterdir())  # the work folder went with the fit
     champion = model_registry.champion_version(registry_home)
     assert champion is not None
     tags = model_registry.version_tags(champion, registry_home)
@@ -68,7 +70,7 @@ def test_train_model_dag_trains_gates_and_promotes(airflow_db, registry_home: Se
 def test_train_model_dag_stops_at_the_gate(airflow_db, registry_home: Settings):
     run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "min_roc_auc": 0.9999})
     states = _states(run)
-    assert states["train"] == "success" and states["promote"] == "skipped"
+    assert states["fit"] == states["log_run"] == states["register"] == "success" and states["promote"] == "skipped"
     assert model_registry.champion_version(registry_home) is None
 
 

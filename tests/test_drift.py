@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -14,10 +15,12 @@ from monitoring.drift import (
     _bin_right,
     _Column,
     _column_tests,
+    classification_performance,
     detect_drift,
     label_predictions,
 )
 from pipelines.data import seed_frame
+from pipelines.metrics import clinical_metrics
 from pipelines.schema import FEATURES, LABEL, SITE
 
 SIZE_FEATURES = tuple(name for name in FEATURES if any(size in name for size in ("radius", "perimeter", "area")))
@@ -173,6 +176,12 @@ def test_prediction_drift_and_performance_from_feedback(reference, medops_home):
     assert PROBABILITY not in found.columns  # prediction drift is reported apart from the feature share
     assert found.performance.n_labelled == 100
     assert found.performance.sensitivity == 1.0 and found.performance.roc_auc > 0.9
+    # the very metrics training and the gate compute, on the first 100 (labelled) predictions
+    first = current.iloc[:100]
+    expected = clinical_metrics(truth[:100], first[PROBABILITY].to_numpy(), first["label"].eq("malignant").to_numpy())
+    assert {name: value for name, value in asdict(found.performance).items() if name in expected} == {
+        name: value for name, value in expected.items() if name != "n"
+    }
     assert found.drift_snapshot is not None and found.performance_snapshot is not None
     summary = json.dumps(found.summary())
     drift_json = found.drift_snapshot.json() + found.performance_snapshot.json()
@@ -202,3 +211,13 @@ def test_label_predictions_keeps_the_latest_label_and_drops_the_hash():
     labelled = label_predictions(current, feedback)
     assert sorted(labelled[LABEL]) == ["benign", "malignant"]
     assert "encounter_hash" not in labelled.columns
+
+
+def test_performance_with_one_class_is_none_where_undefined_and_json_safe():
+    labelled = pd.DataFrame(
+        {PROBABILITY: [0.1, 0.3, 0.7], "label": ["benign", "benign", "malignant"], LABEL: ["benign"] * 3}
+    )
+    performance = classification_performance(labelled)
+    assert performance.sensitivity is None and performance.roc_auc is None and performance.npv == 1.0
+    assert performance.specificity == pytest.approx(2 / 3) and (performance.fp, performance.n_malignant) == (1, 0)
+    json.dumps(asdict(performance), allow_nan=False)  # NaN would not be valid JSON

@@ -1,8 +1,9 @@
 """The monitoring run (reports on disk, Evidently workspace, MLflow) and the monitor_drift DAG.
 
 One platform per module: a data registry with the seed as ``data-v1`` and a tiny champion model
-trained on its training rows and tagged with that data version, so the reference is restored the
-real way (``load_version_frame`` + ``split_rows``). Each test starts from an empty prediction log.
+trained on its training rows, tagged with that data version and logged with its reference the way
+training stores it (``write_reference`` under ``reference/``), so monitoring reads it the real way.
+Each test starts from an empty prediction log.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +33,7 @@ SIZE_FEATURES = [name for name in FEATURES if any(size in name for size in ("rad
 
 
 def register_champion(settings: Settings) -> str:
-    """A logistic regression on data-v1's training rows, registered and aliased @champion."""
+    """A logistic regression on data-v1's training rows with its stored reference, registered and aliased @champion."""
     import mlflow
     import mlflow.sklearn
     from sklearn.linear_model import LogisticRegression
@@ -42,10 +44,12 @@ def register_champion(settings: Settings) -> str:
     from pipelines.data_registry import load_version_frame
     from pipelines.train import split_rows
 
-    train, _ = split_rows(load_version_frame("data-v1", settings), settings)
+    train, holdout = split_rows(load_version_frame("data-v1", settings), settings)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(train[list(FEATURES)], train[LABEL])
     experiment = model_registry.ensure_experiment(settings, "monitoring-tests")
-    with mlflow.start_run(experiment_id=experiment):
+    with mlflow.start_run(experiment_id=experiment), tempfile.TemporaryDirectory() as tmp:
+        reference = model_registry.write_reference(model, train, holdout, Path(tmp), seed=settings.seed)
+        mlflow.log_artifacts(str(reference), artifact_path=model_registry.REFERENCE)
         info = mlflow.sklearn.log_model(
             model, name="model", registered_model_name=settings.model_name, pip_requirements=["scikit-learn"]
         )

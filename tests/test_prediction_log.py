@@ -18,6 +18,7 @@ from pipelines.prediction_log import (
     PredictionLogWriter,
     append_predictions,
     hash_encounter_id,
+    label_predictions,
     read_feedback,
     read_predictions,
 )
@@ -242,3 +243,37 @@ def test_a_torn_row_is_moved_aside_before_the_file_is_appended_to_again(medops_h
     assert path.read_bytes().endswith(b"\n") and b"torn" not in path.read_bytes()
     assert path.with_name(path.name + ".torn").read_text() == torn + "\n"
     assert repair_torn_tail(path) == 0
+
+
+def test_label_predictions_joins_the_latest_prediction_and_label_per_encounter():
+    at = pd.to_datetime(["2026-01-01T10:00", "2026-01-01T11:00", "2026-01-01T09:00", "2026-01-01T12:00"], utc=True)
+    predictions = pd.DataFrame(
+        {
+            "logged_at": at,
+            "encounter_hash": ["h1", "h1", "h2", ""],
+            "mean_radius": [10.0, 11.0, 20.0, 30.0],
+            "probability_malignant": [0.2, 0.7, 0.9, 0.5],
+            "label": ["benign", "malignant", "malignant", "benign"],
+        }
+    )
+    feedback = pd.DataFrame(
+        {
+            "logged_at": pd.to_datetime(["2026-01-02", "2026-01-01", "2026-01-03", "2026-01-02"], utc=True),
+            "encounter_hash": ["h2", "h2", "h3", ""],
+            "diagnosis": ["benign", "malignant", "malignant", "malignant"],
+        }
+    )
+    joined = label_predictions(predictions.sample(frac=1, random_state=0), feedback)
+    # h1 has no label, h3 no prediction, "" is no encounter; h2's correction (logged later) wins
+    assert joined[["encounter_hash", "mean_radius", "label", "diagnosis"]].values.tolist() == [
+        ["h2", 20.0, "malignant", "benign"]
+    ]
+    feedback.loc[2, "encounter_hash"] = "h1"
+    joined = label_predictions(predictions, feedback).set_index("encounter_hash")
+    assert joined.loc["h1", "probability_malignant"] == 0.7  # the re-scored prediction, not the first
+    assert sorted(joined.index) == ["h1", "h2"]
+
+
+def test_label_predictions_names_what_is_missing():
+    with pytest.raises(ValueError, match="feedback lack the column.*diagnosis"):
+        label_predictions(pd.DataFrame({"encounter_hash": []}), pd.DataFrame({"encounter_hash": []}))

@@ -9,8 +9,20 @@ import pytest
 
 from medops.core.settings import Settings
 from pipelines import model_registry
-from pipelines.evaluate import clinical_metrics
-from pipelines.train import GateConfig, choose_threshold, gate, promote, split_rows, train_model
+from pipelines.metrics import LINEAR_IMPORTANCE, PERMUTATION_IMPORTANCE, clinical_metrics, feature_importance
+from pipelines.schema import FEATURES, LABEL
+from pipelines.train import (
+    FitResult,
+    GateConfig,
+    choose_threshold,
+    fit_candidate,
+    gate,
+    log_run,
+    promote,
+    register_version,
+    split_rows,
+    train_model,
+)
 
 GATE = GateConfig(min_sensitivity=0.95, min_roc_auc=0.97, max_auc_drop=0.01)
 
@@ -25,6 +37,38 @@ def test_clinical_metrics_treat_malignant_as_positive():
     assert metrics["ppv"] == pytest.approx(2 / 3)
     assert metrics["npv"] == pytest.approx(1 / 2)
     assert (metrics["tp"], metrics["fn"], metrics["tn"], metrics["fp"]) == (2, 1, 1, 1)
+    assert metrics["accuracy"] == pytest.approx(3 / 5) and metrics["f1"] == pytest.approx(2 / 3)
+    assert metrics["brier"] == pytest.approx(np.mean((probability - is_malignant) ** 2))
+
+
+def test_undefined_metrics_are_none_and_fail_the_gate():
+    no_malignant = np.array([False, False, False])
+    metrics = clinical_metrics(no_malignant, np.array([0.1, 0.6, 0.2]), np.array([False, True, False]))
+    assert metrics["sensitivity"] is None and metrics["roc_auc"] is None and metrics["ppv"] == 0.0
+    assert metrics["specificity"] == pytest.approx(2 / 3)
+    json.dumps(metrics, allow_nan=False)  # NaN would not be valid JSON
+    decision = gate(metrics, None, None, GATE)
+    assert not decision.passed and decision.reasons == [
+        "sensitivity undefined on the hold-out rows",
+        "roc_auc undefined on the hold-out rows",
+    ]
+
+
+def test_linear_importance_is_the_coefficient_times_the_feature_spread(registry_home: Settings):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pipelines.data_registry import load_version_frame
+
+    train, holdout = split_rows(load_version_frame("data-v1", registry_home), registry_home)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(train[list(FEATURES)], train[LABEL])
+    found = feature_importance(model, train, holdout, seed=0)
+    # scaled on the same training rows, |coef on raw feature| x std is |coef on the scaled one|
+    coef = np.abs(model[-1].coef_[0])
+    assert found.method == LINEAR_IMPORTANCE
+    assert list(found.importance) == list(FEATURES)
+    assert np.allclose(list(found.importance.values()), coef / coef.sum(), rtol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +156,6 @@ def test_unknown_family_is_a_clear_error(registry_home: Settings):
 def test_every_family_logs_and_loads_back_through_mlflow(registry_home: Settings):
     """MLflow stores scikit-learn models in the safe skops format: every family must round-trip."""
     from pipelines.data_registry import load_version_frame
-    from pipelines.schema import FEATURES
 
     rows = load_version_frame("data-v1", registry_home).head(30)
     for family in ("svm", "gradient_boosting"):
@@ -120,3 +163,43 @@ def test_every_family_logs_and_loads_back_through_mlflow(registry_home: Settings
         model = model_registry.load_model(result.model_version, registry_home)
         assert result.family == family
         assert model.predict_proba(rows[list(FEATURES)]).shape == (30, 2)
+        stored = model_registry.stored_reference(result.model_version, registry_home)
+        assert stored.importance_method == PERMUTATION_IMPORTANCE  # no coefficients to read
+        assert sum(stored.importance.values()) == pytest.approx(1.0)
+        assert min(stored.importance.values()) >= 0 and max(stored.importance.values()) > 1 / len(FEATURES)
+
+
+def test_fit_log_and_register_each_run_alone(registry_home: Settings, tmp_path):
+    """The three steps with only paths, ids and JSON between them, as the DAG's tasks run them."""
+    import mlflow
+
+    fit = fit_candidate(registry_home, "data-v1", ["logistic_regression"], work_dir=tmp_path / "work")
+    assert {p.name for p in (tmp_path / "work").iterdir()} == {"model.skops", "figures", "reference"}
+    assert {p.name for p in fit.reference_dir.iterdir()} == {"train.csv", "holdout.csv", "importance.json"}
+    assert fit.champion_version is None and fit.metrics["sensitivity"] >= 0.95
+    assert mlflow.search_runs(search_all_experiments=True).empty  # fitting logs nothing
+    passed_on = FitResult.from_dict(json.loads(json.dumps(fit.to_dict(), allow_nan=False)))
+    assert passed_on == fit
+
+    run_id = log_run(passed_on, registry_home, trigger="manual", airflow_run_id="manual__steps")
+    assert model_registry.alias_version(model_registry.CHALLENGER, registry_home) is None  # not registered yet
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "reference")}
+    assert logged == {"reference/train.csv", "reference/holdout.csv", "reference/importance.json"}
+    assert mlflow.get_run(run_id).data.params["test_rows"] == str(fit.holdout_rows)
+
+    first = register_version(run_id, passed_on, registry_home, airflow_run_id="manual__steps")
+    again = register_version(run_id, passed_on, registry_home, airflow_run_id="manual__steps")  # a retried task
+    assert first.model_version == again.model_version == "1" and first.gate.passed
+    assert model_registry.alias_version(model_registry.CHALLENGER, registry_home) == "1"
+    version = model_registry.client(registry_home).get_model_version(registry_home.model_name, "1")
+    assert version.run_id == run_id and version.description.startswith("# Model card: ")
+    assert model_registry.version_tags("1", registry_home)["airflow_run_id"] == "manual__steps"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert "model_card.md" in artifacts
+
+    # the registered model is the fitted one, bit for bit
+    stored = model_registry.stored_reference("1", registry_home)
+    registered = model_registry.load_model("1", registry_home)
+    assert np.array_equal(
+        registered.predict_proba(stored.holdout[list(FEATURES)])[:, 1], stored.holdout["probability_malignant"]
+    )
