@@ -6,12 +6,15 @@ Nothing here touches the disk at import time; directories are created by ``medop
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from medops.core.files import write_atomically
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,13 +136,12 @@ class Settings(BaseSettings):
     # Secrets generated on first use, kept under MEDOPS_HOME, never in code ----------------
     def _secret(self, name: str) -> str:
         path = self.secrets_dir / name
-        if path.exists():
-            return path.read_text().strip()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_urlsafe(32)
-        path.write_text(value + "\n")
-        path.chmod(0o600)
-        return value
+        if not path.exists():
+            # Never readable by others, not even for a moment; the first of concurrent writers wins,
+            # so every serving worker hashes encounter ids with the same key.
+            with contextlib.suppress(FileExistsError):
+                write_atomically(path, secrets.token_urlsafe(32) + "\n", mode=0o600, overwrite=False)
+        return path.read_text().strip()
 
     def service_api_keys(self) -> list[str]:
         """Bearer keys the service accepts: ``MEDOPS_API_KEYS`` or a key generated on first run."""
