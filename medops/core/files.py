@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -32,7 +31,7 @@ def atomic_writer(path: Path, *, mode: int | None = None, overwrite: bool = True
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
+    partial = path.with_name(f".{path.name}.{os.urandom(6).hex()}.partial")
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _CREATED if mode is None else mode)
     try:
         with os.fdopen(descriptor, "wb") as handle:
