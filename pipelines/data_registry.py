@@ -16,14 +16,18 @@ import subprocess
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import yaml
-from filelock import FileLock
 
+from medops.core.files import file_lock, sha256_file, write_atomically
 from medops.core.settings import Settings
 from pipelines.data import read_data_dir, write_frame, write_seed
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 TAG_PREFIX = "data-v"
 MANIFEST = "batches.json"
@@ -47,9 +51,8 @@ def _git(repo: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
-def _lock(settings: Settings) -> FileLock:
-    settings.home.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(settings.home / ".registry.lock"), timeout=600)
+def _lock(settings: Settings) -> BaseFileLock:
+    return file_lock(settings.home / ".registry.lock", timeout=600)
 
 
 def version_number(tag: str) -> int:
@@ -122,28 +125,13 @@ def init_registry(settings: Settings) -> DataVersion:
             config["core"]["autostage"] = True
             config["remote"]["storage"] = {"url": remote}
         seed = write_seed(repo / "data")
-        manifest = {"batches": [_batch_record(seed.name, _sha256(seed), len(read_data_dir(repo / "data")), 0)]}
-        (repo / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        manifest = {"batches": [_batch_record(seed.name, sha256_file(seed), len(read_data_dir(repo / "data")), 0)]}
+        write_atomically(repo / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         _dvc_add_and_push(repo)
         _git(repo, "add", "data.dvc", ".gitignore", MANIFEST, ".dvc/config", ".dvc/.gitignore")
         _git(repo, "commit", "-q", "-m", "data-v1: seed (Wisconsin diagnostic breast cancer data)")
         _git(repo, "tag", "-a", f"{TAG_PREFIX}1", "-m", "seed")
         return describe_version(f"{TAG_PREFIX}1", settings)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_checksum(path: Path) -> str:
-    """SHA-256 of a landed file, the key that makes ingest idempotent."""
-    return _sha256(path)
 
 
 def _batch_record(name: str, sha256: str, accepted: int, quarantined: int, **extra: object) -> dict:
@@ -201,7 +189,7 @@ def record_batch(
             record["data_file"] = f"batch-{sha256[:16]}.csv"
             write_frame(accepted, repo / "data" / record["data_file"])
         manifest["batches"].append(record)
-        (repo / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        write_atomically(repo / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         if not len(accepted):
             _git(repo, "add", MANIFEST)
             _git(repo, "commit", "-q", "-m", f"record {source_name}: every row quarantined, no new version")

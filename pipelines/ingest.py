@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from medops.core.files import sha256_file
 from medops.core.settings import Settings
 from pipelines import data_registry
 from pipelines.validate import REASON, BatchRejected, read_batch, validate_batch
@@ -111,7 +112,7 @@ def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> I
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     data_registry.init_registry(settings)
-    sha256 = data_registry.file_checksum(path)
+    sha256 = sha256_file(path)  # the key that makes ingest idempotent
     previous = data_registry.find_batch(sha256, settings)
     if previous is not None:
         where = previous.get("version") or "no version: every row was quarantined"

@@ -305,7 +305,8 @@ def continuous_load(url: str, key: str, work_dir: Path, prefix: str, concurrency
     """Run :func:`run_load` in a child process for the duration of the block; yields its summary."""
     import json
     import subprocess
-    import time
+
+    from medops.core.processes import wait_until
 
     out, stop = work_dir / f"{prefix}.json", work_dir / f"{prefix}.stop"
     summary: dict[str, Any] = {}
@@ -315,11 +316,14 @@ def continuous_load(url: str, key: str, work_dir: Path, prefix: str, concurrency
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)])},
     )
     try:
-        deadline = time.monotonic() + 90
-        while not Path(f"{out}.started").exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the load generator did not get a first answer")
-            time.sleep(0.1)
+        wait_until(
+            Path(f"{out}.started").exists,
+            90,
+            "the load generator's first answer",
+            poll=0.1,
+            alive=lambda: process.poll() is None,
+            hint="its errors are in the test's output",
+        )
         yield summary
     finally:
         stop.touch()

@@ -133,7 +133,7 @@ def airflow_client(settings: Settings) -> AirflowClient:
 def wait_for_airflow(settings: Settings, timeout: float = 240) -> None:
     from medops.app.airflow_api import AirflowClient, admin_password
 
-    alive = lambda: processes.read_pid("airflow", settings) is not None  # noqa: E731
+    alive = lambda: processes.running("airflow", settings) is not None  # noqa: E731
     with AirflowClient(urls(settings)["airflow"]) as probe:
         processes.wait_until(probe.healthy, timeout, "Airflow API server and scheduler", alive=alive)
     processes.wait_until(lambda: admin_password(settings.airflow_home) is not None, 60, "Airflow admin password")

@@ -25,6 +25,8 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
+from medops.core.files import file_lock, write_atomically
+
 if TYPE_CHECKING:
     from medops.core.settings import Settings
 
@@ -200,10 +202,7 @@ class _DedupState:
         self.sent: dict[str, str] = {}
 
     def __enter__(self) -> _DedupState:
-        from filelock import FileLock
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.path) + ".lock", timeout=30)
+        self._lock = file_lock(self.path.with_name(self.path.name + ".lock"), timeout=30)
         self._lock.acquire()
         try:
             self.sent = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -225,8 +224,6 @@ class _DedupState:
     def __exit__(self, *exc: object) -> None:
         try:
             if self._dirty:
-                partial = self.path.with_suffix(".json.partial")
-                partial.write_text(json.dumps(self.sent, indent=1) + "\n")
-                partial.replace(self.path)
+                write_atomically(self.path, json.dumps(self.sent, indent=1) + "\n")
         finally:
             self._lock.release()

@@ -6,12 +6,15 @@ Nothing here touches the disk at import time; directories are created by ``medop
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from medops.core.files import write_atomically
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -134,28 +137,19 @@ class Settings(BaseSettings):
     def _secret(self, name: str) -> str:
         """The secret ``name``, generated once: the first process to create it wins, atomically.
 
-        The value is written to a private temporary file and hard-linked into place, which fails
-        if the name exists: no reader ever sees a half-written or empty file, and two workers
-        starting together end up with the same key. An empty or unreadable secret is an error.
+        The value is written to a private temporary file and linked into place, which fails if
+        the name exists (``write_atomically(..., overwrite=False)``): no reader ever sees a
+        half-written file, and two workers starting together end up with the same key. An empty
+        secret is an error, never a key.
         """
-        import os
-        import tempfile
-
         path = self.secrets_dir / name
         if not path.exists():
             self.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.secrets_dir.chmod(0o700)
-            fd, partial = tempfile.mkstemp(dir=self.secrets_dir, prefix=f".{name}.")  # mode 0600
-            try:
-                os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
-                os.fsync(fd)
-                os.close(fd)
-                try:
-                    os.link(partial, path)
-                except FileExistsError:
-                    pass  # another process created it first: use theirs
-            finally:
-                os.unlink(partial)
+            # Never readable by others, not even for a moment; the first of concurrent writers wins,
+            # so every serving worker hashes encounter ids with the same key.
+            with contextlib.suppress(FileExistsError):
+                write_atomically(path, secrets.token_urlsafe(32) + "\n", mode=0o600, overwrite=False)
         value = path.read_text().strip()
         if not value:
             raise RuntimeError(f"the secret {path} is empty: delete it to have a new one generated")
