@@ -47,7 +47,7 @@ from serving.contract import (
     Record,
 )
 from serving.control import CONTROL_ENV, ModelWatcher, requested_model
-from serving.middleware import ServingGate
+from serving.middleware import HttpContractMiddleware
 from serving.scoring import ServingModel, model_from_store, model_from_stored
 
 logger = logging.getLogger("medops.serving")
@@ -195,7 +195,7 @@ class MedopsService:
         return np.array([_feature_values(record) for record in records], dtype=float)
 
     def _sites(self, records: list[Any], ctx: bentoml.Context) -> list[str]:
-        # the gate (serving.middleware) already refused an X-Site-Id that is not a valid site id
+        # HttpContractMiddleware (serving.middleware) already refused an X-Site-Id that is not a valid site id
         default = ctx.request.headers.get(SITE_HEADER) or DEFAULT_SITE
         return [record.site_id or default for record in records]
 
@@ -305,4 +305,4 @@ class MedopsService:
         )
 
 
-MedopsService.add_asgi_middleware(ServingGate, model_version=STATE.version)
+MedopsService.add_asgi_middleware(HttpContractMiddleware, model_version=STATE.version)
