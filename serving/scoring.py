@@ -10,9 +10,11 @@ at load; any other model goes through scikit-learn (and shap for explanations).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,8 +217,7 @@ class ServingModel:
 
     def _shap_explainer(self) -> Callable[[np.ndarray], Any]:
         if self._explainer is None:
-            import shap
-
+            shap = _import_shap()
             background = _shap_background()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -226,6 +227,17 @@ class ServingModel:
                     feature_names=list(FEATURES),
                 )
         return self._explainer
+
+
+def _import_shap() -> Any:
+    """shap, imported on a thread of its own.
+
+    shap keeps the ImportError of every optional package it lacks (cv2, pyspark...) with its
+    traceback for good, and a traceback keeps the frames that called the import alive: imported
+    from a request, it would keep that request's model (estimator, explainer) for the worker's life.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(importlib.import_module, "shap").result()
 
 
 def _shap_background(n: int = 50) -> np.ndarray:

@@ -107,6 +107,11 @@ class ServingState:
         model = self.model
         return model.version if model is not None else MODEL_VERSION
 
+    def swap(self, model: ServingModel) -> None:
+        """Serve ``model`` from the next request on; the model it replaces is freed."""
+        self.model = model
+        _freeze_heap()
+
 
 STATE = ServingState()
 
@@ -117,7 +122,14 @@ def _freeze_heap() -> None:
     A full collection walks every object scikit-learn, pandas and BentoML created at import: tens
     of milliseconds that land on whichever request triggered it, i.e. the p99. Requests allocate
     only short-lived objects, which the young generations still collect.
+
+    Unfrozen first, because frozen objects are never collected: a model swapped out that sits in a
+    reference cycle (its shap explainer calls back into it) is garbage only a collection can free,
+    and would otherwise stay in memory for good, one more at every swap (tests/test_model_swap.py).
+    The price is one full collection per swap: the watcher thread runs it, but it holds the GIL,
+    so the worker pauses for it (a fraction of a second) once per rollout rather than per request.
     """
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
@@ -179,8 +191,7 @@ class MedopsService:
         return model_from_stored(self.bento_model)
 
     def _switch(self, version: str) -> None:
-        STATE.model = model_from_store(MODEL_NAME, version)
-        _freeze_heap()
+        STATE.swap(model_from_store(MODEL_NAME, version))
 
     @bentoml.on_shutdown
     def _close(self) -> None:
