@@ -10,7 +10,6 @@ at load; any other model goes through scikit-learn (and shap for explanations).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import warnings
 from collections.abc import Callable
@@ -236,8 +235,14 @@ def _import_shap() -> Any:
     traceback for good, and a traceback keeps the frames that called the import alive: imported
     from a request, it would keep that request's model (estimator, explainer) for the worker's life.
     """
+
+    def load() -> Any:
+        import shap
+
+        return shap
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(importlib.import_module, "shap").result()
+        return pool.submit(load).result()
 
 
 def _shap_background(n: int = 50) -> np.ndarray:
