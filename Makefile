@@ -24,6 +24,7 @@ $(STAMP): requirements/dev.txt pyproject.toml
 lock:
 	$(BIN)/uv pip compile --quiet --no-header --python-version 3.11 requirements/base.in -o requirements/base.txt
 	$(BIN)/uv pip compile --quiet --no-header --python-version 3.11 requirements/dev.in -o requirements/dev.txt
+	$(BIN)/uv pip compile --quiet --no-header --python-version 3.11 requirements/serving.in -c requirements/base.txt -o requirements/serving.txt
 
 run: venv
 	$(BIN)/medops up

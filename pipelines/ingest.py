@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -172,7 +172,3 @@ def ingest_landing(settings: Settings, site_id: str | None = None) -> list[Inges
         results.append(ingest_file(path, settings, site_id=site_id or landing_site(path, settings)))
         archive_landed(path, settings)
     return results
-
-
-def result_dict(result: IngestResult) -> dict:
-    return asdict(result)

@@ -101,11 +101,9 @@ def _load_registered_model(version: str, settings: Settings) -> Any:
 
 def _raise_alert(title: str, details: str, settings: Settings) -> None:
     """Tell on-call people a rollout failed (webhook / e-mail through medops.core.alerts)."""
+    from medops.core.alerts import send_alert
+
     logger.error("%s: %s", title, details)
-    try:
-        from medops.core.alerts import send_alert
-    except ImportError:
-        return
     send_alert(
         title,
         "failure",

@@ -27,8 +27,6 @@ import pytest
 from medops.core.settings import Settings
 from pipelines.schema import CLASSES, FEATURES, NEGATIVE, POSITIVE
 
-VENV_BIN = str(Path(sys.executable).parent)
-
 
 def breast_cancer_frame() -> pd.DataFrame:
     """scikit-learn's Wisconsin data with snake_case columns and malignant/benign labels (0 is malignant)."""
@@ -107,16 +105,6 @@ def register_tiny_model(
     if alias:
         client.set_registered_model_alias(settings.model_name, alias, version)
     return version
-
-
-def subprocess_env(settings: Settings) -> dict[str, str]:
-    """Environment for child processes: this venv first on PATH, the test's MEDOPS_HOME and stores."""
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["MEDOPS_HOME"] = str(settings.home)
-    env["BENTOML_HOME"] = str(settings.bentoml_home)
-    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    return env
 
 
 # --- a temporary MEDOPS_HOME for a whole test module, and the service in-process ----------------

@@ -246,13 +246,10 @@ def _example_record() -> str:
 
 def down(settings: Settings, *, console: Console) -> None:
     """Stop the served Bentos, Airflow, MLflow and Evidently that `up` started."""
-    try:
-        from serving import rollout
+    from serving import rollout
 
-        rollout.stop_all(settings)
-        console.print("[green]✓[/] serving stopped")
-    except (ImportError, AttributeError):
-        pass
+    rollout.stop_all(settings)
+    console.print("[green]✓[/] serving stopped")
     for name in ("airflow", "mlflow", "evidently"):
         if processes.stop(name, settings):
             console.print(f"[green]✓[/] {name} stopped")

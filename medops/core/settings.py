@@ -44,7 +44,6 @@ class Settings(BaseSettings):
 
     drift_min_rows: int = 200
     drift_share_threshold: float = Field(default=0.3, description="Share of drifted columns that means drift.")
-    drift_schedule: str = "@hourly"
     retrain_cooldown_hours: float = 6.0
     require_approval: bool = False
 
