@@ -64,3 +64,36 @@ def test_long_paths_and_urls_stay_on_one_line_when_output_is_not_a_terminal(tmp_
     result = runner.invoke(app, ["data", "seed", "--out", str(deep)])
     assert result.exit_code == 0, result.output
     assert f"wrote {deep / 'seed.csv'}" in result.stdout.splitlines()
+
+
+def test_undelivered_alerts_are_listed_and_counted(medops_home: Settings):
+    from medops.core.alerts import send_alert
+
+    send_alert("Drift at site-d", "drift", ["mean_radius"], "site-d", "http://127.0.0.1:8000/projects/p", medops_home)
+    listed = runner.invoke(app, ["alerts"])
+    assert listed.exit_code == 0, listed.output
+    assert "No alert channel is configured: set MEDOPS_ALERT_WEBHOOK_URL" in listed.stdout
+    assert "Drift at site-d" in listed.stdout and "http://127.0.0.1:8000/projects/p" in listed.stdout
+    as_json = json.loads(runner.invoke(app, ["alerts", "--json"]).stdout)
+    assert as_json["channels"] == [] and [a["title"] for a in as_json["outbox"]] == ["Drift at site-d"]
+    status = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    assert status["undelivered_alerts"] == 1 and status["alert_channels"] == []
+    assert status["last_alert"]["title"] == "Drift at site-d"
+    text = runner.invoke(app, ["status"]).stdout
+    assert "1 undelivered alert(s)" in text and "alerts to    none" in text
+
+
+def test_every_option_has_help():
+    import typer.main
+
+    missing = []
+
+    def walk(group, path: str) -> None:
+        for name, command in getattr(group, "commands", {}).items():
+            walk(command, f"{path} {name}")
+        for param in getattr(group, "params", []):
+            if param.param_type_name == "option" and not param.help:
+                missing.append(f"{path} {param.opts[0]}")
+
+    walk(typer.main.get_command(app), "medops")
+    assert missing == []

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
     @command(app)
     def deploy(
         version: Annotated[str, typer.Option("--version", help="Registry version of the model to roll out.")],
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Roll a model version out: build its Bento, smoke-test it beside the running one, switch."""
         from serving import rollout
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         version: Annotated[
             str | None, typer.Option("--version", help="Version to go back to (default: the one deployed before).")
         ] = None,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Serve the previously deployed model version again and point @champion at it."""
         from serving import rollout
