@@ -70,10 +70,16 @@ def deploy_model():
     @task(retries=1)
     def roll_out(version: str, bento: str) -> dict:
         """Start the Bento beside the running one, smoke-test, switch the stable endpoint, stop the old."""
+        from medops.app.run_notes import note_run, rollout_note
         from medops.core.settings import get_settings
-        from serving.rollout import deploy
+        from serving.rollout import DeployFailed, deploy
 
-        result = deploy(version, get_settings(), bento=bento)
+        settings = get_settings()
+        try:
+            result = deploy(version, settings, bento=bento)
+        except DeployFailed as error:
+            note_run("deploy_model", get_current_context()["run_id"], rollout_note(version, error, settings), settings)
+            raise
         print(f"model version {result.version} serving on {result.url} ({result.switch}; was {result.previous})")
         return result.to_dict()
 

@@ -16,7 +16,11 @@ Trains, evaluates and registers a diagnosis model, then lets the gate decide abo
   tags on the model version.
 * **Approval**: with `MEDOPS_REQUIRE_APPROVAL=true`, a drift-triggered promotion waits for a person
   in *Required actions*; otherwise the gate alone decides.
-* **Emits** `medops/champion` on promotion, which schedules `deploy_model`.
+* **Emits** `medops/champion` on promotion, which schedules `deploy_model`; and `medops/data` when
+  drift retraining versioned feedback labels (that event names this run in `trained_by`, so the
+  run it schedules skips instead of training on the same data again).
+* **Run note**: refused (the gate's reasons), waiting for approval, or promoted, with the figures
+  and links to the MLflow run and model version.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
-from medops.orchestration import CHAMPION, DATA, DEFAULT_ARGS, DRIFT
+from medops.orchestration import CHAMPION, DATA, DEFAULT_ARGS, DRIFT, NEW_DATA
 
 FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
 
@@ -70,9 +74,9 @@ FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
     },
 )
 def train_model():
-    @task
+    @task(outlets=[NEW_DATA])
     def plan() -> dict:
-        """Decide what to train on and with which gate; skip drift inside the cooldown."""
+        """Decide what to train on and with which gate; skip drift inside the cooldown; announce new data."""
         from dataclasses import asdict
 
         from airflow.sdk.exceptions import AirflowSkipException
@@ -89,7 +93,12 @@ def train_model():
             data_version=params.get("data_version") or None,
         )
         if planned is None:
-            raise AirflowSkipException("drift retraining skipped: inside the cooldown")
+            raise AirflowSkipException(
+                "nothing to train: drift inside the cooldown, or data this loop already trains on"
+            )
+        if planned.get("new_data_version"):  # the feedback labels retraining versioned, as an Asset event
+            extra = {"data_version": planned["new_data_version"], "origin": "feedback", "trained_by": context["run_id"]}
+            context["outlet_events"][NEW_DATA].add(DATA, extra=extra)
         gate = GateConfig.from_settings(
             settings, min_sensitivity=params.get("min_sensitivity"), min_roc_auc=params.get("min_roc_auc")
         )
@@ -158,6 +167,11 @@ def train_model():
     @task.branch
     def decide(result: dict) -> str | list[str] | None:
         """Rejected by the gate: stop. Drift-triggered with approval required: ask a person."""
+        from medops.app.run_notes import note_run, training_note
+        from medops.core.settings import get_settings
+
+        settings = get_settings()
+        note_run("train_model", get_current_context()["run_id"], training_note(result, settings), settings)
         if not result["gate_passed"]:
             return None
         return ["await_approval", "promote"] if result["needs_approval"] else "promote"
@@ -188,6 +202,10 @@ def train_model():
         if not promote_version(result["model_version"], settings, approved_by=approved_by):
             raise RuntimeError(f"model version {result['model_version']} did not pass the gate")
         context["outlet_events"][CHAMPION].extra = {"model_version": result["model_version"]}
+        from medops.app.run_notes import note_run, training_note
+
+        note = training_note(result | {"promoted": True, "approved_by": approved_by}, settings)
+        note_run("train_model", context["run_id"], note, settings)
         return result["model_version"]
 
     planned = plan()

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medops.core import links
 from medops.core.settings import Settings
 from pipelines import data_registry, model_registry
 from pipelines.figures import evaluation_figures
@@ -179,7 +180,8 @@ def trusted_types(model: Any) -> list[str]:
     """
     import skops.io
 
-    untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+    with model_registry.quiet_model_io():
+        untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
     foreign = [name for name in untrusted if not name.startswith(("sklearn.", "numpy.", "scipy."))]
     if foreign:
         raise TypeError(f"model holds types outside scikit-learn/numpy/scipy: {', '.join(foreign)}")
@@ -265,7 +267,8 @@ class FitResult:
         """The fitted model as written by the fit (skops, trusting only the types it was built from)."""
         import skops.io
 
-        return skops.io.load(self.model_path, trusted=self.trusted_types)
+        with model_registry.quiet_model_io():
+            return skops.io.load(self.model_path, trusted=self.trusted_types)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -340,7 +343,8 @@ def fit_candidate(
     import skops.io
 
     types = trusted_types(model)
-    skops.io.dump(model, work / "model.skops")
+    with model_registry.quiet_model_io():
+        skops.io.dump(model, work / "model.skops")
     _write_figures(evaluation, work / "figures")
     params = {
         key: value
@@ -412,6 +416,7 @@ def log_run(
                 "data_versions_seen": ",".join(versions_seen),
                 "code_git_sha": model_registry.code_version(),
                 "airflow_run_id": airflow_run_id or "",
+                "airflow_run_url": links.airflow_run(settings, "train_model", airflow_run_id) if airflow_run_id else "",
                 "trigger": trigger,
                 "family": fit.family,
             }
@@ -441,15 +446,17 @@ def log_run(
         mlflow.log_artifacts(str(fit.figures_dir))
         mlflow.log_artifacts(str(fit.reference_dir), artifact_path=model_registry.REFERENCE)
         features = holdout[list(FEATURES)]
-        mlflow.sklearn.log_model(
-            model,
-            name="model",
-            skops_trusted_types=fit.trusted_types,
-            # Stated, not inferred: inference re-imports the model in a subprocess (~20 s here).
-            pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
-            signature=infer_signature(features, model.predict(features)),
-            input_example=features.head(3),
-        )
+        with model_registry.quiet_model_io():
+            mlflow.sklearn.log_model(
+                model,
+                name="model",
+                skops_trusted_types=fit.trusted_types,
+                # Stated, not inferred: inference re-imports the model in a subprocess (~20 s here).
+                pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
+                signature=infer_signature(features, model.predict(features)),
+                input_example=features.head(3),
+            )
+        print(f"MLflow run: {links.mlflow_run(settings, experiment_id, run.info.run_id)}")
         return run.info.run_id
 
 
@@ -486,7 +493,8 @@ def register_version(
     version = _version_of_run(run_id, settings)
     if version is None:
         (output,) = mlflow_client.get_run(run_id).outputs.model_outputs
-        version = str(mlflow.register_model(f"models:/{output.model_id}", settings.model_name).version)
+        with model_registry.quiet_model_io():
+            version = str(mlflow.register_model(f"models:/{output.model_id}", settings.model_name).version)
     result = TrainResult(
         run_id=run_id,
         model_version=version,
@@ -515,9 +523,11 @@ def register_version(
             "gate_decision": "passed" if decision.passed else "rejected",
             "trigger": trigger,
             "airflow_run_id": airflow_run_id or "",
+            "airflow_run_url": links.airflow_run(settings, "train_model", airflow_run_id) if airflow_run_id else "",
         },
         settings,
     )
+    print(f"model version page: {links.mlflow_model_version(settings, settings.model_name, version)}")
     return result
 
 

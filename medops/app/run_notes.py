@@ -71,3 +71,48 @@ def alert_delivery(alert: dict | None) -> str:
     else:
         why = "; ".join(f"{k} {v}" for k, v in channels.items() if v != "not configured")
     return f"**NOT DELIVERED**: {why}; waiting in `{alert.get('outbox')}` (`medops alerts`)"
+
+
+def training_note(result: dict, settings: Settings) -> str:
+    """train_model's outcome for a registered version: refused, waiting for approval, or promoted."""
+    from medops.core.links import mlflow_model_version, mlflow_run
+    from pipelines import model_registry
+
+    version, run_id = result["model_version"], result["mlflow_run_id"]
+    run = model_registry.client(settings).get_run(run_id)
+    if result.get("promoted"):
+        by = f", approved by {result['approved_by']}" if result.get("approved_by") else ""
+        head = f"**v{version} promoted to @champion**{by}: deploy_model rolls it out"
+    elif not result["gate_passed"]:
+        head = f"**Challenger v{version} REFUSED by the gate**: @champion unchanged"
+    elif result.get("needs_approval"):
+        head = f"**v{version} passed the gate: WAITING FOR APPROVAL** in Required actions"
+    else:
+        head = f"v{version} passed the gate: promoting"
+    metrics = run.data.metrics
+    figures = ", ".join(
+        f"{label} {metrics[name]:.3f}"
+        for name, label in (("roc_auc", "ROC AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"))
+        if name in metrics
+    )
+    lines = [head, f"- hold-out: {figures} (trigger: {result.get('trigger')})"]
+    lines += [f"- {reason}" for reason in result.get("reasons", [])[:4]]
+    lines.append(
+        f"- [MLflow model version {version}]({mlflow_model_version(settings, settings.model_name, version)})"
+        f" · [MLflow run]({mlflow_run(settings, run.info.experiment_id, run_id)})"
+    )
+    return "\n".join(lines)
+
+
+def rollout_note(version: str, error: BaseException, settings: Settings) -> str:
+    """deploy_model's fallback: the old version keeps serving, and why the new one was refused."""
+    from medops.core.links import mlflow_model_version
+
+    first_line = (str(error).strip().splitlines() or [""])[0][:400]
+    return "\n".join(
+        [
+            f"**Rollout of v{version} FELL BACK**: the previous version keeps serving",
+            f"- reason: {type(error).__name__}: {first_line}",
+            f"- [MLflow model version {version}]({mlflow_model_version(settings, settings.model_name, version)})",
+        ]
+    )
