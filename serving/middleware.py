@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from pipelines.schema import FEATURE_RANGES, FEATURES, SITE_PATTERN
+from serving.contract import DOCS_PATHS
 
 logger = logging.getLogger("medops.serving")
 
@@ -35,7 +36,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"}) | DOCS_PATHS  # docs are not patient data
 API_PATHS = frozenset({"/predict", "/explain", "/feedback", "/metadata"})
 JSON_TYPES = frozenset({b"application/json", b""})
 _VERSION_HEADER = b"x-model-version"
