@@ -236,8 +236,10 @@ class PredictionLogWriter:
         self.served.remember(site_ids, hashes)
         return ticket
 
-    def unanswered(self, site: str, encounter_hashes: Sequence[str]) -> list[int]:
+    def unanswered(self, site: str | None, encounter_hashes: Sequence[str]) -> list[int]:
         """Positions of the encounters no prediction was logged for to ``site`` (within the lookback).
+
+        ``site`` None stands for any site but the smoke-test one (a key that speaks for every site).
 
         This worker's own answers are found in memory (:class:`ServedEncounters`); the rest are
         looked up in every worker's log files of the last ``feedback_lookback_days`` days, a read
@@ -248,8 +250,8 @@ class PredictionLogWriter:
             return []
         wanted = {encounter_hashes[i] for i in missing if encounter_hashes[i]}
         since = datetime.fromtimestamp(time.time() - self._lookback_days * 86400, UTC)
-        found = answered_in_log(self._log_dir, site, wanted, since) if wanted else set()
-        self.served.remember([site] * len(found), list(found))
+        found = answered_in_log(self._log_dir, site, wanted, since) if wanted else {}
+        self.served.remember([found[digest] for digest in found], list(found))
         return [i for i in missing if encounter_hashes[i] not in found]
 
     def log_feedback(self, labels: Iterable[tuple[str, str]]) -> int:
@@ -390,25 +392,34 @@ class ServedEncounters:
             while len(sites) > self.capacity:
                 sites.popitem(last=False)
 
-    def answered(self, site: str, encounter_hash: str) -> bool:
-        return bool(encounter_hash) and self._sites.get(encounter_hash) == site
+    def answered(self, site: str | None, encounter_hash: str) -> bool:
+        """Whether ``encounter_hash`` was answered for ``site`` (None: for any site but the smoke-test one)."""
+        answered_for = self._sites.get(encounter_hash) if encounter_hash else None
+        if site is None:
+            return answered_for is not None and answered_for != SMOKE_TEST_SITE
+        return answered_for == site
 
 
-def answered_in_log(directory: Path, site: str, encounter_hashes: set[str], since: datetime) -> set[str]:
-    """Which of ``encounter_hashes`` have a logged prediction for ``site`` in files of ``since``'s day or later."""
+def answered_in_log(directory: Path, site: str | None, encounter_hashes: set[str], since: datetime) -> dict[str, str]:
+    """Which of ``encounter_hashes`` have a logged prediction for ``site`` (None: any site but the
+    smoke-test one) in files of ``since``'s day or later, with the site each was answered for."""
     wanted = {digest.encode() for digest in encounter_hashes}
-    site_bytes = site.encode()
+    site_bytes = site.encode() if site is not None else None
+    smoke = SMOKE_TEST_SITE.encode()
     site_at, hash_at = PREDICTION_COLUMNS.index(SITE), PREDICTION_COLUMNS.index("encounter_hash")
-    found: set[bytes] = set()
+    found: dict[bytes, bytes] = {}
     for path in reversed(_log_files(directory, "predictions", since)):  # newest first
         with path.open("rb") as handle:
             for line in handle:
                 parts = line.split(b",", hash_at + 1)
-                if len(parts) > hash_at + 1 and parts[hash_at] in wanted and parts[site_at] == site_bytes:
-                    found.add(parts[hash_at])
+                if len(parts) <= hash_at + 1 or parts[hash_at] not in wanted:
+                    continue
+                answered_for = parts[site_at]
+                if answered_for == site_bytes or (site_bytes is None and answered_for != smoke):
+                    found.setdefault(parts[hash_at], answered_for)
         if len(found) == len(wanted):
             break
-    return {digest.decode() for digest in found}
+    return {digest.decode(): answered_for.decode() for digest, answered_for in found.items()}
 
 
 def _settle(future: Any, error: BaseException | None) -> None:

@@ -151,11 +151,15 @@ def _request_site(ctx: bentoml.Context) -> str:
     return ctx.request.headers.get(SITE_HEADER) or DEFAULT_SITE
 
 
-def _not_answered(positions: list[int], site: str) -> Exception:
+def _not_answered(positions: list[int], site: str | None) -> Exception:
     """A validation error (422 through the middleware) naming each refused ``labels[i].encounter_id``."""
     from pydantic_core import PydanticCustomError, ValidationError
 
-    reason = f"no prediction was served for this encounter to site {site}"
+    reason = (
+        f"no prediction was served for this encounter to site {site}"
+        if site
+        else "no prediction was served for this encounter"
+    )
     errors = [
         {
             "type": PydanticCustomError("encounter_not_answered", reason),
@@ -324,15 +328,17 @@ class MedopsService:
     def feedback(self, labels: list[FeedbackLabel], ctx: bentoml.Context) -> FeedbackResponse:
         """Record ground-truth diagnoses for encounters answered for the same site (stored hashed).
 
-        A label for an encounter no prediction was logged for, for this request's site, is refused
-        (422 naming ``labels[i].encounter_id``): labels become training data, so a site may only
-        label its own patients. Answered for another site or never answered look the same to the
-        caller, so the refusal tells nothing about other sites' encounters.
+        Labels become training data, so a site may label only its own patients: a label for an
+        encounter no prediction was logged for, for the request's site (a bound key's, or the
+        ``X-Site-Id`` sent), is refused (422 naming ``labels[i].encounter_id``). A key bound to no
+        site and sending no ``X-Site-Id`` speaks for every site but the smoke-test one. Answered
+        for another site or never answered look the same, so a refusal tells nothing about other
+        sites' encounters.
         """
         _request_info(ctx, len(labels))
         if len(labels) > self.max_records:
             raise RequestTooLarge(f"{len(labels)} labels, at most {self.max_records} per request")
-        site = _request_site(ctx)
+        site = ctx.request.headers.get(SITE_HEADER)  # HttpContractMiddleware sets a bound key's own
         missing = self.log.unanswered(site, [self.log.hash_encounter(label.encounter_id) for label in labels])
         if missing:
             raise _not_answered(missing, site)

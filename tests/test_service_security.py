@@ -165,6 +165,15 @@ def test_feedback_only_for_encounters_answered_for_the_same_site(client: TestCli
     assert post(client, "/feedback", own, site_a).json() == {"recorded": 2}
     assert len(read_feedback(home)) == before + 2
 
+    # a key bound to no site speaks for the site it names in X-Site-Id, else for every site but the smoke test's
+    assert post(client, "/predict", {"records": records(1, start=435)}, issued["rollout"]).status_code == 200
+    one = {"labels": [{"encounter_id": "enc-431", "diagnosis": "benign"}]}
+    assert field_of(post(client, "/feedback", one, **{"X-Site-Id": "site-b"})) == ["labels[0].encounter_id"]
+    smoke = {"labels": [{"encounter_id": "enc-435", "diagnosis": "benign"}]}
+    assert field_of(post(client, "/feedback", smoke)) == ["labels[0].encounter_id"]
+    assert post(client, "/feedback", one).json() == {"recorded": 1}
+    assert post(client, "/feedback", one, **{"X-Site-Id": "site-a"}).json() == {"recorded": 1}
+
 
 def test_feedback_falls_back_to_the_log_files_for_other_workers_answers(home: Settings, tmp_path: Path):
     """A label reaching a worker that did not answer the encounter: found in the other workers' log files."""
@@ -181,25 +190,26 @@ def test_feedback_falls_back_to_the_log_files_for_other_workers_answers(home: Se
         request_id="r1",
         model_name="m",
         model_version="1",
-        site_ids=["site-a", "site-b"],
-        encounter_ids=["enc-1", "enc-2"],
-        features=np.ones((2, len(FEATURES))),
-        probabilities=np.array([0.1, 0.9]),
-        labels=["benign", "malignant"],
+        site_ids=["site-a", "site-b", SMOKE_TEST_SITE],
+        encounter_ids=["enc-1", "enc-2", "smoke-1"],
+        features=np.ones((3, len(FEATURES))),
+        probabilities=np.array([0.1, 0.9, 0.2]),
+        labels=["benign", "malignant", "benign"],
     )
     answering.close()
     other = PredictionLogWriter(settings)  # another worker: nothing in its memory
-    digests = [other.hash_encounter(e) for e in ("enc-1", "enc-2", "enc-3")]
-    assert other.unanswered("site-a", digests) == [1, 2]
-    assert other.unanswered("site-b", digests) == [0, 2]
+    digests = [other.hash_encounter(e) for e in ("enc-1", "enc-2", "enc-3", "smoke-1")]
+    assert other.unanswered("site-a", digests) == [1, 2, 3]
+    assert other.unanswered("site-b", digests) == [0, 2, 3]
     assert other.served.answered("site-a", digests[0])  # found once, remembered
+    assert PredictionLogWriter(settings).unanswered(None, digests) == [2, 3]  # any site but the smoke test's
 
     # answers older than the lookback are not looked for
     log_dir = predictions_log_dir(settings)
     old_day = (datetime.now(UTC) - timedelta(days=settings.feedback_lookback_days + 2)).strftime("%Y%m%d")
     for path in log_dir.glob("predictions-*.csv"):
         path.rename(log_dir / f"predictions-{old_day}-{path.name.split('-')[-1]}")
-    assert PredictionLogWriter(settings).unanswered("site-a", digests) == [0, 1, 2]
+    assert PredictionLogWriter(settings).unanswered("site-a", digests) == [0, 1, 2, 3]
     other.close()
 
 
