@@ -57,11 +57,13 @@ def airflow_env(settings: Settings) -> dict[str, str]:
 
 
 def urls(settings: Settings) -> dict[str, str]:
+    from serving.processes import connect_host
+
     h = settings.host
     return {
         "airflow": f"http://{h}:{settings.airflow_port}",
         "mlflow": f"http://{h}:{settings.mlflow_port}",
-        "serving": f"{'https' if settings.tls_enabled else 'http'}://{h}:{settings.serving_port}",
+        "serving": f"{'https' if settings.tls_enabled else 'http'}://{connect_host(h)}:{settings.serving_port}",
         "evidently": f"http://{h}:{settings.evidently_port}",
     }
 
