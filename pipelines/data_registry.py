@@ -90,8 +90,8 @@ def _git(repo: Path, *args: str) -> str:
 def crash_point(step: str) -> None:
     """End the process on the spot at ``step`` if ``MEDOPS_TEST_CRASH_AT`` names it (tests only).
 
-    ``os._exit`` runs no ``finally`` block, no ``except`` and no exit handler, as a power cut or a
-    ``kill -9`` would not: the fault-injection tests see exactly what a real crash leaves behind.
+    ``os._exit`` skips every ``finally`` block, ``except`` clause and exit handler, as a power cut
+    or a ``kill -9`` does: the fault-injection tests see exactly what a real crash leaves behind.
     """
     if os.environ.get(CRASH_AT_VARIABLE) == step:
         os._exit(CRASH_EXIT_CODE)
@@ -138,12 +138,7 @@ def journaled(sha256: str, settings: Settings) -> Iterator[IngestJournal]:
         folder = settings.ingest_journal_dir
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         journal = IngestJournal(folder / f"{sha256}.json")
-        journal.note(
-            sha256=sha256,
-            base=_git(settings.registry_dir, "rev-parse", "HEAD"),
-            pid=os.getpid(),
-            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        )
+        journal.note(sha256=sha256, pid=os.getpid(), started_at=datetime.now(UTC).isoformat(timespec="seconds"))
         _open_journals.add(journal.path)
         try:
             crash_point("after_journal")

@@ -226,3 +226,28 @@ def test_concurrent_cli_and_landing_ingests_all_land_with_distinct_versions(regi
     assert {records[first_sha]["version"], records[second_sha]["version"]} == {"data-v2", "data-v3"}
     assert len(data_registry.load_version_frame("data-v3", registry_home)) == 569 + 28 + 23
     assert len(_quarantines_of(first_sha, registry_home)) == len(_quarantines_of(second_sha, registry_home)) == 1
+
+
+def test_feedback_versioning_is_journaled_like_an_ingest(registry_home: Settings, monkeypatch: pytest.MonkeyPatch):
+    from pipelines import retraining
+
+    labelled = seed_frame().iloc[300:320].copy().reset_index(drop=True)
+    labelled["mean_radius"] += 0.29
+    labelled.loc[4, "mean_area"] = 251000.0
+    monkeypatch.setattr(retraining, "labelled_feedback_batch", lambda settings, since=None: labelled.copy())
+
+    def unreachable(repo: Path) -> None:
+        raise RuntimeError("dvc push: remote unreachable")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data_registry, "_dvc_push", unreachable)
+        with pytest.raises(RuntimeError, match="remote unreachable"):
+            retraining.version_feedback(registry_home)
+    assert data_registry.list_versions(registry_home) == ["data-v1"]
+    assert not registry_home.quarantine_dir.exists() or not list(registry_home.quarantine_dir.iterdir())
+    assert not list(registry_home.ingest_journal_dir.glob("*.json"))
+
+    assert retraining.version_feedback(registry_home) == "data-v2"
+    [record] = [r for r in _committed_manifest(registry_home) if r.get("origin") == "feedback"]
+    assert (record["accepted"], record["quarantined"]) == (19, 1)
+    assert len(list(registry_home.quarantine_dir.iterdir())) == 1
