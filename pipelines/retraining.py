@@ -80,21 +80,32 @@ def version_feedback(settings: Settings) -> str | None:
         _save_state(state, settings)
         return None
     raw = batch.astype({name: "string" for name in ("diagnosis", "site_id")})
-    result = validate_batch(raw, existing_keys=data_registry.existing_row_keys(settings))
     scratch = settings.home / "state" / "feedback-batch.csv"
     write_frame(batch, scratch)
     sha256 = sha256_file(scratch)
     name = f"feedback-{now:%Y%m%dT%H%M%S}.csv"
-    if len(result.rejected):
-        quarantine_batch(result.rejected, name=name, sha256=sha256, received=result.received, settings=settings)
-    version = data_registry.record_batch(
-        result.accepted,
-        source_name=name,
-        sha256=sha256,
-        quarantined=len(result.rejected),
-        settings=settings,
-        origin="feedback",
-    )
+    # Checked against the registry's rows and recorded under one lock and journal, as an ingest is.
+    with data_registry.locked_registry(settings):
+        result = validate_batch(raw, existing_keys=data_registry.existing_row_keys(settings))
+        with data_registry.journaled(sha256, settings) as journal:
+            if len(result.rejected):
+                quarantine_batch(
+                    result.rejected,
+                    name=name,
+                    sha256=sha256,
+                    received=result.received,
+                    settings=settings,
+                    journal=journal,
+                )
+            version = data_registry.record_batch(
+                result.accepted,
+                source_name=name,
+                sha256=sha256,
+                quarantined=len(result.rejected),
+                settings=settings,
+                origin="feedback",
+                journal=journal,
+            )
     _save_state(state, settings)
     return version.tag if version else None
 

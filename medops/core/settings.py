@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     retrain_cooldown_hours: float = 6.0
     require_approval: bool = False
 
+    landing_retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Landed files already ingested are kept in landing/processed/ this long, then deleted.",
+    )
+
     dvc_remote: str | None = None
     mlflow_tracking_uri: str | None = None
     model_name: str = MODEL_NAME
@@ -80,6 +86,11 @@ class Settings(BaseSettings):
     @property
     def quarantine_dir(self) -> Path:
         return self.home / "quarantine"
+
+    @property
+    def ingest_journal_dir(self) -> Path:
+        """One entry per ingest in progress: what to finish or roll back after a crash."""
+        return self.home / "state" / "ingest-journal"
 
     @property
     def registry_dir(self) -> Path:
