@@ -72,22 +72,22 @@ class Settings(BaseSettings):
         default=50, description="Fewest scored rows of one site for its own drift and estimated-performance signals."
     )
     monitor_prediction_drift_p_value: float = Field(
-        default=1e-4,
+        default=3e-6,
         description="Prediction drift: K-S p-value of probability_malignant vs the reference scores at or below this.",
     )
     monitor_material_shift: float = Field(
-        default=0.2,
+        default=0.4,
         description="A drifted feature counts only if it moved at least this far "
         "(Wasserstein distance in reference standard deviations).",
     )
     monitor_importance_share: float = Field(
-        default=0.3, description="Importance-weighted share of drifted features at or above this is drift."
+        default=0.2, description="Importance-weighted share of drifted features at or above this is drift."
     )
     monitor_top_features: int = Field(
         default=5, description="How many of the most important features are watched for a strong shift."
     )
     monitor_strong_drift_p_value: float = Field(
-        default=1e-6, description="A top feature drifted strongly: K-S p-value at or below this (and a material shift)."
+        default=3e-7, description="A top feature drifted strongly: K-S p-value at or below this (and a material shift)."
     )
     monitor_strong_drift_distance: float = Field(
         default=0.5,
@@ -95,10 +95,10 @@ class Settings(BaseSettings):
         "(Wasserstein distance in reference standard deviations).",
     )
     monitor_min_expected_malignant: float = Field(
-        default=10.0, description="Fewest expected malignant cases in a window or site for estimated sensitivity."
+        default=20.0, description="Fewest expected malignant cases in a window or site for estimated sensitivity."
     )
     monitor_feedback_min_malignant: int = Field(
-        default=10, description="Fewest labelled malignant cases in a window or site for realized sensitivity."
+        default=25, description="Fewest labelled malignant cases in a window or site for realized sensitivity."
     )
     monitor_refusal_min_requests: int = Field(
         default=50, description="Fewest records a site sent (scored and refused) before its refusal rate is judged."
