@@ -123,11 +123,11 @@ def judge_scope(signals: ScopeSignals) -> ScopeVerdict:
     return ScopeVerdict(signals.scope, signals.n_rows, verdict, None, fired, signals.signals)
 
 
-def judge_window(signals: WindowSignals, settings: Settings | None = None) -> WindowVerdict:
+def judge_window(signals: WindowSignals) -> WindowVerdict:
     """Combine a window's signals into its verdict, its sites' verdicts and the retraining decision.
 
-    ``settings`` is accepted for symmetry with the other steps; the thresholds were applied when the
-    signals were computed (:func:`monitoring.signals.compute_signals`).
+    The thresholds from settings were applied when the signals were computed
+    (:func:`monitoring.signals.compute_signals`); the judge only ranks what fired.
     """
     window = judge_scope(signals.window)
     sites = {site: judge_scope(scope) for site, scope in signals.sites.items()}
@@ -154,4 +154,4 @@ def assess_window(
     from monitoring.signals import compute_signals
 
     found = compute_signals(current, reference, settings, importance=importance, **inputs)
-    return judge_window(found, settings), found
+    return judge_window(found), found

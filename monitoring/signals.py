@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 WINDOW = "window"
 """Scope name of signals computed on the whole window (sites are named by their ``site_id``)."""
+_WHOLE = "\x00window"  # internal key of the whole window where sites share a dict (no site id starts so)
 
 
 class Severity(StrEnum):
@@ -111,6 +112,8 @@ class SiteTraffic:
         """From a :class:`SiteTraffic` or a dict with ``scored``, ``refused``, ``by_field`` (and ``site``)."""
         if isinstance(value, SiteTraffic):
             return value
+        if site is None and not (isinstance(value, Mapping) and value.get("site")):
+            raise ValueError("traffic counts need the site they were counted for ('site')")
         try:
             return cls(
                 site=str(value.get("site", site)),
@@ -467,52 +470,52 @@ def compute_signals(
             if site != rest:
                 by_site[site] = {name: tests[index] for name, tests in per_site.items() if tests[index] is not None}
         # Distances only where a test found drift: they decide whether the drift is material.
-        wanted = {WINDOW: [name for name, test in overall.items() if test.drifted or name == PROBABILITY]}
+        wanted = {_WHOLE: [name for name, test in overall.items() if test.drifted or name == PROBABILITY]}
         for site, tests in by_site.items():
             wanted[site] = [name for name, test in tests.items() if test.drifted or name == PROBABILITY]
         distances = _distances(current, reference, wanted, grouped)
 
     labelled = label_predictions(current, feedback) if feedback is not None else None
     estimates: dict[str, PerformanceEstimate | None] = {}
-    if estimator is not None and scores_ok:
+    if estimator is not None and PROBABILITY in current.columns:
         scores = current[PROBABILITY].to_numpy(dtype="float64")
         served = (current[PREDICTED_LABEL] == POSITIVE).to_numpy() if PREDICTED_LABEL in current.columns else None
         usable = np.isfinite(scores)
         site_of = current[SITE].astype(str).to_numpy() if SITE in current.columns else np.full(len(current), "")
-        for scope, rows in [(WINDOW, usable)] + [(site, usable & (site_of == site)) for site in tested_sites]:
+        for scope, rows in [(_WHOLE, usable)] + [(site, usable & (site_of == site)) for site in tested_sites]:
             if rows.sum():
                 estimates[scope] = estimator.estimate(scores[rows], None if served is None else served[rows])
 
     refusals = refusal_signals(traffic, settings, baseline_traffic) if traffic is not None else {}
 
     def scope_signals(
-        scope: str, n_rows: int, drift_tested: bool, tests: dict[str, ColumnDrift], rows: pd.DataFrame | None
+        scope: str, key: str, n_rows: int, drift_tested: bool, tests: dict[str, ColumnDrift], rows: pd.DataFrame | None
     ) -> ScopeSignals:
         signals: list[Signal] = []
         if drift_tested:
             feature_tests = {name: tests[name] for name in columns if name in tests}
             signals.append(
                 prediction_drift_signal(
-                    tests.get(PROBABILITY), distances.get(scope, {}).get(PROBABILITY), scope, settings
+                    tests.get(PROBABILITY), distances.get(key, {}).get(PROBABILITY), scope, settings
                 )
             )
-            signals.extend(feature_drift_signals(feature_tests, distances.get(scope, {}), weights, scope, settings))
+            signals.extend(feature_drift_signals(feature_tests, distances.get(key, {}), weights, scope, settings))
             if estimator is not None:
-                signals.append(estimated_performance_signal(estimates.get(scope), scope, settings))
+                signals.append(estimated_performance_signal(estimates.get(key), scope, settings))
         if rows is not None and len(rows):
             signals.append(realized_performance_signal(rows, scope, settings))
-        if scope in refusals:
-            signals.append(refusals[scope])
+        if key in refusals:
+            signals.append(refusals[key])
         return ScopeSignals(scope, n_rows, drift_tested, tuple(signals))
 
     window_labels = labelled if labelled is not None and len(labelled) else None
-    window = scope_signals(WINDOW, len(current), window_tested, overall, window_labels)
+    window = scope_signals(WINDOW, _WHOLE, len(current), window_tested, overall, window_labels)
     sites: dict[str, ScopeSignals] = {}
     for site in sorted(set(site_sizes) | set(refusals)):
         rows = None
         if window_labels is not None and SITE in window_labels.columns:
             rows = window_labels[window_labels[SITE].astype(str) == site]
-        sites[site] = scope_signals(site, site_sizes.get(site, 0), site in by_site, by_site.get(site, {}), rows)
+        sites[site] = scope_signals(site, site, site_sizes.get(site, 0), site in by_site, by_site.get(site, {}), rows)
     prediction = overall.get(PROBABILITY) if window_tested else None
     window_columns = {name: overall[name] for name in columns if name in overall} if window_tested else {}
     return WindowSignals(window, sites, window_columns, prediction)
@@ -527,7 +530,7 @@ def _distances(
     found: dict[str, dict[str, float]] = {scope: {} for scope in wanted}
     references: dict[str, np.ndarray] = {}
     for scope, names in wanted.items():
-        mask = None if scope == WINDOW else site_of == scope
+        mask = None if scope == _WHOLE else site_of == scope
         for name in names:
             if name not in references:
                 ref = reference[name].to_numpy(dtype="float64")

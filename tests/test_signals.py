@@ -226,6 +226,8 @@ def test_refusal_jump_names_the_site_and_fields(settings):
 def test_traffic_input_is_checked():
     with pytest.raises(ValueError, match="site-q"):
         SiteTraffic.of({"scored": 3}, "site-q")
+    with pytest.raises(ValueError, match="'site'"):
+        refusal_signals([{"scored": 100, "refused": 0}], Settings())
     with pytest.raises(ValueError, match="negative"):
         SiteTraffic("site-q", -1, 0)
 
@@ -244,3 +246,21 @@ def test_refusals_and_labels_reach_the_signals_of_a_window(champion, settings):
     # The labels are the only witness: scores and features did not move at that site.
     assert not [s for s in found.sites[AFFECTED_SITE].fired if s.name == "prediction_drift"]
     assert not found.sites[AFFECTED_SITE].get("estimated_performance").fired
+
+
+def test_a_site_called_window_and_a_reference_without_scores(champion, settings):
+    window = generate_window("calm", 300, champion, np.random.default_rng(8))
+    current = window.current.assign(**{SITE: np.where(window.current[SITE] == AFFECTED_SITE, "window", "site-a")})
+    traffic = {"window": SiteTraffic("window", 10, 90, {"mean_area": {"out_of_range": 90}})}
+    reference = champion.reference.drop(columns=["probability_malignant"])
+    found = compute_signals(
+        current, reference, settings, importance=champion.importance, estimator=champion.estimator, traffic=traffic
+    )
+    # The site keeps its own signals; the window's stay the window's.
+    assert found.sites["window"].get("refusal_rate").fired and found.window.get("refusal_rate") is None
+    # Without reference scores there is no prediction drift, but CBPE needs only the window's scores.
+    assert (
+        not found.window.get("prediction_drift").fired
+        and "no champion scores" in found.window.get("prediction_drift").text
+    )
+    assert found.window.get("estimated_performance").figures["sensitivity"] is not None
