@@ -363,7 +363,8 @@ def refusal_signal(traffic: SiteTraffic, baseline_rate: float, baseline_from: st
         text = f"{traffic.requests} records, fewer than {settings.monitor_refusal_min_requests}: refusals not judged"
         return Signal(name, Points.DATA_QUALITY, traffic.site, False, None, figures, text)
     low, _ = proportion_confint(traffic.refused, traffic.requests, method="wilson")
-    fired = rate >= baseline_rate + jump and low > baseline_rate
+    # A jump, and confidently at least half of it: a few unlucky refusals at a small site are no incident.
+    fired = rate >= baseline_rate + jump and low >= baseline_rate + jump / 2
     severity = (
         (Severity.CRITICAL if rate >= settings.monitor_refusal_critical_rate else Severity.WARNING) if fired else None
     )
