@@ -228,7 +228,10 @@ def run(quick: bool = False, runs: int = 1) -> SectionResult:
 
 
 def _rate(hits: int, total: int) -> str:
-    return f"{hits / total:.0%} ({hits}/{total})" if total else "n/a"
+    if not total:
+        return "n/a"
+    share = hits / total
+    return f"{share:.0%} ({hits}/{total})" if round(share * 100, 6).is_integer() else f"{share:.1%} ({hits}/{total})"
 
 
 def _rows_and_goals(

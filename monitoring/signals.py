@@ -344,18 +344,30 @@ def realized_performance_signal(labelled: pd.DataFrame, scope: str, settings: Se
 
 
 # Data quality ------------------------------------------------------------------------------------------
-def refusal_signal(traffic: SiteTraffic, baseline_rate: float, baseline_from: str, settings: Settings) -> Signal:
-    """A site whose share of refused records jumped above its baseline: ``data_quality``, naming the fields."""
+def refusal_signal(
+    traffic: SiteTraffic, baseline_refused: int, baseline_requests: int, baseline_from: str, settings: Settings
+) -> Signal:
+    """A site whose share of refused records jumped above its baseline: ``data_quality``, naming the fields.
+
+    The baseline counts as high as its 95 % Wilson interval allows (a site that had no refusal in
+    80 earlier records may well refuse 4 %), and the site's rate must exceed it by
+    ``monitor_refusal_jump`` and confidently exceed it at all.
+    """
     from statsmodels.stats.proportion import proportion_confint
 
     name = "refusal_rate"
     rate, jump = traffic.refusal_rate, settings.monitor_refusal_jump
+    observed = baseline_refused / baseline_requests if baseline_requests else 0.0
+    ceiling = (
+        float(proportion_confint(baseline_refused, baseline_requests, method="wilson")[1]) if baseline_requests else 0.0
+    )
     fields = sorted(traffic.field_counts().items(), key=lambda item: (-item[1], item[0]))
     figures = {
         "requests": traffic.requests,
         "refused": traffic.refused,
         "refusal_rate": round(rate, 4),
-        "baseline_rate": round(baseline_rate, 4),
+        "baseline_rate": round(observed, 4),
+        "baseline_ceiling": round(ceiling, 4),
         "baseline_from": baseline_from,
         "fields": {name: dict(traffic.by_field[name]) for name, _ in fields},
     }
@@ -363,16 +375,16 @@ def refusal_signal(traffic: SiteTraffic, baseline_rate: float, baseline_from: st
         text = f"{traffic.requests} records, fewer than {settings.monitor_refusal_min_requests}: refusals not judged"
         return Signal(name, Points.DATA_QUALITY, traffic.site, False, None, figures, text)
     low, _ = proportion_confint(traffic.refused, traffic.requests, method="wilson")
-    # A jump, and confidently at least half of it: a few unlucky refusals at a small site are no incident.
-    fired = rate >= baseline_rate + jump and low >= baseline_rate + jump / 2
+    fired = rate >= ceiling + jump and low > ceiling
     severity = (
         (Severity.CRITICAL if rate >= settings.monitor_refusal_critical_rate else Severity.WARNING) if fired else None
     )
     named = ", ".join(f"{field_name} ({count})" for field_name, count in fields[:5]) or "no field named"
+    baseline = f"baseline {observed:.1%} from {baseline_from}"
     text = (
-        f"{traffic.refused} of {traffic.requests} records refused ({rate:.1%}, baseline {baseline_rate:.1%}): {named}"
+        f"{traffic.refused} of {traffic.requests} records refused ({rate:.1%}, {baseline}): {named}"
         if fired
-        else f"refusal rate {rate:.1%} (baseline {baseline_rate:.1%})"
+        else f"refusal rate {rate:.1%} ({baseline})"
     )
     return Signal(name, Points.DATA_QUALITY, traffic.site, bool(fired), severity, figures, text)
 
@@ -383,7 +395,7 @@ def refusal_signals(
     baseline: Mapping[str, SiteTraffic | Mapping[str, Any]] | None = None,
 ) -> dict[str, Signal]:
     """One refusal signal per site. The baseline is the site's own earlier traffic when it has enough
-    records, else the pooled rate of the window's other sites, else zero."""
+    records, else the pooled traffic of the window's other sites, else none."""
     sites = _traffic_by_site(traffic)
     earlier = _traffic_by_site(baseline or {})
     found = {}
@@ -392,12 +404,12 @@ def refusal_signals(
         others = [c for name, c in sites.items() if name != site]
         other_requests = sum(c.requests for c in others)
         if own is not None and own.requests >= settings.monitor_refusal_min_requests:
-            rate, source = own.refusal_rate, "its own earlier traffic"
+            base = own.refused, own.requests, "its own earlier traffic"
         elif other_requests >= settings.monitor_refusal_min_requests:
-            rate, source = sum(c.refused for c in others) / other_requests, "the other sites this window"
+            base = sum(c.refused for c in others), other_requests, "the other sites"
         else:
-            rate, source = 0.0, "none (no earlier or other traffic)"
-        found[site] = refusal_signal(counts, rate, source, settings)
+            base = 0, 0, "no earlier or other traffic"
+        found[site] = refusal_signal(counts, *base, settings)
     return found
 
 

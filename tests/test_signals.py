@@ -213,7 +213,8 @@ def test_refusal_jump_names_the_site_and_fields(settings):
         "mean_radius",
         "worst_radius",
     ]
-    assert "mean_radius (120)" in b.text and b.figures["baseline_from"] == "the other sites this window"
+    assert "mean_radius (120)" in b.text and b.figures["baseline_from"] == "the other sites"
+    assert b.figures["baseline_rate"] == pytest.approx(15 / 530, abs=1e-4) and b.figures["baseline_ceiling"] > 15 / 530
     assert not found["site-c"].fired and "not judged" in found["site-c"].text  # 30 records only
 
     # Against its own earlier traffic a site with a steady 8 % refusal rate is no incident.

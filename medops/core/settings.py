@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     )
     monitor_refusal_jump: float = Field(
         default=0.05,
-        description="Refusal rate this far above the site's baseline (and confidently half as far) is an incident.",
+        description="Refusal rate this far above the site's baseline (its 95 % upper bound) is an incident.",
     )
     monitor_refusal_critical_rate: float = Field(
         default=0.2, description="A data-quality incident is critical at or above this refusal rate."
