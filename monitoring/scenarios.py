@@ -124,13 +124,13 @@ def fit_champion(settings: Settings, frame: pd.DataFrame | None = None) -> Champ
     The performance estimator is calibrated on the out-of-fold probabilities of the training rows,
     the ones training computes to choose its threshold (never on in-sample scores).
     """
+    from pipelines.evaluate import probability_malignant
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from threadpoolctl import threadpool_limits
 
     from monitoring.estimation import PerformanceEstimator
     from pipelines.data import seed_frame
-    from pipelines.evaluate import probability_malignant
     from pipelines.importance import feature_importance
     from pipelines.train import choose_threshold, fit_final, search_best, split_rows
 
