@@ -41,6 +41,7 @@ R = TypeVar("R", bound="ProcessRecord")
 logger = logging.getLogger("medops.processes")
 
 PLATFORM_MARKER = "MEDOPS_PLATFORM"
+PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 SAME_PROCESS_SECONDS = 1.0  # start times of one process, read twice, differ by less
 ORPHAN_GRACE_SECONDS = 2.0  # how long descendants may outlive the process that should have stopped them
 KILL_GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL for processes signalled one by one
@@ -126,6 +127,8 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})
+    # No process medops starts unpickles a model: pickled artifacts run code (pipelines.model_trust).
+    env[PICKLE_SWITCH] = "false"
     return env
 
 
