@@ -123,7 +123,10 @@ def start_evidently(settings: Settings) -> int:
         "--port",
         str(settings.evidently_port),
     ]
-    return processes.start("evidently", argv, settings)
+    # Writes through the UI's API need the secret (reports are written to the workspace on disk by
+    # medops itself). In the environment, not the command line, which other users can read.
+    env = processes.child_env(settings, {"EVIDENTLY_SECRET": settings.evidently_secret()})
+    return processes.start("evidently", argv, settings, env=env)
 
 
 def airflow_client(settings: Settings) -> AirflowClient:

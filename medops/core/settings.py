@@ -240,6 +240,10 @@ class Settings(BaseSettings):
             raise RuntimeError(f"the secret {path} is empty: delete it to have a new one generated")
         return value
 
+    def evidently_secret(self) -> str:
+        """What the Evidently UI asks of a write through its API (reading stays open on loopback)."""
+        return self._secret("evidently_secret")
+
     def service_api_keys(self) -> list[str]:
         """Bearer keys the service accepts: ``MEDOPS_API_KEYS`` or a key generated on first run."""
         if self.api_keys:
