@@ -108,7 +108,7 @@ def start_mlflow(settings: Settings) -> int:
         "--workers",
         "1",
     ]
-    return processes.start("mlflow", argv, settings)
+    return processes.start("mlflow", argv, settings, env=processes.child_env(settings, service_keys=False))
 
 
 def start_evidently(settings: Settings) -> int:
@@ -125,7 +125,7 @@ def start_evidently(settings: Settings) -> int:
     ]
     # Writes through the UI's API need the secret (reports are written to the workspace on disk by
     # medops itself). In the environment, not the command line, which other users can read.
-    env = processes.child_env(settings, {"EVIDENTLY_SECRET": settings.evidently_secret()})
+    env = processes.child_env(settings, {"EVIDENTLY_SECRET": settings.evidently_secret()}, service_keys=False)
     return processes.start("evidently", argv, settings, env=env)
 
 

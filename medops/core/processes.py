@@ -114,13 +114,18 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(settings: Settings, extra: dict[str, str] | None = None, *, service_keys: bool = True) -> dict[str, str]:
     """The environment of every process medops starts: this venv first on PATH, ``settings`` as
     ``MEDOPS_*`` (they win over what this process inherited), the stores under ``MEDOPS_HOME`` that
-    tools find through variables of their own, and the platform marker :func:`strays` looks for."""
+    tools find through variables of their own, and the platform marker :func:`strays` looks for.
+
+    ``service_keys=False`` leaves the service's bearer keys out, for the processes that never serve
+    or call the service (the MLflow and Evidently UIs): a key is only where it is needed."""
     fields = {f"MEDOPS_{name.upper()}" for name in type(settings).model_fields}
     env = {key: value for key, value in os.environ.items() if key not in fields}
     env.update(settings_env(settings))
+    if not service_keys:
+        env.pop("MEDOPS_API_KEYS", None)
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
     env[PLATFORM_MARKER] = str(settings.home)
     env["BENTOML_HOME"] = str(settings.bentoml_home)  # BentoML reads its store's place once per process
