@@ -35,10 +35,14 @@ out = Console(soft_wrap=True)
 
 @app.callback()
 def _private_files() -> None:
-    """Everything medops writes under MEDOPS_HOME (and every process it starts) is private to its user."""
+    """Everything medops writes under MEDOPS_HOME (and every process it starts) is private to its user,
+    and no model is ever unpickled (see pipelines/model_trust.py)."""
     import os
 
+    from medops.core.processes import PICKLE_SWITCH
+
     os.umask(0o077)
+    os.environ[PICKLE_SWITCH] = "false"
 
 
 class UserError(Exception):
@@ -160,8 +164,23 @@ def ingest(
     with step(f"validating and versioning {file.name}"):
         result = ingest_file(file, get_settings(), site_id=site)
     if as_json:
-        return emit(result.__dict__, True)
+        return emit(result.to_dict(), True)
     out.print(result.summary(), highlight=False)
+
+
+@command(data_app, name="purge-landing")
+def data_purge_landing(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Delete ingested files kept in landing/processed/ longer than MEDOPS_LANDING_RETENTION_DAYS."""
+    from pipelines.ingest import purge_landing
+
+    result = purge_landing(get_settings())
+    if as_json:
+        return emit(result.__dict__, True)
+    out.print(
+        f"purged {result.purged} archived landed file(s) older than {result.retention_days:g} days; kept {result.kept}"
+    )
 
 
 @command()
@@ -340,10 +359,11 @@ def drift_scenario(
     run_drift_scenario(get_settings(), site=site, records=records, drift=drift, console=console)
 
 
-from medops.app import monitoring_commands, serving_commands  # noqa: E402  (they extend `app`)
+from medops.app import keys_commands, monitoring_commands, serving_commands  # noqa: E402  (they extend `app`)
 
 serving_commands.register(app)
 monitoring_commands.register(app)
+keys_commands.register(app)
 
 
 if __name__ == "__main__":
