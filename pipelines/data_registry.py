@@ -23,7 +23,9 @@ import yaml
 from filelock import FileLock
 
 from medops.core.settings import Settings
+from pipelines import governance
 from pipelines.data import read_data_dir, write_frame, write_seed
+from pipelines.governance import SCHEDULER
 
 TAG_PREFIX = "data-v"
 MANIFEST = "batches.json"
@@ -102,8 +104,11 @@ def _dvc_add_and_push(repo: Path) -> None:
         dvc.push()
 
 
-def init_registry(settings: Settings) -> DataVersion:
-    """Create the registry with the seed as ``data-v1`` (idempotent: an existing registry is kept)."""
+def init_registry(settings: Settings, *, actor: str = SCHEDULER) -> DataVersion:
+    """Create the registry with the seed as ``data-v1`` (idempotent: an existing registry is kept).
+
+    Creating it is recorded in the audit trail as the first data version, by ``actor``.
+    """
     repo = settings.registry_dir
     with _lock(settings):
         if latest_version(settings):
@@ -128,7 +133,9 @@ def init_registry(settings: Settings) -> DataVersion:
         _git(repo, "add", "data.dvc", ".gitignore", MANIFEST, ".dvc/config", ".dvc/.gitignore")
         _git(repo, "commit", "-q", "-m", "data-v1: seed (Wisconsin diagnostic breast cancer data)")
         _git(repo, "tag", "-a", f"{TAG_PREFIX}1", "-m", "seed")
-        return describe_version(f"{TAG_PREFIX}1", settings)
+        version = describe_version(f"{TAG_PREFIX}1", settings)
+        _record_version(version, actor, "seed: the Wisconsin diagnostic breast cancer data", settings, file=seed.name)
+        return version
 
 
 def _sha256(path: Path) -> str:
@@ -183,11 +190,13 @@ def record_batch(
     quarantined: int,
     settings: Settings,
     origin: str = "landing",
+    actor: str = SCHEDULER,
 ) -> DataVersion | None:
     """Append accepted rows as a new immutable batch file and tag the next data version.
 
     Returns the new version, or None when there were no accepted rows (the file is still
     recorded in the manifest so it is not taken again). Serialised by a lock: one writer at a time.
+    A new version is recorded in the audit trail, by ``actor``.
     """
     repo = settings.registry_dir
     with _lock(settings):
@@ -211,7 +220,30 @@ def record_batch(
         message = f"{tag}: {len(accepted)} rows from {source_name} ({origin})"
         _git(repo, "commit", "-q", "-m", message)
         _git(repo, "tag", "-a", tag, "-m", message)
-        return describe_version(tag, settings)
+        version = describe_version(tag, settings)
+        _record_version(
+            version,
+            actor,
+            f"{len(accepted)} rows from {source_name} ({origin})",
+            settings,
+            file=source_name,
+            sha256=sha256,
+            accepted=len(accepted),
+            quarantined=quarantined,
+            origin=origin,
+        )
+        return version
+
+
+def _record_version(version: DataVersion, actor: str, reason: str, settings: Settings, **details: object) -> None:
+    governance.record(
+        "data_version",
+        actor=actor,
+        reason=reason,
+        settings=settings,
+        links={"data_version": version.tag, "data_dvc_md5": version.dvc_md5, "registry_commit": version.commit},
+        details={"rows": version.rows, **details},
+    )
 
 
 def restore_version(tag: str, dest: Path, settings: Settings) -> Path:

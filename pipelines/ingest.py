@@ -19,6 +19,7 @@ import pandas as pd
 
 from medops.core.settings import Settings
 from pipelines import data_registry
+from pipelines.governance import SCHEDULER
 from pipelines.validate import REASON, BatchRejected, read_batch, validate_batch
 
 PROCESSED = "processed"
@@ -105,12 +106,15 @@ def quarantine_file(path: Path, *, sha256: str, reason: str, settings: Settings)
     return folder
 
 
-def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> IngestResult:
-    """Validate one file and record its rows: accepted into a new data version, the rest quarantined."""
+def ingest_file(path: Path, settings: Settings, site_id: str | None = None, *, actor: str = SCHEDULER) -> IngestResult:
+    """Validate one file and record its rows: accepted into a new data version, the rest quarantined.
+
+    A new data version is recorded in the audit trail by ``actor``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    data_registry.init_registry(settings)
+    data_registry.init_registry(settings, actor=actor)
     sha256 = data_registry.file_checksum(path)
     previous = data_registry.find_batch(sha256, settings)
     if previous is not None:
@@ -122,7 +126,7 @@ def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> I
     except BatchRejected as rejected:
         folder = quarantine_file(path, sha256=sha256, reason=str(rejected), settings=settings)
         data_registry.record_batch(
-            pd.DataFrame(), source_name=path.name, sha256=sha256, quarantined=0, settings=settings
+            pd.DataFrame(), source_name=path.name, sha256=sha256, quarantined=0, settings=settings, actor=actor
         )
         return IngestResult(
             path.name, sha256, "rejected_whole", 0, 0, 0, quarantine_path=str(folder), reason=str(rejected)
@@ -138,6 +142,7 @@ def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> I
         sha256=sha256,
         quarantined=len(result.rejected),
         settings=settings,
+        actor=actor,
     )
     assert len(result.accepted) + len(result.rejected) == result.received
     return IngestResult(
@@ -164,11 +169,11 @@ def archive_landed(path: Path, settings: Settings) -> Path:
     return target
 
 
-def ingest_landing(settings: Settings, site_id: str | None = None) -> list[IngestResult]:
+def ingest_landing(settings: Settings, site_id: str | None = None, *, actor: str = SCHEDULER) -> list[IngestResult]:
     """Ingest every file waiting in the landing folder, oldest name first, archiving each after."""
     results = []
     for path in landing_files(settings):
-        results.append(ingest_file(path, settings, site_id=site_id or landing_site(path, settings)))
+        results.append(ingest_file(path, settings, site_id=site_id or landing_site(path, settings), actor=actor))
         archive_landed(path, settings)
     return results
 
