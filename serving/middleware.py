@@ -14,7 +14,8 @@ comparisons only. It
 - answers 422 for an ``X-Site-Id`` header that is not a valid site id;
 - adds ``X-Model-Version`` to every response (the handler sets it itself when it answered, so
   a model swap between scoring and sending cannot mislabel a response);
-- serves ``GET /metadata`` through the typed ``/metadata`` API.
+- serves ``GET /metadata`` and ``GET /model-card`` through their typed APIs (keeping ``Accept``,
+  which chooses the card's Markdown or HTML).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
-API_PATHS = frozenset({"/predict", "/explain", "/feedback", "/metadata"})
+API_PATHS = frozenset({"/predict", "/explain", "/feedback", "/metadata", "/model-card"})
+GET_PATHS = frozenset({"/metadata", "/model-card"})
 JSON_TYPES = frozenset({b"application/json", b""})
 _VERSION_HEADER = b"x-model-version"
 _SITE = re.compile(SITE_PATTERN.encode())
@@ -180,9 +182,9 @@ class ServingGate:
             await self.app(scope, receive, _with_version(send, version))
             return
 
-        if path == "/metadata" and scope["method"] in ("GET", "HEAD"):
+        if path in GET_PATHS and scope["method"] in ("GET", "HEAD"):
             scope = dict(scope, method="POST")
-            headers = [(b"content-type", b"application/json")]
+            headers = [(b"content-type", b"application/json"), *((n, v) for n, v in headers if n == b"accept")]
             scope["headers"] = headers
             body = b"{}"
         else:
