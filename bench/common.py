@@ -24,7 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medops.core.processes import ProcessRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -151,50 +154,32 @@ class SectionResult:
 
 
 # Processes --------------------------------------------------------------------------------------------
-_STARTED: dict[int, subprocess.Popen] = {}
+_STARTED: dict[int, ProcessRecord] = {}
 
 
 def start_process(
-    argv: Sequence[str], *, env: dict[str, str] | None = None, log: Path | None = None, cwd: Path = REPO_ROOT
-) -> subprocess.Popen:
-    """Start a child in its own session (so it and its children can be stopped as a group)."""
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below, the child keeps its copy
-    try:
-        process = subprocess.Popen(
-            list(argv),
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    finally:
-        if log:
-            out.close()
-    _STARTED[process.pid] = process
-    return process
+    argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT
+) -> ProcessRecord:
+    """Start a child on the platform's supervisor, in its own session with its output in ``log``."""
+    from medops.core.processes import start_detached
+
+    record = start_detached(argv, log=log, env=dict(os.environ) if env is None else env, cwd=cwd)
+    _STARTED[record.pid] = record
+    return record
 
 
-def stop_process(process: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM the child's process group, wait, then SIGKILL what is left of the group."""
-    _STARTED.pop(process.pid, None)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=timeout)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group, even when the leader is gone
+def stop_process(record: ProcessRecord, timeout: float = 20.0) -> None:
+    """Stop the child and everything it started, as ``make stop`` does."""
+    from medops.core.processes import stop_process as stop
+
+    _STARTED.pop(record.pid, None)
+    stop(record, timeout=timeout)
 
 
 @atexit.register
 def _stop_leftovers() -> None:
-    for process in list(_STARTED.values()):
-        stop_process(process, timeout=5.0)
+    for record in list(_STARTED.values()):
+        stop_process(record, timeout=5.0)
 
 
 def terminate_on_signals() -> None:

@@ -8,7 +8,6 @@ distributions stay close to the seed's; ``shift`` scales chosen columns to make 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,9 +71,3 @@ def train_champion(settings: Any, families: list[str]) -> str:
     if not promote(result, settings):
         raise RuntimeError(f"the benchmark model did not pass the gate: {result.gate.reasons}")
     return result.model_version
-
-
-def write_json(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    return path

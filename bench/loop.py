@@ -112,12 +112,12 @@ def _quiet_monitoring(client: Any, timeout: float = 180) -> None:
     Airflow creates DAGs unpaused here, so the hourly monitor_drift runs once as soon as it is
     parsed; measured loops would otherwise share the two cores with it.
     """
+    from medops.core.processes import poll_until
+
     client.pause("monitor_drift")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(run.state.value in ("queued", "running") for run in client.runs("monitor_drift")):
-            return
-        time.sleep(1.0)
+    poll_until(
+        lambda: not any(run.state.value in ("queued", "running") for run in client.runs("monitor_drift")), timeout, 1.0
+    )
 
 
 def _warm_up(settings: Any, client: Any, timeout: float = 300) -> dict[str, Any]:
@@ -128,6 +128,7 @@ def _warm_up(settings: Any, client: Any, timeout: float = 300) -> dict[str, Any]
     run pays that, so the measured loops are the platform's steady state. The file is quarantined
     whole and announces no data version, so nothing else runs.
     """
+    from medops.core.processes import poll_until
     from pipelines.schema import DATA_COLUMNS
 
     landing = settings.landing_dir
@@ -136,17 +137,19 @@ def _warm_up(settings: Any, client: Any, timeout: float = 300) -> dict[str, Any]
     partial.write_text(",".join(DATA_COLUMNS) + "\n")
     t0 = time.time()
     partial.rename(landing / "bench-warm-up.csv")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def finished_run() -> dict[str, Any] | None:
         run = _loop_runs(client, t0).get("ingest_data")
-        if run is not None and run.state.value in ("success", "failed"):
-            return {
-                "detection_seconds": round(_ts(run.queued_at) - t0, 1),
-                "run_seconds": round(_ts(run.end_date) - t0, 1),
-                "state": run.state.value,
-            }
-        time.sleep(1.0)
-    return {"error": f"the warm-up ingest_data run did not finish within {timeout:.0f} s"}
+        return run if run is not None and run.state.value in ("success", "failed") else None
+
+    run = poll_until(finished_run, timeout, 1.0)
+    if run is None:
+        return {"error": f"the warm-up ingest_data run did not finish within {timeout:.0f} s"}
+    return {
+        "detection_seconds": round(_ts(run.queued_at) - t0, 1),
+        "run_seconds": round(_ts(run.end_date) - t0, 1),
+        "state": run.state.value,
+    }
 
 
 def _stop_leftovers(home: Path, processes: Any) -> None:
@@ -154,19 +157,22 @@ def _stop_leftovers(home: Path, processes: Any) -> None:
     import os
 
     marker = str(home).encode()
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             if marker in (entry / "environ").read_bytes() or marker in (entry / "cmdline").read_bytes():
-                processes.stop_pid(int(entry.name), timeout=10, group=False)
+                found.append(int(entry.name))
         except OSError:
             continue
+    processes.terminate(found, timeout=10)
 
 
 def _one_loop(index: int, settings: Any, client: Any, model_registry: Any) -> dict[str, Any]:
     import httpx
 
+    from medops.core.processes import poll_until
     from pipelines.data import write_frame
 
     before = model_registry.champion_version(settings)
@@ -176,30 +182,36 @@ def _one_loop(index: int, settings: Any, client: Any, model_registry: Any) -> di
     partial = write_frame(batch, landing / f"bench-loop-{index}.csv.part")
     t0 = time.time()
     partial.rename(landing / f"bench-loop-{index}.csv")
-    deadline = time.monotonic() + 600
     url = f"http://{settings.host}:{settings.serving_port}"
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     body = fixtures.request_body(1)
-    served, champion, t_end, response = None, None, None, None
+    served: dict[str, str | None] = {"version": None}
+
     with httpx.Client(timeout=5.0) as http:
-        while time.monotonic() < deadline:
+
+        def loop_end() -> str | None:
+            """`serving` once /predict answers with a new champion, `refused` if the gate kept the old one."""
             champion = model_registry.champion_version(settings)
-            if champion and champion != before:
-                try:
-                    response = http.post(
-                        f"{url}/predict", content=body, headers=headers | {"Content-Type": "application/json"}
-                    )
-                    served = response.headers.get("x-model-version")
-                except httpx.HTTPError:
-                    served = response = None
-                if response is not None and response.status_code == 200 and served == champion:
-                    t_end = time.time()
-                    break
-            elif _gate_refused(client, t0):
-                return {"index": index, "ok": False, "reason": "train_model did not promote (gate)"}
-            time.sleep(0.25)
-    if t_end is None:
-        return {"index": index, "ok": False, "reason": f"no new champion serving within 600 s (served {served})"}
+            if not champion or champion == before:
+                return "refused" if _gate_refused(client, t0) else None
+            try:
+                response = http.post(f"{url}/predict", content=body, headers=headers)
+            except httpx.HTTPError:
+                served["version"] = None
+                return None
+            served["version"] = response.headers.get("x-model-version")
+            return "serving" if response.status_code == 200 and served["version"] == champion else None
+
+        end = poll_until(loop_end, 600, 0.25)
+        t_end = time.time()
+    if end == "refused":
+        return {"index": index, "ok": False, "reason": "train_model did not promote (gate)"}
+    if end is None:
+        return {
+            "index": index,
+            "ok": False,
+            "reason": f"no new champion serving within 600 s (served {served['version']})",
+        }
     runs = _loop_runs(client, t0)
     wait_error = None
     if "deploy_model" in runs:  # let the rollout finish before the next batch lands
@@ -218,7 +230,7 @@ def _one_loop(index: int, settings: Any, client: Any, model_registry: Any) -> di
     return {
         "index": index,
         "ok": True,
-        "model_version": champion,
+        "model_version": served["version"],
         "previous_version": before,
         "total_seconds": t_end - t0,
         "segments": segments,

@@ -41,7 +41,7 @@ from bench.common import (
     stop_process,
 )
 from bench.load import ensure_wrk, run_python, run_wrk
-from medops.core.processes import wait_until
+from medops.core.processes import is_running, wait_until
 
 API_KEY = "bench-serving-key"
 TARGETS = ("medops", "fastapi", "ceiling")
@@ -140,7 +140,7 @@ def run(quick: bool = False, runs: int = 3, profile: bool = False) -> SectionRes
                     lambda n=name: http_ready(f"{urls[n]}/readyz"),
                     120,
                     f"{name} server",
-                    alive=lambda n=name: processes[n].poll() is None,
+                    alive=lambda n=name: is_running(processes[n]),
                 )
             section.data.update(_check_answers(urls, body_files[1].read_bytes()))
             headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -317,7 +317,7 @@ def _profile_one(
             lambda: http_ready(f"http://{HOST}:{port}/readyz"),
             120,
             "profiled service",
-            alive=lambda: process.poll() is None,
+            alive=lambda: is_running(process),
         )
         url = f"http://{HOST}:{port}/predict"
         headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -327,7 +327,7 @@ def _profile_one(
         else:
             run_python(url, body_file, connections=connections, seconds=seconds, headers=headers)
         os.kill(process.pid, signal.SIGUSR2)
-        wait_until(out.exists, 60, "profile result", alive=lambda: process.poll() is None or out.exists())
+        wait_until(out.exists, 60, "profile result", alive=lambda: is_running(process) or out.exists())
         return json.loads(out.read_text())
     finally:
         stop_process(process)

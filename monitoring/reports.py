@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medops.core.files import write_atomically
 from monitoring.drift import PROBABILITY, DriftResult, Verdict
 
 if TYPE_CHECKING:
@@ -324,12 +325,8 @@ def _window_state(settings: Settings) -> dict[str, Any]:
 
 
 def _save_window_state(settings: Settings, window_end: datetime, result: MonitoringResult) -> None:
-    path = _state_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"window_end": window_end.isoformat(), "last_report": result.report_dir, "verdict": result.verdict}
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(state, indent=1) + "\n")
-    partial.replace(path)
+    write_atomically(_state_path(settings), json.dumps(state, indent=1) + "\n")
 
 
 def alert_for_result(result: MonitoringResult | dict[str, Any], settings: Settings) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medops.core.files import atomic_writer
 from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, NEGATIVE, POSITIVE, SITE
 
 SEED_FILE = "seed.csv"
@@ -43,10 +44,8 @@ def write_frame(frame: pd.DataFrame, path: Path) -> Path:
     ``FLOAT_FORMAT``'s text whenever it has at most ten digits and no exponent (almost every
     measurement), and Python's ``%`` formats only the rest.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     table, needs_quotes = _text_table(frame)
-    with partial.open("wb") as handle:
+    with atomic_writer(path) as handle:
         if needs_quotes:  # the csv module quotes as pandas does
             _write_with_csv_module(table, handle)
         else:
@@ -54,7 +53,6 @@ def write_frame(frame: pd.DataFrame, path: Path) -> Path:
 
             handle.write((",".join(DATA_COLUMNS) + "\n").encode())
             pacsv.write_csv(table, handle, pacsv.WriteOptions(include_header=False, quoting_style="none"))
-    partial.replace(path)
     return path
 
 

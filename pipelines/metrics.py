@@ -98,35 +98,6 @@ def evaluate_model(model: Any, rows: pd.DataFrame) -> Evaluation:
     return Evaluation(clinical_metrics(is_malignant, probability, predicted), probability, is_malignant, predicted)
 
 
-def evaluation_figures(evaluation: Evaluation) -> dict[str, object]:
-    """ROC curve, confusion matrix and calibration plot as matplotlib figures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.calibration import CalibrationDisplay
-    from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
-
-    figures = {}
-    fig, ax = plt.subplots(figsize=(5, 5))
-    RocCurveDisplay.from_predictions(evaluation.is_malignant, evaluation.probability_malignant, ax=ax, name="malignant")
-    ax.set_title("ROC (malignant positive)")
-    figures["roc_curve.png"] = fig
-    fig, ax = plt.subplots(figsize=(5, 5))
-    labels = np.where(evaluation.is_malignant, "malignant", "benign")
-    predicted = np.where(evaluation.predicted_malignant, "malignant", "benign")
-    ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=["malignant", "benign"], ax=ax, colorbar=False)
-    ax.set_title("Confusion matrix at the operating threshold")
-    figures["confusion_matrix.png"] = fig
-    fig, ax = plt.subplots(figsize=(5, 5))
-    CalibrationDisplay.from_predictions(
-        evaluation.is_malignant, evaluation.probability_malignant, n_bins=8, ax=ax, name="malignant"
-    )
-    ax.set_title("Calibration")
-    figures["calibration.png"] = fig
-    return figures
-
-
 # Feature importance ---------------------------------------------------------------------------------
 LINEAR_IMPORTANCE = "linear_coefficient"
 PERMUTATION_IMPORTANCE = "permutation_roc_auc"

@@ -7,7 +7,6 @@ new data version, so the new model learns from the drifted site's cases.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from medops.core import assets
+from medops.core.files import sha256_file, write_atomically
 from medops.core.settings import Settings
 from pipelines import data_registry
 
@@ -29,9 +29,7 @@ def _load_state(settings: Settings) -> dict[str, Any]:
 
 
 def _save_state(state: dict[str, Any], settings: Settings) -> None:
-    path = _state_file(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state, indent=1) + "\n")
+    write_atomically(_state_file(settings), json.dumps(state, indent=1) + "\n")
 
 
 def _events_by_asset(triggering_events: Any) -> dict[str, list[Any]]:
@@ -70,7 +68,7 @@ def labelled_feedback_batch(settings: Settings, since: datetime | None = None) -
 def version_feedback(settings: Settings) -> str | None:
     """Validate and version feedback labels received since the last time; returns the new version."""
     from pipelines.data import write_frame
-    from pipelines.ingest import quarantine_batch
+    from pipelines.ingest import record_validated
     from pipelines.validate import validate_batch
 
     state = _load_state(settings)
@@ -82,21 +80,16 @@ def version_feedback(settings: Settings) -> str | None:
         _save_state(state, settings)
         return None
     raw = batch.astype({name: "string" for name in ("diagnosis", "site_id")})
-    result = validate_batch(raw, existing_keys=data_registry.existing_row_keys(settings))
     scratch = settings.home / "state" / "feedback-batch.csv"
     write_frame(batch, scratch)
-    sha256 = hashlib.sha256(scratch.read_bytes()).hexdigest()
+    sha256 = sha256_file(scratch)
     name = f"feedback-{now:%Y%m%dT%H%M%S}.csv"
-    if len(result.rejected):
-        quarantine_batch(result.rejected, name=name, sha256=sha256, received=result.received, settings=settings)
-    version = data_registry.record_batch(
-        result.accepted,
-        source_name=name,
-        sha256=sha256,
-        quarantined=len(result.rejected),
-        settings=settings,
-        origin="feedback",
-    )
+    # Checked against the registry's rows and recorded under one lock and journal, as an ingest is.
+    with data_registry.locked_registry(settings):
+        result = validate_batch(raw, existing_keys=data_registry.existing_row_keys(settings))
+        version, _ = record_validated(
+            result, name=name, label=name, sha256=sha256, settings=settings, origin="feedback"
+        )
     _save_state(state, settings)
     return version.tag if version else None
 

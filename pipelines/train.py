@@ -43,7 +43,8 @@ import pandas as pd
 
 from medops.core.settings import Settings
 from pipelines import data_registry, governance, model_registry
-from pipelines.metrics import evaluate_model, evaluation_figures, probability_malignant
+from pipelines.figures import evaluation_figures
+from pipelines.metrics import evaluate_model, probability_malignant
 from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, POSITIVE, SITE
 
 if TYPE_CHECKING:

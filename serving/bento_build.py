@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medops.core.settings import REPO_ROOT, Settings, get_settings
+from pipelines.model_registry import configure_mlflow
 
 logger = logging.getLogger("medops.serving")
 
@@ -33,19 +34,6 @@ def bento_tag(version: str, settings: Settings) -> str:
 
 def model_tag(version: str, settings: Settings) -> str:
     return f"{settings.model_name}:{version}"
-
-
-def configure_mlflow(settings: Settings) -> None:
-    """Point MLflow at the settings' stores: the lead's ``pipelines.model_registry`` version when it exists."""
-    try:
-        from pipelines.model_registry import configure_mlflow as configure
-    except ImportError:
-        import mlflow
-
-        mlflow.set_tracking_uri(settings.tracking_uri)
-        mlflow.set_registry_uri(settings.tracking_uri)
-    else:
-        configure(settings)
 
 
 def registry_metadata(version: str, settings: Settings) -> dict[str, Any]:

@@ -18,25 +18,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from medops.core.files import write_atomically
+
 logger = logging.getLogger("medops.serving")
 
 CONTROL_ENV = "MEDOPS_SERVING_CONTROL_DIR"
 REQUEST_FILE = "model.json"
 
 
-def _write_atomically(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as handle:
-        json.dump(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def request_model(control_dir: Path, version: str) -> None:
     """Ask the stable server's workers to serve ``version``."""
-    _write_atomically(control_dir / REQUEST_FILE, {"model_version": str(version), "requested_at": time.time()})
+    payload = {"model_version": str(version), "requested_at": time.time()}
+    write_atomically(control_dir / REQUEST_FILE, json.dumps(payload))
 
 
 def requested_model(control_dir: Path) -> str | None:
@@ -47,10 +40,8 @@ def requested_model(control_dir: Path) -> str | None:
 
 
 def write_ack(control_dir: Path, version: str, error: str | None = None) -> None:
-    _write_atomically(
-        control_dir / f"ack-{os.getpid()}.json",
-        {"pid": os.getpid(), "model_version": str(version), "error": error, "at": time.time()},
-    )
+    payload = {"pid": os.getpid(), "model_version": str(version), "error": error, "at": time.time()}
+    write_atomically(control_dir / f"ack-{os.getpid()}.json", json.dumps(payload))
 
 
 def read_acks(control_dir: Path) -> dict[int, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The ASGI gate in front of the service's routes: auth, body limits, error shape, version header.
+"""ASGI middleware enforcing the HTTP contract: auth, body limits, content type, error shape, version header.
 
 A plain ASGI middleware (no request/response objects) so the hot path pays for a few header
 comparisons only. It
@@ -125,8 +125,8 @@ def _json_response(status: int, error: str, version: bytes, extra: list[tuple[by
     ]
 
 
-class ServingGate:
-    """ASGI middleware; ``model_version`` returns the version currently served (for the header)."""
+class HttpContractMiddleware:
+    """The HTTP contract in front of every route; ``model_version`` returns the version served (for the header)."""
 
     def __init__(
         self,

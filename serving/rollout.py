@@ -26,27 +26,30 @@ in the audit trail (:mod:`pipelines.governance`).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medops.core import assets
 from medops.core.audit import PLACEHOLDER_ACTORS
+from medops.core.files import file_lock
+from medops.core.processes import poll_until
 from medops.core.settings import REPO_ROOT, Settings
 from pipelines import governance
 from pipelines.governance import SCHEDULER
 from pipelines.prediction_log import SMOKE_TEST_SITE
 from serving import control, processes
 from serving.processes import ServerRecord
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 logger = logging.getLogger("medops.serving")
 
@@ -192,11 +195,9 @@ def require_deployable(
 
 def _raise_alert(title: str, details: str, settings: Settings) -> None:
     """Tell on-call people a rollout failed (webhook / e-mail through medops.core.alerts)."""
+    from medops.core.alerts import send_alert
+
     logger.error("%s: %s", title, details)
-    try:
-        from medops.core.alerts import send_alert
-    except ImportError:
-        return
     send_alert(
         title,
         "failure",
@@ -329,8 +330,8 @@ def expected_predictions(version: str, settings: Settings):
 def _wait_for_workers(record: ServerRecord, version: str, timeout: float) -> None:
     """Wait until every live worker of ``record`` acknowledged serving ``version``."""
     directory = Path(record.control_dir or "")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def all_switched() -> bool:
         if not processes.is_running(record):
             raise RuntimeError("the stable server exited during the switch")
         workers = processes.worker_pids(record)
@@ -339,10 +340,10 @@ def _wait_for_workers(record: ServerRecord, version: str, timeout: float) -> Non
         errors = [ack["error"] for ack in answered if ack.get("error")]
         if errors:
             raise RuntimeError(f"a serving worker could not load model version {version}: {errors[0]}")
-        if workers and len(answered) == len(workers):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"serving workers did not switch to model version {version} within {timeout:.0f} s")
+        return bool(workers) and len(answered) == len(workers)
+
+    if not poll_until(all_switched, timeout, 0.1):
+        raise RuntimeError(f"serving workers did not switch to model version {version} within {timeout:.0f} s")
 
 
 def switch_stable(record: ServerRecord, version: str, settings: Settings, *, timeout: float = 60) -> ServerRecord:
@@ -415,16 +416,9 @@ def _record_deployment(result: DeployResult, settings: Settings) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
-@contextmanager
-def _deploy_lock(settings: Settings) -> Iterator[None]:
+def _deploy_lock(settings: Settings) -> BaseFileLock:
     """One rollout at a time per MEDOPS_HOME (Airflow run, command line, tests)."""
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    with (settings.run_dir / "deploy.lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(settings.run_dir / "deploy.lock")
 
 
 # entry points ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,8 +216,7 @@ class ServingModel:
 
     def _shap_explainer(self) -> Callable[[np.ndarray], Any]:
         if self._explainer is None:
-            import shap
-
+            shap = _import_shap()
             background = _shap_background()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -226,6 +226,23 @@ class ServingModel:
                     feature_names=list(FEATURES),
                 )
         return self._explainer
+
+
+def _import_shap() -> Any:
+    """shap, imported on a thread of its own.
+
+    shap keeps the ImportError of every optional package it lacks (cv2, pyspark...) with its
+    traceback for good, and a traceback keeps the frames that called the import alive: imported
+    from a request, it would keep that request's model (estimator, explainer) for the worker's life.
+    """
+
+    def load() -> Any:
+        import shap
+
+        return shap
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(load).result()
 
 
 def _shap_background(n: int = 50) -> np.ndarray:

@@ -48,7 +48,7 @@ from serving.contract import (
     Record,
 )
 from serving.control import CONTROL_ENV, ModelWatcher, requested_model
-from serving.middleware import ServingGate
+from serving.middleware import HttpContractMiddleware
 from serving.scoring import ServingModel, model_from_store, model_from_stored
 
 logger = logging.getLogger("medops.serving")
@@ -112,6 +112,11 @@ class ServingState:
         model = self.model
         return model.version if model is not None else MODEL_VERSION
 
+    def swap(self, model: ServingModel) -> None:
+        """Serve ``model`` from the next request on; the model it replaces is freed."""
+        self.model = model
+        _freeze_heap()
+
 
 STATE = ServingState()
 
@@ -122,7 +127,14 @@ def _freeze_heap() -> None:
     A full collection walks every object scikit-learn, pandas and BentoML created at import: tens
     of milliseconds that land on whichever request triggered it, i.e. the p99. Requests allocate
     only short-lived objects, which the young generations still collect.
+
+    Unfrozen first, because frozen objects are never collected: a model swapped out that sits in a
+    reference cycle (its shap explainer calls back into it) is garbage only a collection can free,
+    and would otherwise stay in memory for good, one more at every swap (tests/test_model_swap.py).
+    The price is one full collection per swap: the watcher thread runs it, but it holds the GIL,
+    so the worker pauses for it (a fraction of a second) once per rollout rather than per request.
     """
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
@@ -184,8 +196,7 @@ class MedopsService:
         return model_from_stored(self.bento_model)
 
     def _switch(self, version: str) -> None:
-        STATE.model = model_from_store(MODEL_NAME, version)
-        _freeze_heap()
+        STATE.swap(model_from_store(MODEL_NAME, version))
 
     def __is_ready__(self) -> bool:
         """Not ready once the prediction log failed: a load balancer must stop sending traffic here."""
@@ -204,7 +215,7 @@ class MedopsService:
         return np.array([_feature_values(record) for record in records], dtype=float)
 
     def _sites(self, records: list[Any], ctx: bentoml.Context) -> list[str]:
-        # the gate (serving.middleware) already refused an X-Site-Id that is not a valid site id
+        # HttpContractMiddleware (serving.middleware) already refused an X-Site-Id that is not a valid site id
         default = ctx.request.headers.get(SITE_HEADER) or DEFAULT_SITE
         return [record.site_id or default for record in records]
 
@@ -336,4 +347,4 @@ class MedopsService:
         return str(text)
 
 
-MedopsService.add_asgi_middleware(ServingGate, model_version=STATE.version)
+MedopsService.add_asgi_middleware(HttpContractMiddleware, model_version=STATE.version)

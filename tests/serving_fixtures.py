@@ -28,8 +28,6 @@ import pytest
 from medops.core.settings import Settings
 from pipelines.schema import CLASSES, FEATURES, NEGATIVE, POSITIVE
 
-VENV_BIN = str(Path(sys.executable).parent)
-
 
 def breast_cancer_frame() -> pd.DataFrame:
     """scikit-learn's Wisconsin data with snake_case columns and malignant/benign labels (0 is malignant)."""
@@ -111,16 +109,6 @@ def register_tiny_model(
     if alias:
         client.set_registered_model_alias(settings.model_name, alias, version)
     return version
-
-
-def subprocess_env(settings: Settings) -> dict[str, str]:
-    """Environment for child processes: this venv first on PATH, the test's MEDOPS_HOME and stores."""
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["MEDOPS_HOME"] = str(settings.home)
-    env["BENTOML_HOME"] = str(settings.bentoml_home)
-    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    return env
 
 
 # --- a temporary MEDOPS_HOME for a whole test module, and the service in-process ----------------
@@ -309,7 +297,8 @@ def continuous_load(url: str, key: str, work_dir: Path, prefix: str, concurrency
     """Run :func:`run_load` in a child process for the duration of the block; yields its summary."""
     import json
     import subprocess
-    import time
+
+    from medops.core.processes import wait_until
 
     out, stop = work_dir / f"{prefix}.json", work_dir / f"{prefix}.stop"
     summary: dict[str, Any] = {}
@@ -319,11 +308,14 @@ def continuous_load(url: str, key: str, work_dir: Path, prefix: str, concurrency
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)])},
     )
     try:
-        deadline = time.monotonic() + 90
-        while not Path(f"{out}.started").exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the load generator did not get a first answer")
-            time.sleep(0.1)
+        wait_until(
+            Path(f"{out}.started").exists,
+            90,
+            "the load generator's first answer",
+            poll=0.1,
+            alive=lambda: process.poll() is None,
+            hint="its errors are in the test's output",
+        )
         yield summary
     finally:
         stop.touch()

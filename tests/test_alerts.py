@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -125,13 +126,17 @@ def test_identical_alert_within_the_window_is_sent_once(alerting, webhook, smtp)
     assert (alerting.home / "state" / "alerts.json").exists()
 
 
-def test_a_failing_channel_is_reported_not_raised_and_retried(alerting, webhook, monkeypatch):
+def test_a_failing_channel_is_reported_not_raised_and_retried(alerting, webhook, monkeypatch, caplog):
     monkeypatch.setenv("MEDOPS_SMTP_PORT", str(free_port()))  # nothing listens there
     reset_settings()
     settings = get_settings()
-    outcome = send_alert("Drift", "drift", COLUMNS, None, REPORT, settings)
+    with caplog.at_level(logging.INFO, logger="medops.core.alerts"):
+        outcome = send_alert("Drift", "drift", COLUMNS, None, REPORT, settings)
     assert outcome.sent and outcome.channels["webhook"] == "sent"
     assert outcome.channels["email"].startswith("failed:")
+    failures = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(failures) == 1, "a failed delivery is one ERROR line"
+    assert "'Drift' not delivered by email: ConnectionRefusedError" in failures[0].getMessage()
 
     monkeypatch.setenv("MEDOPS_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{free_port()}/down")
     reset_settings()

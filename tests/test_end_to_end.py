@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from medops.core.processes import wait_until
+from medops.core.processes import poll_until, wait_until
 from pipelines.data import seed_frame
 from pipelines.schema import FEATURES
 from serving.client import MedopsClient, ServiceError
@@ -220,7 +220,5 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         subprocess.run([str(BIN / "medops"), "down"], env=env, capture_output=True, timeout=180)
         with capsys.disabled():
             print("\nend-to-end stages:", stages.report())
-    deadline = time.monotonic() + 60
-    while _platform_processes(home) and time.monotonic() < deadline:
-        time.sleep(1)
+    poll_until(lambda: not _platform_processes(home), 60, 1.0)
     assert _platform_processes(home) == [], _describe(_platform_processes(home))

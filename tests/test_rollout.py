@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
+from medops.core.processes import poll_until
 from medops.core.settings import Settings
 from serving import control, processes, rollout
 from serving.processes import ServerRecord
@@ -341,15 +342,13 @@ def test_a_recycled_pid_is_not_signalled(settings: Settings):
 
 
 def _wait(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def met() -> bool:
         try:
-            if condition():
-                return
-        except (KeyError, OSError):
-            pass
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+            return bool(condition())
+        except (KeyError, OSError):  # the file is not there yet
+            return False
+
+    assert poll_until(met, timeout, 0.02), "condition not met in time"
 
 
 # the deploy_model DAG -------------------------------------------------------------------------

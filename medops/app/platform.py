@@ -133,7 +133,7 @@ def airflow_client(settings: Settings) -> AirflowClient:
 def wait_for_airflow(settings: Settings, timeout: float = 240) -> None:
     from medops.app.airflow_api import AirflowClient, admin_password
 
-    alive = lambda: processes.read_pid("airflow", settings) is not None  # noqa: E731
+    alive = lambda: processes.running("airflow", settings) is not None  # noqa: E731
     with AirflowClient(urls(settings)["airflow"]) as probe:
         processes.wait_until(probe.healthy, timeout, "Airflow API server and scheduler", alive=alive)
     processes.wait_until(lambda: admin_password(settings.airflow_home) is not None, 60, "Airflow admin password")
@@ -246,13 +246,10 @@ def _example_record() -> str:
 
 def down(settings: Settings, *, console: Console) -> None:
     """Stop the served Bentos, Airflow, MLflow and Evidently that `up` started."""
-    try:
-        from serving import rollout
+    from serving import rollout
 
-        rollout.stop_all(settings)
-        console.print("[green]✓[/] serving stopped")
-    except (ImportError, AttributeError):
-        pass
+    rollout.stop_all(settings)
+    console.print("[green]✓[/] serving stopped")
     for name in ("airflow", "mlflow", "evidently"):
         if processes.stop(name, settings):
             console.print(f"[green]✓[/] {name} stopped")

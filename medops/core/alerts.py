@@ -4,8 +4,9 @@
 (``MEDOPS_ALERT_WEBHOOK_URL``; ``MEDOPS_SMTP_HOST`` with ``MEDOPS_ALERT_EMAIL_TO``). An identical
 alert (same title, verdict, columns, site, severity and details) sent within ``alert_dedup_minutes`` is
 not sent again; the record of what went out lives in ``MEDOPS_HOME/state/alerts.json``. A channel
-that fails is logged and reported in the returned :class:`AlertOutcome`; nothing here raises into
-the caller, so a broken mail server never fails a DAG run or hides the original error.
+that fails is an ERROR log line (channel and reason) and is reported in the returned
+:class:`AlertOutcome`; nothing here raises into the caller, so a broken mail server never fails a
+DAG run or hides the original error.
 
 Failures of DAG tasks reach the same channels through ``medops.orchestration``'s notifier. This
 module imports only the standard library at the top: DAG files import it (through that notifier)
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
+
+from medops.core.files import file_lock, write_atomically
 
 if TYPE_CHECKING:
     from medops.core.settings import Settings
@@ -86,9 +89,9 @@ def send_alert(
                 skipped = {name: state or "deduplicated" for name, state in channels.items()}
                 return AlertOutcome(sent=False, deduplicated=True, channels=skipped)
             if not channels["webhook"]:
-                channels["webhook"] = _deliver(post_webhook, alert, settings)
+                channels["webhook"] = _deliver("webhook", post_webhook, alert, settings)
             if not channels["email"]:
-                channels["email"] = _deliver(send_email, alert, settings)
+                channels["email"] = _deliver("email", send_email, alert, settings)
             sent = "sent" in channels.values()
             if sent:  # a failed delivery is retried next time rather than suppressed
                 state.record(alert.fingerprint, now)
@@ -134,11 +137,12 @@ class _Alert:
         return "\n".join(lines)
 
 
-def _deliver(channel: Any, alert: _Alert, settings: Settings) -> str:
+def _deliver(name: str, channel: Any, alert: _Alert, settings: Settings) -> str:
     try:
         channel(alert, settings)
     except Exception as error:
-        log.warning("alert channel %s failed: %s", channel.__name__, error)
+        # an alert nobody received is an incident of its own: say loudly which channel and why
+        log.error("alert %r not delivered by %s: %s: %s", alert.title, name, type(error).__name__, error)
         return f"failed: {error}"
     return "sent"
 
@@ -200,10 +204,7 @@ class _DedupState:
         self.sent: dict[str, str] = {}
 
     def __enter__(self) -> _DedupState:
-        from filelock import FileLock
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.path) + ".lock", timeout=30)
+        self._lock = file_lock(self.path.with_name(self.path.name + ".lock"), timeout=30)
         self._lock.acquire()
         try:
             self.sent = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -225,8 +226,6 @@ class _DedupState:
     def __exit__(self, *exc: object) -> None:
         try:
             if self._dirty:
-                partial = self.path.with_suffix(".json.partial")
-                partial.write_text(json.dumps(self.sent, indent=1) + "\n")
-                partial.replace(self.path)
+                write_atomically(self.path, json.dumps(self.sent, indent=1) + "\n")
         finally:
             self._lock.release()

@@ -1,131 +1,320 @@
-"""Start and stop the long-running processes of the platform, tracked by pid files.
+"""The one supervisor of every long-running process medops starts: start, find, wait for, stop.
 
-Each process starts in its own session with its output in ``MEDOPS_HOME/run/<name>.log``.
-Stopping sends SIGTERM to the process's whole group, waits, then SIGKILLs what is left,
-so nothing keeps running after `make stop` or a test.
+A process starts detached, in its own session (a Ctrl-C meant for the caller must not reach it),
+with its output appended to a log under ``MEDOPS_HOME/run/``. It is remembered by a JSON record
+in the same folder: its pid and the kernel's start time of that pid, so that a pid the kernel
+recycled after a crash is never signalled.
+
+Stopping sends SIGTERM to the process's group (``airflow standalone`` leaves its components in
+it, and they stop together) and waits for the process and every descendant it had when the
+signal went out. Descendants in sessions of their own, such as the workers of a circus arbiter
+(``bentoml serve``), are out of reach of a group signal: their parent stops them, and whatever
+outlives it is terminated, then killed, one by one by pid. So nothing keeps running after
+``make stop``, a rollout or a test.
+
+Waiting is :func:`poll_until` (tenacity), for the waits here and the polls elsewhere in medops.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
+import logging
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-import httpx
+import psutil
 
+from medops.core.files import write_atomically
 from medops.core.settings import REPO_ROOT, Settings
 
 T = TypeVar("T")
+R = TypeVar("R", bound="ProcessRecord")
+
+logger = logging.getLogger("medops.processes")
 
 PLATFORM_MARKER = "MEDOPS_PLATFORM"
+SAME_PROCESS_SECONDS = 1.0  # start times of one process, read twice, differ by less
+ORPHAN_GRACE_SECONDS = 2.0  # how long descendants may outlive the process that should have stopped them
+KILL_GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL for processes signalled one by one
 
 
+# Waiting ----------------------------------------------------------------------------------------------
+def poll_until(check: Callable[[], T], timeout: float, interval: float) -> T:
+    """Call ``check`` every ``interval`` seconds until it returns something truthy or ``timeout``
+    seconds have passed; return its last value. An exception from ``check`` ends the wait at once."""
+    import tenacity
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(timeout),
+        wait=tenacity.wait_fixed(interval),
+        retry=tenacity.retry_if_result(lambda value: not value),
+        retry_error_callback=lambda state: state.outcome.result(),
+    )
+    return retrying(check)
+
+
+def wait_until(
+    check: Callable[[], T],
+    timeout: float,
+    what: str,
+    poll: float = 1.0,
+    alive: Callable[[], bool] | None = None,
+    hint: str = "see its log under MEDOPS_HOME/run/",
+) -> T:
+    """Poll ``check`` until it returns something truthy, and return that.
+
+    Raises ``RuntimeError`` as soon as ``alive`` says the process being waited for has exited, and
+    ``TimeoutError`` after ``timeout`` seconds; both messages name ``what`` and end with ``hint``.
+    """
+
+    def attempt() -> T:
+        value = check()
+        if not value and alive is not None and not alive():
+            raise RuntimeError(f"{what}: the process exited; {hint}")
+        return value
+
+    value = poll_until(attempt, timeout, poll)
+    if not value:
+        raise TimeoutError(f"{what}: not ready after {timeout:.0f}s; {hint}")
+    return value
+
+
+def http_ok(url: str, timeout: float = 3.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+# Environment ------------------------------------------------------------------------------------------
 def venv_bin() -> Path:
-    import sys
-
     return Path(sys.executable).parent
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``MEDOPS_*`` variables that rebuild ``settings`` in a child process (unset ones left out)."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"MEDOPS_{name.upper()}"] = str(value)
+    return env
+
+
 def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for platform processes: the venv first on PATH and MEDOPS_HOME made absolute."""
-    env = dict(os.environ)
+    """The environment of every process medops starts: this venv first on PATH, ``settings`` as
+    ``MEDOPS_*`` (they win over what this process inherited), the stores under ``MEDOPS_HOME`` that
+    tools find through variables of their own, and the platform marker :func:`strays` looks for."""
+    fields = {f"MEDOPS_{name.upper()}" for name in type(settings).model_fields}
+    env = {key: value for key, value in os.environ.items() if key not in fields}
+    env.update(settings_env(settings))
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
-    env["MEDOPS_HOME"] = str(settings.home)
     env[PLATFORM_MARKER] = str(settings.home)
+    env["BENTOML_HOME"] = str(settings.bentoml_home)  # BentoML reads its store's place once per process
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})
     return env
 
 
-def pid_file(name: str, settings: Settings) -> Path:
-    return settings.run_dir / f"{name}.pid"
+# Records ----------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ProcessRecord:
+    """A process this supervisor started: the pid with its start time (a recycled pid has another)."""
+
+    pid: int
+    create_time: float
+    log: str
+    started_at: str
+    log_offset: int = 0  # where this start's output begins in the (appended) log
 
 
-def read_pid(name: str, settings: Settings) -> int | None:
-    path = pid_file(name, settings)
+def record_path(name: str, settings: Settings) -> Path:
+    return settings.run_dir / f"{name}.json"
+
+
+def write_record(name: str, record: ProcessRecord, settings: Settings) -> None:
+    write_atomically(record_path(name, settings), json.dumps(asdict(record), indent=2))
+
+
+def read_record(name: str, settings: Settings, kind: type[R] = ProcessRecord) -> R | None:
     try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
+        return kind(**json.loads(record_path(name, settings).read_text()))
+    except (OSError, ValueError, TypeError):
         return None
-    return pid if is_alive(pid) else None
 
 
-def is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+def forget_record(name: str, settings: Settings) -> None:
+    record_path(name, settings).unlink(missing_ok=True)
+
+
+def running(name: str, settings: Settings) -> ProcessRecord | None:
+    """The record of ``name`` if that very process still runs."""
+    record = read_record(name, settings)
+    return record if record is not None and is_running(record) else None
+
+
+# Starting ---------------------------------------------------------------------------------------------
+def start_detached(argv: Sequence[str], *, log: Path, env: dict[str, str], cwd: Path) -> ProcessRecord:
+    """Start ``argv`` in a session of its own, its output appended to ``log``; returns at once."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as handle:
+        offset = handle.tell()
+        process = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return ProcessRecord(
+        pid=process.pid,
+        create_time=psutil.Process(process.pid).create_time(),
+        log=str(log),
+        started_at=datetime.now(UTC).isoformat(),
+        log_offset=offset,
+    )
 
 
 def start(
     name: str, argv: Sequence[str], settings: Settings, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT
 ) -> int:
-    """Start a process in its own session unless it already runs; returns its pid."""
-    running = read_pid(name, settings)
-    if running:
-        return running
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    log = open(settings.run_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-    process = subprocess.Popen(
-        list(argv),
-        cwd=cwd,
-        env=env or child_env(settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    log.close()
-    pid_file(name, settings).write_text(str(process.pid))
-    return process.pid
+    """Start a platform process unless it already runs; returns its pid. Its log is ``run/<name>.log``."""
+    if (current := running(name, settings)) is not None:
+        return current.pid
+    record = start_detached(argv, log=settings.run_dir / f"{name}.log", env=env or child_env(settings), cwd=cwd)
+    write_record(name, record, settings)
+    return record.pid
 
 
-def stop_pid(pid: int, timeout: float = 30.0, group: bool = True) -> None:
-    """SIGTERM the process (and its group), wait, then SIGKILL whatever is left."""
+# Finding ----------------------------------------------------------------------------------------------
+def leader(record: ProcessRecord) -> psutil.Process | None:
+    """The process ``record`` describes, if it still runs and its pid was not given to another."""
+    try:
+        process = psutil.Process(record.pid)
+        if abs(process.create_time() - record.create_time) > SAME_PROCESS_SECONDS:
+            return None
+    except psutil.Error:
+        return None
+    return process if alive([process]) else None
 
-    def send(sig: int) -> None:
+
+def is_running(record: ProcessRecord) -> bool:
+    return leader(record) is not None
+
+
+def descendants(record: ProcessRecord) -> list[psutil.Process]:
+    """Every live process below ``record``'s, whatever session it moved to."""
+    process = leader(record)
+    if process is None:
+        return []
+    try:
+        return alive(process.children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def alive(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``processes`` still running; a zombie is not running (and one of ours is reaped)."""
+    found = []
+    for process in processes:
         try:
-            if group:
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+            if not process.is_running():
+                continue
+            if process.status() == psutil.STATUS_ZOMBIE:
+                _reap(process.pid)
+                continue
+        except psutil.Error:
+            continue
+        found.append(process)
+    return found
 
-    send(signal.SIGTERM)
-    if timeout <= 0:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and is_alive(pid):
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: its parent, or init, reaps it
+        pass
+
+
+# Stopping ---------------------------------------------------------------------------------------------
+def stop_process(record: ProcessRecord, timeout: float = 30.0) -> list[int]:
+    """Stop the process of ``record`` and everything it started; returns the pids that survived.
+
+    SIGTERM to its group (or to it alone when it left its group), then wait up to ``timeout`` for
+    it; its descendants as they were when the signal went out get what is left of ``timeout``, at
+    most :data:`ORPHAN_GRACE_SECONDS` after it is gone. Survivors are terminated, then killed,
+    by pid.
+    """
+    head = leader(record)
+    if head is None:
+        return []
+    try:
+        family = [head, *head.children(recursive=True)]
+    except psutil.Error:
+        family = [head]
+    try:
+        if os.getpgid(head.pid) == head.pid:
+            os.killpg(head.pid, signal.SIGTERM)
+        else:
+            head.send_signal(signal.SIGTERM)
+    except (ProcessLookupError, PermissionError, psutil.Error):
+        pass
+    started = time.monotonic()
+    poll_until(lambda: not alive([head]), timeout, 0.1)
+    left = max(0.0, timeout - (time.monotonic() - started))
+    poll_until(lambda: not alive(family), min(left, ORPHAN_GRACE_SECONDS), 0.1)
+    stragglers = alive(family)
+    for process in stragglers:
+        # Airflow's components take longer than the grace on their SIGTERM; a worker in a session of
+        # its own that its parent did not stop gets here too
+        logger.info("terminating process %s left over by pid %s", process.pid, record.pid)
+    return terminate(stragglers)
+
+
+def terminate(targets: Iterable[int | psutil.Process], timeout: float = KILL_GRACE_SECONDS) -> list[int]:
+    """SIGTERM each process (or pid), wait up to ``timeout`` for all, SIGKILL the rest; returns the
+    pids still alive. A ``psutil.Process`` is signalled only if its pid still names that process."""
+    processes = []
+    for target in targets:
         try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.2)
-    if group:
-        send(signal.SIGKILL)  # stragglers of the group, even when the leader is gone
-    elif is_alive(pid):
-        send(signal.SIGKILL)
+            process = target if isinstance(target, psutil.Process) else psutil.Process(target)
+            process.terminate()
+        except psutil.Error:
+            continue
+        processes.append(process)
+    poll_until(lambda: not alive(processes), timeout, 0.1)
+    for process in alive(processes):
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+    poll_until(lambda: not alive(processes), 2.0, 0.05)
+    return [process.pid for process in alive(processes)]
 
 
 def stop(name: str, settings: Settings, timeout: float = 30.0) -> bool:
-    pid = read_pid(name, settings)
-    pid_file(name, settings).unlink(missing_ok=True)
-    if pid is None:
+    """Stop the platform process ``name`` and all it started; False if it was not running."""
+    record = read_record(name, settings)
+    forget_record(name, settings)
+    if record is None or not is_running(record):
         return False
-    stop_pid(pid, timeout=timeout)
+    if survivors := stop_process(record, timeout=timeout):
+        logger.error("%s: processes %s survived SIGKILL", name, survivors)
     return True
 
 
@@ -133,8 +322,6 @@ def strays(settings: Settings) -> list[int]:
     """Live processes the platform started for this MEDOPS_HOME: they carry ``MEDOPS_PLATFORM`` in
     their environment (set by `medops up` and inherited by every child). Never this process or its
     ancestors, so a shell that happens to carry the variable is safe."""
-    import psutil
-
     me = psutil.Process()
     spared = {me.pid, *(parent.pid for parent in me.parents())}
     found = []
@@ -152,44 +339,5 @@ def strays(settings: Settings) -> list[int]:
 def stop_strays(settings: Settings, timeout: float = 20.0) -> list[int]:
     """SIGTERM, then SIGKILL, whatever is still running for this MEDOPS_HOME (task runners, workers)."""
     pids = strays(settings)
-    for pid in pids:
-        stop_pid(pid, timeout=0, group=False)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(is_alive(pid) for pid in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        if is_alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+    terminate(pids, timeout=timeout)
     return pids
-
-
-def wait_until(
-    check: Callable[[], T],
-    timeout: float,
-    what: str,
-    poll: float = 1.0,
-    alive: Callable[[], bool] | None = None,
-    hint: str = "see its log under MEDOPS_HOME/run/",
-) -> T:
-    """Poll ``check`` until it returns something truthy, and return that.
-
-    Raises ``RuntimeError`` as soon as ``alive`` says the process being waited for has exited, and
-    ``TimeoutError`` after ``timeout`` seconds; both messages name ``what`` and end with ``hint``.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if alive is not None and not alive():
-            raise RuntimeError(f"{what}: the process exited; {hint}")
-        time.sleep(poll)
-    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s; {hint}")
-
-
-def http_ok(url: str, timeout: float = 3.0) -> bool:
-    try:
-        return httpx.get(url, timeout=timeout).status_code < 500
-    except httpx.HTTPError:
-        return False

@@ -6,12 +6,15 @@ Nothing here touches the disk at import time; directories are created by ``medop
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from medops.core.files import write_atomically
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,16 +44,25 @@ class Settings(BaseSettings):
 
     drift_min_rows: int = 200
     drift_share_threshold: float = Field(default=0.3, description="Share of drifted columns that means drift.")
-    drift_schedule: str = "@hourly"
     retrain_cooldown_hours: float = 6.0
     require_approval: bool = False
+
+    landing_retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Landed files already ingested are kept in landing/processed/ this long, then deleted.",
+    )
 
     dvc_remote: str | None = None
     mlflow_tracking_uri: str | None = None
     model_name: str = MODEL_NAME
 
-    # The gate's floors and the hold-out share live in pipelines/modification_protocol.yaml,
+    # The promotion gate's floors and the hold-out share live in pipelines/modification_protocol.yaml,
     # versioned with the code, not in settings: loosening them needs a named person's approval.
+    min_sensitivity: float = Field(
+        default=0.95,
+        description="Monitoring: the sensitivity a served champion is expected to keep (estimated or from feedback).",
+    )
     sensitivity_target: float = Field(default=0.98, description="Operating point chosen on validation folds.")
     seed: int = 42
     cv_folds: int = 5
@@ -62,6 +74,52 @@ class Settings(BaseSettings):
     max_records: int = 1000
     max_body_bytes: int = 2 * 1024 * 1024
     serving_workers: int = 1
+
+    # Monitoring verdicts (monitoring.signals, monitoring.judge). The drift thresholds were chosen
+    # on generated windows only (bench/monitoring_power.py: calibrate, a seed apart from the run
+    # reported); see that module's docstring for how.
+    monitor_site_min_rows: int = Field(
+        default=50, description="Fewest scored rows of one site for its own drift and estimated-performance signals."
+    )
+    monitor_prediction_drift_p_value: float = Field(
+        default=3e-6,
+        description="Prediction drift: K-S p-value of probability_malignant vs the reference scores at or below this.",
+    )
+    monitor_material_shift: float = Field(
+        default=0.4,
+        description="A drifted feature counts only if it moved at least this far "
+        "(Wasserstein distance in reference standard deviations).",
+    )
+    monitor_importance_share: float = Field(
+        default=0.2, description="Importance-weighted share of drifted features at or above this is drift."
+    )
+    monitor_top_features: int = Field(
+        default=5, description="How many of the most important features are watched for a strong shift."
+    )
+    monitor_strong_drift_p_value: float = Field(
+        default=3e-7, description="A top feature drifted strongly: K-S p-value at or below this (and a material shift)."
+    )
+    monitor_strong_drift_distance: float = Field(
+        default=0.5,
+        description="A top feature drifted strongly where the reference has over 1,000 rows "
+        "(Wasserstein distance in reference standard deviations).",
+    )
+    monitor_min_expected_malignant: float = Field(
+        default=20.0, description="Fewest expected malignant cases in a window or site for estimated sensitivity."
+    )
+    monitor_feedback_min_malignant: int = Field(
+        default=25, description="Fewest labelled malignant cases in a window or site for realized sensitivity."
+    )
+    monitor_refusal_min_requests: int = Field(
+        default=50, description="Fewest records a site sent (scored and refused) before its refusal rate is judged."
+    )
+    monitor_refusal_jump: float = Field(
+        default=0.05,
+        description="Refusal rate this far above the site's baseline (its 95 % upper bound) is an incident.",
+    )
+    monitor_refusal_critical_rate: float = Field(
+        default=0.2, description="A data-quality incident is critical at or above this refusal rate."
+    )
 
     @field_validator("home", mode="after")
     @classmethod
@@ -76,6 +134,11 @@ class Settings(BaseSettings):
     @property
     def quarantine_dir(self) -> Path:
         return self.home / "quarantine"
+
+    @property
+    def ingest_journal_dir(self) -> Path:
+        """One entry per ingest in progress: what to finish or roll back after a crash."""
+        return self.home / "state" / "ingest-journal"
 
     @property
     def registry_dir(self) -> Path:
@@ -132,28 +195,19 @@ class Settings(BaseSettings):
     def _secret(self, name: str) -> str:
         """The secret ``name``, generated once: the first process to create it wins, atomically.
 
-        The value is written to a private temporary file and hard-linked into place, which fails
-        if the name exists: no reader ever sees a half-written or empty file, and two workers
-        starting together end up with the same key. An empty or unreadable secret is an error.
+        The value is written to a private temporary file and linked into place, which fails if
+        the name exists (``write_atomically(..., overwrite=False)``): no reader ever sees a
+        half-written file, and two workers starting together end up with the same key. An empty
+        secret is an error, never a key.
         """
-        import os
-        import tempfile
-
         path = self.secrets_dir / name
         if not path.exists():
             self.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.secrets_dir.chmod(0o700)
-            fd, partial = tempfile.mkstemp(dir=self.secrets_dir, prefix=f".{name}.")  # mode 0600
-            try:
-                os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
-                os.fsync(fd)
-                os.close(fd)
-                try:
-                    os.link(partial, path)
-                except FileExistsError:
-                    pass  # another process created it first: use theirs
-            finally:
-                os.unlink(partial)
+            # Never readable by others, not even for a moment; the first of concurrent writers wins,
+            # so every serving worker hashes encounter ids with the same key.
+            with contextlib.suppress(FileExistsError):
+                write_atomically(path, secrets.token_urlsafe(32) + "\n", mode=0o600, overwrite=False)
         value = path.read_text().strip()
         if not value:
             raise RuntimeError(f"the secret {path} is empty: delete it to have a new one generated")
