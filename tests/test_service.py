@@ -85,7 +85,7 @@ def test_predict_matches_the_registered_model(client: TestClient, version: str, 
     assert [p["encounter_id"] for p in payload["predictions"]] == [r["encounter_id"] for r in body]
 
 
-@pytest.mark.parametrize("path", ["/predict", "/explain", "/feedback", "/metadata", "/docs.json"])
+@pytest.mark.parametrize("path", ["/predict", "/explain", "/feedback", "/metadata", "/model-card", "/docs.json"])
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}, {"Authorization": "Bearer "}],
@@ -277,6 +277,14 @@ def test_metadata_by_get_and_post(client: TestClient, version: str):
         assert meta["threshold"] == 0.3 and meta["metrics"]["roc_auc"] == 0.99
         assert meta["trained_at"] and meta["run_id"] and meta["features"] == list(FEATURES)
         assert response.headers["x-model-version"] == version
+
+
+def test_a_version_built_without_a_model_card_says_so(client: TestClient, version: str):
+    """The tiny serving-test model was never trained by medops, so its Bento carries no card."""
+    response = client.get("/model-card", headers=auth())
+    assert response.status_code == 404
+    assert response.json() == {"error": f"model version {version} was built without a model card", "detail": []}
+    assert response.headers["x-model-version"] == version
 
 
 def test_openapi_document_describes_the_contract(client: TestClient):
