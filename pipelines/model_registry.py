@@ -183,6 +183,12 @@ def load_model(version: str, settings: Settings):
             raise
 
 
+def run_url(run_id: str, settings: Settings, experiment_id: str | None = None) -> str:
+    """Where a run's page is in the MLflow UI that ``medops up`` starts (the task logs print it)."""
+    experiment_id = experiment_id or client(settings).get_run(run_id).info.experiment_id
+    return f"http://{settings.host}:{settings.mlflow_port}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def code_version() -> str:
     """The git sha of the code that trains, with ``-dirty`` when the checkout has local changes."""
     try:

@@ -1,4 +1,5 @@
-"""The BentoML service clinical applications call: ``/predict``, ``/explain``, ``/feedback``, ``/metadata``.
+"""The BentoML service clinical applications call: ``/predict``, ``/explain``, ``/feedback``, ``/metadata``,
+``/model-card``.
 
 The model is declared at class scope by its registry version: a Bento is built for one champion
 version (``bentoml build --arg model_version=N``, see ``serving/rollout.py``) and imports exactly
@@ -60,6 +61,10 @@ MODEL_VERSION_ENV = "MEDOPS_SERVING_MODEL_VERSION"
 
 class RequestTooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class NoModelCard(BentoMLException):
+    error_code = HTTPStatus.NOT_FOUND
 
 
 class LogUnavailable(BentoMLException):
@@ -372,6 +377,26 @@ class MedopsService:
             bento=os.environ.get("MEDOPS_SERVING_BENTO"),
             explain_method=model.explain_method,
         )
+
+    @bentoml.api(route="/model-card", input_spec=MetadataRequest)
+    def model_card(self, ctx: bentoml.Context) -> str:
+        """The served version's model card: Markdown, or HTML when the request accepts ``text/html``.
+
+        The card is the one its training run logged, carried in the Bento's model metadata
+        (``serving/bento_build.py``), so answering needs no MLflow.
+        """
+        model = STATE.model
+        assert model is not None
+        wants_html = "text/html" in (ctx.request.headers.get("accept") or "").lower()
+        text = model.metadata.get("model_card_html" if wants_html else "model_card")
+        ctx.response.metadata[VERSION_HEADER] = model.version
+        if not text:
+            raise NoModelCard(f"model version {model.version} was built without a model card")
+        # applied to the response after the API returns, replacing the text/plain of a str result
+        ctx.response.metadata["content-type"] = (
+            "text/html; charset=utf-8" if wants_html else "text/markdown; charset=utf-8"
+        )
+        return str(text)
 
 
 def _docs_app() -> Any:

@@ -96,7 +96,8 @@ def _data_events(run) -> list[dict]:
 
 
 def test_train_model_dag_stops_at_the_gate(airflow_db, registry_home: Settings):
-    run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "min_roc_auc": 0.9999})
+    # a stricter floor than the protocol's needs no approval; the lower bound of ROC AUC (0.9988) misses it
+    run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "roc_auc_lower": 0.9999})
     states = _states(run)
     assert states["fit"] == states["log_run"] == states["register"] == "success" and states["promote"] == "skipped"
     assert model_registry.champion_version(registry_home) is None

@@ -42,9 +42,9 @@ def register_champion(settings: Settings) -> str:
 
     from pipelines import model_registry
     from pipelines.data_registry import load_version_frame
-    from pipelines.train import split_rows
+    from pipelines.holdout import split_by_row_key
 
-    train, holdout = split_rows(load_version_frame("data-v1", settings), settings)
+    train, holdout = split_by_row_key(load_version_frame("data-v1", settings))
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(train[list(FEATURES)], train[LABEL])
     experiment = model_registry.ensure_experiment(settings, "monitoring-tests")
     with mlflow.start_run(experiment_id=experiment), tempfile.TemporaryDirectory() as tmp:

@@ -86,7 +86,7 @@ def test_predict_matches_the_registered_model(client: TestClient, version: str, 
 
 
 # The API docs (/docs, /docs.json) are open: tests/test_service.py::test_api_docs_open_without_a_key
-@pytest.mark.parametrize("path", ["/predict", "/explain", "/feedback", "/metadata", "/schema.json"])
+@pytest.mark.parametrize("path", ["/predict", "/explain", "/feedback", "/metadata", "/model-card", "/schema.json"])
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}, {"Authorization": "Bearer "}],
@@ -278,6 +278,14 @@ def test_metadata_by_get_and_post(client: TestClient, version: str):
         assert meta["threshold"] == 0.3 and meta["metrics"]["roc_auc"] == 0.99
         assert meta["trained_at"] and meta["run_id"] and meta["features"] == list(FEATURES)
         assert response.headers["x-model-version"] == version
+
+
+def test_a_version_built_without_a_model_card_says_so(client: TestClient, version: str):
+    """The tiny serving-test model was never trained by medops, so its Bento carries no card."""
+    response = client.get("/model-card", headers=auth())
+    assert response.status_code == 404
+    assert response.json() == {"error": f"model version {version} was built without a model card", "detail": []}
+    assert response.headers["x-model-version"] == version
 
 
 def test_openapi_document_describes_the_contract(client: TestClient):

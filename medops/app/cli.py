@@ -43,6 +43,15 @@ def _private_files() -> None:
 
     os.umask(0o077)
     os.environ[PICKLE_SWITCH] = "false"
+    # MLflow draws a progress bar for every artifact it downloads (the gate reads the stored rows)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def terminal_user() -> str:
+    """The actor of what a person does at the terminal: their operating-system user name."""
+    from pipelines.governance import terminal_user as user
+
+    return user()
 
 
 class UserError(Exception):
@@ -106,7 +115,7 @@ def init() -> None:
     ):
         folder.mkdir(parents=True, exist_ok=True)
     with step("data registry (git + DVC) with the seed as data-v1"):
-        version = data_registry.init_registry(settings)
+        version = data_registry.init_registry(settings, actor=terminal_user())
     with step("MLflow store"):
         model_registry.ensure_experiment(settings)
     out.print(f"MEDOPS_HOME   {settings.home}")
@@ -162,7 +171,7 @@ def ingest(
     from pipelines.ingest import ingest_file
 
     with step(f"validating and versioning {file.name}"):
-        result = ingest_file(file, get_settings(), site_id=site)
+        result = ingest_file(file, get_settings(), site_id=site, actor=terminal_user())
     if as_json:
         return emit(result.to_dict(), True)
     out.print(result.summary(), highlight=False)
@@ -189,33 +198,85 @@ def train(
     data_version: Annotated[
         str | None, typer.Option("--data-version", help="Data version (data-vN) to train on; default: the latest.")
     ] = None,
-    min_sensitivity: Annotated[
-        float | None, typer.Option(help="Gate: least hold-out sensitivity (default MEDOPS_MIN_SENSITIVITY, 0.95).")
+    sensitivity_lower: Annotated[
+        float | None,
+        typer.Option(
+            "--sensitivity-lower",
+            "--min-sensitivity",
+            help="Gate: floor on the lower 95 % bound of sensitivity (default: the protocol's).",
+        ),
     ] = None,
-    min_roc_auc: Annotated[
-        float | None, typer.Option(help="Gate: least hold-out ROC AUC (default MEDOPS_MIN_ROC_AUC, 0.97).")
+    roc_auc_lower: Annotated[
+        float | None,
+        typer.Option(
+            "--roc-auc-lower",
+            "--min-roc-auc",
+            help="Gate: floor on the lower 95 % bound of ROC AUC (default: the protocol's).",
+        ),
     ] = None,
+    non_inferiority_margin: Annotated[
+        float | None,
+        typer.Option(
+            "--non-inferiority-margin",
+            help="Gate: how far below the champion's AUC the lower bound may go (default: the protocol's).",
+        ),
+    ] = None,
+    approved_by: Annotated[
+        str | None,
+        typer.Option("--approved-by", help="Who approved a change the protocol reserves for a person (their name)."),
+    ] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why the approved change is acceptable.")] = None,
     promote: Annotated[bool, typer.Option("--promote/--no-promote", help="Move @champion if the gate passes.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Train on a data version, log to MLflow, register @challenger, and promote if the gate passes."""
+    """Train on a data version, log to MLflow, register @challenger, gate it, and promote if it passes.
+
+    Thresholds looser than the modification protocol's floors need --approved-by NAME --reason TEXT;
+    both go to the audit trail.
+    """
     from pipelines import train as training
 
     settings = get_settings()
-    gate = training.GateConfig.from_settings(settings, min_sensitivity=min_sensitivity, min_roc_auc=min_roc_auc)
+    actor = terminal_user()
+    thresholds = {
+        "sensitivity_lower": sensitivity_lower,
+        "roc_auc_lower": roc_auc_lower,
+        "non_inferiority_margin": non_inferiority_margin,
+    }
     with step("training (cross-validated search over model families)"):
-        result = training.train_model(settings, data_version=data_version, families=family, gate_config=gate)
+        result = training.train_model(
+            settings,
+            data_version=data_version,
+            families=family,
+            thresholds=thresholds,
+            actor=actor,
+            approved_by=approved_by,
+            approval_reason=reason,
+        )
     if promote:
-        result.promoted = training.promote(result, settings)
+        result.promoted = training.promote(
+            result, settings, approved_by=approved_by, approval_reason=reason, actor=actor
+        )
     if as_json:
         return emit(result.to_dict(), True)
-    m = result.metrics
+    m, figures = result.metrics, result.gate.overall.candidate
     out.print(
         f"model version {result.model_version} ({result.family}) on {result.data_version}: "
         f"ROC AUC {m['roc_auc']:.4f}, sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, "
-        f"threshold {result.threshold:.3f}"
+        f"threshold {result.threshold:.3f}",
+        highlight=False,
     )
-    out.print(f"gate {'passed' if result.gate.passed else 'FAILED'}: {'; '.join(result.gate.reasons)}")
+    if figures.sensitivity is not None:
+        out.print(
+            f"hold-out {result.holdout.get('rows')} rows ({result.holdout.get('malignant')} malignant): "
+            f"sensitivity lower bound {figures.sensitivity.lower:.3f}"
+            + (f", specificity lower bound {figures.specificity.lower:.3f}" if figures.specificity else "")
+            + (f", ROC AUC lower bound {figures.roc_auc.lower:.4f}" if figures.roc_auc else ""),
+            highlight=False,
+        )
+    out.print(f"gate {'passed' if result.gate.passed else 'FAILED'}:", highlight=False)
+    for line in result.gate.reasons:
+        out.print(f"  {line}", highlight=False)
     out.print("promoted to @champion" if result.promoted else "@champion unchanged")
 
 
@@ -359,10 +420,16 @@ def drift_scenario(
     run_drift_scenario(get_settings(), site=site, records=records, drift=drift, console=console)
 
 
-from medops.app import keys_commands, monitoring_commands, serving_commands  # noqa: E402  (they extend `app`)
+from medops.app import (  # noqa: E402  (they extend `app`)
+    governance_commands,
+    keys_commands,
+    monitoring_commands,
+    serving_commands,
+)
 
 serving_commands.register(app)
 monitoring_commands.register(app)
+governance_commands.register(app)
 keys_commands.register(app)
 
 

@@ -57,12 +57,14 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = None
     model_name: str = MODEL_NAME
 
-    min_sensitivity: float = Field(default=0.95, description="Gate: sensitivity for malignant on hold-out rows.")
-    min_roc_auc: float = Field(default=0.97, description="Gate: ROC AUC on hold-out rows.")
-    max_auc_drop: float = Field(default=0.01, description="Gate: largest ROC AUC loss allowed vs the champion.")
+    # The promotion gate's floors and the hold-out share live in pipelines/modification_protocol.yaml,
+    # versioned with the code, not in settings: loosening them needs a named person's approval.
+    min_sensitivity: float = Field(
+        default=0.95,
+        description="Monitoring: the sensitivity a served champion is expected to keep (estimated or from feedback).",
+    )
     sensitivity_target: float = Field(default=0.98, description="Operating point chosen on validation folds.")
     seed: int = 42
-    test_size: float = 0.2
     cv_folds: int = 5
     train_jobs: int = Field(
         default=1,
