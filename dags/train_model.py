@@ -95,7 +95,9 @@ def train_model():
         )
         return planned | {"families": params.get("families") or None, "gate": asdict(gate)}
 
-    @task
+    # Training goes to the `train` queue: in the cluster profile only workers serving it take it
+    # (LocalExecutor ignores queues); everything else runs on `[operators] default_queue`.
+    @task(queue="train")
     def fit(planned: dict) -> dict:
         """Split, search, threshold, fit and evaluate; the model and reference rows go to a work folder."""
         from medops.core.settings import get_settings
