@@ -100,6 +100,9 @@ def train_model():
     @task(queue="train")
     def fit(planned: dict) -> dict:
         """Split, search, threshold, fit and evaluate; the model and reference rows go to a work folder."""
+        import os
+        import socket
+
         from medops.core.settings import get_settings
         from pipelines.train import fit_candidate, training_work_dir
 
@@ -110,6 +113,8 @@ def train_model():
             planned["families"],
             work_dir=training_work_dir(settings, context["run_id"]),
         )
+        # Which host trained it: the cluster's test reads this line from the task log
+        print(f"fit ran on host {socket.gethostname()} as {os.environ.get('MEDOPS_WORKER_NAME', 'local executor')}")
         print(f"{result.family} on {result.data_version}: {result.metrics}")
         return result.to_dict()
 
