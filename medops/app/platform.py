@@ -232,6 +232,7 @@ def print_summary(settings: Settings, out: Console, api_key: str) -> None:
         f"""
 [bold]medops is up[/] (MEDOPS_HOME={settings.home})
 
+  Profile     {settings.profile}
   Airflow     {u["airflow"]}    user [bold]admin[/], password [bold]{admin_password(settings.airflow_home)}[/]
   MLflow      {u["mlflow"]}
   Evidently   {u["evidently"]}
