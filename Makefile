@@ -9,6 +9,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 export PATH := $(abspath $(BIN)):$(PATH)
 
+# A gate that can fail: any high-severity, high-confidence finding in the project's code.
+BANDIT := --quiet --recursive medops pipelines serving monitoring dags --severity-level high --confidence-level high
+
 .PHONY: venv run stop test test-fast lint bench lock clean
 
 venv: $(STAMP)
@@ -35,6 +38,7 @@ stop: venv
 test: venv
 	$(BIN)/ruff check medops pipelines serving monitoring dags tests bench
 	$(BIN)/lint-imports
+	$(BIN)/bandit $(BANDIT)
 	$(BIN)/python -m pytest
 
 test-fast: venv
@@ -43,6 +47,7 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check medops pipelines serving monitoring dags tests bench
 	$(BIN)/lint-imports
+	$(BIN)/bandit $(BANDIT)
 
 bench: venv
 	$(BIN)/python -m bench

@@ -26,12 +26,12 @@ from typing import Any
 
 from bench.common import REPO_ROOT, RESULTS_DIR, SectionResult, child_env, git_sha, machine_info
 
-SECTIONS = ("dag_parsing", "ingest", "drift", "serving", "loop")
+SECTIONS = ("dag_parsing", "ingest", "drift", "monitoring", "serving", "loop")
 QUICK_SECTIONS = ("dag_parsing", "ingest", "drift", "serving")
 # make bench must finish within 15 minutes on the 2-core reference machine: the loop section,
 # which runs last, measures as many loops as the rest of this budget allows (up to --runs).
 FULL_BUDGET_SECONDS = 13.5 * 60
-TIMEOUTS = {"dag_parsing": 300, "ingest": 900, "drift": 900, "serving": 900, "loop": 1500}
+TIMEOUTS = {"dag_parsing": 300, "ingest": 900, "drift": 900, "monitoring": 900, "serving": 900, "loop": 1500}
 
 
 def run_section(name: str, quick: bool, runs: int, options: argparse.Namespace) -> SectionResult:
@@ -54,6 +54,10 @@ def run_section(name: str, quick: bool, runs: int, options: argparse.Namespace) 
             profile=options.profile,
             read_log=options.drift_read_log,
         )
+    elif name == "monitoring":
+        from bench import monitoring_power
+
+        result = monitoring_power.run(quick=quick, runs=runs)
     elif name == "loop":
         from bench import loop
 

@@ -18,6 +18,7 @@ LATEST = RESULTS_DIR / "latest.json"
 SECTION_TITLES = {
     "serving": "Serving",
     "drift": "Drift at scale",
+    "monitoring": "Monitoring power",
     "loop": "Loop latency",
     "dag_parsing": "DAG parsing",
     "ingest": "Ingest",

@@ -7,8 +7,12 @@ and versions what passes in the data registry (git + DVC, tag `data-vN`).
 * **Runs when** a file lands (the `medops/landing` Asset's watcher fires), or manually.
 * **Every row is accounted for**: accepted rows go into a new data version, rejected rows go to
   `MEDOPS_HOME/quarantine/` with one reason per row; `accepted + quarantined = received`.
-  A file that is empty, binary or carries unknown columns (possible patient identifiers) is kept
-  whole in quarantine with its reason; the run stays green and its log says so.
+  A file that is empty, binary or carries unknown columns (possible patient identifiers) is moved
+  whole into quarantine, named by its SHA-256, with its reason; the run stays green and its log
+  says so. Logs and results name batches by checksum, never by file name.
+* **Crash-safe**: each file is ingested under the registry lock and a journal; a run that died
+  half-way is finished or rolled back when the next one starts (Airflow's retry included).
+* **Retention**: ingested files stay in `landing/processed/` for `MEDOPS_LANDING_RETENTION_DAYS`.
 * **Emits** the `medops/data` Asset with the new `data_version`, which schedules `train_model`.
   Trigger with `announce_latest` to (re)announce the current version, e.g. on a fresh platform.
 """
@@ -59,7 +63,7 @@ def ingest_data():
             print(result.summary())
         if not results:
             print("no files waiting in the landing folder")
-        return [result.__dict__ for result in results]
+        return [result.to_dict() for result in results]
 
     @task(outlets=[DATA])
     def publish(results: list[dict]) -> str:

@@ -4,6 +4,18 @@
 is pushed to the DVC remote; each version is a git commit tagged ``data-vN``. ``batches.json``
 records every landed file's checksum and counts, so the same file never makes a second version.
 Restore any version with ``medops data restore data-vN`` (``dvc get`` underneath).
+
+Nothing is lost or counted twice at any crash point. One writer at a time holds the registry lock
+(:func:`locked_registry`) for a whole ingest, duplicate checks included. Before an ingest touches
+anything it writes a journal entry (``MEDOPS_HOME/state/ingest-journal/<sha256>.json``) and then
+notes each thing it is about to create. The steps run in this order: quarantine, batch file,
+manifest, ``dvc add``, ``dvc push``, one git commit of ``data.dvc`` and the manifest together, the
+tag. The manifest in the working tree gets its record before the push, but only the committed
+manifest counts, and a record naming a version counts only once its tag exists. Whoever takes the
+lock next (an ingest, ``medops init``, the DAG's task) first settles what a crash left: an ingest
+that committed gets its tag; any other is rolled back (uncommitted changes to ``data.dvc``, the
+manifest and ``.gitignore`` reset to the last commit, the batch file removed, the quarantine put
+back), so the retry ends with every received row exactly once in a version or in quarantine.
 """
 
 from __future__ import annotations
@@ -12,8 +24,11 @@ import contextlib
 import io
 import json
 import logging
+import os
+import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +47,27 @@ if TYPE_CHECKING:
 TAG_PREFIX = "data-v"
 MANIFEST = "batches.json"
 GIT_IDENTITY = ["-c", "user.name=medops", "-c", "user.email=medops@localhost", "-c", "commit.gpgsign=false"]
+# What an ingest changes in the registry's working tree (dvc add rewrites the pointer and may touch .gitignore).
+INGEST_CHANGES = ("data.dvc", MANIFEST, ".gitignore")
+# What a git killed mid-command leaves behind; none of ours runs while we hold the registry lock.
+GIT_LOCKS = ("index.lock", "HEAD.lock", "packed-refs.lock", "refs/heads/*.lock", "refs/tags/*.lock")
+
+# Test-only fault injection (tests/test_ingest_crashes.py): a process whose environment names one
+# of these steps in MEDOPS_TEST_CRASH_AT ends at once when it reaches it. Never set in production.
+CRASH_AT_VARIABLE = "MEDOPS_TEST_CRASH_AT"
+CRASH_EXIT_CODE = 86
+CRASH_POINTS = (
+    "after_journal",
+    "after_quarantine",
+    "after_write",
+    "after_manifest",
+    "after_dvc_add",
+    "after_push",
+    "after_commit",
+    "after_tag",
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,8 +87,130 @@ def _git(repo: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
+def crash_point(step: str) -> None:
+    """End the process on the spot at ``step`` if ``MEDOPS_TEST_CRASH_AT`` names it (tests only).
+
+    ``os._exit`` skips every ``finally`` block, ``except`` clause and exit handler, as a power cut
+    or a ``kill -9`` does: the fault-injection tests see exactly what a real crash leaves behind.
+    """
+    if os.environ.get(CRASH_AT_VARIABLE) == step:
+        os._exit(CRASH_EXIT_CODE)
+
+
 def _lock(settings: Settings) -> BaseFileLock:
-    return file_lock(settings.home / ".registry.lock", timeout=600)
+    # Reentrant: an ingest holds it throughout and calls record_batch, which takes it again.
+    return file_lock(settings.home / ".registry.lock", timeout=600, reentrant=True)
+
+
+# Journals of the ingests this process has in progress: settling them is their owner's business.
+_open_journals: set[Path] = set()
+
+
+@contextlib.contextmanager
+def locked_registry(settings: Settings) -> Iterator[None]:
+    """Hold the registry lock (one writer at a time, across processes), crash leftovers settled first."""
+    with _lock(settings):
+        recover_interrupted(settings)
+        yield
+
+
+@dataclass
+class IngestJournal:
+    """The journal entry of one ingest in progress: what it is about to create, noted beforehand."""
+
+    path: Path
+    entry: dict = field(default_factory=dict)
+
+    def note(self, **fields: object) -> None:
+        """Record what the ingest is about to create, durably, before it creates it."""
+        self.entry.update(fields)
+        write_atomically(self.path, json.dumps(self.entry, indent=1, default=str) + "\n", mode=0o600)
+
+
+@contextlib.contextmanager
+def journaled(sha256: str, settings: Settings) -> Iterator[IngestJournal]:
+    """Journal the ingest of one batch under the registry lock.
+
+    An error rolls back what the ingest created (or, once it committed, finishes it) and is raised
+    again; a crash leaves the entry for the next holder of the lock to settle; success removes it.
+    """
+    with locked_registry(settings):
+        folder = settings.ingest_journal_dir
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        journal = IngestJournal(folder / f"{sha256}.json")
+        journal.note(sha256=sha256, pid=os.getpid(), started_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        _open_journals.add(journal.path)
+        try:
+            crash_point("after_journal")
+            yield journal
+        except BaseException:
+            _open_journals.discard(journal.path)
+            outcome = _settle(journal.entry, settings)  # if this fails too, the entry stays for the next start
+            journal.path.unlink(missing_ok=True)
+            log.warning("ingest of batch %s failed and was %s", sha256[:12], outcome)
+            raise
+        _open_journals.discard(journal.path)
+        journal.path.unlink(missing_ok=True)
+
+
+def recover_interrupted(settings: Settings) -> list[str]:
+    """Finish or roll back every ingest a crash interrupted; returns what became of each.
+
+    Call with the registry lock held (:func:`locked_registry` does): nobody else can be writing.
+    """
+    folder = settings.ingest_journal_dir
+    if not folder.is_dir() or not (settings.registry_dir / ".git").exists():
+        return []
+    outcomes = []
+    for path in sorted(folder.glob("*.json")):
+        if path in _open_journals:
+            continue
+        entry = json.loads(path.read_text())
+        outcome = _settle(entry, settings)
+        path.unlink()
+        log.warning("an interrupted ingest of batch %s was %s", entry["sha256"][:12], outcome)
+        outcomes.append(f"{entry['sha256'][:12]} {outcome}")
+    return outcomes
+
+
+def _settle(entry: dict, settings: Settings) -> str:
+    """Finish an ingest that committed (tag it), roll back any other; safe to run twice."""
+    repo = settings.registry_dir
+    for pattern in GIT_LOCKS:
+        for stale in (repo / ".git").glob(pattern):
+            stale.unlink()
+    record = _committed_record(entry["sha256"], settings)
+    if record is not None:
+        tag = record.get("version")
+        if tag and tag not in list_versions(settings):
+            message = entry.get("message") or f"{tag}: batch {entry['sha256'][:12]}"
+            _git(repo, "tag", "-a", tag, "-m", message, "HEAD")
+        return "finished"
+    # Only what an ingest changes goes back to HEAD: an operator's edit elsewhere (a new DVC remote
+    # in .dvc/config) is not an ingest's to undo.
+    _git(repo, "reset", "-q", "HEAD", "--", *INGEST_CHANGES)
+    _git(repo, "checkout", "-q", "HEAD", "--", *INGEST_CHANGES)
+    if entry.get("data_file"):
+        (repo / "data" / entry["data_file"]).unlink(missing_ok=True)
+    for folder in (repo, repo / "data"):
+        for partial in folder.glob(".*.partial"):  # an atomic write cut short
+            partial.unlink()
+    _restore_quarantine(entry, settings)
+    return "rolled back"
+
+
+def _restore_quarantine(entry: dict, settings: Settings) -> None:
+    """Undo a quarantine the ingest created: a file moved into it goes back where it was received."""
+    if not entry.get("quarantine"):
+        return
+    folder = Path(entry["quarantine"])
+    if settings.quarantine_dir.resolve() not in folder.resolve().parents:
+        raise RuntimeError(f"journal of batch {entry['sha256'][:12]} names a folder outside quarantine: {folder}")
+    moved_from, moved_to = entry.get("moved_from"), entry.get("moved_to")
+    if moved_from and moved_to and Path(moved_to).exists() and not Path(moved_from).exists():
+        Path(moved_from).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(moved_to, moved_from)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def version_number(tag: str) -> int:
@@ -97,18 +255,29 @@ def _quiet_dvc():
         logger.setLevel(level)
 
 
-def _dvc_add_and_push(repo: Path) -> None:
+def _dvc_add(repo: Path) -> None:
     from dvc.repo import Repo
 
     with _quiet_dvc(), Repo(str(repo)) as dvc:
         dvc.add([str(repo / "data")])
+
+
+def _dvc_push(repo: Path) -> None:
+    from dvc.repo import Repo
+
+    with _quiet_dvc(), Repo(str(repo)) as dvc:
         dvc.push()
+
+
+def _dvc_add_and_push(repo: Path) -> None:
+    _dvc_add(repo)
+    _dvc_push(repo)
 
 
 def init_registry(settings: Settings) -> DataVersion:
     """Create the registry with the seed as ``data-v1`` (idempotent: an existing registry is kept)."""
     repo = settings.registry_dir
-    with _lock(settings):
+    with locked_registry(settings):  # settles an ingest a crash interrupted, at every start
         if latest_version(settings):
             return describe_version(list_versions(settings)[0], settings)
         from dvc.repo import Repo
@@ -134,9 +303,9 @@ def init_registry(settings: Settings) -> DataVersion:
         return describe_version(f"{TAG_PREFIX}1", settings)
 
 
-def _batch_record(name: str, sha256: str, accepted: int, quarantined: int, **extra: object) -> dict:
+def _batch_record(source: str, sha256: str, accepted: int, quarantined: int, **extra: object) -> dict:
     return {
-        "file": name,
+        "source": source,
         "sha256": sha256,
         "accepted": accepted,
         "quarantined": quarantined,
@@ -149,18 +318,32 @@ def _manifest(settings: Settings) -> dict:
     return json.loads((settings.registry_dir / MANIFEST).read_text())
 
 
+def _committed_record(sha256: str, settings: Settings) -> dict | None:
+    """The record of a batch in the committed manifest (the working tree's may be ahead of it)."""
+    manifest = json.loads(_git(settings.registry_dir, "show", f"HEAD:{MANIFEST}"))
+    return next((record for record in manifest["batches"] if record["sha256"] == sha256), None)
+
+
 def find_batch(sha256: str, settings: Settings) -> dict | None:
-    """The manifest record of a file already ingested, if any."""
-    for record in _manifest(settings)["batches"]:
-        if record["sha256"] == sha256:
-            return record
-    return None
+    """The record of a file already ingested, if any: committed, and tagged if it made a version."""
+    record = _committed_record(sha256, settings)
+    if record is not None and record.get("version") and record["version"] not in list_versions(settings):
+        raise RuntimeError(
+            f"batch {sha256[:12]} is committed as {record['version']} but the tag is missing; "
+            "the registry needs repair (git tag it at the commit that records it)"
+        )
+    return record
 
 
 def existing_row_keys(settings: Settings) -> np.ndarray:
     from pipelines.validate import row_keys
 
     return row_keys(read_data_dir(settings.registry_dir / "data"))
+
+
+def _sites(accepted: pd.DataFrame) -> str:
+    sites = sorted(accepted["site_id"].astype(str).unique()) if "site_id" in accepted.columns else []
+    return ", ".join(sites[:5]) + (f" and {len(sites) - 5} more" if len(sites) > 5 else "")
 
 
 def record_batch(
@@ -171,14 +354,20 @@ def record_batch(
     quarantined: int,
     settings: Settings,
     origin: str = "landing",
+    journal: IngestJournal | None = None,
 ) -> DataVersion | None:
     """Append accepted rows as a new immutable batch file and tag the next data version.
 
     Returns the new version, or None when there were no accepted rows (the file is still
-    recorded in the manifest so it is not taken again). Serialised by a lock: one writer at a time.
+    recorded in the manifest so it is not taken again). ``source_name`` goes into the manifest
+    and the commit message, so it must name no one: ingest passes the checksum's prefix and the
+    site, never a landed file's name (which can carry a patient's). Pass the ``journal`` of an
+    ingest already in progress (:func:`journaled`); without one, this opens its own.
     """
     repo = settings.registry_dir
-    with _lock(settings):
+    with contextlib.ExitStack() as stack:
+        if journal is None:
+            journal = stack.enter_context(journaled(sha256, settings))
         manifest = _manifest(settings)
         if any(record["sha256"] == sha256 for record in manifest["batches"]):
             return None
@@ -187,18 +376,28 @@ def record_batch(
         if len(accepted):
             record["version"] = tag
             record["data_file"] = f"batch-{sha256[:16]}.csv"
+            message = f"{tag}: {len(accepted)} rows from {source_name} (sites {_sites(accepted)}; {origin})"
+            journal.note(tag=tag, data_file=record["data_file"], message=message)
             write_frame(accepted, repo / "data" / record["data_file"])
+            crash_point("after_write")
         manifest["batches"].append(record)
         write_atomically(repo / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        crash_point("after_manifest")
         if not len(accepted):
             _git(repo, "add", MANIFEST)
             _git(repo, "commit", "-q", "-m", f"record {source_name}: every row quarantined, no new version")
+            crash_point("after_commit")
             return None
-        _dvc_add_and_push(repo)
+        _dvc_add(repo)
+        crash_point("after_dvc_add")
+        _dvc_push(repo)
+        crash_point("after_push")
+        # data.dvc and the manifest in one commit: the pointer and the record agree in every commit.
         _git(repo, "add", "data.dvc", MANIFEST)
-        message = f"{tag}: {len(accepted)} rows from {source_name} ({origin})"
         _git(repo, "commit", "-q", "-m", message)
+        crash_point("after_commit")
         _git(repo, "tag", "-a", tag, "-m", message)
+        crash_point("after_tag")
         return describe_version(tag, settings)
 
 

@@ -3,28 +3,43 @@
 Nothing a hospital sends is dropped: every row ends in a data version or in quarantine with its
 reason, and ``accepted + quarantined == received`` for every file. A file that is not usable at
 all is kept whole in quarantine with the reason. The same file landing twice is recognised by
-its checksum and makes no second version.
+its checksum and makes no second version. Each file is ingested under the registry lock and a
+journal (:mod:`pipelines.data_registry`), so a crash at any step is finished or rolled back.
+
+Landed files can carry patient identifiers, in a column or in their name. A landed file refused
+whole leaves the landing folder: it is moved (not copied) into quarantine and stored under its
+SHA-256. Its original name is kept only in that quarantine's ``summary.json``: whoever reviews the
+quarantine needs it to tell the sending site which file was refused, and there it sits readable by
+medops' user only (0600 in a 0700 folder), next to the file's content, which is the more sensitive
+of the two. Git commit messages, the manifest, task results and logs name a batch by its
+checksum's prefix and its site. Accepted files are archived in ``landing/processed/`` and deleted
+after ``MEDOPS_LANDING_RETENTION_DAYS``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
-from medops.core.files import sha256_file
+from medops.core.files import atomic_writer, sha256_file, write_atomically
 from medops.core.settings import Settings
 from pipelines import data_registry
-from pipelines.validate import REASON, BatchRejected, read_batch, validate_batch
+from pipelines.validate import REASON, BatchRejected, ValidationResult, read_batch, validate_batch
 
 PROCESSED = "processed"
 CLAIMED = ".claimed"
 PARTIAL = (".part", ".tmp")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,13 +56,22 @@ class IngestResult:
     quarantine_path: str | None = None
     reason: str | None = None
 
+    @property
+    def label(self) -> str:
+        """How logs and the registry name the batch: by its checksum, never by its file name."""
+        return f"batch {self.sha256[:12]}"
+
     def summary(self) -> str:
         if self.status == "already_ingested":
-            return f"{self.file}: already ingested ({self.reason}); no new version"
+            return f"{self.label}: already ingested ({self.reason}); no new version"
         if self.status == "rejected_whole":
-            return f"{self.file}: quarantined whole: {self.reason} -> {self.quarantine_path}"
-        line = f"{self.file}: received {self.received}, accepted {self.accepted}, quarantined {self.quarantined}"
+            return f"{self.label}: quarantined whole: {self.reason} -> {self.quarantine_path}"
+        line = f"{self.label}: received {self.received}, accepted {self.accepted}, quarantined {self.quarantined}"
         return line + (f" -> {self.version}" if self.version else " -> no new version")
+
+    def to_dict(self) -> dict:
+        """Everything but the file's name, for task results and ``--json`` (both end up in logs)."""
+        return {key: value for key, value in asdict(self).items() if key != "file"}
 
 
 def _waiting(folder: Path) -> list[Path]:
@@ -74,17 +98,34 @@ def landing_site(path: Path, settings: Settings) -> str | None:
     return path.parent.name if path.parent != settings.landing_dir else None
 
 
-def _quarantine_dir(name: str, sha256: str, settings: Settings) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    folder = settings.quarantine_dir / f"{stamp}-{sha256[:12]}-{Path(name).stem[:40]}"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+def _quarantine_folder(sha256: str, settings: Settings) -> Path:
+    """Where a batch's quarantine goes: named by time and checksum, never by the file's name."""
+    return settings.quarantine_dir / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{sha256[:12]}"
+
+
+def _private_folder(folder: Path) -> Path:
+    """``folder`` and its parent, readable by medops' user only (mkdir's mode is cut by the umask)."""
+    for level in (folder.parent, folder):
+        level.mkdir(parents=True, exist_ok=True)
+        level.chmod(0o700)
     return folder
 
 
-def quarantine_batch(rejected: pd.DataFrame, *, name: str, sha256: str, received: int, settings: Settings) -> Path:
+def quarantine_batch(
+    rejected: pd.DataFrame,
+    *,
+    name: str,
+    sha256: str,
+    received: int,
+    settings: Settings,
+    journal: data_registry.IngestJournal | None = None,
+) -> Path:
     """Write rejected rows (as received, with row number and reason) and a summary of reasons."""
-    folder = _quarantine_dir(name, sha256, settings)
-    rejected.to_csv(folder / "rows.csv", index=False)
+    folder = _quarantine_folder(sha256, settings)
+    if journal is not None:
+        journal.note(quarantine=str(folder))
+    _private_folder(folder)
+    write_atomically(folder / "rows.csv", rejected.to_csv(index=False), mode=0o600)
     reasons = rejected[REASON].str.split("; ").explode().str.split(":").str[0].value_counts()
     summary = {
         "file": name,
@@ -93,53 +134,103 @@ def quarantine_batch(rejected: pd.DataFrame, *, name: str, sha256: str, received
         "quarantined": len(rejected),
         "rows_by_reason": {str(k): int(v) for k, v in reasons.items()},
     }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_atomically(folder / "summary.json", json.dumps(summary, indent=1) + "\n", mode=0o600)
+    data_registry.crash_point("after_quarantine")
     return folder
 
 
-def quarantine_file(path: Path, *, sha256: str, reason: str, settings: Settings) -> Path:
-    """Keep an unusable file whole, byte for byte, next to the reason it was refused."""
-    folder = _quarantine_dir(path.name, sha256, settings)
-    shutil.copy2(path, folder / path.name)
-    summary = {"file": path.name, "sha256": sha256, "reason": reason, "whole_file": True}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+def _stored_name(path: Path, sha256: str) -> str:
+    suffix = path.suffix.lower()
+    return sha256 + (suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else "")
+
+
+def quarantine_file(
+    path: Path,
+    *,
+    sha256: str,
+    reason: str,
+    settings: Settings,
+    move: bool = False,
+    journal: data_registry.IngestJournal | None = None,
+) -> Path:
+    """Keep an unusable file whole, byte for byte and named by its SHA-256, next to why it was refused.
+
+    ``move`` takes the file away from where it was received (a landed file: nothing of it stays
+    readable in the landing folder); without it the file is copied (a path given at the terminal
+    stays the operator's).
+    """
+    folder = _quarantine_folder(sha256, settings)
+    stored = folder / _stored_name(path, sha256)
+    moved = {"moved_from": str(path), "moved_to": str(stored)} if move else {}
+    if journal is not None:
+        journal.note(quarantine=str(folder), **moved)
+    _private_folder(folder)
+    summary = {"file": path.name, "sha256": sha256, "reason": reason, "whole_file": True, "stored_as": stored.name}
+    write_atomically(folder / "summary.json", json.dumps(summary, indent=1) + "\n", mode=0o600)
+    if move:
+        shutil.move(str(path), stored)
+        stored.chmod(0o600)
+    else:
+        with path.open("rb") as source, atomic_writer(stored, mode=0o600) as copy:
+            shutil.copyfileobj(source, copy)
+    data_registry.crash_point("after_quarantine")
     return folder
 
 
-def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> IngestResult:
-    """Validate one file and record its rows: accepted into a new data version, the rest quarantined."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+def _is_landed(path: Path, settings: Settings) -> bool:
+    return settings.landing_dir.resolve() in path.resolve().parents
+
+
+def _ingest(path: Path, settings: Settings, site_id: str | None, *, archive: bool) -> IngestResult:
+    """Ingest one file holding the registry lock throughout, checks included; archive it if asked."""
     data_registry.init_registry(settings)
+    with data_registry.locked_registry(settings):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        result = _ingest_locked(path, settings, site_id)
+        if archive and path.exists():
+            archive_landed(path, settings)
+    return result
+
+
+def _ingest_locked(path: Path, settings: Settings, site_id: str | None) -> IngestResult:
+    landed = _is_landed(path, settings)
     sha256 = sha256_file(path)  # the key that makes ingest idempotent
+    label = f"batch {sha256[:12]}" + (f" for {site_id}" if site_id else "")
     previous = data_registry.find_batch(sha256, settings)
     if previous is not None:
         where = previous.get("version") or "no version: every row was quarantined"
-        return IngestResult(path.name, sha256, "already_ingested", 0, 0, 0, previous.get("version"), reason=where)
+        folder = None
+        if landed and not previous["accepted"] and not previous["quarantined"]:
+            # A resent copy of a file refused whole (perhaps for identifiers) must not be archived.
+            where = f"already quarantined whole on {previous['at']}"
+            folder = quarantine_file(path, sha256=sha256, reason=where, settings=settings, move=True)
+        return IngestResult(
+            path.name,
+            sha256,
+            "already_ingested",
+            0,
+            0,
+            0,
+            previous.get("version"),
+            quarantine_path=str(folder) if folder else None,
+            reason=where,
+        )
     try:
         raw = read_batch(path)
         result = validate_batch(raw, site_id=site_id, existing_keys=data_registry.existing_row_keys(settings))
     except BatchRejected as rejected:
-        folder = quarantine_file(path, sha256=sha256, reason=str(rejected), settings=settings)
-        data_registry.record_batch(
-            pd.DataFrame(), source_name=path.name, sha256=sha256, quarantined=0, settings=settings
-        )
+        with data_registry.journaled(sha256, settings) as journal:
+            folder = quarantine_file(
+                path, sha256=sha256, reason=str(rejected), settings=settings, move=landed, journal=journal
+            )
+            data_registry.record_batch(
+                pd.DataFrame(), source_name=label, sha256=sha256, quarantined=0, settings=settings, journal=journal
+            )
         return IngestResult(
             path.name, sha256, "rejected_whole", 0, 0, 0, quarantine_path=str(folder), reason=str(rejected)
         )
-    folder = None
-    if len(result.rejected):
-        folder = quarantine_batch(
-            result.rejected, name=path.name, sha256=sha256, received=result.received, settings=settings
-        )
-    version = data_registry.record_batch(
-        result.accepted,
-        source_name=path.name,
-        sha256=sha256,
-        quarantined=len(result.rejected),
-        settings=settings,
-    )
+    version, folder = record_validated(result, name=path.name, label=label, sha256=sha256, settings=settings)
     assert len(result.accepted) + len(result.rejected) == result.received
     return IngestResult(
         file=path.name,
@@ -153,22 +244,111 @@ def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> I
     )
 
 
+def record_validated(
+    result: ValidationResult, *, name: str, label: str, sha256: str, settings: Settings, origin: str = "landing"
+) -> tuple[data_registry.DataVersion | None, Path | None]:
+    """Quarantine a validated batch's rejected rows and version its accepted rows, under one journal.
+
+    The caller holds the registry lock (the batch was validated against the registry's rows under
+    it). Returns the new data version (None when no row was accepted) and the quarantine folder.
+    """
+    folder = None
+    with data_registry.journaled(sha256, settings) as journal:
+        if len(result.rejected):
+            folder = quarantine_batch(
+                result.rejected, name=name, sha256=sha256, received=result.received, settings=settings, journal=journal
+            )
+        version = data_registry.record_batch(
+            result.accepted,
+            source_name=label,
+            sha256=sha256,
+            quarantined=len(result.rejected),
+            settings=settings,
+            origin=origin,
+            journal=journal,
+        )
+    return version, folder
+
+
+def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> IngestResult:
+    """Validate one file and record its rows: accepted into a new data version, the rest quarantined.
+
+    A file under the landing folder that is refused whole is moved into quarantine; a path
+    elsewhere is left where it is. Archived landed files past their retention are purged after.
+    """
+    result = _ingest(Path(path), settings, site_id, archive=False)
+    purge_landing(settings)
+    return result
+
+
 def archive_landed(path: Path, settings: Settings) -> Path:
-    """Move a processed file out of the landing folder, keeping it (nothing is deleted)."""
+    """Move an ingested file out of the landing folder into ``processed/`` until its retention ends."""
     relative = path.relative_to(settings.landing_dir)
     target = settings.landing_dir / PROCESSED / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _private_folder(target.parent)
     if target.exists():
         target = target.with_name(f"{target.stem}.{os.getpid()}.{datetime.now(UTC):%Y%m%d%H%M%S%f}{target.suffix}")
     shutil.move(str(path), target)
-    (settings.landing_dir / CLAIMED / str(relative).replace(os.sep, "__")).unlink(missing_ok=True)
+    os.utime(target)  # retention counts from the ingest, not from when the hospital wrote the file
+    _release_claim(path, settings)
     return target
 
 
+def _release_claim(path: Path, settings: Settings) -> None:
+    relative = path.relative_to(settings.landing_dir)
+    (settings.landing_dir / CLAIMED / str(relative).replace(os.sep, "__")).unlink(missing_ok=True)
+
+
 def ingest_landing(settings: Settings, site_id: str | None = None) -> list[IngestResult]:
-    """Ingest every file waiting in the landing folder, oldest name first, archiving each after."""
+    """Ingest every file waiting in the landing folder, oldest name first, archiving each after.
+
+    A file that a concurrent ingest (``medops ingest``, another run) took meanwhile is skipped.
+    """
+    # Settled first: a rolled-back ingest puts its file back into the landing folder.
+    data_registry.init_registry(settings)
     results = []
     for path in landing_files(settings):
-        results.append(ingest_file(path, settings, site_id=site_id or landing_site(path, settings)))
-        archive_landed(path, settings)
+        try:
+            results.append(_ingest(path, settings, site_id or landing_site(path, settings), archive=True))
+        except FileNotFoundError:
+            log.info("a landed file was taken by a concurrent ingest; skipped")
+        if not path.exists():
+            _release_claim(path, settings)
+    purge_landing(settings)
     return results
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    """How many archived landed files the retention deleted, and how many it kept."""
+
+    purged: int
+    kept: int
+    retention_days: float
+
+
+def purge_landing(settings: Settings, now: float | None = None) -> PurgeResult:
+    """Delete files archived in ``landing/processed/`` longer ago than ``MEDOPS_LANDING_RETENTION_DAYS``.
+
+    Their rows are in a data version or in quarantine by then, and the raw file (whose name or
+    content can identify a patient) has no reason to outlive the retention. Logged with counts only.
+    """
+    days = settings.landing_retention_days
+    folder = settings.landing_dir / PROCESSED
+    if not folder.is_dir():
+        return PurgeResult(0, 0, days)
+    cutoff = (time.time() if now is None else now) - days * 86400
+    purged = kept = 0
+    with data_registry.locked_registry(settings):  # an ingest archiving into a folder is not undercut
+        for path in sorted(folder.rglob("*"), reverse=True):  # a folder's files come before the folder
+            if path.is_dir():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif path.stat().st_mtime <= cutoff:
+                path.unlink()
+                purged += 1
+            else:
+                kept += 1
+    if purged:
+        log.info("landing retention (%g days): purged %d archived file(s), kept %d", days, purged, kept)
+    return PurgeResult(purged, kept, days)

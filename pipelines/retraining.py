@@ -68,7 +68,7 @@ def labelled_feedback_batch(settings: Settings, since: datetime | None = None) -
 def version_feedback(settings: Settings) -> str | None:
     """Validate and version feedback labels received since the last time; returns the new version."""
     from pipelines.data import write_frame
-    from pipelines.ingest import quarantine_batch
+    from pipelines.ingest import record_validated
     from pipelines.validate import validate_batch
 
     state = _load_state(settings)
@@ -80,21 +80,16 @@ def version_feedback(settings: Settings) -> str | None:
         _save_state(state, settings)
         return None
     raw = batch.astype({name: "string" for name in ("diagnosis", "site_id")})
-    result = validate_batch(raw, existing_keys=data_registry.existing_row_keys(settings))
     scratch = settings.home / "state" / "feedback-batch.csv"
     write_frame(batch, scratch)
     sha256 = sha256_file(scratch)
     name = f"feedback-{now:%Y%m%dT%H%M%S}.csv"
-    if len(result.rejected):
-        quarantine_batch(result.rejected, name=name, sha256=sha256, received=result.received, settings=settings)
-    version = data_registry.record_batch(
-        result.accepted,
-        source_name=name,
-        sha256=sha256,
-        quarantined=len(result.rejected),
-        settings=settings,
-        origin="feedback",
-    )
+    # Checked against the registry's rows and recorded under one lock and journal, as an ingest is.
+    with data_registry.locked_registry(settings):
+        result = validate_batch(raw, existing_keys=data_registry.existing_row_keys(settings))
+        version, _ = record_validated(
+            result, name=name, label=name, sha256=sha256, settings=settings, origin="feedback"
+        )
     _save_state(state, settings)
     return version.tag if version else None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -34,16 +35,19 @@ def test_ingest_data_dag_versions_landed_files_and_keeps_bad_ones(airflow_db, re
     good = seed_frame().iloc[:25].copy()
     good["mean_radius"] += 0.21
     good.to_csv(landing / "good.csv", index=False)
-    (landing / "scan.csv").write_bytes(bytes(range(256)) * 4)
+    scan = bytes(range(256)) * 4
+    (landing / "scan.csv").write_bytes(scan)
 
     run = _load_dag("ingest_data").test()
 
     assert str(run.state) == "success"
     assert _states(run)["publish"] == "success"
     assert data_registry.list_versions(registry_home) == ["data-v1", "data-v2"]
-    quarantined = list(registry_home.quarantine_dir.glob("*-scan/scan.csv"))
-    assert len(quarantined) == 1
-    assert sorted(p.name for p in (landing / "processed").iterdir()) == ["good.csv", "scan.csv"]
+    # the refused file was moved, not copied, into quarantine, under its hash
+    quarantined = list(registry_home.quarantine_dir.glob(f"*/{hashlib.sha256(scan).hexdigest()}.csv"))
+    assert len(quarantined) == 1 and quarantined[0].read_bytes() == scan
+    assert sorted(p.name for p in (landing / "processed").iterdir()) == ["good.csv"]
+    assert not (landing / "scan.csv").exists()
 
 
 def test_ingest_data_dag_with_nothing_new_skips_publishing(airflow_db, registry_home: Settings):

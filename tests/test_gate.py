@@ -65,8 +65,8 @@ def test_the_seed_champion_passes_the_protocol_honestly(protocol, tmp_path: Path
     from threadpoolctl import threadpool_limits
 
     from pipelines.data import seed_frame
-    from pipelines.evaluate import evaluate_model
     from pipelines.holdout import split_by_row_key
+    from pipelines.metrics import evaluate_model
     from pipelines.schema import SITE
     from pipelines.train import choose_threshold, fit_final, search_best
 
@@ -252,8 +252,8 @@ def test_the_readme_drift_scenario_replayed_offline(protocol, tmp_path: Path):
 
     from medops.app.simulate import traffic
     from pipelines.data import seed_frame
-    from pipelines.evaluate import evaluate_model
     from pipelines.holdout import row_keys, split_by_row_key
+    from pipelines.metrics import evaluate_model
     from pipelines.schema import DATA_COLUMNS, SITE
     from pipelines.train import choose_threshold, fit_final, search_best
 

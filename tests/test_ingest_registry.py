@@ -95,8 +95,9 @@ def test_unusable_files_are_quarantined_whole(registry_home: Settings, tmp_path:
     result = ingest_file(path, registry_home)
 
     assert result.status == "rejected_whole" and reason in result.reason
-    kept = Path(result.quarantine_path) / name
+    kept = Path(result.quarantine_path) / f"{result.sha256}.csv"  # named by its hash, not by its name
     assert kept.read_bytes() == path.read_bytes()  # nothing lost: the file is kept byte for byte
+    assert Path(name).stem not in str(kept)
     assert data_registry.list_versions(registry_home) == ["data-v1"]
     assert "Jane" not in (Path(result.quarantine_path) / "summary.json").read_text()
 
@@ -125,3 +126,113 @@ def test_restore_gives_back_the_exact_rows_of_a_version(registry_home: Settings,
     assert (restored / "seed.csv").read_bytes() == (registry_home.registry_dir / "data" / "seed.csv").read_bytes()
     with pytest.raises(ValueError, match="unknown data version data-v9"):
         data_registry.restore_version("data-v9", tmp_path / "v9", registry_home)
+
+
+def _git_log(settings: Settings) -> str:
+    return subprocess.check_output(["git", "log", "--all", "--format=%B"], cwd=settings.registry_dir, text=True)
+
+
+def test_landed_file_with_identifiers_is_moved_into_private_quarantine_under_its_hash(registry_home: Settings):
+    site_folder = registry_home.landing_dir / "site-a"
+    site_folder.mkdir(parents=True)
+    frame = _new_rows(6).drop(columns=["site_id"])
+    frame["patient_name"], frame["mrn"] = "Jane Roe", "MRN-0042"
+    landed = site_folder / "roe-jane-mrn0042.csv"
+    frame.to_csv(landed, index=False)
+    content = landed.read_bytes()
+
+    [result] = ingest_landing(registry_home)
+
+    assert result.status == "rejected_whole" and "unknown column(s)" in result.reason
+    # moved, not copied: nothing of it stays readable in the landing folder or its archive
+    assert not landed.exists()
+    assert not [p for p in (registry_home.landing_dir / "processed").rglob("*") if p.is_file()]
+    folder = Path(result.quarantine_path)
+    stored = folder / f"{result.sha256}.csv"
+    assert stored.read_bytes() == content
+    assert "roe" not in folder.name.lower() and sorted(p.name for p in folder.iterdir()) == sorted(
+        [stored.name, "summary.json"]
+    )
+    for path in (registry_home.quarantine_dir, folder):
+        assert path.stat().st_mode & 0o777 == 0o700
+    for path in (stored, folder / "summary.json"):
+        assert path.stat().st_mode & 0o777 == 0o600
+    # the original name only in the private summary, for whoever reviews the quarantine
+    assert json.loads((folder / "summary.json").read_text())["file"] == landed.name
+    # never in the registry's history, the result handed to logs, or the summary line
+    committed = subprocess.check_output(["git", "show", "HEAD:batches.json"], cwd=registry_home.registry_dir)
+    for text in (_git_log(registry_home), committed.decode(), json.dumps(result.to_dict()), result.summary()):
+        assert "roe" not in text.lower() and "mrn0042" not in text.lower()
+    assert result.sha256[:12] in _git_log(registry_home)
+
+    # the same file sent again is not archived either: it joins the quarantine
+    site_folder.mkdir(exist_ok=True)
+    landed.write_bytes(content)
+    [again] = ingest_landing(registry_home)
+    assert again.status == "already_ingested" and not landed.exists()
+    assert (Path(again.quarantine_path) / stored.name).read_bytes() == content
+    assert not [p for p in (registry_home.landing_dir / "processed").rglob("*") if p.is_file()]
+
+
+def test_commit_messages_and_manifest_name_batches_by_checksum_and_site(registry_home: Settings):
+    site_folder = registry_home.landing_dir / "site-d"
+    site_folder.mkdir(parents=True)
+    frame = _new_rows(10).drop(columns=["site_id"]).astype(str)
+    frame.loc[2, "mean_area"] = "251000"
+    frame.to_csv(site_folder / "smith-john-followup.csv", index=False)
+
+    [result] = ingest_landing(registry_home)
+
+    message = subprocess.check_output(
+        ["git", "log", "-1", "--format=%B", "data-v2"], cwd=registry_home.registry_dir, text=True
+    )
+    assert result.sha256[:12] in message and "site-d" in message
+    committed = subprocess.check_output(["git", "show", "data-v2:batches.json"], cwd=registry_home.registry_dir)
+    for text in (_git_log(registry_home), committed.decode(), result.summary(), json.dumps(result.to_dict())):
+        assert "smith" not in text.lower()
+    folder = Path(result.quarantine_path)
+    assert "smith" not in folder.name and (folder / "rows.csv").stat().st_mode & 0o777 == 0o600
+    archived = registry_home.landing_dir / "processed" / "site-d"
+    assert archived.stat().st_mode & 0o777 == 0o700
+
+
+def test_archived_landed_files_are_purged_after_the_retention_with_counts_only_logged(
+    registry_home: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    import logging
+    import os
+    import time
+
+    from typer.testing import CliRunner
+
+    from medops.app.cli import app
+    from medops.core.settings import get_settings, reset_settings
+    from pipelines.ingest import purge_landing
+
+    processed = registry_home.landing_dir / "processed"
+    old = processed / "site-a" / "doe-john-week-40.csv"
+    recent = processed / "week-47.csv"
+    for path in (old, recent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("rows")
+    month_ago = time.time() - 31 * 86400
+    os.utime(old, (month_ago, month_ago))
+
+    assert registry_home.landing_retention_days == 30
+    with caplog.at_level(logging.INFO, logger="pipelines.ingest"):
+        result = purge_landing(registry_home)
+    assert (result.purged, result.kept) == (1, 1)
+    assert not old.exists() and not old.parent.exists() and recent.exists()
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "purged 1" in logged and "doe" not in logged and "week" not in logged
+
+    # every ingest purges too, and so does the command, with the retention from the environment
+    os.utime(recent, (month_ago, month_ago))
+    assert ingest_landing(registry_home) == [] and not recent.exists()
+    recent.write_text("rows")
+    monkeypatch.setenv("MEDOPS_LANDING_RETENTION_DAYS", "0")
+    reset_settings()
+    assert get_settings().landing_retention_days == 0
+    output = CliRunner().invoke(app, ["data", "purge-landing", "--json"])
+    assert output.exit_code == 0, output.output
+    assert json.loads(output.stdout)["purged"] == 1 and not recent.exists()

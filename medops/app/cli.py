@@ -160,8 +160,21 @@ def ingest(
     with step(f"validating and versioning {file.name}"):
         result = ingest_file(file, get_settings(), site_id=site)
     if as_json:
-        return emit(result.__dict__, True)
+        return emit(result.to_dict(), True)
     out.print(result.summary(), highlight=False)
+
+
+@command(data_app, name="purge-landing")
+def data_purge_landing(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Delete ingested files kept in landing/processed/ longer than MEDOPS_LANDING_RETENTION_DAYS."""
+    from pipelines.ingest import purge_landing
+
+    result = purge_landing(get_settings())
+    if as_json:
+        return emit(result.__dict__, True)
+    out.print(
+        f"purged {result.purged} archived landed file(s) older than {result.retention_days:g} days; kept {result.kept}"
+    )
 
 
 @command()

@@ -69,15 +69,18 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def file_lock(path: Path, timeout: float = -1) -> BaseFileLock:
+def file_lock(path: Path, timeout: float = -1, *, reentrant: bool = False) -> BaseFileLock:
     """A lock shared by every process that names ``path``; ``with file_lock(p, 30):`` waits at most 30 s.
 
     A negative ``timeout`` waits as long as it takes; running out raises ``filelock.Timeout``.
+    ``reentrant=True`` hands every caller in the process the same lock object, so a function that
+    holds it can call another that takes it again; without it a second object for the same path
+    would wait for the first one forever (flock is per open file, not per process).
     """
     from filelock import FileLock
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path), timeout=timeout)
+    return FileLock(str(path), timeout=timeout, is_singleton=reentrant)
 
 
 def sha256_file(path: Path) -> str:

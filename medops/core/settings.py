@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     retrain_cooldown_hours: float = 6.0
     require_approval: bool = False
 
+    landing_retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Landed files already ingested are kept in landing/processed/ this long, then deleted.",
+    )
+
     dvc_remote: str | None = None
     mlflow_tracking_uri: str | None = None
 
@@ -84,6 +90,52 @@ class Settings(BaseSettings):
     max_body_bytes: int = 2 * 1024 * 1024
     serving_workers: int = 1
 
+    # Monitoring verdicts (monitoring.signals, monitoring.judge). The drift thresholds were chosen
+    # on generated windows only (bench/monitoring_power.py: calibrate, a seed apart from the run
+    # reported); see that module's docstring for how.
+    monitor_site_min_rows: int = Field(
+        default=50, description="Fewest scored rows of one site for its own drift and estimated-performance signals."
+    )
+    monitor_prediction_drift_p_value: float = Field(
+        default=3e-6,
+        description="Prediction drift: K-S p-value of probability_malignant vs the reference scores at or below this.",
+    )
+    monitor_material_shift: float = Field(
+        default=0.4,
+        description="A drifted feature counts only if it moved at least this far "
+        "(Wasserstein distance in reference standard deviations).",
+    )
+    monitor_importance_share: float = Field(
+        default=0.2, description="Importance-weighted share of drifted features at or above this is drift."
+    )
+    monitor_top_features: int = Field(
+        default=5, description="How many of the most important features are watched for a strong shift."
+    )
+    monitor_strong_drift_p_value: float = Field(
+        default=3e-7, description="A top feature drifted strongly: K-S p-value at or below this (and a material shift)."
+    )
+    monitor_strong_drift_distance: float = Field(
+        default=0.5,
+        description="A top feature drifted strongly where the reference has over 1,000 rows "
+        "(Wasserstein distance in reference standard deviations).",
+    )
+    monitor_min_expected_malignant: float = Field(
+        default=20.0, description="Fewest expected malignant cases in a window or site for estimated sensitivity."
+    )
+    monitor_feedback_min_malignant: int = Field(
+        default=25, description="Fewest labelled malignant cases in a window or site for realized sensitivity."
+    )
+    monitor_refusal_min_requests: int = Field(
+        default=50, description="Fewest records a site sent (scored and refused) before its refusal rate is judged."
+    )
+    monitor_refusal_jump: float = Field(
+        default=0.05,
+        description="Refusal rate this far above the site's baseline (its 95 % upper bound) is an incident.",
+    )
+    monitor_refusal_critical_rate: float = Field(
+        default=0.2, description="A data-quality incident is critical at or above this refusal rate."
+    )
+
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
@@ -97,6 +149,11 @@ class Settings(BaseSettings):
     @property
     def quarantine_dir(self) -> Path:
         return self.home / "quarantine"
+
+    @property
+    def ingest_journal_dir(self) -> Path:
+        """One entry per ingest in progress: what to finish or roll back after a crash."""
+        return self.home / "state" / "ingest-journal"
 
     @property
     def registry_dir(self) -> Path:

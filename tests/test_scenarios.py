@@ -1,0 +1,141 @@
+"""The monitoring-power benchmark's scenario generator at small sizes, and feature importance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medops.core.settings import Settings
+from monitoring.drift import ENCOUNTER_HASH, PROBABILITY
+from monitoring.scenarios import (
+    AFFECTED_SITE,
+    SCENARIOS,
+    WRONG_UNIT_FEATURES,
+    fit_champion,
+    generate_window,
+    scenario_effect,
+    shifted_features,
+)
+from pipelines.data import seed_frame
+from pipelines.importance import feature_importance, normalised
+from pipelines.schema import FEATURES, LABEL, POSITIVE, SITE
+from pipelines.train import split_rows
+
+
+@pytest.fixture(scope="module")
+def champion():
+    return fit_champion(Settings())
+
+
+def test_champion_is_fitted_as_training_fits_it(champion):
+    settings = Settings()
+    train, holdout = split_rows(seed_frame(), settings)
+    assert len(champion.reference) == len(train) == 455 and len(champion.holdout) == len(holdout) == 114
+    assert 0 < champion.threshold <= 0.5  # the operating point chosen for sensitivity
+    assert champion.reference[PROBABILITY].between(0, 1).all()
+    assert sum(champion.importance.values()) == pytest.approx(1.0)
+    assert champion.estimator.threshold == champion.threshold
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_every_scenario_generates_a_prediction_log_window(champion, name):
+    window = generate_window(name, 80, champion, np.random.default_rng(0))
+    current = window.current
+    assert {*FEATURES, SITE, PROBABILITY, "label", ENCOUNTER_HASH} <= set(current.columns)
+    assert current[ENCOUNTER_HASH].is_unique
+    assert set(window.feedback[ENCOUNTER_HASH]) <= set(current[ENCOUNTER_HASH])
+    assert sum(t.requests for t in window.traffic.values()) == 80
+    assert sum(t.scored for t in window.traffic.values()) == len(current) == window.truth["scored"]
+    assert (current[SITE] == AFFECTED_SITE).sum() == window.traffic[AFFECTED_SITE].scored
+
+
+def test_site_layout_and_feedback_share(champion):
+    window = generate_window("calm", 400, champion, np.random.default_rng(1), baseline_refusal=0.0)
+    sites = window.current[SITE].value_counts()
+    assert sites[AFFECTED_SITE] == 200 and set(sites.index) == {AFFECTED_SITE, "site-a", "site-b", "site-c"}
+    assert 0.5 < len(window.feedback) / len(window.current) < 0.7
+    assert all(t.refused == 0 for t in window.traffic.values())
+
+
+def test_shifts_move_the_named_features_at_the_affected_site_only(champion):
+    top = shifted_features(SCENARIOS["important_x1.5"], champion.importance)
+    ranked = sorted(champion.importance, key=lambda n: -champion.importance[n])
+    assert top == ranked[:3]
+    ignored = shifted_features(SCENARIOS["ignored_x1.25"], champion.importance)
+    assert ignored and sum(champion.importance[n] for n in ignored) <= 0.05
+    assert not set(ignored) & set(ranked[:10])
+
+    calm = generate_window("calm", 600, champion, np.random.default_rng(2), baseline_refusal=0.0)
+    shifted = generate_window("important_x1.5", 600, champion, np.random.default_rng(2), baseline_refusal=0.0)
+    at = shifted.current[SITE] == AFFECTED_SITE
+    ratio = shifted.current.loc[at, top].mean() / calm.current.loc[calm.current[SITE] == AFFECTED_SITE, top].mean()
+    assert ratio.between(1.35, 1.65).all()
+    others = shifted.current.loc[~at, top].mean() / calm.current.loc[calm.current[SITE] != AFFECTED_SITE, top].mean()
+    assert others.between(0.9, 1.1).all()
+
+
+def test_wrong_unit_records_are_refused_naming_the_fields(champion):
+    window = generate_window("wrong_unit", 200, champion, np.random.default_rng(3), baseline_refusal=0.0)
+    site = window.traffic[AFFECTED_SITE]
+    assert 30 < site.refused < 70  # half of its 100 records
+    assert set(site.by_field) == set(WRONG_UNIT_FEATURES)
+    assert all(reasons == {"out_of_range": site.refused} for reasons in site.by_field.values())
+    assert all(window.traffic[s].refused == 0 for s in ("site-a", "site-b", "site-c"))
+
+
+def test_prevalence_and_concept_shift_change_the_truth(champion):
+    rng = np.random.default_rng(4)
+    prevalence = generate_window("prevalence_80", 600, champion, rng, feedback_share=1.0)
+    labels = prevalence.feedback.merge(prevalence.current[[ENCOUNTER_HASH, SITE]], on=ENCOUNTER_HASH)
+    at_site = labels[labels[SITE] == AFFECTED_SITE]
+    assert 0.72 < (at_site[LABEL] == POSITIVE).mean() < 0.88
+    effect = scenario_effect("concept_shift", champion, rng, rows=3000)
+    calm = scenario_effect("calm", champion, rng, rows=3000)
+    assert effect["sensitivity"] < 0.85 < calm["sensitivity"]
+    assert effect["prediction_shift"] < 0.05  # invisible in the scores
+
+
+def test_bad_window_size_is_refused(champion):
+    with pytest.raises(ValueError, match="at least one record"):
+        generate_window("calm", 0, champion, np.random.default_rng(0))
+
+
+def test_linear_importance_is_abs_coefficient_times_standard_deviation():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    frame = seed_frame()
+    x, y = frame[list(FEATURES)], frame[LABEL] == POSITIVE
+    scaled = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x, y)
+    found = feature_importance(scaled, frame)
+    coefficients = np.abs(scaled[-1].coef_[0])
+    assert list(found.values()) == pytest.approx(list(coefficients / coefficients.sum()))
+
+    raw = LogisticRegression(max_iter=20000).fit(x, y)
+    found = feature_importance(raw, frame)
+    weights = np.abs(raw.coef_[0]) * x.to_numpy().std(axis=0)
+    assert list(found.values()) == pytest.approx(list(weights / weights.sum()))
+
+
+def test_other_models_get_permutation_importance_on_held_out_rows():
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    frame = seed_frame()
+    train, holdout = split_rows(frame, Settings())
+    model = HistGradientBoostingClassifier(random_state=0).fit(train[list(FEATURES)], train[LABEL])
+    found = feature_importance(model, holdout, repeats=3)
+    assert sum(found.values()) == pytest.approx(1.0) and min(found.values()) >= 0
+    top = max(found, key=found.get)
+    assert top.startswith(("worst_", "mean_concave")), found
+    with pytest.raises(ValueError, match="diagnosis"):
+        feature_importance(model, holdout.drop(columns=[LABEL]))
+
+
+def test_normalised_weights():
+    assert normalised({"a": 2.0, "b": -1.0, "c": 2.0}) == {"a": 0.5, "b": 0.0, "c": 0.5}
+    assert normalised({"a": 0.0, "b": 0.0}) == {"a": 0.5, "b": 0.5}
+    with pytest.raises(ValueError, match="finite"):
+        normalised({"a": float("nan")})
+    with pytest.raises(ValueError, match="no feature"):
+        normalised({})
