@@ -92,7 +92,9 @@ def test_training_goes_to_the_train_queue_and_the_rest_to_the_default_one(dagbag
 def test_model_search_fans_out_one_mapped_task_per_family_and_reduces(dagbag):
     dag = dagbag.get_dag("train_model")
     search = dag.get_task("search")
-    assert type(search).__name__ == "MappedOperator"
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    assert isinstance(search, MappedOperator)
     assert "candidate_families" in search.upstream_task_ids
     assert dag.get_task("choose").upstream_task_ids == {"search"}
     assert "choose" in dag.get_task("fit").upstream_task_ids
