@@ -6,9 +6,11 @@ Trains, evaluates and registers a diagnosis model, then lets the gate decide abo
 * **Runs when** a new data version is announced (`medops/data`), when `monitor_drift` saw drift
   (`medops/drift`, at most once per `MEDOPS_RETRAIN_COOLDOWN_HOURS`), or manually with the form.
 * **Steps**: `plan` (what to train on, the gate thresholds, what needs a person's approval; drift
-  inside the cooldown skips the run), `fit` (hash hold-out of the modification protocol's share,
-  cross-validated search over logistic regression, SVM and gradient boosting, an operating
-  threshold meeting the sensitivity target; files in a work folder under `MEDOPS_HOME/training`),
+  inside the cooldown skips the run), `search` (one
+  mapped task per model family on the `train` queue: cross-validated search of logistic
+  regression, SVM or gradient boosting on the training side of the row-hash split), `choose` (the
+  best family), `fit` (hash hold-out of the modification protocol's share, an operating threshold
+  meeting the sensitivity target; files in a work folder under `MEDOPS_HOME/training`),
   `log_run` (one MLflow run: metrics, plots, data version + DVC hash, code git sha, this run's id,
   the hold-out's size and fingerprint, the exact training and hold-out rows with their scores and
   the feature importance under `reference/`), `register` (a model version with `@challenger`, the
@@ -120,8 +122,42 @@ def train_model():
         return planned | gate | {"families": families, "actor": actor_of(context)}
 
     @task
-    def fit(planned: dict) -> dict:
-        """Split by row hash, search, threshold, fit and evaluate; the model and reference rows go to a work folder."""
+    def candidate_families(planned: dict) -> list[str]:
+        """The families to search, one mapped task each."""
+        return planned["families"] or FAMILIES
+
+    # Training goes to the `train` queue: in the cluster profile only workers serving it take it
+    # (LocalExecutor ignores queues); everything else runs on `[operators] default_queue`.
+    @task(queue="train")
+    def search(planned: dict, family: str) -> dict:
+        """Cross-validated search of one family on the planned data version's training rows (one of the fan-out)."""
+        import os
+        import socket
+
+        from medops.core.settings import get_settings
+        from pipelines.train import search_family
+
+        searched = search_family(get_settings(), planned["data_version"], family)
+        # Which host searched it: the cluster's test reads this line from the task log
+        print(f"search ran on host {socket.gethostname()} as {os.environ.get('MEDOPS_WORKER_NAME', 'local executor')}")
+        print(f"{family} on {searched['data_version']}: CV ROC AUC {searched['cv_roc_auc']:.4f} {searched['params']}")
+        return searched
+
+    @task
+    def choose(searched: list[dict]) -> dict:
+        """The reduce: the best family of the fan-out (the simplest on a tie)."""
+        from pipelines.train import choose_best
+
+        chosen = choose_best(list(searched))
+        print(f"chosen: {chosen['family']} ({chosen['cv_scores']})")
+        return chosen
+
+    @task(queue="train")
+    def fit(planned: dict, chosen: dict) -> dict:
+        """Threshold, fit and evaluate the chosen family on the row-hash split; files go to a work folder."""
+        import os
+        import socket
+
         from medops.core.settings import get_settings
         from pipelines.train import fit_candidate, training_work_dir
 
@@ -131,7 +167,9 @@ def train_model():
             planned["data_version"],
             planned["families"],
             work_dir=training_work_dir(settings, context["run_id"]),
+            chosen=chosen,
         )
+        print(f"fit ran on host {socket.gethostname()} as {os.environ.get('MEDOPS_WORKER_NAME', 'local executor')}")
         print(f"{result.family} on {result.data_version}: {result.metrics}")
         holdout = result.holdout
         print(f"hold-out: {holdout['rows']} rows, {holdout['malignant']} malignant, fingerprint {holdout['sha256']}")
@@ -240,7 +278,8 @@ def train_model():
         return result["model_version"]
 
     planned = plan()
-    fitted = fit(planned)
+    searched = search.partial(planned=planned).expand(family=candidate_families(planned))
+    fitted = fit(planned, choose(searched))
     trained = register(planned, fitted, log_run(planned, fitted))
     branch = decide(trained)
     promoted = promote(trained)

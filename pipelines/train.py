@@ -165,26 +165,70 @@ def candidate_estimators(seed: int) -> dict[str, tuple[Any, dict[str, list]]]:
     }
 
 
-def search_best(train: pd.DataFrame, families: list[str], settings: Settings) -> tuple[str, Any, dict[str, float]]:
-    """Cross-validated ROC AUC search over the families; returns (family, best pipeline, CV scores)."""
+def _grid_search(train: pd.DataFrame, family: str, settings: Settings) -> tuple[float, dict[str, Any]]:
+    """One family's cross-validated ROC AUC search: (best score, best parameters)."""
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
+    estimator, grid = candidate_estimators(settings.seed)[family]
     cv = StratifiedKFold(n_splits=settings.cv_folds, shuffle=True, random_state=settings.seed)
     y = (train[LABEL] == POSITIVE).astype(int)  # roc_auc scorer: malignant = 1 here
+    search = GridSearchCV(estimator, grid, scoring="roc_auc", cv=cv, n_jobs=settings.train_jobs, refit=False)
+    search.fit(train[list(FEATURES)], y)
+    return float(search.best_score_), dict(search.best_params_)
+
+
+def _best_family(scores: dict[str, float]) -> str:
+    # The simplest family wins ties (FAMILIES is ordered simplest first).
+    return max(scores, key=lambda name: (round(scores[name], 4), -FAMILIES.index(name)))
+
+
+def search_best(train: pd.DataFrame, families: list[str], settings: Settings) -> tuple[str, Any, dict[str, float]]:
+    """Cross-validated ROC AUC search over the families; returns (family, best pipeline, CV scores)."""
     scores: dict[str, float] = {}
-    best: dict[str, Any] = {}
-    for name, (estimator, grid) in candidate_estimators(settings.seed).items():
-        if name not in families:
-            continue
-        search = GridSearchCV(estimator, grid, scoring="roc_auc", cv=cv, n_jobs=settings.train_jobs, refit=False)
-        search.fit(train[list(FEATURES)], y)
-        scores[name] = float(search.best_score_)
-        best[name] = estimator.set_params(**search.best_params_)
+    params: dict[str, dict[str, Any]] = {}
+    for name in candidate_estimators(settings.seed):
+        if name in families:
+            scores[name], params[name] = _grid_search(train, name, settings)
     if not scores:
         raise ValueError(f"no known model family in {families}; choose from {', '.join(FAMILIES)}")
-    # The simplest family wins ties (FAMILIES is ordered simplest first).
-    family = max(scores, key=lambda name: (round(scores[name], 4), -FAMILIES.index(name)))
-    return family, best[family], scores
+    family = _best_family(scores)
+    return family, candidate_estimators(settings.seed)[family][0].set_params(**params[family]), scores
+
+
+def training_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows, hold-out rows) of a data version: the row-hash split at the protocol's share."""
+    from pipelines.holdout import split_by_row_key
+    from pipelines.protocol import load_protocol
+
+    return split_by_row_key(frame, load_protocol().automatic.holdout_share)
+
+
+def search_family(settings: Settings, data_version: str, family: str) -> dict[str, Any]:
+    """One family's search on a data version's training rows, for one mapped task of the fan-out.
+
+    Returns only names and numbers (family, data version, CV ROC AUC, best parameters): a worker on
+    another host restores the rows from the DVC remote itself, and nothing but this dict travels.
+    """
+    from threadpoolctl import threadpool_limits
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family}; choose from {', '.join(FAMILIES)}")
+    train, _ = training_rows(data_registry.load_version_frame(data_version, settings))
+    with threadpool_limits(limits=1):
+        score, params = _grid_search(train, family, settings)
+    return {"family": family, "data_version": data_version, "cv_roc_auc": score, "params": params}
+
+
+def choose_best(searches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reduce step: the family with the best CV ROC AUC (the simplest on a tie), with every score."""
+    if not searches:
+        raise ValueError("no family was searched")
+    versions = {search["data_version"] for search in searches}
+    if len(versions) != 1:
+        raise ValueError(f"searches on different data versions: {', '.join(sorted(versions))}")
+    scores = {search["family"]: float(search["cv_roc_auc"]) for search in searches}
+    best = next(search for search in searches if search["family"] == _best_family(scores))
+    return best | {"cv_scores": scores}
 
 
 def choose_threshold(estimator: Any, train: pd.DataFrame, target_sensitivity: float, settings: Settings) -> float:
@@ -285,6 +329,7 @@ def fit_candidate(
     families: list[str] | None = None,
     *,
     work_dir: Path | None = None,
+    chosen: dict[str, Any] | None = None,
 ) -> FitResult:
     """Fit the best candidate on a data version (latest by default) and evaluate it on the hold-out.
 
@@ -292,22 +337,23 @@ def fit_candidate(
     operating threshold, fits and evaluates. Writes the model, the evaluation figures and the
     reference (training and hold-out rows with the model's scores, feature importance) to
     ``work_dir`` (a new folder under ``MEDOPS_HOME/training`` by default); touches no MLflow run.
-    The champion is judged later, on the rows the run stored (:func:`register_version`).
+    The champion is judged later, on the rows the run stored (:func:`register_version`). With
+    ``chosen`` (from :func:`choose_best`) the search already ran, fanned out, and is not run again.
     """
     from threadpoolctl import threadpool_limits
 
-    from pipelines.holdout import describe_holdout, split_by_row_key
+    from pipelines.holdout import describe_holdout
     from pipelines.protocol import load_protocol
 
     families = known_families(families)
     data_version = data_version or data_registry.latest_version(settings)
     if data_version is None:
         raise RuntimeError("the data registry has no data version yet: run `medops init` first")
-    protocol = load_protocol()
-    share = protocol.automatic.holdout_share
+    if chosen is not None and chosen["data_version"] != data_version:
+        raise ValueError(f"the search ran on {chosen['data_version']}, not on {data_version}")
     data = data_registry.describe_version(data_version, settings)
     frame = data_registry.load_version_frame(data_version, settings)
-    train, holdout = split_by_row_key(frame, share)
+    train, holdout = training_rows(frame)
     if holdout.empty or train.empty:
         raise ValueError(f"{data_version}: the hash split left {len(train)} training and {len(holdout)} hold-out rows")
     summary = describe_holdout(holdout)
@@ -317,7 +363,11 @@ def fit_candidate(
     # One BLAS thread: on small data, OpenBLAS threads spin against each other and every other
     # process on the machine (search: 71 s with 2 threads vs 3-9 s with 1, measured here).
     with threadpool_limits(limits=1):
-        family, estimator, cv_scores = search_best(train, families, settings)
+        if chosen is not None:  # the search already ran, fanned out (choose_best's result)
+            family, cv_scores = chosen["family"], dict(chosen["cv_scores"])
+            estimator = candidate_estimators(settings.seed)[family][0].set_params(**chosen["params"])
+        else:
+            family, estimator, cv_scores = search_best(train, families, settings)
         threshold = choose_threshold(estimator, train, settings.sensitivity_target, settings)
         model = fit_final(estimator, threshold, train)
         evaluation = evaluate_model(model, holdout)
@@ -346,7 +396,7 @@ def fit_candidate(
         holdout_rows=len(holdout),
         split={
             "holdout_rule": "sha256-row-key",
-            "holdout_share": share,
+            "holdout_share": load_protocol().automatic.holdout_share,
             "seed": settings.seed,
             "cv_folds": settings.cv_folds,
             "sensitivity_target": settings.sensitivity_target,

@@ -194,3 +194,48 @@ def test_fit_log_and_register_each_run_alone(registry_home: Settings, tmp_path):
     assert np.array_equal(
         registered.predict_proba(stored.holdout[list(FEATURES)])[:, 1], stored.holdout["probability_malignant"]
     )
+
+
+def test_the_fanned_out_search_chooses_what_the_single_search_chooses(registry_home: Settings):
+    """Mapped per-family searches + choose_best give the family, parameters and scores search_best gives."""
+    from pipelines import data_registry
+    from pipelines.train import choose_best, search_best, search_family, training_rows
+
+    families = ["logistic_regression", "gradient_boosting"]
+    searches = [search_family(registry_home, "data-v1", family) for family in families]
+    assert all(set(s) == {"family", "data_version", "cv_roc_auc", "params"} for s in searches)
+    json.dumps(searches)  # only names and numbers travel between tasks, never frames
+    chosen = choose_best(searches)
+
+    train, _ = training_rows(data_registry.load_version_frame("data-v1", registry_home))
+    family, estimator, scores = search_best(train, families, registry_home)
+    assert chosen["family"] == family and chosen["cv_scores"] == pytest.approx(scores)
+    assert {f"model__{k}" if not k.startswith("model__") else k: v for k, v in chosen["params"].items()}.items() <= (
+        estimator.get_params().items()
+    )
+
+
+def test_choose_best_refuses_mixed_data_versions_and_an_empty_search():
+    from pipelines.train import choose_best
+
+    with pytest.raises(ValueError, match="no family"):
+        choose_best([])
+    mixed = [
+        {"family": "svm", "data_version": "data-v1", "cv_roc_auc": 0.99, "params": {}},
+        {"family": "logistic_regression", "data_version": "data-v2", "cv_roc_auc": 0.98, "params": {}},
+    ]
+    with pytest.raises(ValueError, match="data-v1, data-v2"):
+        choose_best(mixed)
+    tie = [{**mixed[0], "cv_roc_auc": 0.99}, {**mixed[1], "data_version": "data-v1", "cv_roc_auc": 0.99}]
+    assert choose_best(tie)["family"] == "logistic_regression"  # the simplest family wins a tie
+
+
+def test_fit_with_a_chosen_family_does_not_search_again(registry_home: Settings, tmp_path, monkeypatch):
+    from pipelines import train as train_module
+
+    chosen = train_module.choose_best([train_module.search_family(registry_home, "data-v1", "logistic_regression")])
+    monkeypatch.setattr(train_module, "search_best", lambda *a, **k: pytest.fail("searched again"))
+    result = train_module.fit_candidate(registry_home, "data-v1", work_dir=tmp_path / "work", chosen=chosen)
+    assert result.family == "logistic_regression" and result.cv_roc_auc == chosen["cv_scores"]
+    with pytest.raises(ValueError, match="not on data-v2"):
+        train_module.fit_candidate(registry_home, "data-v2", work_dir=tmp_path / "other", chosen=chosen)

@@ -393,10 +393,27 @@ def alerts(
 @command()
 def up(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until a champion is serving.")] = True,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            help="standalone (embedded: SQLite, LocalExecutor) or cluster (PostgreSQL, Celery workers, "
+            "MLflow and WebDAV servers). Default: MEDOPS_PROFILE, else standalone.",
+        ),
+    ] = None,
 ) -> None:
-    """Start the whole platform on embedded defaults and run the loop once (what `make run` does)."""
-    from medops.app import platform
+    """Start the whole platform and run the loop once (what `make run` does)."""
+    import os
 
+    from medops.app import platform
+    from medops.core.settings import reset_settings
+
+    if profile is not None:
+        if profile not in ("standalone", "cluster"):
+            raise typer.BadParameter(f"{profile!r}: expected standalone or cluster", param_hint="--profile")
+        # Through the environment, so every process `up` starts inherits it (and `down` is told by the record).
+        os.environ["MEDOPS_PROFILE"] = profile
+        reset_settings()
     platform.up(get_settings(), wait=wait, console=console, out=out)
 
 
