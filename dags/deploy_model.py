@@ -99,13 +99,19 @@ def deploy_model():
     @task(retries=1)
     def roll_out(version: str, bento: str) -> dict:
         """Start the Bento beside the running one, smoke-test, switch the stable endpoint, stop the old."""
+        from medops.app.run_notes import note_run, rollout_note
         from medops.core.settings import get_settings
         from medops.orchestration import actor_of
-        from serving.rollout import deploy
+        from serving.rollout import DeployFailed, deploy
 
         # choose_version applied the protocol (and recorded any override) before the build
         actor = actor_of(get_current_context())
-        result = deploy(version, get_settings(), bento=bento, actor=actor, gate_checked=False)
+        settings = get_settings()
+        try:
+            result = deploy(version, settings, bento=bento, actor=actor, gate_checked=False)
+        except DeployFailed as error:
+            note_run("deploy_model", get_current_context()["run_id"], rollout_note(version, error, settings), settings)
+            raise
         print(f"model version {result.version} serving on {result.url} ({result.switch}; was {result.previous})")
         return result.to_dict()
 

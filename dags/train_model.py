@@ -24,7 +24,11 @@ Trains, evaluates and registers a diagnosis model, then lets the gate decide abo
 * **Approval**: what the protocol reserves for a person, and drift-triggered promotions with
   `MEDOPS_REQUIRE_APPROVAL=true`, wait in *Required actions*; the approver's Airflow user name
   goes to the audit trail, and without it nothing is promoted.
-* **Emits** `medops/champion` on promotion, which schedules `deploy_model`.
+* **Emits** `medops/champion` on promotion, which schedules `deploy_model`; and `medops/data` when
+  drift retraining versioned feedback labels (that event names this run in `trained_by`, so the
+  run it schedules skips instead of training on the same data again).
+* **Run note**: refused (the gate's reasons), waiting for approval, or promoted, with the figures
+  and links to the MLflow run and model version.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
-from medops.orchestration import CHAMPION, DATA, DEFAULT_ARGS, DRIFT
+from medops.orchestration import CHAMPION, DATA, DEFAULT_ARGS, DRIFT, NEW_DATA
 
 FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
 
@@ -88,7 +92,7 @@ FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
     },
 )
 def train_model():
-    @task
+    @task(outlets=[NEW_DATA])
     def plan() -> dict:
         """Decide what to train on, with which gate thresholds, and what needs a person's approval."""
         from airflow.sdk.exceptions import AirflowSkipException
@@ -106,7 +110,10 @@ def train_model():
             data_version=params.get("data_version") or None,
         )
         if planned is None:
-            raise AirflowSkipException("drift retraining skipped: inside the cooldown")
+            raise AirflowSkipException("nothing to train: drift inside the cooldown, or data already being trained on")
+        if planned.get("new_data_version"):  # the feedback labels retraining versioned, as an Asset event
+            extra = {"data_version": planned["new_data_version"], "origin": "feedback", "trained_by": context["run_id"]}
+            context["outlet_events"][NEW_DATA].add(DATA, extra=extra)
         families = params.get("families") or None
         form = {name: params.get(name) for name in FORM_THRESHOLDS}
         gate = plan_gate(settings, families=families, form=form, trigger=planned["trigger"])
@@ -223,6 +230,11 @@ def train_model():
     @task.branch
     def decide(result: dict) -> str | list[str] | None:
         """Refused by the gate: stop. A change the protocol reserves for a person: ask one."""
+        from medops.app.run_notes import note_run, training_note
+        from medops.core.settings import get_settings
+
+        settings = get_settings()
+        note_run("train_model", get_current_context()["run_id"], training_note(result, settings), settings)
         if not result["gate_passed"]:
             return None
         return ["await_approval", "promote"] if result["needs_approval"] else "promote"
@@ -259,6 +271,10 @@ def train_model():
         if not promote_version(result["model_version"], settings, approved_by=approved_by, approval_reason=reason):
             raise RuntimeError(f"model version {result['model_version']} did not pass the gate")
         context["outlet_events"][CHAMPION].extra = {"model_version": result["model_version"]}
+        from medops.app.run_notes import note_run, training_note
+
+        note = training_note(result | {"promoted": True, "approved_by": approved_by}, settings)
+        note_run("train_model", context["run_id"], note, settings)
         return result["model_version"]
 
     planned = plan()

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Asset, AssetWatcher, BaseNotifier
+from airflow.sdk import Asset, AssetAlias, AssetWatcher, BaseNotifier
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from medops.core import assets
@@ -117,6 +117,9 @@ LANDING = Asset(
 DATA = Asset(assets.DATA, extra={"doc": "A new data version was tagged in the data registry."})
 CHAMPION = Asset(assets.CHAMPION, extra={"doc": "A model version was promoted to @champion."})
 DRIFT = Asset(assets.DRIFT, extra={"doc": "monitor_drift saw drift in what the service receives."})
+# A task that only sometimes makes a data version declares this alias, not DATA itself: an alias
+# emits an event only for the assets the task adds, while a declared Asset emits one on every success.
+NEW_DATA = AssetAlias("medops-new-data-version")
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "ml-platform",

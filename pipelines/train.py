@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from medops.core import links
 from medops.core.settings import Settings
 from pipelines import data_registry, governance, model_registry, model_trust
 from pipelines.figures import evaluation_figures
@@ -298,7 +299,8 @@ class FitResult:
         """The fitted model as written by the fit (skops, trusting only medops' list of types)."""
         import skops.io
 
-        return skops.io.load(self.model_path, trusted=list(model_trust.TRUSTED_TYPES))
+        with model_registry.quiet_model_io():
+            return skops.io.load(self.model_path, trusted=list(model_trust.TRUSTED_TYPES))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -373,8 +375,9 @@ def fit_candidate(
 
     import skops.io
 
-    model_trust.check_types(model, f"the {family} model")  # refused now rather than at registration
-    skops.io.dump(model, work / "model.skops")
+    with model_registry.quiet_model_io():
+        model_trust.check_types(model, f"the {family} model")  # refused now rather than at registration
+        skops.io.dump(model, work / "model.skops")
     _write_figures(evaluation, work / "figures")
     params = {
         key: value
@@ -451,6 +454,7 @@ def log_run(
                 "data_versions_seen": ",".join(versions_seen),
                 "code_git_sha": model_registry.code_version(),
                 "airflow_run_id": airflow_run_id or "",
+                "airflow_run_url": links.airflow_run(settings, "train_model", airflow_run_id) if airflow_run_id else "",
                 "trigger": trigger,
                 "family": fit.family,
                 "actor": actor,
@@ -482,17 +486,19 @@ def log_run(
         mlflow.log_artifacts(str(fit.figures_dir))
         mlflow.log_artifacts(str(fit.reference_dir), artifact_path=model_registry.REFERENCE)
         features = holdout[list(FEATURES)]
-        mlflow.sklearn.log_model(
-            model,
-            name="model",
-            # recorded in MLmodel for MLflow's own loader; medops never reads it back (model_trust)
-            skops_trusted_types=list(model_trust.TRUSTED_TYPES),
-            # Stated, not inferred: inference re-imports the model in a subprocess (~20 s here).
-            pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
-            signature=infer_signature(features, model.predict(features)),
-            input_example=features.head(3),
-        )
+        with model_registry.quiet_model_io():
+            mlflow.sklearn.log_model(
+                model,
+                name="model",
+                # recorded in MLmodel for MLflow's own loader; medops never reads it back (model_trust)
+                skops_trusted_types=list(model_trust.TRUSTED_TYPES),
+                # Stated, not inferred: inference re-imports the model in a subprocess (~20 s here).
+                pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
+                signature=infer_signature(features, model.predict(features)),
+                input_example=features.head(3),
+            )
         run_id = run.info.run_id
+        print(f"MLflow run: {links.mlflow_run(settings, experiment_id, run_id)}")
     governance.record(
         "training_run",
         actor=actor,
@@ -721,6 +727,7 @@ def register_version(
             "approval_required": "; ".join(approvals)[: SHORT_REASON_CHARS * 4],
             "trigger": trigger,
             "airflow_run_id": airflow_run_id or "",
+            "airflow_run_url": links.airflow_run(settings, "train_model", airflow_run_id) if airflow_run_id else "",
         },
         settings,
     )
@@ -741,6 +748,7 @@ def register_version(
     if approved_by:
         record_approval(version, approved_by, approval_reason, settings, reasons=approvals, entered_by=actor)
     model_card.publish(version, settings)
+    print(f"model version page: {links.mlflow_model_version(settings, settings.model_name, version)}")
     return TrainResult(
         run_id=run_id,
         model_version=version,

@@ -39,7 +39,7 @@ from typing import Any
 from pipelines.prediction_log import SMOKE_TEST_SITE
 from pipelines.schema import FEATURE_RANGES, FEATURES, SITE_PATTERN
 from serving.access import REQUEST_ID_HEADER, REQUEST_STATE, AccessLog, RequestInfo, limiter_from_settings, request_id
-from serving.contract import DEFAULT_SITE
+from serving.contract import DEFAULT_SITE, DOCS_PATHS
 from serving.keys import ROUTE_SCOPES, ApiKey, KeyRing
 
 logger = logging.getLogger("medops.serving")
@@ -49,7 +49,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"}) | DOCS_PATHS  # docs are not patient data
 API_PATHS = frozenset({"/predict", "/explain", "/feedback", "/metadata", "/model-card"})
 GET_PATHS = frozenset({"/metadata", "/model-card"})
 JSON_TYPES = frozenset({b"application/json", b""})

@@ -36,6 +36,7 @@ from serving.contract import (
     DEFAULT_SITE,
     SERVICE_NAME,
     SITE_HEADER,
+    SWAGGER_ASSETS,
     VERSION_HEADER,
     ExplainResponse,
     Explanation,
@@ -47,6 +48,7 @@ from serving.contract import (
     PredictRequest,
     PredictResponse,
     Record,
+    openapi_document,
 )
 from serving.control import CONTROL_ENV, ModelWatcher, requested_model
 from serving.middleware import HttpContractMiddleware
@@ -397,4 +399,42 @@ class MedopsService:
         return str(text)
 
 
+def _docs_app() -> Any:
+    """``/docs`` (Swagger UI) and ``/docs.json`` (the OpenAPI document), open to browsers.
+
+    Mounted passively at the root: it answers only its own paths, before BentoML's ``/docs.json``,
+    whose document credits BentoML and lists responses the service never gives.
+    """
+    from bentoml._internal import server as bentoml_server
+    from starlette.applications import Starlette
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    assets = Path(bentoml_server.__file__).parent / "static_content"
+
+    def page(_: Any) -> HTMLResponse:
+        return HTMLResponse(_DOCS_PAGE)
+
+    def document(_: Any) -> JSONResponse:
+        return JSONResponse(openapi_document(MedopsService.openapi_spec.asdict(), STATE.version()))
+
+    def asset(name: str) -> Route:
+        return Route(f"/docs/{name}", lambda _: FileResponse(assets / name))
+
+    return Starlette(routes=[Route("/docs", page), Route("/docs.json", document), *map(asset, SWAGGER_ASSETS)])
+
+
+_DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>medops diagnosis service: API</title>
+<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/swagger-ui-bundle.js"></script>
+<script src="/docs/swagger-ui-standalone-preset.js"></script>
+<script>
+window.ui = SwaggerUIBundle({url: "/docs.json", dom_id: "#swagger-ui", persistAuthorization: true,
+  presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset], layout: "BaseLayout"});
+</script></body></html>
+"""
+
+MedopsService.mount_asgi_app(_docs_app(), path="/", name="medops-docs")
 MedopsService.add_asgi_middleware(HttpContractMiddleware, model_version=STATE.version)

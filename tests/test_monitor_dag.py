@@ -283,3 +283,7 @@ def test_dag_test_run_reports_and_emits_the_drift_asset(airflow_db, monitored):
     assert extra["report"].startswith(f"http://127.0.0.1:{settings.evidently_port}/projects/")
     (report_dir,) = settings.reports_dir.iterdir()
     assert (report_dir / "drift.html").is_file()
+    # No channel is configured here: the drift alert waits in the outbox rather than vanishing.
+    (waiting,) = (settings.home / "alerts" / "outbox").glob("*.json")
+    assert json.loads(waiting.read_text())["report_url"] == extra["report"]
+    assert waiting.stat().st_mode & 0o777 == 0o600

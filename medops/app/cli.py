@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from medops.core.settings import REPO_ROOT, get_settings
+from medops.core.settings import REPO_ROOT, Settings, get_settings
 
 app = typer.Typer(
     name="medops",
@@ -149,7 +149,7 @@ def data_restore(
 
 
 @command(data_app, name="versions")
-def data_versions(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def data_versions(as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False) -> None:
     """List data versions with their DVC hashes and row counts."""
     from pipelines import data_registry
 
@@ -165,7 +165,7 @@ def data_versions(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
 def ingest(
     file: Annotated[Path, typer.Argument(help="CSV batch to validate and version.", exists=False)],
     site: Annotated[str | None, typer.Option("--site", help="site_id for rows that name none.")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Validate a batch: good rows become a new data version, the rest go to quarantine with reasons."""
     from pipelines.ingest import ingest_file
@@ -178,7 +178,9 @@ def ingest(
 
 
 @command(data_app, name="purge-landing")
-def data_purge_landing(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def data_purge_landing(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
     """Delete ingested files kept in landing/processed/ longer than MEDOPS_LANDING_RETENTION_DAYS."""
     from pipelines.ingest import purge_landing
 
@@ -193,7 +195,9 @@ def data_purge_landing(as_json: Annotated[bool, typer.Option("--json")] = False)
 @command()
 def train(
     family: Annotated[list[str] | None, typer.Option("--family", help="Model family (repeatable).")] = None,
-    data_version: Annotated[str | None, typer.Option("--data-version")] = None,
+    data_version: Annotated[
+        str | None, typer.Option("--data-version", help="Data version (data-vN) to train on; default: the latest.")
+    ] = None,
     sensitivity_lower: Annotated[
         float | None,
         typer.Option(
@@ -223,7 +227,7 @@ def train(
     ] = None,
     reason: Annotated[str | None, typer.Option("--reason", help="Why the approved change is acceptable.")] = None,
     promote: Annotated[bool, typer.Option("--promote/--no-promote", help="Move @champion if the gate passes.")] = True,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train on a data version, log to MLflow, register @challenger, gate it, and promote if it passes.
 
@@ -277,7 +281,7 @@ def train(
 
 
 @command()
-def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False) -> None:
     """Data versions, the champion, and which platform services are up."""
     from medops.app import platform
     from pipelines import data_registry, model_registry
@@ -289,6 +293,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if champion:
         payload["champion_tags"] = model_registry.version_tags(champion, settings)
     payload["services"] = platform.service_status(settings)
+    payload.update(_monitoring_status(settings))
     if as_json:
         return emit(payload, True)
     out.print(f"MEDOPS_HOME  {payload['home']}")
@@ -301,9 +306,88 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         )
     else:
         out.print("champion     none yet")
+    challenger = payload.get("challenger")
+    if challenger and challenger.get("version") != champion:
+        decision = challenger.get("gate") or "not yet decided"
+        out.print(f"challenger   v{challenger['version']} (gate {decision})", highlight=False)
+    verdict = payload["last_verdict"]
+    out.print(
+        f"last verdict {verdict['verdict']} ({verdict['report']})" if verdict else "last verdict none yet",
+        highlight=False,
+    )
+    last = payload["last_alert"]
+    out.print(f"last alert   {last['time']} {last['title']} ({last['delivery']})" if last else "last alert   none")
+    channels = ", ".join(payload["alert_channels"]) or "[yellow]none[/]: alerts wait in the outbox (medops alerts)"
+    out.print(f"alerts to    {channels}")
+    if payload["undelivered_alerts"]:
+        out.print(f"outbox       [yellow]{payload['undelivered_alerts']} undelivered alert(s)[/]: medops alerts")
     for name, info in payload["services"].items():
         state = f"[green]up[/] {info['url']}" if info["up"] else "[dim]down[/]"
         out.print(f"{name:<12} {state}")
+
+
+def _monitoring_status(settings: Settings) -> dict[str, Any]:
+    """Last drift verdict, last alert (sent or waiting), the challenger, and where alerts go."""
+    from medops.core.alerts import configured_channels, outbox_alerts, sent_alerts
+
+    state_file = settings.home / "state" / "monitoring.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    verdict = {"verdict": state["verdict"], "report": state.get("last_report")} if state.get("verdict") else None
+    waiting = outbox_alerts(settings)
+    last = None
+    sent = sent_alerts(settings)
+    if waiting and (not sent or waiting[0]["time"] >= sent[-1]):
+        last = {"time": waiting[0]["time"], "title": waiting[0]["title"], "delivery": "undelivered, in the outbox"}
+    elif sent:
+        last = {"time": sent[-1], "title": "(deduplicated record)", "delivery": "sent"}
+    payload: dict[str, Any] = {
+        "last_verdict": verdict,
+        "last_alert": last,
+        "alert_channels": configured_channels(settings),
+        "undelivered_alerts": len(waiting),
+        "challenger": None,
+    }
+    if (settings.mlflow_dir / "mlflow.db").exists():
+        from pipelines import model_registry
+
+        version = model_registry.alias_version("challenger", settings)
+        if version:
+            tags = model_registry.version_tags(version, settings)
+            payload["challenger"] = {
+                "version": version,
+                "gate": tags.get("gate_decision"),
+                "reasons": json.loads(tags.get("gate_reasons") or "[]"),
+            }
+    return payload
+
+
+@command()
+def alerts(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the alerts as JSON.")] = False,
+) -> None:
+    """Alerts no channel delivered (none configured, or every one failed), newest first."""
+    from medops.core.alerts import configured_channels, outbox_alerts
+
+    settings = get_settings()
+    waiting = outbox_alerts(settings)
+    if as_json:
+        return emit({"channels": configured_channels(settings), "outbox": waiting}, True)
+    if not configured_channels(settings):
+        out.print(
+            "No alert channel is configured: set MEDOPS_ALERT_WEBHOOK_URL (Slack-shaped webhook) or "
+            "MEDOPS_SMTP_HOST with MEDOPS_ALERT_EMAIL_TO.",
+            highlight=False,
+        )
+    if not waiting:
+        out.print("outbox empty: every alert was delivered", highlight=False)
+    for alert in waiting:
+        out.print(f"{alert.get('time')}  [{alert.get('severity')}] {alert.get('title')}", highlight=False)
+        if alert.get("report_url"):
+            out.print(f"  report   {alert['report_url']}", highlight=False)
+        failed = {k: v for k, v in (alert.get("channels") or {}).items() if v != "not configured"}
+        if failed:
+            out.print(f"  channels {failed}", highlight=False)
+        out.print(f"  file     {alert['path']}", highlight=False)
 
 
 @command()
@@ -343,8 +427,8 @@ def down() -> None:
 
 @command(name="drift-scenario")
 def drift_scenario(
-    site: Annotated[str, typer.Option("--site")] = "site-d",
-    records: Annotated[int, typer.Option("--records", min=1)] = 400,
+    site: Annotated[str, typer.Option("--site", help="site_id whose traffic drifts.")] = "site-d",
+    records: Annotated[int, typer.Option("--records", min=1, help="How many cases the site sends.")] = 400,
     drift: Annotated[str, typer.Option("--drift", help="covariate, prevalence or units")] = "covariate",
 ) -> None:
     """Drifted traffic -> monitor_drift -> alert -> retrain -> new champion serving, on the running platform."""

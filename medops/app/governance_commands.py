@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
     def audit_show(
         action: Annotated[str | None, typer.Option("--action", help="Only entries of this action.")] = None,
         version: Annotated[str | None, typer.Option("--version", help="Only entries about this model version.")] = None,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """List the audit trail: sequence, time, actor, action, reason and links of every entry."""
         from medops.core import audit
@@ -49,7 +49,9 @@ def register(app: typer.Typer) -> None:
             )
 
     @command(audit_app, name="verify")
-    def audit_verify(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    def audit_verify(
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    ) -> None:
         """Recompute the hash chain (and the hashes kept on MLflow runs and versions); exit 1 if altered."""
         from pipelines.governance import verify_trail
 
@@ -84,7 +86,7 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--restore", help="Empty folder: write the exact training and hold-out rows, proven."),
         ] = None,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """prediction -> model version -> run -> gate decision and approvals -> data versions -> DVC hashes."""
         from pipelines import lineage as lineage_steps

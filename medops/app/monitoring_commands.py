@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
             datetime | None, typer.Option("--since", help="Start of the window (default: the last report's end).")
         ] = None,
         alert: Annotated[bool, typer.Option("--alert/--no-alert", help="Alert on-call people on drift.")] = True,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Check the prediction log for drift now: Evidently reports, and an alert on drift."""
         from monitoring.reports import run_monitoring
@@ -57,9 +57,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         feedback: Annotated[bool, typer.Option("--feedback", help="Send the true diagnoses to /feedback.")] = False,
         url: Annotated[str | None, typer.Option("--url", help="Service URL (default: the local service).")] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 50,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records per /predict request.")] = 50,
         seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible traffic.")] = None,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Send realistic clinical traffic from one site to the service, optionally shifted."""
         from dataclasses import asdict

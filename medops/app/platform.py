@@ -257,6 +257,21 @@ Stop everything: make stop
         highlight=False,
         soft_wrap=True,
     )
+    out.print(alert_channels_line(settings), highlight=False, soft_wrap=True)
+
+
+def alert_channels_line(settings: Settings) -> str:
+    """Where alerts go, or how to make them reach someone: a drift alert must never vanish."""
+    from medops.core.alerts import configured_channels
+
+    channels = configured_channels(settings)
+    if channels:
+        return f"Alerts go to: {', '.join(channels)} (undelivered ones wait in `medops alerts`)."
+    return (
+        "No alert channel is set: alerts wait in MEDOPS_HOME/alerts/outbox/ (list them with `medops alerts`).\n"
+        "To reach on-call people, set MEDOPS_ALERT_WEBHOOK_URL (Slack-shaped webhook), or MEDOPS_SMTP_HOST,\n"
+        "MEDOPS_SMTP_PORT and MEDOPS_ALERT_EMAIL_TO, then `make stop` and `make run` again."
+    )
 
 
 def _example_record() -> str:

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         version: Annotated[str, typer.Option("--version", help="Registry version of the model to roll out.")],
         override_by: Annotated[str | None, override_by_option] = None,
         reason: Annotated[str | None, reason_option] = None,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Roll a model version out: build its Bento, smoke-test it beside the running one, switch.
 
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         override_by: Annotated[str | None, override_by_option] = None,
         reason: Annotated[str | None, reason_option] = None,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Serve the previously deployed model version again and point @champion at it."""
         from serving import rollout
