@@ -16,7 +16,7 @@ def test_cluster_clients_reach_servers_not_files(tmp_path: Path):
     settings = Settings(home=tmp_path, profile="cluster", mlflow_port=5111, webdav_port=8111)
     assert settings.tracking_uri == "http://127.0.0.1:5111"
     assert settings.dvc_remote_url == "webdav://127.0.0.1:8111/"
-    assert settings.cluster_db_url("mlflow") == "postgresql+psycopg2://medops@127.0.0.1:5432/medops_mlflow"
+    assert cluster.cluster_db_url(settings, "mlflow") == "postgresql+psycopg2://medops@127.0.0.1:5432/medops_mlflow"
     standalone = Settings(home=tmp_path)
     assert standalone.tracking_uri.startswith("sqlite:///") and "://" not in standalone.dvc_remote_url
 

@@ -50,10 +50,8 @@ def register_champion(settings: Settings) -> str:
     with mlflow.start_run(experiment_id=experiment), tempfile.TemporaryDirectory() as tmp:
         reference = model_registry.write_reference(model, train, holdout, Path(tmp), seed=settings.seed)
         mlflow.log_artifacts(str(reference), artifact_path=model_registry.REFERENCE)
-        info = mlflow.sklearn.log_model(
-            model, name="model", registered_model_name=settings.model_name, pip_requirements=["scikit-learn"]
-        )
-    version = str(info.registered_model_version)
+        info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
+    version = model_registry.register_trusted(f"models:/{info.model_id}", settings)  # as training registers
     model_registry.tag_version(version, {"data_version": "data-v1"}, settings)
     model_registry.set_champion(version, settings)
     return version
@@ -86,7 +84,7 @@ def _load(settings: Settings, version: str):
 
 @pytest.fixture
 def monitored(platform) -> SimpleNamespace:
-    """The module's platform with an empty prediction log, no reports and no monitoring state."""
+    """The module's platform with an empty prediction log, no reports, no alert outbox and no monitoring state."""
     settings = platform.settings
     reset_settings()  # DAG tasks call get_settings(): it must read this module's MEDOPS_HOME
     assert get_settings().home == settings.home
@@ -94,6 +92,7 @@ def monitored(platform) -> SimpleNamespace:
         settings.predictions_dir,
         settings.reports_dir,
         settings.home / "state",
+        settings.home / "alerts",
         settings.evidently_workspace,
     ):
         shutil.rmtree(folder, ignore_errors=True)
@@ -156,6 +155,8 @@ def test_drift_run_writes_reports_workspace_and_mlflow(monitored):
     assert "mean_radius" in result.drifted_columns
     assert result.n_current == 560 and result.model_version == monitored.version and result.data_version == "data-v1"
     assert result.performance["n_labelled"] == 120
+    outbox = result.alert.pop("outbox")  # no channel configured: the alert waits in the outbox
+    assert Path(outbox).is_file() and Path(outbox).parent == settings.home / "alerts" / "outbox"
     assert result.alert == {
         "sent": False,
         "deduplicated": False,

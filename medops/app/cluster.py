@@ -17,12 +17,24 @@ import contextlib
 import subprocess
 
 from medops.core import processes
-from medops.core.settings import CLUSTER_DB_ROLE, Settings
+from medops.core.settings import Settings
 
 AIRFLOW_COMPONENTS = ["airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"]
 DATABASES = ("airflow", "mlflow")
 TRAIN_QUEUE = "train"
 DEFAULT_QUEUE = "default"
+
+
+CLUSTER_DB_ROLE = "medops"
+
+
+def cluster_db_url(settings: Settings, purpose: str, driver: str = "postgresql+psycopg2") -> str:
+    """The cluster's own database for ``purpose`` (``airflow``, ``mlflow``), as the ``medops`` role."""
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(settings.postgres_url)
+    url = admin.set(drivername=driver, username=CLUSTER_DB_ROLE, password=None)
+    return url.set(database=f"{settings.cluster_db_prefix}_{purpose}").render_as_string(hide_password=False)
 
 
 def worker_name(index: int) -> str:
@@ -88,12 +100,12 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     """The standalone configuration with PostgreSQL, Celery and secrets every component shares."""
     from medops.app.platform import airflow_env as standalone_env
 
-    database = settings.cluster_db_url("airflow")
+    database = cluster_db_url(settings, "airflow")
     return standalone_env(settings) | {
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database,
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CELERY__BROKER_URL": settings.redis_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + settings.cluster_db_url("airflow"),
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + cluster_db_url(settings, "airflow"),
         # two cores for all workers: more task processes per worker only queue on the CPU
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": DEFAULT_QUEUE,
@@ -166,7 +178,7 @@ def start_mlflow(settings: Settings) -> int:
         str(processes.venv_bin() / "mlflow"),
         "server",
         "--backend-store-uri",
-        settings.cluster_db_url("mlflow"),
+        cluster_db_url(settings, "mlflow"),
         "--artifacts-destination",
         str(settings.artifact_root),
         "--serve-artifacts",

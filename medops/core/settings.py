@@ -20,7 +20,6 @@ from medops.core.files import write_atomically
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 MODEL_NAME = "breast_cancer_diagnosis"
-CLUSTER_DB_ROLE = "medops"
 
 
 class Settings(BaseSettings):
@@ -210,14 +209,6 @@ class Settings(BaseSettings):
         if self.profile == "cluster":
             return f"http://{self.host}:{self.mlflow_port}"
         return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
-
-    def cluster_db_url(self, purpose: str, driver: str = "postgresql+psycopg2") -> str:
-        """The cluster's own database for ``purpose`` (``airflow``, ``mlflow``), as the ``medops`` role."""
-        from sqlalchemy.engine import make_url
-
-        admin = make_url(self.postgres_url)
-        url = admin.set(drivername=driver, username=CLUSTER_DB_ROLE, password=None)
-        return url.set(database=f"{self.cluster_db_prefix}_{purpose}").render_as_string(hide_password=False)
 
     @property
     def artifact_root(self) -> Path:
