@@ -173,23 +173,11 @@ def start_workers(settings: Settings, env: dict[str, str]) -> list[int]:
 # MLflow and the DVC remote --------------------------------------------------------------------------
 def start_mlflow(settings: Settings) -> int:
     """The tracking server on PostgreSQL; artifacts go through it (``mlflow-artifacts:/``) to a folder."""
-    settings.artifact_root.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(processes.venv_bin() / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        cluster_db_url(settings, "mlflow"),
-        "--artifacts-destination",
-        str(settings.artifact_root),
-        "--serve-artifacts",
-        "--host",
-        settings.host,
-        "--port",
-        str(settings.mlflow_port),
-        "--workers",
-        "1",
-    ]
-    return processes.start("mlflow", argv, settings)
+    from medops.app.platform import start_mlflow as start_server
+
+    store = ["--backend-store-uri", cluster_db_url(settings, "mlflow"), "--artifacts-destination",
+             str(settings.artifact_root), "--serve-artifacts"]  # fmt: skip
+    return start_server(settings, store)
 
 
 def start_webdav(settings: Settings) -> int:

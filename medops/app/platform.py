@@ -92,15 +92,20 @@ def start_airflow(settings: Settings) -> int:
     )
 
 
-def start_mlflow(settings: Settings) -> int:
+def start_mlflow(settings: Settings, store: list[str] | None = None) -> int:
+    """MLflow's server on the platform's host. ``store`` are the store arguments; by default the
+    embedded SQLite store with its local artifact folder (the cluster profile passes its own)."""
     settings.artifact_root.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(processes.venv_bin() / "mlflow"),
-        "server",
+    store = store or [
         "--backend-store-uri",
         settings.tracking_uri,
         "--default-artifact-root",
         settings.artifact_root.as_uri(),
+    ]
+    argv = [
+        str(processes.venv_bin() / "mlflow"),
+        "server",
+        *store,
         "--host",
         settings.host,
         "--port",
