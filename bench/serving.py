@@ -44,6 +44,9 @@ from bench.load import ensure_wrk, run_python, run_wrk
 from medops.core.processes import is_running, wait_until
 
 API_KEY = "bench-serving-key"
+# One key drives all the load on purpose: the per-key rate and concurrency limits would measure
+# themselves, not the service, so they are switched off here (0 = no limit).
+NO_KEY_LIMITS = {"MEDOPS_API_KEYS": API_KEY, "MEDOPS_RATE_LIMIT_PER_SECOND": "0", "MEDOPS_CONCURRENCY_LIMIT": "0"}
 TARGETS = ("medops", "fastapi", "ceiling")
 # The training benchmarks use: the full search (three families) picks logistic regression on the
 # seed data; training only that family gives the same model in a fraction of the time.
@@ -107,9 +110,7 @@ def run(quick: bool = False, runs: int = 3, profile: bool = False) -> SectionRes
         section.notes.append("wrk not found and not installable here: the Python load generator was used")
     port = free_port()
     with (
-        medops_home(
-            "serving", MEDOPS_API_KEYS=API_KEY, MEDOPS_SERVING_PORT=str(port), MEDOPS_SERVING_WORKERS="1"
-        ) as settings,
+        medops_home("serving", **NO_KEY_LIMITS, MEDOPS_SERVING_PORT=str(port), MEDOPS_SERVING_WORKERS="1") as settings,
         tempfile.TemporaryDirectory(prefix="medops-bench-bodies-") as tmp,
     ):
         from serving import rollout
@@ -296,7 +297,7 @@ def _profile_one(
             "MEDOPS_SERVING_MODEL_VERSION": version,
             "BENTOML_HOME": str(settings.bentoml_home),
             "MEDOPS_HOME": str(settings.home),
-            "MEDOPS_API_KEYS": API_KEY,
+            **NO_KEY_LIMITS,
         }
     )
     argv = [

@@ -33,7 +33,7 @@ import pandas as pd
 from medops.core.files import atomic_writer, sha256_file, write_atomically
 from medops.core.settings import Settings
 from pipelines import data_registry
-from pipelines.validate import REASON, BatchRejected, read_batch, validate_batch
+from pipelines.validate import REASON, BatchRejected, ValidationResult, read_batch, validate_batch
 
 PROCESSED = "processed"
 CLAIMED = ".claimed"
@@ -230,25 +230,7 @@ def _ingest_locked(path: Path, settings: Settings, site_id: str | None) -> Inges
         return IngestResult(
             path.name, sha256, "rejected_whole", 0, 0, 0, quarantine_path=str(folder), reason=str(rejected)
         )
-    folder = None
-    with data_registry.journaled(sha256, settings) as journal:
-        if len(result.rejected):
-            folder = quarantine_batch(
-                result.rejected,
-                name=path.name,
-                sha256=sha256,
-                received=result.received,
-                settings=settings,
-                journal=journal,
-            )
-        version = data_registry.record_batch(
-            result.accepted,
-            source_name=label,
-            sha256=sha256,
-            quarantined=len(result.rejected),
-            settings=settings,
-            journal=journal,
-        )
+    version, folder = record_validated(result, name=path.name, label=label, sha256=sha256, settings=settings)
     assert len(result.accepted) + len(result.rejected) == result.received
     return IngestResult(
         file=path.name,
@@ -260,6 +242,32 @@ def _ingest_locked(path: Path, settings: Settings, site_id: str | None) -> Inges
         version=version.tag if version else None,
         quarantine_path=str(folder) if folder else None,
     )
+
+
+def record_validated(
+    result: ValidationResult, *, name: str, label: str, sha256: str, settings: Settings, origin: str = "landing"
+) -> tuple[data_registry.DataVersion | None, Path | None]:
+    """Quarantine a validated batch's rejected rows and version its accepted rows, under one journal.
+
+    The caller holds the registry lock (the batch was validated against the registry's rows under
+    it). Returns the new data version (None when no row was accepted) and the quarantine folder.
+    """
+    folder = None
+    with data_registry.journaled(sha256, settings) as journal:
+        if len(result.rejected):
+            folder = quarantine_batch(
+                result.rejected, name=name, sha256=sha256, received=result.received, settings=settings, journal=journal
+            )
+        version = data_registry.record_batch(
+            result.accepted,
+            source_name=label,
+            sha256=sha256,
+            quarantined=len(result.rejected),
+            settings=settings,
+            origin=origin,
+            journal=journal,
+        )
+    return version, folder
 
 
 def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> IngestResult:

@@ -97,12 +97,65 @@ def model_uri(version: str, settings: Settings) -> str:
     return f"models:/{settings.model_name}/{version}"
 
 
-def load_model(version: str, settings: Settings):
-    """The fitted scikit-learn estimator of a version (its operating threshold inside)."""
-    import mlflow.sklearn
+def download_model(uri: str, directory: Path, settings: Settings) -> Path:
+    """Copy the MLflow model at ``uri`` (``models:/...``) into ``directory``; returns its folder."""
+    import mlflow.artifacts
 
     configure_mlflow(settings)
-    return mlflow.sklearn.load_model(model_uri(version, settings))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(directory)))
+
+
+def register_trusted(uri: str, settings: Settings, tags: dict[str, Any] | None = None) -> str:
+    """Register the logged model at ``uri`` as a new version, if medops may ever load it.
+
+    Refuses (:class:`pipelines.model_trust.UntrustedModel`) anything but a skops model of the
+    trusted types, and records the SHA-256 of the very file it checked as the version's
+    ``model_sha256`` tag, in the same call that creates the version, so that no version exists
+    without it. Every later load compares the artifact with that digest.
+    """
+    import tempfile
+
+    import mlflow
+
+    from pipelines import model_trust
+
+    with tempfile.TemporaryDirectory(prefix="medops-register-") as tmp:
+        digest = model_trust.registrable_digest(download_model(uri, Path(tmp), settings), f"the model at {uri}")
+    all_tags = {**(tags or {}), model_trust.DIGEST_KEY: digest}
+    return str(mlflow.register_model(uri, settings.model_name, tags=all_tags).version)
+
+
+def load_model(version: str, settings: Settings):
+    """The fitted scikit-learn estimator of a version (its operating threshold inside).
+
+    Loaded as :func:`pipelines.model_trust.load_trusted` allows only: skops, the trusted types,
+    and the bytes whose digest registration recorded. A changed artifact is refused and raises
+    an alert (a person must find out who wrote to the model store).
+    """
+    import tempfile
+
+    from pipelines import model_trust
+
+    what = f"model version {version} of {settings.model_name}"
+    expected = version_tags(version, settings).get(model_trust.DIGEST_KEY)
+    with tempfile.TemporaryDirectory(prefix="medops-model-") as tmp:
+        local = download_model(model_uri(version, settings), Path(tmp), settings)
+        try:
+            return model_trust.load_trusted(local, expected, what)
+        except model_trust.ModelTampered as error:
+            from medops.core.alerts import send_alert
+
+            send_alert(
+                f"medops refused tampered {what}",
+                "failure",
+                [],
+                None,
+                None,
+                settings,
+                severity="critical",
+                details=str(error),
+            )
+            raise
 
 
 def code_version() -> str:

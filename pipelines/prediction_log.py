@@ -184,6 +184,9 @@ class PredictionLogWriter:
         self._predictions = _DailyAppendFile(predictions_log_dir(settings), "predictions", PREDICTION_COLUMNS)
         self._feedback = _DailyAppendFile(feedback_dir(settings), "feedback", FEEDBACK_COLUMNS)
         self._hash = encounter_hasher(settings.encounter_hash_key())
+        self.served = ServedEncounters(settings.served_index_size)
+        self._log_dir = predictions_log_dir(settings)
+        self._lookback_days = settings.feedback_lookback_days
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._closed = False
@@ -230,13 +233,34 @@ class PredictionLogWriter:
         numbers = orjson.dumps(np.column_stack((features, probabilities)), option=orjson.OPT_SERIALIZE_NUMPY)
         rows = numbers[2:-2].split(b"],[")  # "[[f1,..,f30,p],[...]]" -> "f1,..,f30,p" per record
         hash_encounter = self._hash
+        hashes = [hash_encounter(encounter) for encounter in encounter_ids]
         data = b"".join(
             [
-                f"{lead}{site},{hash_encounter(encounter)},".encode() + row + f",{label}\n".encode()
-                for site, encounter, row, label in zip(site_ids, encounter_ids, rows, labels, strict=True)
+                f"{lead}{site},{encounter_hash},".encode() + row + f",{label}\n".encode()
+                for site, encounter_hash, row, label in zip(site_ids, hashes, rows, labels, strict=True)
             ]
         )
-        return self._append(self._predictions, data, now, len(rows))
+        ticket = self._append(self._predictions, data, now, len(rows))
+        self.served.remember(site_ids, hashes)
+        return ticket
+
+    def unanswered(self, site: str | None, encounter_hashes: Sequence[str]) -> list[int]:
+        """Positions of the encounters no prediction was logged for to ``site`` (within the lookback).
+
+        ``site`` None stands for any site but the smoke-test one (a key that speaks for every site).
+
+        This worker's own answers are found in memory (:class:`ServedEncounters`); the rest are
+        looked up in every worker's log files of the last ``feedback_lookback_days`` days, a read
+        of those files that costs in proportion to their size (see the README's Serving section).
+        """
+        missing = [i for i, digest in enumerate(encounter_hashes) if not self.served.answered(site, digest)]
+        if not missing:
+            return []
+        wanted = {encounter_hashes[i] for i in missing if encounter_hashes[i]}
+        since = datetime.fromtimestamp(time.time() - self._lookback_days * 86400, UTC)
+        found = answered_in_log(self._log_dir, site, wanted, since) if wanted else {}
+        self.served.remember([found[digest] for digest in found], list(found))
+        return [i for i in missing if encounter_hashes[i] not in found]
 
     def log_feedback(self, labels: Iterable[tuple[str, str]]) -> int:
         """Append ``(encounter_id, diagnosis)`` pairs as hashed feedback rows, fsynced before return."""
@@ -347,6 +371,63 @@ class PredictionLogWriter:
                 for _, loop, future in waiters:
                     loop.call_soon_threadsafe(_settle, future, None)
         self._dirty.set()
+
+
+class ServedEncounters:
+    """The (encounter hash -> site) of predictions this process logged, the latest ``capacity`` of them.
+
+    /feedback accepts a label only for an encounter answered for the site that sends it; this
+    spares reading the log files for the common case (feedback reaching the worker that answered).
+    Written from the event loop and request threads under a lock; a lookup is one dict read.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        from collections import OrderedDict
+
+        self.capacity = max(capacity, 0)
+        self._sites: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, site_ids: Sequence[str], encounter_hashes: Sequence[str]) -> None:
+        if not self.capacity:
+            return
+        sites = self._sites
+        with self._lock:
+            for site, digest in zip(site_ids, encounter_hashes, strict=True):
+                if digest:
+                    sites[digest] = site
+                    sites.move_to_end(digest)
+            while len(sites) > self.capacity:
+                sites.popitem(last=False)
+
+    def answered(self, site: str | None, encounter_hash: str) -> bool:
+        """Whether ``encounter_hash`` was answered for ``site`` (None: for any site but the smoke-test one)."""
+        answered_for = self._sites.get(encounter_hash) if encounter_hash else None
+        if site is None:
+            return answered_for is not None and answered_for != SMOKE_TEST_SITE
+        return answered_for == site
+
+
+def answered_in_log(directory: Path, site: str | None, encounter_hashes: set[str], since: datetime) -> dict[str, str]:
+    """Which of ``encounter_hashes`` have a logged prediction for ``site`` (None: any site but the
+    smoke-test one) in files of ``since``'s day or later, with the site each was answered for."""
+    wanted = {digest.encode() for digest in encounter_hashes}
+    site_bytes = site.encode() if site is not None else None
+    smoke = SMOKE_TEST_SITE.encode()
+    site_at, hash_at = PREDICTION_COLUMNS.index(SITE), PREDICTION_COLUMNS.index("encounter_hash")
+    found: dict[bytes, bytes] = {}
+    for path in reversed(_log_files(directory, "predictions", since)):  # newest first
+        with path.open("rb") as handle:
+            for line in handle:
+                parts = line.split(b",", hash_at + 1)
+                if len(parts) <= hash_at + 1 or parts[hash_at] not in wanted:
+                    continue
+                answered_for = parts[site_at]
+                if answered_for == site_bytes or (site_bytes is None and answered_for != smoke):
+                    found.setdefault(parts[hash_at], answered_for)
+        if len(found) == len(wanted):
+            break
+    return {digest.decode(): answered_for.decode() for digest, answered_for in found.items()}
 
 
 def _settle(future: Any, error: BaseException | None) -> None:

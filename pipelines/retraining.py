@@ -68,7 +68,7 @@ def labelled_feedback_batch(settings: Settings, since: datetime | None = None) -
 def version_feedback(settings: Settings) -> str | None:
     """Validate and version feedback labels received since the last time; returns the new version."""
     from pipelines.data import write_frame
-    from pipelines.ingest import quarantine_batch
+    from pipelines.ingest import record_validated
     from pipelines.validate import validate_batch
 
     state = _load_state(settings)
@@ -87,25 +87,9 @@ def version_feedback(settings: Settings) -> str | None:
     # Checked against the registry's rows and recorded under one lock and journal, as an ingest is.
     with data_registry.locked_registry(settings):
         result = validate_batch(raw, existing_keys=data_registry.existing_row_keys(settings))
-        with data_registry.journaled(sha256, settings) as journal:
-            if len(result.rejected):
-                quarantine_batch(
-                    result.rejected,
-                    name=name,
-                    sha256=sha256,
-                    received=result.received,
-                    settings=settings,
-                    journal=journal,
-                )
-            version = data_registry.record_batch(
-                result.accepted,
-                source_name=name,
-                sha256=sha256,
-                quarantined=len(result.rejected),
-                settings=settings,
-                origin="feedback",
-                journal=journal,
-            )
+        version, _ = record_validated(
+            result, name=name, label=name, sha256=sha256, settings=settings, origin="feedback"
+        )
     _save_state(state, settings)
     return version.tag if version else None
 

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from medops.core.settings import Settings
-from pipelines import data_registry, model_registry
+from pipelines import data_registry, model_registry, model_trust
 from pipelines.figures import evaluation_figures
 from pipelines.metrics import evaluate_model, probability_malignant
 from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, POSITIVE
@@ -172,20 +172,6 @@ def fit_final(estimator: Any, threshold: float, train: pd.DataFrame):
     return model.fit(train[list(FEATURES)], train[LABEL])
 
 
-def trusted_types(model: Any) -> list[str]:
-    """The scikit-learn types of a model we built ourselves, for MLflow's safe skops format.
-
-    Loading trusts only these (stored in the MLmodel file), never arbitrary pickled code.
-    """
-    import skops.io
-
-    untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
-    foreign = [name for name in untrusted if not name.startswith(("sklearn.", "numpy.", "scipy."))]
-    if foreign:
-        raise TypeError(f"model holds types outside scikit-learn/numpy/scipy: {', '.join(foreign)}")
-    return untrusted
-
-
 def gate(
     candidate: dict[str, float], champion_auc: float | None, champion: str | None, config: GateConfig
 ) -> GateDecision:
@@ -241,7 +227,6 @@ class FitResult:
     train_rows: int
     holdout_rows: int
     split: dict[str, Any]  # seed, test_size, cv_folds and sensitivity_target the fit used
-    trusted_types: list[str]
     champion_version: str | None = None
     champion_roc_auc: float | None = None
 
@@ -262,17 +247,18 @@ class FitResult:
         return Path(self.work_dir) / model_registry.REFERENCE
 
     def load_model(self) -> Any:
-        """The fitted model as written by the fit (skops, trusting only the types it was built from)."""
+        """The fitted model as written by the fit (skops, trusting only medops' list of types)."""
         import skops.io
 
-        return skops.io.load(self.model_path, trusted=self.trusted_types)
+        return skops.io.load(self.model_path, trusted=list(model_trust.TRUSTED_TYPES))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FitResult:
-        return cls(**data)
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})  # older XComs held more
 
 
 def training_work_dir(settings: Settings, key: str | None = None) -> Path:
@@ -339,7 +325,7 @@ def fit_candidate(
 
     import skops.io
 
-    types = trusted_types(model)
+    model_trust.check_types(model, f"the {family} model")  # refused now rather than at registration
     skops.io.dump(model, work / "model.skops")
     _write_figures(evaluation, work / "figures")
     params = {
@@ -363,7 +349,6 @@ def fit_candidate(
             "cv_folds": settings.cv_folds,
             "sensitivity_target": settings.sensitivity_target,
         },
-        trusted_types=types,
         champion_version=champion,
         champion_roc_auc=champion_auc,
     )
@@ -444,7 +429,8 @@ def log_run(
         mlflow.sklearn.log_model(
             model,
             name="model",
-            skops_trusted_types=fit.trusted_types,
+            # recorded in MLmodel for MLflow's own loader; medops never reads it back (model_trust)
+            skops_trusted_types=list(model_trust.TRUSTED_TYPES),
             # Stated, not inferred: inference re-imports the model in a subprocess (~20 s here).
             pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
             signature=infer_signature(features, model.predict(features)),
@@ -476,17 +462,16 @@ def register_version(
     the same rows; its decision and reasons become version tags, and the model card (which names
     the version and the decision) goes to the run and the version's description. ``@champion``
     is left to :func:`promote`, so that a person can approve in between. Run twice for the same
-    run (a retried task), it reuses the version the first call made.
+    run (a retried task), it reuses the version the first call made. A model medops could not load
+    safely is refused here (:func:`pipelines.model_registry.register_trusted`).
     """
-    import mlflow
-
     gate_config = gate_config or GateConfig.from_settings(settings)
     decision = gate(fit.metrics, fit.champion_roc_auc, fit.champion_version, gate_config)
     mlflow_client = model_registry.client(settings)
     version = _version_of_run(run_id, settings)
     if version is None:
         (output,) = mlflow_client.get_run(run_id).outputs.model_outputs
-        version = str(mlflow.register_model(f"models:/{output.model_id}", settings.model_name).version)
+        version = model_registry.register_trusted(f"models:/{output.model_id}", settings)
     result = TrainResult(
         run_id=run_id,
         model_version=version,

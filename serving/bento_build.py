@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from medops.core.settings import REPO_ROOT, Settings, get_settings
+from pipelines import model_trust
 from pipelines.model_registry import configure_mlflow
+from serving.scoring import MLFLOW_MODEL_DIR
 
 logger = logging.getLogger("medops.serving")
 
@@ -50,6 +52,7 @@ def registry_metadata(version: str, settings: Settings) -> dict[str, Any]:
         "registered_at": _iso(model_version.creation_timestamp),
         "metrics": {},
         "trained_at": "",
+        model_trust.DIGEST_KEY: tags.get(model_trust.DIGEST_KEY, ""),  # checked before every load
     }
     if model_version.run_id:
         run = client.get_run(model_version.run_id)
@@ -77,12 +80,22 @@ def import_model(version: str, settings: Settings) -> str:
         pass
     configure_mlflow(settings)
     metadata = registry_metadata(version, settings)
-    bentoml.mlflow.import_model(
+    stored = bentoml.mlflow.import_model(
         tag,
         f"models:/{settings.model_name}/{version}",
         labels={"data_version": metadata["data_version"] or "unknown", "registry_version": str(version)},
         metadata=metadata,
     )
+    # The copy the Bento will serve must be the registered bytes, and skops: checked here so that a
+    # tampered or pickled model never gets as far as a serving worker (which checks again).
+    model_dir = Path(stored.path_of(MLFLOW_MODEL_DIR))
+    what = f"model version {version} of {settings.model_name}"
+    try:
+        path = model_trust.model_file(model_dir, what)
+        model_trust.verify_digest(path.read_bytes(), metadata[model_trust.DIGEST_KEY], what, path.name)
+    except model_trust.UntrustedModel:
+        bentoml.models.delete(tag)
+        raise
     return tag
 
 

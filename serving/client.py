@@ -98,7 +98,8 @@ class MedopsClient:
     ``site_id`` goes out as ``X-Site-Id`` with every request (records that name their own site keep
     it). ``api_key`` may be omitted for the open health routes (:meth:`ready`). ``http`` lets a
     caller send through an httpx client of its own, such as Starlette's ``TestClient`` around the
-    service's ASGI app; it is left open on :meth:`close`.
+    service's ASGI app; it is left open on :meth:`close`. ``verify`` is httpx's: an ``ssl.SSLContext``
+    or a CA file for a service whose certificate no public authority signed.
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class MedopsClient:
         timeout: float = 30.0,
         connect_retries: int = 3,
         http: httpx.Client | None = None,
+        verify: Any = True,
     ) -> None:
         self.url = url.rstrip("/")
         self._headers: dict[str, str] = {}
@@ -118,7 +120,7 @@ class MedopsClient:
         if site_id:
             self._headers[SITE_HEADER] = site_id
         self._own_http = http is None
-        self._http = http if http is not None else httpx.Client(timeout=timeout)
+        self._http = http if http is not None else httpx.Client(timeout=timeout, verify=verify)
         self.connect_retries = connect_retries
         self.last_model_version: str | None = None
         self.last_request_id: str | None = None

@@ -1,10 +1,17 @@
-"""ASGI middleware enforcing the HTTP contract: auth, body limits, content type, error shape, version header.
+"""ASGI middleware enforcing the HTTP contract: keys, scopes, sites, limits, body limits, error shape,
+request ids, version header and the access log.
 
 A plain ASGI middleware (no request/response objects) so the hot path pays for a few header
 comparisons only. It
 
 - answers 401 without a valid ``Authorization: Bearer <key>`` on every route except health and
-  metrics (keys from settings, compared in constant time);
+  metrics (:class:`serving.keys.KeyRing`: hashed keys compared in constant time, scoped keys from
+  ``keys.json`` picked up without a restart, ``MEDOPS_API_KEYS`` as unscoped keys);
+- answers 403 when the key lacks the route's scope (``predict``, ``explain``, ``feedback``), and
+  when it claims a site it may not speak for: a key bound to a site cannot name another one in
+  ``X-Site-Id`` or a record's ``site_id`` (the error names that field), and only the rollout's key
+  may claim the smoke-test site; a bound key's site is filled in as ``X-Site-Id``;
+- answers 429 with ``Retry-After`` over the key's rate or concurrency limit (:mod:`serving.access`);
 - answers 415 for any body that is not JSON, which also refuses BentoML's pickle content type;
 - answers 413 for bodies over ``settings.max_body_bytes``, from Content-Length before reading
   and by counting when the body is streamed;
@@ -15,20 +22,26 @@ comparisons only. It
 - counts every refused (422) ``/predict`` request per site and field for monitoring's
   data-quality signal (:func:`refusal_lines`, written by :func:`pipelines.prediction_log.log_refusal`);
 - adds ``X-Model-Version`` to every response (the handler sets it itself when it answered, so
-  a model swap between scoring and sending cannot mislabel a response);
+  a model swap between scoring and sending cannot mislabel a response) and ``X-Request-Id`` (the
+  client's if it is a safe token, else a new one; the prediction log records the same id);
+- writes one access log line per request, refused ones included (:class:`serving.access.AccessLog`);
 - serves ``GET /metadata`` through the typed ``/metadata`` API.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from pipelines.prediction_log import SMOKE_TEST_SITE
 from pipelines.schema import FEATURE_RANGES, FEATURES, SITE_PATTERN
+from serving.access import REQUEST_ID_HEADER, REQUEST_STATE, AccessLog, RequestInfo, limiter_from_settings, request_id
+from serving.contract import DEFAULT_SITE
+from serving.keys import ROUTE_SCOPES, ApiKey, KeyRing
 
 logger = logging.getLogger("medops.serving")
 
@@ -41,6 +54,7 @@ OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 API_PATHS = frozenset({"/predict", "/explain", "/feedback", "/metadata"})
 JSON_TYPES = frozenset({b"application/json", b""})
 _VERSION_HEADER = b"x-model-version"
+_SITE_HEADER = b"x-site-id"
 _SITE = re.compile(SITE_PATTERN.encode())
 
 _REASONS = {
@@ -111,18 +125,25 @@ def _reshape_error(status: int, body: bytes) -> tuple[int, bytes]:
     return status, json.dumps({"error": message, "detail": detail}).encode()
 
 
-def _json_response(status: int, error: str, version: bytes, extra: list[tuple[bytes, bytes]] = ()):
-    body = json.dumps({"error": error, "detail": []}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (_VERSION_HEADER, version),
-        *extra,
-    ]
+def _json_response(
+    status: int,
+    error: str,
+    extra: list[tuple[bytes, bytes]] = (),
+    detail: list[dict[str, str]] | None = None,
+) -> list[Message]:
+    """A refusal in the contract's error shape (the version and request id headers are added on sending)."""
+    body = json.dumps({"error": error, "detail": detail or []}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
     return [
         {"type": "http.response.start", "status": status, "headers": headers},
         {"type": "http.response.body", "body": body, "more_body": False},
     ]
+
+
+def _field_refusal(status: int, field: str, reason: str, kind: str) -> list[Message]:
+    return _json_response(
+        status, f"invalid request: {field}: {reason}", detail=[{"field": field, "reason": reason, "type": kind}]
+    )
 
 
 class HttpContractMiddleware:
@@ -137,49 +158,86 @@ class HttpContractMiddleware:
         self.app = app
         self.model_version = model_version
         self._settings: Any = None
-        self.keys: list[bytes] = []
+        self.keys: KeyRing | None = None
         self.max_body_bytes = 0
+        self.limiter: Any = None
+        self.access_log: AccessLog | None = None
 
     def _configure(self) -> None:
-        """Keys and limits from the (cached) settings; re-read only when the settings object changes."""
+        """Keys, limits and the access log from the (cached) settings; rebuilt only when the settings object changes."""
         from medops.core.settings import get_settings
 
         settings = get_settings()
         if settings is not self._settings:
-            self.keys = [key.encode() for key in settings.service_api_keys() if key]
+            self.keys = KeyRing(settings)
             self.max_body_bytes = settings.max_body_bytes
+            self.limiter = limiter_from_settings(settings)
+            if self.access_log is not None:
+                self.access_log.close()
+            self.access_log = AccessLog(settings.run_dir)
             self._settings = settings
 
-    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+    def _key(self, headers: list[tuple[bytes, bytes]]) -> ApiKey | None:
         for name, value in headers:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
-                if scheme.lower() != b"bearer" or not token:
-                    return False
-                token = token.strip()
-                # compare with every key so the time taken does not tell which one nearly matched
-                return sum(hmac.compare_digest(token, key) for key in self.keys) > 0
-        return False
+                if scheme.lower() != b"bearer" or not token.strip():
+                    return None
+                assert self.keys is not None
+                return self.keys.authenticate(token.strip())
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         self._configure()
-        version = self.model_version().encode()
+        info = RequestInfo(request_id(scope["headers"]))
+        # a state dict of this request's own: the service reads the request id and reports the record count
+        scope["state"] = {**(scope.get("state") or {}), REQUEST_STATE: info}
+        sending = _stamping(send, self.model_version().encode(), info)
+        try:
+            await self._handle(scope, receive, sending, info)
+        finally:
+            assert self.access_log is not None
+            self.access_log.write(scope["method"], scope["path"], info, time.perf_counter() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, info: RequestInfo) -> None:
         path = scope["path"]
         if path in OPEN_PATHS:
-            await self.app(scope, receive, _with_version(send, version))
+            await self.app(scope, receive, send)
             return
         headers = scope["headers"]
-        if not self._authorized(headers):
+        key = self._key(headers)
+        if key is None:
             await _send_all(
-                send,
-                _json_response(401, "missing or invalid bearer key", version, [(b"www-authenticate", b"Bearer")]),
+                send, _json_response(401, "missing or invalid bearer key", [(b"www-authenticate", b"Bearer")])
             )
             return
+        info.key_id = key.id
+        needed = ROUTE_SCOPES.get(path)
+        if not key.allows(needed):
+            scopes = ", ".join(sorted(key.scopes)) or "none"
+            message = f"this key may not call {path}: it needs the scope {needed!r} (the key has: {scopes})"
+            await _send_all(send, _json_response(403, message))
+            return
+        refusal = self.limiter.admit(key.id, path)
+        if refusal is not None:
+            why, wait = refusal
+            message = f"too many requests: {why}; retry after {wait} s"
+            await _send_all(send, _json_response(429, message, [(b"retry-after", str(wait).encode())]))
+            return
+        try:
+            await self._admitted(scope, receive, send, info, key)
+        finally:
+            self.limiter.release(key.id, path)
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send, info: RequestInfo, key: ApiKey) -> None:
+        path = scope["path"]
+        headers = scope["headers"]
         if path not in API_PATHS:
-            await self.app(scope, receive, _with_version(send, version))
+            await self.app(scope, receive, send)
             return
 
         if path == "/metadata" and scope["method"] in ("GET", "HEAD"):
@@ -190,18 +248,28 @@ class HttpContractMiddleware:
         else:
             content_type = b""
             content_length = None
+            site_header = None
             for name, value in headers:
                 if name == b"content-type":
                     content_type = value.split(b";", 1)[0].strip().lower()
                 elif name == b"content-length":
                     content_length = value
-                elif name == b"x-site-id" and _SITE.match(value) is None:
-                    if path == "/predict":
-                        self._count_refusal([("unknown", "X-Site-Id", "bad_pattern", 1, 1)])
-                    await _send_all(send, _invalid_site(version))
-                    return
+                elif name == _SITE_HEADER:
+                    if _SITE.match(value) is None:
+                        if path == "/predict":
+                            self._count_refusal([(key.site_id or DEFAULT_SITE, "X-Site-Id", "bad_pattern", 1, 1)])
+                        await _send_all(send, _invalid_site())
+                        return
+                    site_header = value.decode()
+            refused = _site_refusal("X-Site-Id", site_header, key)
+            if refused is not None:
+                await _send_all(send, refused)
+                return
+            info.site = site_header or key.site_id or DEFAULT_SITE
+            if site_header is None and key.site_id is not None:  # the key speaks for its site
+                scope = dict(scope, headers=[*headers, (_SITE_HEADER, key.site_id.encode())])
             if content_type not in JSON_TYPES:
-                await _send_all(send, _json_response(415, "only application/json bodies are accepted", version))
+                await _send_all(send, _json_response(415, "only application/json bodies are accepted"))
                 return
             if content_length is not None:
                 try:
@@ -209,18 +277,22 @@ class HttpContractMiddleware:
                 except ValueError:
                     declared = -1
                 if declared < 0:
-                    await _send_all(send, _json_response(400, "invalid Content-Length", version))
+                    await _send_all(send, _json_response(400, "invalid Content-Length"))
                     return
                 if declared > self.max_body_bytes:
                     if not _expects_continue(headers):  # else the client waits and never sends the body
                         await _drain(receive, DRAIN_LIMIT_BYTES)
-                    await _send_all(send, _too_large(self.max_body_bytes, version))
+                    await _send_all(send, _too_large(self.max_body_bytes))
                     return
             body, complete = await _read_body(receive, self.max_body_bytes)
             if body is None:
                 if not complete:
                     await _drain(receive, DRAIN_LIMIT_BYTES)
-                await _send_all(send, _too_large(self.max_body_bytes, version))
+                await _send_all(send, _too_large(self.max_body_bytes))
+                return
+            refused = _record_site_refusal(body, key)
+            if refused is not None:
+                await _send_all(send, refused)
                 return
 
         replayed = False
@@ -232,13 +304,14 @@ class HttpContractMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        refused = None
+        counting = None
         if path == "/predict":
+            site = info.site
 
-            def refused(detail: list[dict[str, str]]) -> None:
-                self._count_refusal(refusal_lines(detail, body, _header(headers, b"x-site-id")))
+            def counting(detail: list[dict[str, str]]) -> None:
+                self._count_refusal(refusal_lines(detail, body, site))
 
-        await self.app(scope, replay, _shaping_errors(send, version, refused))
+        await self.app(scope, replay, _shaping_errors(send, counting))
 
     def _count_refusal(self, lines: list[tuple[str, str, str, int, int]]) -> None:
         from pipelines.prediction_log import log_refusal
@@ -247,13 +320,6 @@ class HttpContractMiddleware:
             log_refusal(self._settings, lines)
         except OSError as error:  # the client gets its 422 whether or not monitoring could count it
             logger.warning("could not count a refused request for monitoring: %s", error)
-
-
-def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> str | None:
-    for name, value in headers:
-        if name == wanted:
-            return value.decode("latin-1")
-    return None
 
 
 # What a refusal says about a field, in a few words monitoring can count by.
@@ -274,15 +340,15 @@ _RECORD = re.compile(r"^records\[(\d+)\]\.([A-Za-z0-9_]{1,64})$")
 
 
 def refusal_lines(
-    detail: list[dict[str, str]], body: bytes, site_header: str | None
+    detail: list[dict[str, str]], body: bytes, default_site: str | None
 ) -> list[tuple[str, str, str, int, int]]:
     """``(site, field, reason kind, records naming it, records refused from that site)`` of one refused request.
 
-    A record's site is its own ``site_id``, else the ``X-Site-Id`` header, else ``unknown`` (as
-    the service logs it); a body that is not a list of records counts as one record of that
-    default site. Only field names the schema could hold and counts: never a value sent.
+    A record's site is its own ``site_id``, else ``default_site`` (the ``X-Site-Id`` header, the
+    key's site or ``unknown``, as the service logs it); a body that is not a list of records counts
+    as one record of that default site. Only field names the schema could hold and counts: never a value sent.
     """
-    default = site_header if site_header and _SITE.match(site_header.encode()) else "unknown"
+    default = default_site if default_site and _SITE.match(default_site.encode()) else DEFAULT_SITE
     try:
         records = json.loads(body).get("records")
     except (ValueError, AttributeError, UnicodeDecodeError):
@@ -314,23 +380,50 @@ def refusal_lines(
     return lines
 
 
-def _invalid_site(version: bytes) -> list[Message]:
-    reason = f"does not match {SITE_PATTERN}"
-    body = json.dumps(
-        {
-            "error": f"invalid request: X-Site-Id: {reason}",
-            "detail": [{"field": "X-Site-Id", "reason": reason, "type": "string_pattern_mismatch"}],
-        }
-    ).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    return [
-        {"type": "http.response.start", "status": 422, "headers": [*headers, (_VERSION_HEADER, version)]},
-        {"type": "http.response.body", "body": body, "more_body": False},
-    ]
+def _site_refusal(field: str, site: str | None, key: ApiKey) -> list[Message] | None:
+    """A 403 naming ``field`` if ``key`` may not speak for ``site`` (None: the field was not sent)."""
+    if site is None:
+        return None
+    if key.site_id is not None and site != key.site_id:
+        return _field_refusal(403, field, f"this key is bound to site {key.site_id}", "site_not_allowed")
+    if key.site_id is None and site == SMOKE_TEST_SITE:
+        reason = f"the site {SMOKE_TEST_SITE} is reserved for the rollout's smoke tests"
+        return _field_refusal(403, field, reason, "site_not_allowed")
+    return None
 
 
-def _too_large(limit: int, version: bytes) -> list[Message]:
-    return _json_response(413, f"request body larger than {limit} bytes", version, [(b"connection", b"close")])
+def _record_site_refusal(body: bytes, key: ApiKey) -> list[Message] | None:
+    """A 403 for the first record whose ``site_id`` the key may not claim.
+
+    The body is parsed here only when it can name a site (``site_id`` in it, or a JSON escape that
+    could spell it); a body that does not parse is left to the service's 422.
+    """
+    if b"site_id" not in body and b"\\u" not in body:
+        return None
+    import orjson
+
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    records = document.get("records") if isinstance(document, dict) else None
+    if not isinstance(records, list):
+        return None
+    for index, record in enumerate(records):
+        site = record.get("site_id") if isinstance(record, dict) else None
+        if isinstance(site, str):
+            refused = _site_refusal(f"records[{index}].site_id", site, key)
+            if refused is not None:
+                return refused
+    return None
+
+
+def _invalid_site() -> list[Message]:
+    return _field_refusal(422, "X-Site-Id", f"does not match {SITE_PATTERN}", "string_pattern_mismatch")
+
+
+def _too_large(limit: int) -> list[Message]:
+    return _json_response(413, f"request body larger than {limit} bytes", [(b"connection", b"close")])
 
 
 # A refused body is read and thrown away before the 413 goes out: closing a socket that still
@@ -387,26 +480,33 @@ async def _send_all(send: Send, messages: list[Message]) -> None:
         await send(message)
 
 
-def _add_version(headers: list[tuple[bytes, bytes]], version: bytes) -> list[tuple[bytes, bytes]]:
-    for name, _ in headers:
-        if name.lower() == _VERSION_HEADER:
+def _add_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    for existing, _ in headers:
+        if existing.lower() == name:
             return headers
-    return [*headers, (_VERSION_HEADER, version)]
+    return [*headers, (name, value)]
 
 
-def _with_version(send: Send, version: bytes) -> Send:
+def _stamping(send: Send, version: bytes, info: RequestInfo) -> Send:
+    """Add X-Model-Version (unless the handler set it) and X-Request-Id; note the status for the access log."""
+    request = info.request_id.encode()
+
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = _add_version(list(message.get("headers", [])), version)
+            headers = _add_header(list(message.get("headers", [])), _VERSION_HEADER, version)
+            message["headers"] = [(n, v) for n, v in headers if n.lower() != REQUEST_ID_HEADER] + [
+                (REQUEST_ID_HEADER, request)
+            ]
+            info.status = message["status"]
         await send(message)
 
     return sending
 
 
-def _shaping_errors(send: Send, version: bytes, refused: Callable[[list[dict[str, str]]], None] | None = None) -> Send:
-    """Pass successful responses through (plus the header); buffer and reshape 4xx ones.
+def _shaping_errors(send: Send, refused: Callable[[list[dict[str, str]]], None] | None = None) -> Send:
+    """Pass successful responses through; buffer and reshape 4xx (and 503) ones.
 
-    ``refused`` is called with the detail of each 422 sent.
+    ``refused`` is called with the detail of each 422 sent (monitoring counts refusals by it).
     """
     start: Message | None = None
     chunks: list[bytes] = []
@@ -414,11 +514,9 @@ def _shaping_errors(send: Send, version: bytes, refused: Callable[[list[dict[str
     async def sending(message: Message) -> None:
         nonlocal start
         if message["type"] == "http.response.start":
-            headers = _add_version(list(message.get("headers", [])), version)
             if 400 <= message["status"] < 500 or message["status"] == 503:
-                start = dict(message, headers=headers)
+                start = dict(message)
                 return
-            message["headers"] = headers
             await send(message)
             return
         if start is None or message["type"] != "http.response.body":
@@ -432,7 +530,7 @@ def _shaping_errors(send: Send, version: bytes, refused: Callable[[list[dict[str
             refused(json.loads(body)["detail"])
         headers = [
             (name, value)
-            for name, value in start["headers"]
+            for name, value in start.get("headers", [])
             if name.lower() not in (b"content-length", b"content-type")
         ]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

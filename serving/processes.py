@@ -16,6 +16,7 @@ import sys
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medops.core import processes as supervisor
 from medops.core.processes import child_env, is_running  # the rollout uses both through this module too
@@ -30,6 +31,10 @@ class ServerStartError(RuntimeError):
     """A server did not become ready (it exited, or readiness timed out)."""
 
 
+class ExposureRefused(ServerStartError):
+    """``MEDOPS_HOST`` would let other machines reach a service that has no TLS or no configured keys."""
+
+
 @dataclass(kw_only=True)
 class ServerRecord(supervisor.ProcessRecord):
     role: str
@@ -38,10 +43,73 @@ class ServerRecord(supervisor.ProcessRecord):
     bento: str
     model_version: str
     control_dir: str | None
+    scheme: str = "http"
+    ca_file: str | None = None  # what medops' own clients verify the server's certificate against
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{connect_host(self.host)}:{self.port}"
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def connect_host(host: str) -> str:
+    """Where medops' own clients reach a server listening on ``host`` (loopback for a wildcard)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve beyond loopback unless TLS and authentication are both configured.
+
+    Authentication counts as configured when someone chose the keys: ``MEDOPS_API_KEYS``, or an
+    active key made with ``medops keys create`` (the first-run key and the rollout's own key do not
+    count: nobody handed them out on purpose).
+    """
+    from serving.keys import has_deliberate_keys
+
+    if is_loopback(settings.host):
+        return
+    missing = []
+    if not settings.tls_enabled:
+        missing.append("TLS (MEDOPS_TLS_CERTFILE and MEDOPS_TLS_KEYFILE)")
+    if not has_deliberate_keys(settings):
+        missing.append("authentication (MEDOPS_API_KEYS, or a key made with `medops keys create`)")
+    if missing:
+        raise ExposureRefused(
+            f"MEDOPS_HOST={settings.host} would let other machines reach the service without "
+            f"{' and '.join(missing)}; configure them, or leave MEDOPS_HOST at 127.0.0.1"
+        )
+
+
+def tls_arguments(settings: Settings) -> list[str]:
+    """``bentoml serve``'s TLS options (uvicorn's ssl settings) from MEDOPS_TLS_CERTFILE/KEYFILE."""
+    given = {"MEDOPS_TLS_CERTFILE": settings.tls_certfile, "MEDOPS_TLS_KEYFILE": settings.tls_keyfile}
+    if not any(given.values()):
+        return []
+    for name, path in given.items():
+        if path is None:
+            raise ServerStartError(f"{name} is not set: TLS needs both MEDOPS_TLS_CERTFILE and MEDOPS_TLS_KEYFILE")
+        if not Path(path).is_file():
+            raise ServerStartError(f"{name}={path} is not a file")
+    return ["--ssl-certfile", str(settings.tls_certfile), "--ssl-keyfile", str(settings.tls_keyfile)]
+
+
+def tls_verify(settings: Settings) -> Any:
+    """What medops' own clients (readiness, smoke tests, status) verify the service's certificate with."""
+    if not settings.tls_enabled:
+        return True
+    import ssl
+
+    return ssl.create_default_context(cafile=str(settings.tls_ca_file or settings.tls_certfile))
 
 
 def _name(role: str) -> str:
@@ -90,7 +158,13 @@ def start_server(
     control_dir: Path | None = None,
     workers: int | None = None,
 ) -> ServerRecord:
-    """Start ``bentoml serve <bento>`` on loopback ``port`` in its own session; returns at once."""
+    """Start ``bentoml serve <bento>`` on ``settings.host``:``port`` in its own session; returns at once.
+
+    Refused (:class:`ExposureRefused`) for a host other than loopback without TLS and configured
+    keys; with MEDOPS_TLS_CERTFILE and MEDOPS_TLS_KEYFILE the server speaks HTTPS only.
+    """
+    check_exposure(settings)
+    tls = tls_arguments(settings)
     extra = {
         "BENTOML_CONFIG_OPTIONS": f"services.{SERVICE_NAME}.workers={workers or settings.serving_workers}",
         "MEDOPS_SERVING_BENTO": bento,
@@ -99,7 +173,7 @@ def start_server(
         control_dir.mkdir(parents=True, exist_ok=True)
         extra[CONTROL_ENV] = str(control_dir)
     command = [
-        sys.executable, "-m", "bentoml", "serve", bento, "--host", settings.host, "--port", str(port),
+        sys.executable, "-m", "bentoml", "serve", bento, "--host", settings.host, "--port", str(port), *tls,
     ]  # fmt: skip
     started = supervisor.start_detached(
         command, log=settings.run_dir / f"{_name(role)}.log", env=child_env(settings, extra), cwd=settings.run_dir
@@ -112,6 +186,8 @@ def start_server(
         bento=bento,
         model_version=str(model_version),
         control_dir=str(control_dir) if control_dir else None,
+        scheme="https" if tls else "http",
+        ca_file=str(settings.tls_ca_file or settings.tls_certfile) if tls else None,
     )
     write_record(settings, record)
     logger.info("started %s server pid %s on port %s (%s)", role, record.pid, port, bento)
@@ -141,9 +217,12 @@ def startup_failure(record: ServerRecord) -> str | None:
 
 def wait_ready(record: ServerRecord, timeout: float = 90.0) -> None:
     """Wait until ``/readyz`` answers 200; raise ServerStartError as soon as it cannot happen."""
+    import ssl
+
     import httpx
 
-    with httpx.Client(timeout=2.0) as client:
+    verify = ssl.create_default_context(cafile=record.ca_file) if record.ca_file else True
+    with httpx.Client(timeout=2.0, verify=verify) as client:
 
         def ready() -> bool:
             if not is_running(record):

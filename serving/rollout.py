@@ -38,6 +38,7 @@ from medops.core.processes import poll_until
 from medops.core.settings import REPO_ROOT, Settings
 from pipelines.prediction_log import SMOKE_TEST_SITE
 from serving import control, processes
+from serving.keys import rollout_key
 from serving.processes import ServerRecord
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = No
 
     ``expected`` is ``(rows, probabilities, labels)`` from the MLflow model (computed once per
     deployment by :func:`expected_predictions`). The checks go through :class:`MedopsClient`, the
-    client clinical apps use, as the smoke-test site.
+    client clinical apps use, with the rollout's own key, bound to the smoke-test site.
     """
     import numpy as np
     from pydantic import ValidationError
@@ -184,9 +185,10 @@ def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = No
     from serving.client import MedopsClient, ServiceError
 
     rows, probabilities, labels = expected or expected_predictions(version, settings)
-    key = settings.service_api_keys()[0]
+    key = rollout_key(settings)  # the only key that may speak for the smoke-test site
     records = [dict(row) | {"encounter_id": f"smoke-{i}"} for i, row in enumerate(rows.to_dict("records"))]
-    with MedopsClient(url, key, site_id=SMOKE_TEST_SITE, timeout=timeout) as client:
+    verify = processes.tls_verify(settings)
+    with MedopsClient(url, key, site_id=SMOKE_TEST_SITE, timeout=timeout, verify=verify) as client:
         if not client.ready():
             raise SmokeTestFailed(f"{url}/readyz is not ready")
         try:
@@ -376,6 +378,8 @@ def deploy(
         candidate: ServerRecord | None = None
         switched = False
         try:
+            # made before any server starts, so none has to wait for its next look at keys.json
+            rollout_key(settings)
             prepared = (
                 PreparedBento(version, f"{settings.model_name}:{version}", bento)
                 if bento
@@ -470,6 +474,7 @@ def serve(settings: Settings, version: str | None = None, *, ready_timeout: floa
         raise RuntimeError(f"no @champion version of {settings.model_name} to serve yet")
     started = time.monotonic()
     with _deploy_lock(settings):
+        rollout_key(settings)
         prepared = prepare_bento(version, settings)
         record = start_stable(prepared.bento, version, settings, ready_timeout=ready_timeout)
         seconds = round(time.monotonic() - started, 1)

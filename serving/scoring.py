@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.metrics import probability_malignant
+from pipelines.model_trust import DIGEST_KEY, load_trusted
 from pipelines.schema import CLASSES, FEATURE_RANGES, FEATURES, NEGATIVE, POSITIVE
 
 logger = logging.getLogger("medops.serving")
@@ -40,36 +41,15 @@ def reference_rows(n: int = 64, seed: int = 0) -> np.ndarray:
     return _LOW + rng.random((n, len(FEATURES))) * (_HIGH - _LOW) * rng.choice([0.05, 0.2, 1.0], (n, 1))
 
 
-def load_mlflow_sklearn(model_dir: Path) -> Any:
-    """Load the scikit-learn estimator of an MLflow ``sklearn`` flavor directory.
+def load_mlflow_sklearn(model_dir: Path, expected_digest: str | None, what: str) -> Any:
+    """Load the scikit-learn estimator of an MLflow ``sklearn`` flavor directory, if it is trusted.
 
-    Follows the flavor description in ``MLmodel`` exactly as ``mlflow.sklearn.load_model`` does
-    (skops with the model's trusted types, pickle or cloudpickle) without importing mlflow, which
-    would add seconds to every serving worker's start; the rollout's smoke test compares the
-    served predictions with ``mlflow.sklearn``'s own loading of the same version.
+    Only skops, only medops' own list of types, and only the bytes whose SHA-256 was recorded at
+    registration (:mod:`pipelines.model_trust`); pickle and cloudpickle are refused. Done without
+    importing mlflow, which would add seconds to every serving worker's start; the rollout's smoke
+    test compares the served predictions with the registry's loading of the same version.
     """
-    import yaml
-
-    spec = yaml.safe_load((model_dir / "MLmodel").read_text())
-    flavor = spec.get("flavors", {}).get("sklearn")
-    if not flavor:
-        raise IncompatibleModel(f"{model_dir} has no sklearn flavor")
-    path = model_dir / flavor.get("pickled_model", "model.pkl")
-    serialization = flavor.get("serialization_format", "pickle")
-    if serialization == "skops":
-        import skops.io
-
-        return skops.io.load(path, trusted=flavor.get("skops_trusted_types"))
-    with path.open("rb") as handle:
-        if serialization == "cloudpickle":
-            import cloudpickle
-
-            return cloudpickle.load(handle)
-        if serialization == "pickle":
-            import pickle
-
-            return pickle.load(handle)
-    raise IncompatibleModel(f"{model_dir}: unknown serialization format {serialization!r}")
+    return load_trusted(model_dir, expected_digest, what)
 
 
 @dataclass(frozen=True)
@@ -263,6 +243,8 @@ def model_from_store(name: str, version: str) -> ServingModel:
 
 
 def model_from_stored(stored: Any) -> ServingModel:
-    estimator = load_mlflow_sklearn(Path(stored.path_of(MLFLOW_MODEL_DIR)))
+    """A BentoML store model as a ServingModel; its artifact must match the digest recorded at import."""
     metadata = dict(stored.info.metadata)
+    what = f"model version {stored.tag.version} of {stored.tag.name} (BentoML store)"
+    estimator = load_mlflow_sklearn(Path(stored.path_of(MLFLOW_MODEL_DIR)), metadata.get(DIGEST_KEY), what)
     return ServingModel.from_estimator(stored.tag.name, stored.tag.version, estimator, metadata)

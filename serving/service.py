@@ -30,6 +30,7 @@ from bentoml.exceptions import BentoMLException
 
 from pipelines.prediction_log import PredictionLogWriter
 from pipelines.schema import FEATURES
+from serving.access import REQUEST_STATE, RequestInfo
 from serving.contract import (
     DEFAULT_SITE,
     SERVICE_NAME,
@@ -137,6 +138,39 @@ def _freeze_heap() -> None:
 _feature_values = attrgetter(*FEATURES)
 
 
+def _request_info(ctx: bentoml.Context, records: int) -> RequestInfo:
+    """The middleware's record of this request (request id, access log), with its record count."""
+    info = (ctx.request.scope.get("state") or {}).get(REQUEST_STATE)
+    if info is None:  # called without HttpContractMiddleware in front (never the case when served)
+        info = RequestInfo(os.urandom(16).hex())
+    info.records = records
+    return info
+
+
+def _request_site(ctx: bentoml.Context) -> str:
+    return ctx.request.headers.get(SITE_HEADER) or DEFAULT_SITE
+
+
+def _not_answered(positions: list[int], site: str | None) -> Exception:
+    """A validation error (422 through the middleware) naming each refused ``labels[i].encounter_id``."""
+    from pydantic_core import PydanticCustomError, ValidationError
+
+    reason = (
+        f"no prediction was served for this encounter to site {site}"
+        if site
+        else "no prediction was served for this encounter"
+    )
+    errors = [
+        {
+            "type": PydanticCustomError("encounter_not_answered", reason),
+            "loc": ("labels", i, "encounter_id"),
+            "input": "",
+        }
+        for i in positions
+    ]
+    return ValidationError.from_exception_data("FeedbackRequest", errors)
+
+
 @bentoml.service(
     name=SERVICE_NAME,
     workers=1,  # rollout sets the number from settings.serving_workers at start
@@ -210,8 +244,9 @@ class MedopsService:
         return np.array([_feature_values(record) for record in records], dtype=float)
 
     def _sites(self, records: list[Any], ctx: bentoml.Context) -> list[str]:
-        # HttpContractMiddleware (serving.middleware) already refused an X-Site-Id that is not a valid site id
-        default = ctx.request.headers.get(SITE_HEADER) or DEFAULT_SITE
+        # HttpContractMiddleware (serving.middleware) already refused an X-Site-Id that is not a valid
+        # site id or one the key may not claim, and set a site-bound key's own site as X-Site-Id
+        default = _request_site(ctx)
         return [record.site_id or default for record in records]
 
     # APIs ---------------------------------------------------------------------------------
@@ -220,6 +255,7 @@ class MedopsService:
         """Probability of malignancy and label for each record; every prediction is logged."""
         model = STATE.model
         assert model is not None
+        info = _request_info(ctx, len(records))
         X = self._features(records)
         sites = self._sites(records, ctx)
         if model.is_fast:
@@ -231,7 +267,7 @@ class MedopsService:
         encounters = [record.encounter_id for record in records]
         try:
             ticket = self.log.log_predictions(
-                request_id=os.urandom(16).hex(),
+                request_id=info.request_id,  # the X-Request-Id of the answer and the access log's
                 model_name=model.name,
                 model_version=model.version,
                 site_ids=sites,
@@ -264,6 +300,7 @@ class MedopsService:
         """Each feature's contribution to each record's score (exact for linear models, else shap)."""
         model = STATE.model
         assert model is not None
+        _request_info(ctx, len(records))
         X = self._features(records)
         result = model.explain(X)
         probabilities = model.probability_malignant(X)
@@ -289,9 +326,22 @@ class MedopsService:
 
     @bentoml.api(input_spec=FeedbackRequest)
     def feedback(self, labels: list[FeedbackLabel], ctx: bentoml.Context) -> FeedbackResponse:
-        """Record ground-truth diagnoses for earlier encounters (stored hashed, next to the log)."""
+        """Record ground-truth diagnoses for encounters answered for the same site (stored hashed).
+
+        Labels become training data, so a site may label only its own patients: a label for an
+        encounter no prediction was logged for, for the request's site (a bound key's, or the
+        ``X-Site-Id`` sent), is refused (422 naming ``labels[i].encounter_id``). A key bound to no
+        site and sending no ``X-Site-Id`` speaks for every site but the smoke-test one. Answered
+        for another site or never answered look the same, so a refusal tells nothing about other
+        sites' encounters.
+        """
+        _request_info(ctx, len(labels))
         if len(labels) > self.max_records:
             raise RequestTooLarge(f"{len(labels)} labels, at most {self.max_records} per request")
+        site = ctx.request.headers.get(SITE_HEADER)  # HttpContractMiddleware sets a bound key's own
+        missing = self.log.unanswered(site, [self.log.hash_encounter(label.encounter_id) for label in labels])
+        if missing:
+            raise _not_answered(missing, site)
         try:
             recorded = self.log.log_feedback((label.encounter_id, label.diagnosis) for label in labels)
         except OSError as exc:

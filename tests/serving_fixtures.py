@@ -77,7 +77,7 @@ def register_tiny_model(
     import mlflow
 
     from pipelines.data import seed_frame
-    from pipelines.model_registry import REFERENCE, ensure_experiment, write_reference
+    from pipelines.model_registry import REFERENCE, ensure_experiment, register_trusted, write_reference
     from pipelines.model_registry import client as registry_client
     from pipelines.train import split_rows
 
@@ -93,13 +93,13 @@ def register_tiny_model(
             mlflow.log_artifacts(str(reference), artifact_path=REFERENCE)
         # Explicit requirements: inferring them starts a subprocess that costs seconds per model.
         info = mlflow.sklearn.log_model(
-            model,
-            name="model",
-            registered_model_name=settings.model_name,
-            pip_requirements=["scikit-learn", "pandas", "numpy"],
-            **log_options,
+            model, name="model", pip_requirements=["scikit-learn", "pandas", "numpy"], **log_options
         )
-    version = str(info.registered_model_version)
+    uri = f"models:/{info.model_id}"
+    if log_options.get("serialization_format", "skops") == "skops":
+        version = register_trusted(uri, settings)  # as training registers: checked, digest recorded
+    else:  # a pickled model written to MLflow past medops: what model trust must refuse to load
+        version = str(mlflow.register_model(uri, settings.model_name).version)
     client.set_model_version_tag(settings.model_name, version, "data_version", data_version)
     client.set_model_version_tag(settings.model_name, version, "threshold", str(threshold))
     if alias:
@@ -203,10 +203,11 @@ def shared_registry() -> tuple[str, str]:
 
 
 class ClipToPlausibleRanges:
-    """A feature step that only exists in the test code: a model that needs it cannot be served.
+    """A feature step that only exists in the test code: a model that needs it must not be served.
 
-    It stands for the real failure of a model depending on code the Bento does not carry; MLflow
-    loads it fine in this process (the class is importable here), a serving worker cannot.
+    It stands for a model depending on code medops did not review: a type outside
+    ``pipelines.model_trust.TRUSTED_TYPES``. Registered as cloudpickle past medops (as anyone with
+    write access to MLflow could), it is refused for being pickle before anything unpickles it.
     """
 
     def fit(self, X: Any, y: Any = None) -> ClipToPlausibleRanges:
@@ -224,7 +225,7 @@ class ClipToPlausibleRanges:
 
 
 def fit_unservable_model() -> Any:
-    """A correct model whose pickle refers to :class:`ClipToPlausibleRanges` (tests-only code)."""
+    """A correct model holding :class:`ClipToPlausibleRanges` (tests-only code)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import FixedThresholdClassifier
     from sklearn.pipeline import Pipeline

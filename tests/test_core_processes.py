@@ -142,3 +142,14 @@ def test_poll_until_gives_up_with_the_last_value_and_lets_errors_through():
     assert processes.poll_until(never, 0.1, 0.02) == [] and len(calls) >= 2
     with pytest.raises(KeyError):
         processes.poll_until(lambda: {}["missing"], 5, 0.01)
+
+
+def test_the_ui_processes_get_no_service_keys(medops_home, monkeypatch):
+    """MLflow's and Evidently's UIs never call the service: its bearer keys stay out of their environment."""
+    from medops.core.processes import child_env
+    from medops.core.settings import Settings
+
+    settings = Settings(home=medops_home.home, api_keys="k-one,k-two")
+    assert child_env(settings)["MEDOPS_API_KEYS"] == "k-one,k-two"
+    monkeypatch.setenv("MEDOPS_API_KEYS", "k-inherited")
+    assert "MEDOPS_API_KEYS" not in child_env(settings, service_keys=False)

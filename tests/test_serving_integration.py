@@ -76,6 +76,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         MEDOPS_MLFLOW_TRACKING_URI=tracking_uri,
         MEDOPS_SERVING_PORT=str(processes.find_free_port()),
         MEDOPS_SERVING_WORKERS="2",
+        # these tests load the server with one key on purpose: per-key limits are tested in test_service_security
+        MEDOPS_RATE_LIMIT_PER_SECOND="0",
+        MEDOPS_CONCURRENCY_LIMIT="0",
     ) as settings:
         yield settings
 
@@ -96,7 +99,7 @@ def stable(home: Settings, versions: dict[str, str]) -> Iterator[processes.Serve
         yield record
     finally:
         rollout.stop_all(home)
-        assert len(STARTED) >= 3  # stable, and a candidate per rollout
+        assert len(STARTED) >= 2  # stable, and the v2 rollout's candidate (the pickled version never got one)
         assert server_processes(home) == set(), "processes left behind"
         assert processes.read_record(home, rollout.STABLE) is None
 
@@ -252,9 +255,12 @@ def test_a_version_that_cannot_serve_leaves_the_old_one_serving(
     alerts: list[tuple[str, str]] = []
     monkeypatch.setattr(rollout, "_raise_alert", lambda title, details, settings: alerts.append((title, details)))
     set_champion(versions["broken"], home)  # what train_model's promotion did
+    started = len(STARTED)
     with continuous_load(stable.url, API_KEY, tmp_path, "broken") as load:
-        with pytest.raises(rollout.DeployFailed, match="cannot start"):
+        # a pickled model is refused before any process could unpickle it: no candidate is started
+        with pytest.raises(rollout.DeployFailed, match="stored as cloudpickle"):
             rollout.deploy(versions["broken"], home)
+    assert len(STARTED) == started
     assert load["failures"] == [] and set(load["versions"]) == {versions["v2"]}
     assert serving_version(home) == versions["v2"]  # what the stable endpoint's /readyz says
     assert champion_version(home) == versions["v2"]

@@ -35,10 +35,14 @@ out = Console(soft_wrap=True)
 
 @app.callback()
 def _private_files() -> None:
-    """Everything medops writes under MEDOPS_HOME (and every process it starts) is private to its user."""
+    """Everything medops writes under MEDOPS_HOME (and every process it starts) is private to its user,
+    and no model is ever unpickled (see pipelines/model_trust.py)."""
     import os
 
+    from medops.core.processes import PICKLE_SWITCH
+
     os.umask(0o077)
+    os.environ[PICKLE_SWITCH] = "false"
 
 
 class UserError(Exception):
@@ -267,10 +271,11 @@ def drift_scenario(
     run_drift_scenario(get_settings(), site=site, records=records, drift=drift, console=console)
 
 
-from medops.app import monitoring_commands, serving_commands  # noqa: E402  (they extend `app`)
+from medops.app import keys_commands, monitoring_commands, serving_commands  # noqa: E402  (they extend `app`)
 
 serving_commands.register(app)
 monitoring_commands.register(app)
+keys_commands.register(app)
 
 
 if __name__ == "__main__":

@@ -57,11 +57,13 @@ def airflow_env(settings: Settings) -> dict[str, str]:
 
 
 def urls(settings: Settings) -> dict[str, str]:
+    from serving.processes import connect_host
+
     h = settings.host
     return {
         "airflow": f"http://{h}:{settings.airflow_port}",
         "mlflow": f"http://{h}:{settings.mlflow_port}",
-        "serving": f"http://{h}:{settings.serving_port}",
+        "serving": f"{'https' if settings.tls_enabled else 'http'}://{connect_host(h)}:{settings.serving_port}",
         "evidently": f"http://{h}:{settings.evidently_port}",
     }
 
@@ -106,7 +108,7 @@ def start_mlflow(settings: Settings) -> int:
         "--workers",
         "1",
     ]
-    return processes.start("mlflow", argv, settings)
+    return processes.start("mlflow", argv, settings, env=processes.child_env(settings, service_keys=False))
 
 
 def start_evidently(settings: Settings) -> int:
@@ -121,7 +123,10 @@ def start_evidently(settings: Settings) -> int:
         "--port",
         str(settings.evidently_port),
     ]
-    return processes.start("evidently", argv, settings)
+    # Writes through the UI's API need the secret (reports are written to the workspace on disk by
+    # medops itself). In the environment, not the command line, which other users can read.
+    env = processes.child_env(settings, {"EVIDENTLY_SECRET": settings.evidently_secret()}, service_keys=False)
+    return processes.start("evidently", argv, settings, env=env)
 
 
 def airflow_client(settings: Settings) -> AirflowClient:
@@ -142,8 +147,10 @@ def wait_for_airflow(settings: Settings, timeout: float = 240) -> None:
 def serving_version(settings: Settings) -> str | None:
     """The model version the stable endpoint serves (its X-Model-Version), or None if it is not ready."""
     from serving.client import MedopsClient
+    from serving.processes import tls_verify
 
-    with MedopsClient(urls(settings)["serving"], timeout=2.0, connect_retries=0) as client:
+    url = urls(settings)["serving"]
+    with MedopsClient(url, timeout=2.0, connect_retries=0, verify=tls_verify(settings)) as client:
         return client.last_model_version if client.ready() else None
 
 

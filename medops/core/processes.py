@@ -41,6 +41,7 @@ R = TypeVar("R", bound="ProcessRecord")
 logger = logging.getLogger("medops.processes")
 
 PLATFORM_MARKER = "MEDOPS_PLATFORM"
+PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 SAME_PROCESS_SECONDS = 1.0  # start times of one process, read twice, differ by less
 ORPHAN_GRACE_SECONDS = 2.0  # how long descendants may outlive the process that should have stopped them
 KILL_GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL for processes signalled one by one
@@ -113,19 +114,26 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(settings: Settings, extra: dict[str, str] | None = None, *, service_keys: bool = True) -> dict[str, str]:
     """The environment of every process medops starts: this venv first on PATH, ``settings`` as
     ``MEDOPS_*`` (they win over what this process inherited), the stores under ``MEDOPS_HOME`` that
-    tools find through variables of their own, and the platform marker :func:`strays` looks for."""
+    tools find through variables of their own, and the platform marker :func:`strays` looks for.
+
+    ``service_keys=False`` leaves the service's bearer keys out, for the processes that never serve
+    or call the service (the MLflow and Evidently UIs): a key is only where it is needed."""
     fields = {f"MEDOPS_{name.upper()}" for name in type(settings).model_fields}
     env = {key: value for key, value in os.environ.items() if key not in fields}
     env.update(settings_env(settings))
+    if not service_keys:
+        env.pop("MEDOPS_API_KEYS", None)
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
     env[PLATFORM_MARKER] = str(settings.home)
     env["BENTOML_HOME"] = str(settings.bentoml_home)  # BentoML reads its store's place once per process
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})
+    # No process medops starts unpickles a model: pickled artifacts run code (pipelines.model_trust).
+    env[PICKLE_SWITCH] = "false"
     return env
 
 

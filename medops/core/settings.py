@@ -73,6 +73,26 @@ class Settings(BaseSettings):
     max_body_bytes: int = 2 * 1024 * 1024
     serving_workers: int = 1
 
+    # Per API key and per serving worker process (a server with N workers admits up to N times
+    # these); 0 switches a limit off. /explain has its own, stricter, limits.
+    rate_limit_per_second: float = Field(default=50.0, description="Sustained requests per second per key.")
+    rate_limit_burst: int = Field(default=100, description="Requests a key may send at once above its rate.")
+    concurrency_limit: int = Field(default=8, description="Requests of one key in progress at once.")
+    explain_rate_limit_per_second: float = 2.0
+    explain_rate_limit_burst: int = 4
+    explain_concurrency_limit: int = 2
+    feedback_lookback_days: int = Field(
+        default=30, description="/feedback accepts labels for encounters answered within this many days."
+    )
+    served_index_size: int = Field(
+        default=100_000, description="Encounters per serving worker remembered in memory for /feedback checks."
+    )
+    tls_certfile: Path | None = Field(default=None, description="PEM certificate the service presents (HTTPS).")
+    tls_keyfile: Path | None = Field(default=None, description="PEM private key of the certificate.")
+    tls_ca_file: Path | None = Field(
+        default=None, description="What medops' own clients verify the service against (default: the certificate)."
+    )
+
     # Monitoring verdicts (monitoring.signals, monitoring.judge). The drift thresholds were chosen
     # on generated windows only (bench/monitoring_power.py: calibrate, a seed apart from the run
     # reported); see that module's docstring for how.
@@ -194,6 +214,15 @@ class Settings(BaseSettings):
     def secrets_dir(self) -> Path:
         return self.home / "secrets"
 
+    @property
+    def api_keys_file(self) -> Path:
+        """Scoped API keys (``medops keys``): hashes only, never a key itself."""
+        return self.secrets_dir / "keys.json"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_certfile is not None and self.tls_keyfile is not None
+
     # Secrets generated on first use, kept under MEDOPS_HOME, never in code ----------------
     def _secret(self, name: str) -> str:
         """The secret ``name``, generated once: the first process to create it wins, atomically.
@@ -215,6 +244,10 @@ class Settings(BaseSettings):
         if not value:
             raise RuntimeError(f"the secret {path} is empty: delete it to have a new one generated")
         return value
+
+    def evidently_secret(self) -> str:
+        """What the Evidently UI asks of a write through its API (reading stays open on loopback)."""
+        return self._secret("evidently_secret")
 
     def service_api_keys(self) -> list[str]:
         """Bearer keys the service accepts: ``MEDOPS_API_KEYS`` or a key generated on first run."""
