@@ -52,10 +52,8 @@ def register_champion(settings: Settings) -> str:
     with mlflow.start_run(experiment_id=experiment), tempfile.TemporaryDirectory() as tmp:
         reference = model_registry.write_reference(model, train, holdout, Path(tmp), seed=settings.seed)
         mlflow.log_artifacts(str(reference), artifact_path=model_registry.REFERENCE)
-        info = mlflow.sklearn.log_model(
-            model, name="model", registered_model_name=settings.model_name, pip_requirements=["scikit-learn"]
-        )
-    version = str(info.registered_model_version)
+        info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
+    version = model_registry.register_trusted(f"models:/{info.model_id}", settings)  # as training registers
     model_registry.tag_version(version, {"data_version": "data-v1", "threshold": f"{THRESHOLD:.6f}"}, settings)
     model_registry.set_champion(version, settings)
     return version
