@@ -12,7 +12,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # A gate that can fail: any high-severity, high-confidence finding in the project's code.
 BANDIT := --quiet --recursive medops pipelines serving monitoring dags --severity-level high --confidence-level high
 
-.PHONY: venv run stop test test-fast lint bench lock clean
+.PHONY: venv chromium run stop test test-fast lint bench lock clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): requirements/dev.txt pyproject.toml
 	@VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip sync --quiet --compile-bytecode requirements/dev.txt
 	@VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install --quiet --no-deps -e .
 	@touch $(STAMP)
+
+# Debian's Chromium for tests/test_browser.py: Playwright drives it, no browser is downloaded.
+chromium:
+	@test -x /usr/bin/chromium || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y chromium || \
+		{ $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update && $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y chromium; }; }
 
 lock:
 	$(BIN)/uv pip compile --quiet --no-header --python-version 3.11 requirements/base.in -o requirements/base.txt
@@ -35,7 +40,7 @@ run: venv
 stop: venv
 	$(BIN)/medops down
 
-test: venv
+test: venv chromium
 	$(BIN)/ruff check medops pipelines serving monitoring dags tests bench
 	$(BIN)/lint-imports
 	$(BIN)/bandit $(BANDIT)

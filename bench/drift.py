@@ -60,11 +60,11 @@ def reference_frame() -> Any:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from medops.core.settings import Settings
+    from pipelines.holdout import split_by_row_key
+    from pipelines.protocol import load_protocol
     from pipelines.schema import FEATURES, LABEL, POSITIVE
-    from pipelines.train import split_rows
 
-    train, _ = split_rows(fixtures.seed(), Settings())
+    train, _ = split_by_row_key(fixtures.seed(), load_protocol().automatic.holdout_share)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     model.fit(train[list(FEATURES)], train[LABEL] == POSITIVE)
     train["probability_malignant"] = model.predict_proba(train[list(FEATURES)])[:, 1]

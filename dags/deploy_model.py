@@ -13,6 +13,9 @@ default 3000) without a failed request, or back to an earlier version.
   stable endpoint to it, smoke-test the endpoint, stop the candidate, point `@champion` at it).
 * **On failure** the version served before keeps serving, `@champion` points back to it and an
   alert goes to on-call people (webhook / e-mail); the task fails with the reason.
+* **Protocol**: a version whose gate did not pass is refused in `choose_version` unless the form
+  names who decided to serve it anyway (`override_by`) and why (`override_reason`); the override,
+  the deployment and any rollback are entries in the audit trail (`medops audit show`).
 * Same functions as `medops deploy --version N` and `medops rollback` (`serving/rollout.py`).
 """
 
@@ -41,21 +44,47 @@ from medops.orchestration import CHAMPION, DEFAULT_ARGS
             pattern=r"^[0-9]+$",
             description="Registry version to serve (a rollback). Blank: the promoted @champion.",
         ),
+        "override_by": Param(
+            None,
+            type=["null", "string"],
+            description="Only to serve a version whose gate did not pass: the name of the person who decided it "
+            "(recorded in the audit trail). Blank: such a version is refused.",
+        ),
+        "override_reason": Param(
+            None,
+            type=["null", "string"],
+            description="Why that version is served anyway (required with override_by).",
+        ),
     },
 )
 def deploy_model():
     @task
     def choose_version() -> str:
-        """The version to serve: the form's, else the promotion event's, else the current @champion."""
-        from medops.core.settings import get_settings
-        from serving.rollout import version_to_deploy
+        """The version to serve (the form's, else the promotion event's, else @champion), if the protocol allows."""
+        from airflow.sdk.exceptions import AirflowFailException
 
-        context = get_current_context()
-        return version_to_deploy(
-            get_settings(),
-            requested=context["params"].get("model_version"),
-            triggering_events=context.get("triggering_asset_events"),
+        from medops.core.settings import get_settings
+        from medops.orchestration import actor_of
+        from serving.rollout import DeployRefused, require_deployable, version_to_deploy
+
+        settings, context = get_settings(), get_current_context()
+        params = context["params"]
+        version = version_to_deploy(
+            settings, requested=params.get("model_version"), triggering_events=context.get("triggering_asset_events")
         )
+        try:
+            overridden_by = require_deployable(
+                version,
+                settings,
+                override_by=params.get("override_by"),
+                override_reason=params.get("override_reason"),
+                actor=actor_of(context),
+            )
+        except DeployRefused as refused:  # a decision, not a glitch: retrying cannot change it
+            raise AirflowFailException(str(refused)) from None
+        if overridden_by:
+            print(f"model version {version}: gate did not pass; served on {overridden_by}'s override")
+        return version
 
     @task
     def build_bento(version: str) -> str:
@@ -70,10 +99,19 @@ def deploy_model():
     @task(retries=1)
     def roll_out(version: str, bento: str) -> dict:
         """Start the Bento beside the running one, smoke-test, switch the stable endpoint, stop the old."""
+        from medops.app.run_notes import note_run, rollout_note
         from medops.core.settings import get_settings
-        from serving.rollout import deploy
+        from medops.orchestration import actor_of
+        from serving.rollout import DeployFailed, deploy
 
-        result = deploy(version, get_settings(), bento=bento)
+        # choose_version applied the protocol (and recorded any override) before the build
+        actor = actor_of(get_current_context())
+        settings = get_settings()
+        try:
+            result = deploy(version, settings, bento=bento, actor=actor, gate_checked=False)
+        except DeployFailed as error:
+            note_run("deploy_model", get_current_context()["run_id"], rollout_note(version, error, settings), settings)
+            raise
         print(f"model version {result.version} serving on {result.url} ({result.switch}; was {result.previous})")
         return result.to_dict()
 

@@ -53,12 +53,14 @@ def ingest_data():
         On a fresh platform this first creates the data registry with the seed as data-v1.
         """
         from medops.core.settings import get_settings
+        from medops.orchestration import actor_of
         from pipelines.data_registry import init_registry
         from pipelines.ingest import ingest_landing
 
-        settings, params = get_settings(), get_current_context()["params"]
-        init_registry(settings)
-        results = ingest_landing(settings, site_id=params.get("site_id") or None)
+        settings, context = get_settings(), get_current_context()
+        actor = actor_of(context)
+        init_registry(settings, actor=actor)
+        results = ingest_landing(settings, site_id=context["params"].get("site_id") or None, actor=actor)
         for result in results:
             print(result.summary())
         if not results:

@@ -25,6 +25,9 @@ to retrain.
 * **Retraining**: `drift` or `performance_drop` at `critical` emits the `medops/drift` Asset
   (extra `verdict`, `severity`, `drifted_columns`, `sites`, `signals`, `report`), which schedules
   `train_model` (with cooldown). `data_quality` never retrains; warnings only alert.
+* **Never a silent alert**: an alert no channel delivered waits in `MEDOPS_HOME/alerts/outbox/`
+  (`medops alerts`); the run's note says so, and `alert_on_call` fails when configured channels failed.
+* **Run note**: the verdict, its figures and the link to the Evidently report.
 """
 
 from __future__ import annotations
@@ -74,13 +77,21 @@ def monitor_drift():
 
     @task
     def alert_on_call(result: dict) -> dict | None:
-        """Alert on drift, performance_drop and data_quality (never on no_drift or insufficient_data)."""
+        """Alert on drift, performance_drop and data_quality; note the verdict on the run; fail when every
+        configured channel failed."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from medops.app.run_notes import monitoring_note, note_run
         from medops.core.settings import get_settings
         from monitoring.reports import alert_for_result
 
-        if not get_current_context()["params"].get("alert", True):
-            return None
-        return alert_for_result(result, get_settings())
+        settings, context = get_settings(), get_current_context()
+        outcome = alert_for_result(result, settings) if context["params"].get("alert", True) else None
+        note_run("monitor_drift", context["run_id"], monitoring_note(result, outcome, settings), settings)
+        failed = [name for name, state in (outcome or {}).get("channels", {}).items() if state.startswith("failed")]
+        if outcome and outcome.get("outbox") and failed:
+            raise AirflowFailException(f"alert not delivered ({', '.join(failed)} failed); kept in {outcome['outbox']}")
+        return outcome
 
     @task.short_circuit
     def drifted(result: dict) -> bool:

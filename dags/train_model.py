@@ -5,18 +5,30 @@ Trains, evaluates and registers a diagnosis model, then lets the gate decide abo
 
 * **Runs when** a new data version is announced (`medops/data`), when `monitor_drift` saw drift
   (`medops/drift`, at most once per `MEDOPS_RETRAIN_COOLDOWN_HOURS`), or manually with the form.
-* **Steps**: `plan` (what to train on; drift inside the cooldown skips the run), `fit`
-  (cross-validated search over logistic regression, SVM and gradient boosting, an operating
-  threshold meeting the sensitivity target, hold-out evaluation; files in a work folder under
-  `MEDOPS_HOME/training`), `log_run` (one MLflow run: metrics, plots, data version + DVC hash, code
-  git sha, this run's id, the exact training and hold-out rows with their scores and the feature
-  importance under `reference/`), `register` (a model version with `@challenger` and the model card).
-* **Gate**: sensitivity >= 0.95 and ROC AUC >= 0.97 on the hold-out rows (form-configurable) and no
-  more than 0.01 ROC AUC below the champion on the same rows. The decision and its reasons are
-  tags on the model version.
-* **Approval**: with `MEDOPS_REQUIRE_APPROVAL=true`, a drift-triggered promotion waits for a person
-  in *Required actions*; otherwise the gate alone decides.
-* **Emits** `medops/champion` on promotion, which schedules `deploy_model`.
+* **Steps**: `plan` (what to train on, the gate thresholds, what needs a person's approval; drift
+  inside the cooldown skips the run), `search` (one
+  mapped task per model family on the `train` queue: cross-validated search of logistic
+  regression, SVM or gradient boosting on the training side of the row-hash split), `choose` (the
+  best family), `fit` (hash hold-out of the modification protocol's share, an operating threshold
+  meeting the sensitivity target; files in a work folder under `MEDOPS_HOME/training`),
+  `log_run` (one MLflow run: metrics, plots, data version + DVC hash, code git sha, this run's id,
+  the hold-out's size and fingerprint, the exact training and hold-out rows with their scores and
+  the feature importance under `reference/`), `register` (a model version with `@challenger`, the
+  gate's decision as `gate/decision.json` and tags, the model card; its log prints the MLflow run).
+* **Gate** (`pipelines/modification_protocol.yaml`): the lower ends of 95 % intervals of
+  sensitivity, specificity and ROC AUC reach the protocol's floors, overall and at every site with
+  enough hold-out rows (smaller sites: "not enough evidence"), and the candidate is non-inferior to
+  the champion scored on the same stored rows. The form may tighten the floors; looser ones
+  (`sensitivity_lower`, `roc_auc_lower` below, `non_inferiority_margin` above the protocol's) need
+  a person's approval.
+* **Approval**: what the protocol reserves for a person, and drift-triggered promotions with
+  `MEDOPS_REQUIRE_APPROVAL=true`, wait in *Required actions*; the approver's Airflow user name
+  goes to the audit trail, and without it nothing is promoted.
+* **Emits** `medops/champion` on promotion, which schedules `deploy_model`; and `medops/data` when
+  drift retraining versioned feedback labels (that event names this run in `trained_by`, so the
+  run it schedules skips instead of training on the same data again).
+* **Run note**: refused (the gate's reasons), waiting for approval, or promoted, with the figures
+  and links to the MLflow run and model version.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
-from medops.orchestration import CHAMPION, DATA, DEFAULT_ARGS, DRIFT
+from medops.orchestration import CHAMPION, DATA, DEFAULT_ARGS, DRIFT, NEW_DATA
 
 FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
 
@@ -47,19 +59,29 @@ FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
             items={"type": "string", "enum": FAMILIES},
             description="Model families the search compares.",
         ),
-        "min_sensitivity": Param(
+        "sensitivity_lower": Param(
             None,
             type=["null", "number"],
             minimum=0,
             maximum=1,
-            description="Gate: blank uses MEDOPS_MIN_SENSITIVITY (0.95).",
+            description="Gate: floor on the lower 95 % bound of sensitivity. Blank: the modification protocol's "
+            "floor. Lower than the protocol's waits for a person's approval.",
         ),
-        "min_roc_auc": Param(
+        "roc_auc_lower": Param(
             None,
             type=["null", "number"],
             minimum=0,
             maximum=1,
-            description="Gate: blank uses MEDOPS_MIN_ROC_AUC (0.97).",
+            description="Gate: floor on the lower 95 % bound of ROC AUC. Blank: the protocol's floor. "
+            "Lower than the protocol's waits for a person's approval.",
+        ),
+        "non_inferiority_margin": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            description="Gate: how far the lower bound of AUC(candidate) - AUC(champion) may fall below zero. "
+            "Blank: the protocol's margin. Larger waits for a person's approval.",
         ),
         "data_version": Param(
             None,
@@ -70,16 +92,15 @@ FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
     },
 )
 def train_model():
-    @task
+    @task(outlets=[NEW_DATA])
     def plan() -> dict:
-        """Decide what to train on and with which gate; skip drift inside the cooldown."""
-        from dataclasses import asdict
-
+        """Decide what to train on, with which gate thresholds, and what needs a person's approval."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from medops.core.settings import get_settings
+        from medops.orchestration import actor_of
         from pipelines.retraining import plan_training
-        from pipelines.train import GateConfig
+        from pipelines.train import FORM_THRESHOLDS, plan_gate
 
         settings, context = get_settings(), get_current_context()
         params = context["params"]
@@ -89,15 +110,54 @@ def train_model():
             data_version=params.get("data_version") or None,
         )
         if planned is None:
-            raise AirflowSkipException("drift retraining skipped: inside the cooldown")
-        gate = GateConfig.from_settings(
-            settings, min_sensitivity=params.get("min_sensitivity"), min_roc_auc=params.get("min_roc_auc")
-        )
-        return planned | {"families": params.get("families") or None, "gate": asdict(gate)}
+            raise AirflowSkipException("nothing to train: drift inside the cooldown, or data already being trained on")
+        if planned.get("new_data_version"):  # the feedback labels retraining versioned, as an Asset event
+            extra = {"data_version": planned["new_data_version"], "origin": "feedback", "trained_by": context["run_id"]}
+            context["outlet_events"][NEW_DATA].add(DATA, extra=extra)
+        families = params.get("families") or None
+        form = {name: params.get(name) for name in FORM_THRESHOLDS}
+        gate = plan_gate(settings, families=families, form=form, trigger=planned["trigger"])
+        for reason in gate["approval_reasons"]:
+            print(f"needs a person's approval: {reason}")
+        return planned | gate | {"families": families, "actor": actor_of(context)}
 
     @task
-    def fit(planned: dict) -> dict:
-        """Split, search, threshold, fit and evaluate; the model and reference rows go to a work folder."""
+    def candidate_families(planned: dict) -> list[str]:
+        """The families to search, one mapped task each."""
+        return planned["families"] or FAMILIES
+
+    # Training goes to the `train` queue: in the cluster profile only workers serving it take it
+    # (LocalExecutor ignores queues); everything else runs on `[operators] default_queue`.
+    @task(queue="train")
+    def search(planned: dict, family: str) -> dict:
+        """Cross-validated search of one family on the planned data version's training rows (one of the fan-out)."""
+        import os
+        import socket
+
+        from medops.core.settings import get_settings
+        from pipelines.train import search_family
+
+        searched = search_family(get_settings(), planned["data_version"], family)
+        # Which host searched it: the cluster's test reads this line from the task log
+        print(f"search ran on host {socket.gethostname()} as {os.environ.get('MEDOPS_WORKER_NAME', 'local executor')}")
+        print(f"{family} on {searched['data_version']}: CV ROC AUC {searched['cv_roc_auc']:.4f} {searched['params']}")
+        return searched
+
+    @task
+    def choose(searched: list[dict]) -> dict:
+        """The reduce: the best family of the fan-out (the simplest on a tie)."""
+        from pipelines.train import choose_best
+
+        chosen = choose_best(list(searched))
+        print(f"chosen: {chosen['family']} ({chosen['cv_scores']})")
+        return chosen
+
+    @task(queue="train")
+    def fit(planned: dict, chosen: dict) -> dict:
+        """Threshold, fit and evaluate the chosen family on the row-hash split; files go to a work folder."""
+        import os
+        import socket
+
         from medops.core.settings import get_settings
         from pipelines.train import fit_candidate, training_work_dir
 
@@ -107,57 +167,74 @@ def train_model():
             planned["data_version"],
             planned["families"],
             work_dir=training_work_dir(settings, context["run_id"]),
+            chosen=chosen,
         )
+        print(f"fit ran on host {socket.gethostname()} as {os.environ.get('MEDOPS_WORKER_NAME', 'local executor')}")
         print(f"{result.family} on {result.data_version}: {result.metrics}")
+        holdout = result.holdout
+        print(f"hold-out: {holdout['rows']} rows, {holdout['malignant']} malignant, fingerprint {holdout['sha256']}")
         return result.to_dict()
 
     @task
     def log_run(planned: dict, fitted: dict) -> str:
         """Log the fit as one MLflow run (metrics, plots, inputs, model, reference rows); returns its id."""
         from medops.core.settings import get_settings
-        from pipelines.train import FitResult, GateConfig
+        from pipelines.train import FitResult
         from pipelines.train import log_run as log_fit
 
         context = get_current_context()
         return log_fit(
             FitResult.from_dict(fitted),
             get_settings(),
-            gate_config=GateConfig(**planned["gate"]),
+            thresholds=planned["thresholds"],
             trigger=planned["trigger"],
             airflow_run_id=context["run_id"],
+            actor=planned["actor"],
         )
 
     @task
     def register(planned: dict, fitted: dict, mlflow_run_id: str) -> dict:
-        """Register the run's model as @challenger and tag the gate's decision and the model card."""
+        """Register the run's model as @challenger, gate it on the stored hold-out, publish the model card."""
         from medops.core.settings import get_settings
-        from pipelines.train import FitResult, GateConfig, discard_work, register_version
+        from pipelines.model_registry import run_url
+        from pipelines.train import FitResult, discard_work, register_version
 
-        context = get_current_context()
+        settings, context = get_settings(), get_current_context()
         fit_result = FitResult.from_dict(fitted)
         result = register_version(
             mlflow_run_id,
             fit_result,
-            get_settings(),
-            gate_config=GateConfig(**planned["gate"]),
+            settings,
+            thresholds=planned["thresholds"],
+            approval_reasons=planned["approval_reasons"],
             trigger=planned["trigger"],
             airflow_run_id=context["run_id"],
+            actor=planned["actor"],
         )
         discard_work(fit_result)
+        url = run_url(mlflow_run_id, settings)
         print(f"model version {result.model_version} ({result.family}): {result.metrics}")
-        print(f"gate {'passed' if result.gate.passed else 'failed'}: {'; '.join(result.gate.reasons)}")
+        print(f"MLflow run (figures, gate/decision.json, model_card/model_card.html): {url}")
+        print(f"gate {'passed' if result.gate.passed else 'failed'}:\n" + "\n".join(result.gate.reasons))
         return {
             "model_version": result.model_version,
             "mlflow_run_id": mlflow_run_id,
+            "run_url": url,
             "gate_passed": result.gate.passed,
             "trigger": planned["trigger"],
             "reasons": result.gate.reasons,
+            "approval_reasons": planned["approval_reasons"],
             "needs_approval": planned["needs_approval"],
         }
 
     @task.branch
     def decide(result: dict) -> str | list[str] | None:
-        """Rejected by the gate: stop. Drift-triggered with approval required: ask a person."""
+        """Refused by the gate: stop. A change the protocol reserves for a person: ask one."""
+        from medops.app.run_notes import note_run, training_note
+        from medops.core.settings import get_settings
+
+        settings = get_settings()
+        note_run("train_model", get_current_context()["run_id"], training_note(result, settings), settings)
         if not result["gate_passed"]:
             return None
         return ["await_approval", "promote"] if result["needs_approval"] else "promote"
@@ -166,9 +243,11 @@ def train_model():
         task_id="await_approval",
         subject="Promote model version {{ ti.xcom_pull(task_ids='register')['model_version'] }} to @champion?",
         body=(
-            "A drift-triggered retraining passed the gate.\n\n"
+            "Promoting this version needs a named person's approval:\n\n"
+            "{{ ti.xcom_pull(task_ids='register')['approval_reasons'] | join('\n\n') }}\n\n"
+            "The gate passed:\n\n"
             "{{ ti.xcom_pull(task_ids='register')['reasons'] | join('\n\n') }}\n\n"
-            "Compare it with the champion in the MLflow UI before approving."
+            "Figures, the gate's decision and the model card: {{ ti.xcom_pull(task_ids='register')['run_url'] }}"
         ),
         response_timeout=timedelta(days=2),
         retries=0,
@@ -176,22 +255,31 @@ def train_model():
 
     @task(outlets=[CHAMPION], trigger_rule="none_failed_min_one_success")
     def promote(result: dict) -> str:
-        """Move @champion to the new version (the gate passed and, if asked, a person approved)."""
+        """Move @champion to the new version (the gate passed and, if asked, a named person approved)."""
         from medops.core.settings import get_settings
+        from medops.orchestration import approver_of
         from pipelines.train import promote as promote_version
 
         settings, context = get_settings(), get_current_context()
-        approved_by = None
+        approved_by = reason = None
         if result["needs_approval"]:
-            approval = context["ti"].xcom_pull(task_ids="await_approval") or {}
-            approved_by = str(approval.get("responded_by_user") or approval.get("responded_by") or "approver")
-        if not promote_version(result["model_version"], settings, approved_by=approved_by):
+            response = context["ti"].xcom_pull(task_ids="await_approval")
+            approved_by = approver_of(response)
+            reason = f"approved in Airflow's Required actions at {response.get('responded_at')}: " + "; ".join(
+                result["approval_reasons"]
+            )
+        if not promote_version(result["model_version"], settings, approved_by=approved_by, approval_reason=reason):
             raise RuntimeError(f"model version {result['model_version']} did not pass the gate")
         context["outlet_events"][CHAMPION].extra = {"model_version": result["model_version"]}
+        from medops.app.run_notes import note_run, training_note
+
+        note = training_note(result | {"promoted": True, "approved_by": approved_by}, settings)
+        note_run("train_model", context["run_id"], note, settings)
         return result["model_version"]
 
     planned = plan()
-    fitted = fit(planned)
+    searched = search.partial(planned=planned).expand(family=candidate_families(planned))
+    fitted = fit(planned, choose(searched))
     trained = register(planned, fitted, log_run(planned, fitted))
     branch = decide(trained)
     promoted = promote(trained)

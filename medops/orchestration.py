@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Asset, AssetWatcher, BaseNotifier
+from airflow.sdk import Asset, AssetAlias, AssetWatcher, BaseNotifier
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from medops.core import assets
@@ -117,6 +117,9 @@ LANDING = Asset(
 DATA = Asset(assets.DATA, extra={"doc": "A new data version was tagged in the data registry."})
 CHAMPION = Asset(assets.CHAMPION, extra={"doc": "A model version was promoted to @champion."})
 DRIFT = Asset(assets.DRIFT, extra={"doc": "monitor_drift saw drift in what the service receives."})
+# A task that only sometimes makes a data version declares this alias, not DATA itself: an alias
+# emits an event only for the assets the task adds, while a declared Asset emits one on every success.
+NEW_DATA = AssetAlias("medops-new-data-version")
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "ml-platform",
@@ -124,3 +127,40 @@ DEFAULT_ARGS: dict[str, Any] = {
     "retry_delay": timedelta(seconds=20),
     "on_failure_callback": failure_notifier(),
 }
+
+
+def actor_of(context: Any) -> str:
+    """Who a DAG run acts for in the audit trail: the Airflow user who triggered it, else the scheduler.
+
+    A run triggered from the UI or the REST API carries ``dag_run.triggering_user_name``; one
+    scheduled by an Asset or a timetable carries none and acts as ``medops-scheduler``.
+    """
+    from pipelines.governance import SCHEDULER
+
+    name = getattr(context.get("dag_run"), "triggering_user_name", None)
+    return str(name).strip() if name and str(name).strip() else SCHEDULER
+
+
+def approver_of(response: Any) -> str:
+    """The Airflow user name of the person who approved, from ``ApprovalOperator``'s result (its XCom).
+
+    Airflow 3.3's ``HITLOperator.execute_complete`` returns ``chosen_options``, ``params_input``,
+    ``responded_at`` and ``responded_by_user`` (``{"id", "name"}``, None when the request timed out
+    to a default). Anything but an "Approve" by a named user is refused: a promotion the protocol
+    reserves for a person never goes through on a placeholder.
+    """
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    from medops.core.audit import PLACEHOLDER_ACTORS
+
+    if not isinstance(response, dict) or not response:
+        raise PermissionError("no approval response recorded in Required actions: not promoting")
+    chosen = list(response.get("chosen_options") or [])
+    if chosen != [ApprovalOperator.APPROVE]:
+        answer = chosen or "with nothing"
+        raise PermissionError(f"the approval request was answered {answer}, not Approve: not promoting")
+    user = response.get("responded_by_user") or {}
+    name = str(user.get("name") or "").strip() if isinstance(user, dict) else ""
+    if name.lower() in PLACEHOLDER_ACTORS:
+        raise PermissionError("the approval names no Airflow user (timed out to a default?): not promoting")
+    return name

@@ -554,6 +554,8 @@ def log_to_mlflow(
             "monitoring_last_report": f"monitoring/{files.directory.name}",
             "monitoring_last_run": stamp,
         }
+        if result.report_url and result.report_url.startswith("http"):  # a link people can click in MLflow
+            tags["monitoring_last_report_url"] = result.report_url
         for key, value in tags.items():
             client.set_model_version_tag(settings.model_name, str(model_version), key, value)
     return version.run_id

@@ -16,6 +16,9 @@ lock next (an ingest, ``medops init``, the DAG's task) first settles what a cras
 that committed gets its tag; any other is rolled back (uncommitted changes to ``data.dvc``, the
 manifest and ``.gitignore`` reset to the last commit, the batch file removed, the quarantine put
 back), so the retry ends with every received row exactly once in a version or in quarantine.
+
+Every data version is an entry in the audit trail (:mod:`pipelines.governance`), written once its
+tag exists; an ingest finished after a crash gets its entry then, by the actor its journal noted.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ import yaml
 
 from medops.core.files import file_lock, sha256_file, write_atomically
 from medops.core.settings import Settings
+from pipelines import governance
 from pipelines.data import read_data_dir, write_frame, write_seed
+from pipelines.governance import SCHEDULER
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
@@ -185,6 +190,14 @@ def _settle(entry: dict, settings: Settings) -> str:
         if tag and tag not in list_versions(settings):
             message = entry.get("message") or f"{tag}: batch {entry['sha256'][:12]}"
             _git(repo, "tag", "-a", tag, "-m", message, "HEAD")
+        if tag:
+            _record_version(
+                describe_version(tag, settings),
+                entry.get("actor") or SCHEDULER,
+                (entry.get("message") or tag) + " (finished after an interrupted ingest)",
+                settings,
+                sha256=entry["sha256"],
+            )
         return "finished"
     # Only what an ingest changes goes back to HEAD: an operator's edit elsewhere (a new DVC remote
     # in .dvc/config) is not an ingest's to undo.
@@ -274,8 +287,11 @@ def _dvc_add_and_push(repo: Path) -> None:
     _dvc_push(repo)
 
 
-def init_registry(settings: Settings) -> DataVersion:
-    """Create the registry with the seed as ``data-v1`` (idempotent: an existing registry is kept)."""
+def init_registry(settings: Settings, *, actor: str = SCHEDULER) -> DataVersion:
+    """Create the registry with the seed as ``data-v1`` (idempotent: an existing registry is kept).
+
+    Creating it is recorded in the audit trail as the first data version, by ``actor``.
+    """
     repo = settings.registry_dir
     with locked_registry(settings):  # settles an ingest a crash interrupted, at every start
         if latest_version(settings):
@@ -300,7 +316,9 @@ def init_registry(settings: Settings) -> DataVersion:
         _git(repo, "add", "data.dvc", ".gitignore", MANIFEST, ".dvc/config", ".dvc/.gitignore")
         _git(repo, "commit", "-q", "-m", "data-v1: seed (Wisconsin diagnostic breast cancer data)")
         _git(repo, "tag", "-a", f"{TAG_PREFIX}1", "-m", "seed")
-        return describe_version(f"{TAG_PREFIX}1", settings)
+        version = describe_version(f"{TAG_PREFIX}1", settings)
+        _record_version(version, actor, "seed: the Wisconsin diagnostic breast cancer data", settings, source=seed.name)
+        return version
 
 
 def _batch_record(source: str, sha256: str, accepted: int, quarantined: int, **extra: object) -> dict:
@@ -355,6 +373,7 @@ def record_batch(
     settings: Settings,
     origin: str = "landing",
     journal: IngestJournal | None = None,
+    actor: str = SCHEDULER,
 ) -> DataVersion | None:
     """Append accepted rows as a new immutable batch file and tag the next data version.
 
@@ -362,7 +381,8 @@ def record_batch(
     recorded in the manifest so it is not taken again). ``source_name`` goes into the manifest
     and the commit message, so it must name no one: ingest passes the checksum's prefix and the
     site, never a landed file's name (which can carry a patient's). Pass the ``journal`` of an
-    ingest already in progress (:func:`journaled`); without one, this opens its own.
+    ingest already in progress (:func:`journaled`); without one, this opens its own. A new version
+    is recorded in the audit trail, by ``actor``.
     """
     repo = settings.registry_dir
     with contextlib.ExitStack() as stack:
@@ -377,7 +397,7 @@ def record_batch(
             record["version"] = tag
             record["data_file"] = f"batch-{sha256[:16]}.csv"
             message = f"{tag}: {len(accepted)} rows from {source_name} (sites {_sites(accepted)}; {origin})"
-            journal.note(tag=tag, data_file=record["data_file"], message=message)
+            journal.note(tag=tag, data_file=record["data_file"], message=message, actor=actor)
             write_frame(accepted, repo / "data" / record["data_file"])
             crash_point("after_write")
         manifest["batches"].append(record)
@@ -398,7 +418,37 @@ def record_batch(
         crash_point("after_commit")
         _git(repo, "tag", "-a", tag, "-m", message)
         crash_point("after_tag")
-        return describe_version(tag, settings)
+        version = describe_version(tag, settings)
+        _record_version(
+            version,
+            actor,
+            message,
+            settings,
+            sha256=sha256,
+            accepted=len(accepted),
+            quarantined=quarantined,
+            origin=origin,
+        )
+        return version
+
+
+def _record_version(version: DataVersion, actor: str, reason: str, settings: Settings, **details: object) -> None:
+    """The data version's audit entry, once: an ingest finished after a crash may reach here twice."""
+    from medops.core import audit
+
+    if any(
+        entry.action == "data_version" and entry.links.get("data_version") == version.tag
+        for entry in audit.entries(settings)
+    ):
+        return
+    governance.record(
+        "data_version",
+        actor=actor,
+        reason=reason,
+        settings=settings,
+        links={"data_version": version.tag, "data_dvc_md5": version.dvc_md5, "registry_commit": version.commit},
+        details={"rows": version.rows, **details},
+    )
 
 
 def restore_version(tag: str, dest: Path, settings: Settings) -> Path:

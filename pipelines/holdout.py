@@ -95,8 +95,7 @@ def holdout_mask(keys: np.ndarray, share: float = DEFAULT_SHARE) -> np.ndarray:
 def split_by_row_key(frame: pd.DataFrame, share: float = DEFAULT_SHARE) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training rows, hold-out rows) of a data version, each side decided by the row's own key.
 
-    Row order within each side is the frame's; the index is reset as :func:`pipelines.train.split_rows`
-    does, so the two are interchangeable for the caller.
+    Row order within each side is the frame's, and each side's index is reset.
     """
     held_out = holdout_mask(row_keys(frame), share)
     train = frame.loc[~held_out].reset_index(drop=True)

@@ -33,6 +33,7 @@ import pandas as pd
 from medops.core.files import atomic_writer, sha256_file, write_atomically
 from medops.core.settings import Settings
 from pipelines import data_registry
+from pipelines.governance import SCHEDULER
 from pipelines.validate import REASON, BatchRejected, ValidationResult, read_batch, validate_batch
 
 PROCESSED = "processed"
@@ -181,19 +182,19 @@ def _is_landed(path: Path, settings: Settings) -> bool:
     return settings.landing_dir.resolve() in path.resolve().parents
 
 
-def _ingest(path: Path, settings: Settings, site_id: str | None, *, archive: bool) -> IngestResult:
+def _ingest(path: Path, settings: Settings, site_id: str | None, *, archive: bool, actor: str) -> IngestResult:
     """Ingest one file holding the registry lock throughout, checks included; archive it if asked."""
-    data_registry.init_registry(settings)
+    data_registry.init_registry(settings, actor=actor)
     with data_registry.locked_registry(settings):
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
-        result = _ingest_locked(path, settings, site_id)
+        result = _ingest_locked(path, settings, site_id, actor=actor)
         if archive and path.exists():
             archive_landed(path, settings)
     return result
 
 
-def _ingest_locked(path: Path, settings: Settings, site_id: str | None) -> IngestResult:
+def _ingest_locked(path: Path, settings: Settings, site_id: str | None, *, actor: str) -> IngestResult:
     landed = _is_landed(path, settings)
     sha256 = sha256_file(path)  # the key that makes ingest idempotent
     label = f"batch {sha256[:12]}" + (f" for {site_id}" if site_id else "")
@@ -225,12 +226,20 @@ def _ingest_locked(path: Path, settings: Settings, site_id: str | None) -> Inges
                 path, sha256=sha256, reason=str(rejected), settings=settings, move=landed, journal=journal
             )
             data_registry.record_batch(
-                pd.DataFrame(), source_name=label, sha256=sha256, quarantined=0, settings=settings, journal=journal
+                pd.DataFrame(),
+                source_name=label,
+                sha256=sha256,
+                quarantined=0,
+                settings=settings,
+                journal=journal,
+                actor=actor,
             )
         return IngestResult(
             path.name, sha256, "rejected_whole", 0, 0, 0, quarantine_path=str(folder), reason=str(rejected)
         )
-    version, folder = record_validated(result, name=path.name, label=label, sha256=sha256, settings=settings)
+    version, folder = record_validated(
+        result, name=path.name, label=label, sha256=sha256, settings=settings, actor=actor
+    )
     assert len(result.accepted) + len(result.rejected) == result.received
     return IngestResult(
         file=path.name,
@@ -245,12 +254,20 @@ def _ingest_locked(path: Path, settings: Settings, site_id: str | None) -> Inges
 
 
 def record_validated(
-    result: ValidationResult, *, name: str, label: str, sha256: str, settings: Settings, origin: str = "landing"
+    result: ValidationResult,
+    *,
+    name: str,
+    label: str,
+    sha256: str,
+    settings: Settings,
+    origin: str = "landing",
+    actor: str = SCHEDULER,
 ) -> tuple[data_registry.DataVersion | None, Path | None]:
     """Quarantine a validated batch's rejected rows and version its accepted rows, under one journal.
 
     The caller holds the registry lock (the batch was validated against the registry's rows under
-    it). Returns the new data version (None when no row was accepted) and the quarantine folder.
+    it). Returns the new data version (None when no row was accepted, else audited by ``actor``)
+    and the quarantine folder.
     """
     folder = None
     with data_registry.journaled(sha256, settings) as journal:
@@ -266,17 +283,19 @@ def record_validated(
             settings=settings,
             origin=origin,
             journal=journal,
+            actor=actor,
         )
     return version, folder
 
 
-def ingest_file(path: Path, settings: Settings, site_id: str | None = None) -> IngestResult:
+def ingest_file(path: Path, settings: Settings, site_id: str | None = None, *, actor: str = SCHEDULER) -> IngestResult:
     """Validate one file and record its rows: accepted into a new data version, the rest quarantined.
 
     A file under the landing folder that is refused whole is moved into quarantine; a path
     elsewhere is left where it is. Archived landed files past their retention are purged after.
+    A new data version is recorded in the audit trail by ``actor``.
     """
-    result = _ingest(Path(path), settings, site_id, archive=False)
+    result = _ingest(Path(path), settings, site_id, archive=False, actor=actor)
     purge_landing(settings)
     return result
 
@@ -299,17 +318,17 @@ def _release_claim(path: Path, settings: Settings) -> None:
     (settings.landing_dir / CLAIMED / str(relative).replace(os.sep, "__")).unlink(missing_ok=True)
 
 
-def ingest_landing(settings: Settings, site_id: str | None = None) -> list[IngestResult]:
+def ingest_landing(settings: Settings, site_id: str | None = None, *, actor: str = SCHEDULER) -> list[IngestResult]:
     """Ingest every file waiting in the landing folder, oldest name first, archiving each after.
 
     A file that a concurrent ingest (``medops ingest``, another run) took meanwhile is skipped.
     """
     # Settled first: a rolled-back ingest puts its file back into the landing folder.
-    data_registry.init_registry(settings)
+    data_registry.init_registry(settings, actor=actor)
     results = []
     for path in landing_files(settings):
         try:
-            results.append(_ingest(path, settings, site_id or landing_site(path, settings), archive=True))
+            results.append(_ingest(path, settings, site_id or landing_site(path, settings), archive=True, actor=actor))
         except FileNotFoundError:
             log.info("a landed file was taken by a concurrent ingest; skipped")
         if not path.exists():

@@ -12,8 +12,12 @@ changed since cannot make it compare against other rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +31,9 @@ if TYPE_CHECKING:
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 EXPERIMENT = "medops-training"
+# The MLflow 3 UI opens an experiment in its GenAI view (traces) unless this tag names its kind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def configure_mlflow(settings: Settings) -> None:
@@ -47,11 +54,13 @@ def ensure_experiment(settings: Settings, name: str = EXPERIMENT) -> str:
     configure_mlflow(settings)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # stores made before the tag
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return experiment.experiment_id
     # With the embedded SQLite store, artifacts live beside it; a tracking server decides for itself.
     location = (settings.artifact_root / name).as_uri() if settings.tracking_uri.startswith("sqlite") else None
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except Exception:  # another process created it between our two calls
         return mlflow.get_experiment_by_name(name).experiment_id
 
@@ -93,6 +102,20 @@ def tag_version(version: str, tags: dict[str, Any], settings: Settings) -> None:
         mlflow_client.set_model_version_tag(settings.model_name, str(version), key, str(value))
 
 
+@contextlib.contextmanager
+def quiet_model_io() -> Iterator[None]:
+    """Saving or loading a model without the noise that buries a task's log.
+
+    skops walks every loaded module when it saves or loads; in an Airflow task that includes
+    Airflow's deprecated-name shims, each of which warns (``DeprecatedImportWarning``, a
+    FutureWarning): about 1,160 lines per task log. MLflow prints "Created version ..." to
+    stderr, which Airflow shows as an ERROR; here it goes to stdout.
+    """
+    with warnings.catch_warnings(), contextlib.redirect_stderr(sys.stdout):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"skops\.io")
+        yield
+
+
 def model_uri(version: str, settings: Settings) -> str:
     return f"models:/{settings.model_name}/{version}"
 
@@ -122,7 +145,8 @@ def register_trusted(uri: str, settings: Settings, tags: dict[str, Any] | None =
     with tempfile.TemporaryDirectory(prefix="medops-register-") as tmp:
         digest = model_trust.registrable_digest(download_model(uri, Path(tmp), settings), f"the model at {uri}")
     all_tags = {**(tags or {}), model_trust.DIGEST_KEY: digest}
-    return str(mlflow.register_model(uri, settings.model_name, tags=all_tags).version)
+    with quiet_model_io():
+        return str(mlflow.register_model(uri, settings.model_name, tags=all_tags).version)
 
 
 def load_model(version: str, settings: Settings):
@@ -141,7 +165,8 @@ def load_model(version: str, settings: Settings):
     with tempfile.TemporaryDirectory(prefix="medops-model-") as tmp:
         local = download_model(model_uri(version, settings), Path(tmp), settings)
         try:
-            return model_trust.load_trusted(local, expected, what)
+            with quiet_model_io():
+                return model_trust.load_trusted(local, expected, what)
         except model_trust.ModelTampered as error:
             from medops.core.alerts import send_alert
 
@@ -156,6 +181,12 @@ def load_model(version: str, settings: Settings):
                 details=str(error),
             )
             raise
+
+
+def run_url(run_id: str, settings: Settings, experiment_id: str | None = None) -> str:
+    """Where a run's page is in the MLflow UI that ``medops up`` starts (the task logs print it)."""
+    experiment_id = experiment_id or client(settings).get_run(run_id).info.experiment_id
+    return f"http://{settings.host}:{settings.mlflow_port}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def code_version() -> str:

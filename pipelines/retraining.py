@@ -99,6 +99,17 @@ def plan_training(
 ) -> dict[str, Any] | None:
     """What ``train_model`` should do for this run, or None to skip it (drift inside the cooldown)."""
     events = _events_by_asset(triggering_events)
+    # A data version drift retraining made is announced naming the run that already trains on it.
+    fresh = [e for e in events.get(assets.DATA, []) if not (getattr(e, "extra", None) or {}).get("trained_by")]
+    if assets.DATA in events and not fresh and assets.DRIFT not in events and data_version is None:
+        trained_by = {e.extra["trained_by"] for e in events[assets.DATA]}
+        print(f"data announced by retraining run(s) {', '.join(sorted(trained_by))}, which trained on it: skipped")
+        return None
+    if fresh:
+        events[assets.DATA] = fresh
+    else:
+        events.pop(assets.DATA, None)
+    feedback_version = None
     if assets.DATA in events:
         trigger = "data"
         announced = [e.extra.get("data_version") for e in events[assets.DATA] if getattr(e, "extra", None)]
@@ -123,4 +134,6 @@ def plan_training(
         "trigger": trigger,
         "data_version": data_version,
         "needs_approval": trigger == "drift" and settings.require_approval,
+        # only when retraining made one: the plan task announces it as a medops/data Asset event
+        **({"new_data_version": feedback_version} if feedback_version else {}),
     }

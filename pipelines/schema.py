@@ -49,5 +49,37 @@ FEATURE_RANGES: dict[str, tuple[float, float]] = {
     "worst_fractal_dimension": (0.0, 0.45),
 }
 FEATURES: tuple[str, ...] = tuple(FEATURE_RANGES)
+
+# What each measurement of a cell nucleus is, and its unit. The dataset's description (sklearn's
+# load_breast_cancer().DESCR, from UCI's WDBC) gives no physical units: sizes were measured on
+# digitised images, so they are in image units (pixels), areas in square image units.
+_MEASUREMENTS: dict[str, tuple[str, str]] = {
+    "radius": ("mean distance from the centre to points on the perimeter", "image units (pixels)"),
+    "texture": ("standard deviation of grey-scale values", "grey levels"),
+    "perimeter": ("perimeter of the nucleus", "image units (pixels)"),
+    "area": ("area of the nucleus", "square image units (pixels²)"),
+    "smoothness": ("local variation in radius lengths", "dimensionless"),
+    "compactness": ("perimeter² / area − 1.0", "dimensionless"),
+    "concavity": ("severity of the concave portions of the contour", "dimensionless"),
+    "concave_points": ("concave portions of the contour (as distributed: scaled, not a count)", "dimensionless"),
+    "symmetry": ("symmetry of the nucleus", "dimensionless"),
+    "fractal_dimension": ('"coastline approximation" − 1', "dimensionless"),
+}
+_STATISTICS = {
+    "mean": "mean over the nuclei in the image",
+    "error": "standard error over the nuclei in the image",
+    "worst": "mean of the three largest values in the image",
+}
+
+
+def feature_description(name: str) -> str:
+    """What a feature measures, its unit and its plausible range, in words for API docs and reports."""
+    statistic = "mean" if name.startswith("mean_") else "worst" if name.startswith("worst_") else "error"
+    measurement = name.removeprefix("mean_").removeprefix("worst_").removesuffix("_error")
+    meaning, unit = _MEASUREMENTS[measurement]
+    low, high = FEATURE_RANGES[name]
+    return f"{meaning.capitalize()}: {_STATISTICS[statistic]}. Unit: {unit}. Plausible range {low:g} to {high:g}."
+
+
 DATA_COLUMNS: tuple[str, ...] = (*FEATURES, LABEL, SITE)
 SITE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

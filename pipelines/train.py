@@ -1,23 +1,29 @@
 """Train, evaluate, register and gate a diagnosis model on one data version.
 
-A stratified hold-out (fixed seed) is kept aside; on the training rows a small cross-validated
-search compares logistic regression, an SVM and gradient boosting, each a scikit-learn Pipeline
-with scaling inside (fitted on training rows only). The operating threshold is chosen on
-out-of-fold probabilities to meet the sensitivity target and is stored inside the model
-(``FixedThresholdClassifier``), so every place that predicts uses it. The result is one MLflow
-run and one registered version with ``@challenger``; ``@champion`` moves only through the gate.
+Rows are split into training and hold-out by a hash of each row (:mod:`pipelines.holdout`, the
+modification protocol's share), so a row held out once stays held out in every later data version
+and a candidate and its champion are compared on rows neither trained on. On the training rows a
+small cross-validated search compares logistic regression, an SVM and gradient boosting, each a
+scikit-learn Pipeline with scaling inside (fitted on training rows only). The operating threshold
+is chosen on out-of-fold probabilities to meet the sensitivity target and is stored inside the
+model (``FixedThresholdClassifier``), so every place that predicts uses it. The result is one
+MLflow run and one registered version with ``@challenger``; ``@champion`` moves only through the
+gate (:mod:`pipelines.gate`: lower bounds of 95 % intervals, overall and per site, and
+non-inferiority to the champion on the same stored hold-out rows).
 
 Three steps, each callable (and testable) alone, with paths and small results between them:
 
-- :func:`fit_candidate`: split, search, threshold, fit, evaluate, compare with the champion on the
-  same rows; writes the model, the figures and the reference (rows, scores, importance) to a work
-  directory and returns a JSON-able :class:`FitResult`;
+- :func:`fit_candidate`: split, search, threshold, fit, evaluate; writes the model, the figures
+  and the reference (rows, scores, importance) to a work directory and returns a JSON-able
+  :class:`FitResult`;
 - :func:`log_run`: one MLflow run with tags, params, metrics, inputs, figures, the model and the
   reference files; returns the run id;
 - :func:`register_version`: the registry version of that run, ``@challenger``, the gate's decision
-  as tags and the model card; returns the :class:`TrainResult`.
+  (``gate/decision.json`` on the run, its figures as metrics, its verdict as version tags) and the
+  model card; returns the :class:`TrainResult`.
 
 :func:`train_model` composes them (the command line); the ``train_model`` DAG runs them as tasks.
+Each step leaves an entry in the audit trail (:mod:`pipelines.governance`).
 """
 
 from __future__ import annotations
@@ -26,48 +32,89 @@ import json
 import shutil
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from medops.core import links
 from medops.core.settings import Settings
-from pipelines import data_registry, model_registry, model_trust
+from pipelines import data_registry, governance, model_registry, model_trust
 from pipelines.figures import evaluation_figures
 from pipelines.metrics import evaluate_model, probability_malignant
-from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, POSITIVE
+from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, POSITIVE, SITE
+
+if TYPE_CHECKING:
+    from pipelines.gate import GateDecision
+    from pipelines.protocol import Protocol, Thresholds
 
 FAMILIES = ("logistic_regression", "svm", "gradient_boosting")
+DECISION_ARTIFACT = "gate/decision.json"
+# Trigger-form and command-line names of the gate thresholds a person may set (the protocol's names).
+FORM_THRESHOLDS = ("sensitivity_lower", "roc_auc_lower", "non_inferiority_margin")
+SHORT_REASON_CHARS = 500
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    """Promotion thresholds; defaults come from settings, a trigger form may override them."""
+def gate_thresholds(protocol: Protocol, overrides: Mapping[str, float | None] | None = None) -> Thresholds:
+    """The protocol's gate floors with a form's or command line's overrides applied (blank = protocol).
 
-    min_sensitivity: float
-    min_roc_auc: float
-    max_auc_drop: float
+    Unknown names or out-of-range values are a ValueError naming the threshold. Whether the result
+    is looser than the protocol is :func:`pipelines.protocol.thresholds_below_floors`' question.
+    """
+    from pydantic import ValidationError
 
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: float | None) -> GateConfig:
-        values = {
-            "min_sensitivity": settings.min_sensitivity,
-            "min_roc_auc": settings.min_roc_auc,
-            "max_auc_drop": settings.max_auc_drop,
-        }
-        values.update({k: float(v) for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    from pipelines.protocol import Thresholds
+
+    given = {name: value for name, value in (overrides or {}).items() if value is not None}
+    unknown = sorted(set(given) - set(Thresholds.model_fields))
+    if unknown:
+        raise ValueError(f"unknown gate threshold(s) {', '.join(unknown)}; known: {', '.join(Thresholds.model_fields)}")
+    try:
+        return Thresholds.model_validate(protocol.gate.model_dump() | given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ValueError(f"gate threshold {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
-@dataclass(frozen=True)
-class GateDecision:
-    passed: bool
-    reasons: list[str]
-    champion_version: str | None
-    champion_roc_auc: float | None
+def plan_gate(
+    settings: Settings,
+    *,
+    families: Sequence[str] | None,
+    form: Mapping[str, float | None] | None,
+    trigger: str,
+) -> dict[str, Any]:
+    """The thresholds a person set (blank ones dropped) and why promoting needs a person, if it does.
+
+    ``{"thresholds", "approval_reasons", "needs_approval"}``, plain JSON for the DAG's XCom. A
+    wrong threshold fails here, before minutes of training.
+    """
+    from pipelines.protocol import load_protocol
+
+    protocol = load_protocol()
+    thresholds = overrides_only(form)
+    gate_thresholds(protocol, thresholds)
+    reasons = governance.training_approvals(
+        settings, protocol, families=known_families(families), thresholds=thresholds, trigger=trigger
+    )
+    return {"thresholds": thresholds, "approval_reasons": reasons, "needs_approval": bool(reasons)}
+
+
+def known_families(families: Sequence[str] | None) -> list[str]:
+    """The families asked for (all by default); ValueError naming any this code cannot train."""
+    chosen = list(families or FAMILIES)
+    unknown = sorted(set(chosen) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown model family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+    return chosen
+
+
+def overrides_only(thresholds: Mapping[str, float | None] | None) -> dict[str, float]:
+    """The thresholds a person actually set (blank ones dropped), as plain floats."""
+    return {name: float(value) for name, value in (thresholds or {}).items() if value is not None}
 
 
 @dataclass
@@ -79,13 +126,16 @@ class TrainResult:
     family: str
     threshold: float
     data_version: str
-    metrics: dict[str, float]
+    metrics: dict[str, float | int | None]
     gate: GateDecision
+    approval_reasons: list[str] = field(default_factory=list)
     promoted: bool = False
     cv_roc_auc: dict[str, float] = field(default_factory=dict)
+    holdout: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        result = {item.name: getattr(self, item.name) for item in fields(self)}
+        return result | {"gate": self.gate.to_dict()}
 
 
 def candidate_estimators(seed: int) -> dict[str, tuple[Any, dict[str, list]]]:
@@ -115,36 +165,70 @@ def candidate_estimators(seed: int) -> dict[str, tuple[Any, dict[str, list]]]:
     }
 
 
-def split_rows(frame: pd.DataFrame, settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Stratified hold-out with a fixed seed: (training rows, evaluation rows)."""
-    from sklearn.model_selection import train_test_split
+def _grid_search(train: pd.DataFrame, family: str, settings: Settings) -> tuple[float, dict[str, Any]]:
+    """One family's cross-validated ROC AUC search: (best score, best parameters)."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-    train, test = train_test_split(
-        frame, test_size=settings.test_size, stratify=frame[LABEL], random_state=settings.seed
-    )
-    return train.reset_index(drop=True), test.reset_index(drop=True)
+    estimator, grid = candidate_estimators(settings.seed)[family]
+    cv = StratifiedKFold(n_splits=settings.cv_folds, shuffle=True, random_state=settings.seed)
+    y = (train[LABEL] == POSITIVE).astype(int)  # roc_auc scorer: malignant = 1 here
+    search = GridSearchCV(estimator, grid, scoring="roc_auc", cv=cv, n_jobs=settings.train_jobs, refit=False)
+    search.fit(train[list(FEATURES)], y)
+    return float(search.best_score_), dict(search.best_params_)
+
+
+def _best_family(scores: dict[str, float]) -> str:
+    # The simplest family wins ties (FAMILIES is ordered simplest first).
+    return max(scores, key=lambda name: (round(scores[name], 4), -FAMILIES.index(name)))
 
 
 def search_best(train: pd.DataFrame, families: list[str], settings: Settings) -> tuple[str, Any, dict[str, float]]:
     """Cross-validated ROC AUC search over the families; returns (family, best pipeline, CV scores)."""
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-
-    cv = StratifiedKFold(n_splits=settings.cv_folds, shuffle=True, random_state=settings.seed)
-    y = (train[LABEL] == POSITIVE).astype(int)  # roc_auc scorer: malignant = 1 here
     scores: dict[str, float] = {}
-    best: dict[str, Any] = {}
-    for name, (estimator, grid) in candidate_estimators(settings.seed).items():
-        if name not in families:
-            continue
-        search = GridSearchCV(estimator, grid, scoring="roc_auc", cv=cv, n_jobs=settings.train_jobs, refit=False)
-        search.fit(train[list(FEATURES)], y)
-        scores[name] = float(search.best_score_)
-        best[name] = estimator.set_params(**search.best_params_)
+    params: dict[str, dict[str, Any]] = {}
+    for name in candidate_estimators(settings.seed):
+        if name in families:
+            scores[name], params[name] = _grid_search(train, name, settings)
     if not scores:
         raise ValueError(f"no known model family in {families}; choose from {', '.join(FAMILIES)}")
-    # The simplest family wins ties (FAMILIES is ordered simplest first).
-    family = max(scores, key=lambda name: (round(scores[name], 4), -FAMILIES.index(name)))
-    return family, best[family], scores
+    family = _best_family(scores)
+    return family, candidate_estimators(settings.seed)[family][0].set_params(**params[family]), scores
+
+
+def training_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows, hold-out rows) of a data version: the row-hash split at the protocol's share."""
+    from pipelines.holdout import split_by_row_key
+    from pipelines.protocol import load_protocol
+
+    return split_by_row_key(frame, load_protocol().automatic.holdout_share)
+
+
+def search_family(settings: Settings, data_version: str, family: str) -> dict[str, Any]:
+    """One family's search on a data version's training rows, for one mapped task of the fan-out.
+
+    Returns only names and numbers (family, data version, CV ROC AUC, best parameters): a worker on
+    another host restores the rows from the DVC remote itself, and nothing but this dict travels.
+    """
+    from threadpoolctl import threadpool_limits
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family}; choose from {', '.join(FAMILIES)}")
+    train, _ = training_rows(data_registry.load_version_frame(data_version, settings))
+    with threadpool_limits(limits=1):
+        score, params = _grid_search(train, family, settings)
+    return {"family": family, "data_version": data_version, "cv_roc_auc": score, "params": params}
+
+
+def choose_best(searches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reduce step: the family with the best CV ROC AUC (the simplest on a tie), with every score."""
+    if not searches:
+        raise ValueError("no family was searched")
+    versions = {search["data_version"] for search in searches}
+    if len(versions) != 1:
+        raise ValueError(f"searches on different data versions: {', '.join(sorted(versions))}")
+    scores = {search["family"]: float(search["cv_roc_auc"]) for search in searches}
+    best = next(search for search in searches if search["family"] == _best_family(scores))
+    return best | {"cv_scores": scores}
 
 
 def choose_threshold(estimator: Any, train: pd.DataFrame, target_sensitivity: float, settings: Settings) -> float:
@@ -172,49 +256,14 @@ def fit_final(estimator: Any, threshold: float, train: pd.DataFrame):
     return model.fit(train[list(FEATURES)], train[LABEL])
 
 
-def gate(
-    candidate: dict[str, float], champion_auc: float | None, champion: str | None, config: GateConfig
-) -> GateDecision:
-    """Promote only a model that is clinically safe and not worse than the champion.
-
-    An undefined metric (``None``: no malignant hold-out row, say) fails the gate: safety that
-    cannot be measured is not shown.
-    """
-    undefined = [name for name in ("sensitivity", "roc_auc") if candidate.get(name) is None]
-    if undefined:
-        reasons = [f"{name} undefined on the hold-out rows" for name in undefined]
-        return GateDecision(False, reasons, champion, champion_auc)
-    reasons, passed = [], True
-    if candidate["sensitivity"] >= config.min_sensitivity:
-        reasons.append(f"sensitivity {candidate['sensitivity']:.3f} >= {config.min_sensitivity:.3f}")
-    else:
-        passed = False
-        reasons.append(f"sensitivity {candidate['sensitivity']:.3f} below {config.min_sensitivity:.3f}")
-    if candidate["roc_auc"] >= config.min_roc_auc:
-        reasons.append(f"ROC AUC {candidate['roc_auc']:.4f} >= {config.min_roc_auc:.4f}")
-    else:
-        passed = False
-        reasons.append(f"ROC AUC {candidate['roc_auc']:.4f} below {config.min_roc_auc:.4f}")
-    if champion_auc is None:
-        reasons.append("no champion to compare with")
-    elif candidate["roc_auc"] >= champion_auc - config.max_auc_drop:
-        reasons.append(f"ROC AUC within {config.max_auc_drop} of champion v{champion} ({champion_auc:.4f})")
-    else:
-        passed = False
-        reasons.append(
-            f"ROC AUC {candidate['roc_auc']:.4f} worse than champion v{champion} ({champion_auc:.4f}) "
-            f"by more than {config.max_auc_drop}"
-        )
-    return GateDecision(passed, reasons, champion, champion_auc)
-
-
 @dataclass(frozen=True)
 class FitResult:
     """What :func:`fit_candidate` produced: where its artifacts are and what they measured.
 
     Plain values only, so a DAG task can pass it on through XCom (``to_dict``/``from_dict``).
     The work directory holds ``model.skops``, ``figures/*.png`` and ``reference/`` (the files
-    :func:`pipelines.model_registry.write_reference` writes).
+    :func:`pipelines.model_registry.write_reference` writes). ``holdout`` is the hold-out's
+    :class:`pipelines.holdout.HoldoutSummary` (size, malignant count, fingerprint, per site).
     """
 
     work_dir: str
@@ -226,9 +275,9 @@ class FitResult:
     metrics: dict[str, float | int | None]
     train_rows: int
     holdout_rows: int
-    split: dict[str, Any]  # seed, test_size, cv_folds and sensitivity_target the fit used
-    champion_version: str | None = None
-    champion_roc_auc: float | None = None
+    split: dict[str, Any]  # hold-out rule and share, seed, cv_folds and sensitivity_target the fit used
+    holdout: dict[str, Any] = field(default_factory=dict)
+    families: list[str] = field(default_factory=list)  # every family the search compared
 
     @property
     def data_version(self) -> str:
@@ -250,7 +299,8 @@ class FitResult:
         """The fitted model as written by the fit (skops, trusting only medops' list of types)."""
         import skops.io
 
-        return skops.io.load(self.model_path, trusted=list(model_trust.TRUSTED_TYPES))
+        with model_registry.quiet_model_io():
+            return skops.io.load(self.model_path, trusted=list(model_trust.TRUSTED_TYPES))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -273,60 +323,61 @@ def discard_work(fit: FitResult) -> None:
     shutil.rmtree(fit.work_dir, ignore_errors=True)
 
 
-def _champion_auc(holdout: pd.DataFrame, settings: Settings) -> tuple[str | None, float | None]:
-    from sklearn.metrics import roc_auc_score
-
-    version = model_registry.champion_version(settings)
-    if version is None:
-        return None, None
-    champion = model_registry.load_model(version, settings)
-    auc = roc_auc_score(holdout[LABEL] == POSITIVE, probability_malignant(champion, holdout))
-    return version, float(auc)
-
-
 def fit_candidate(
     settings: Settings,
     data_version: str | None = None,
     families: list[str] | None = None,
     *,
     work_dir: Path | None = None,
+    chosen: dict[str, Any] | None = None,
 ) -> FitResult:
     """Fit the best candidate on a data version (latest by default) and evaluate it on the hold-out.
 
-    Splits the rows, searches the families, chooses the operating threshold, fits, evaluates, and
-    scores the current champion on the same hold-out rows. Writes the model, the evaluation figures
-    and the reference (training and hold-out rows with the model's scores, feature importance) to
+    Splits the rows by their hash (the protocol's share), searches the families, chooses the
+    operating threshold, fits and evaluates. Writes the model, the evaluation figures and the
+    reference (training and hold-out rows with the model's scores, feature importance) to
     ``work_dir`` (a new folder under ``MEDOPS_HOME/training`` by default); touches no MLflow run.
+    The champion is judged later, on the rows the run stored (:func:`register_version`). With
+    ``chosen`` (from :func:`choose_best`) the search already ran, fanned out, and is not run again.
     """
     from threadpoolctl import threadpool_limits
 
-    families = list(families or FAMILIES)
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown:
-        raise ValueError(f"unknown model family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+    from pipelines.holdout import describe_holdout
+    from pipelines.protocol import load_protocol
+
+    families = known_families(families)
     data_version = data_version or data_registry.latest_version(settings)
     if data_version is None:
         raise RuntimeError("the data registry has no data version yet: run `medops init` first")
+    if chosen is not None and chosen["data_version"] != data_version:
+        raise ValueError(f"the search ran on {chosen['data_version']}, not on {data_version}")
     data = data_registry.describe_version(data_version, settings)
     frame = data_registry.load_version_frame(data_version, settings)
-    train, holdout = split_rows(frame, settings)
+    train, holdout = training_rows(frame)
+    if holdout.empty or train.empty:
+        raise ValueError(f"{data_version}: the hash split left {len(train)} training and {len(holdout)} hold-out rows")
+    summary = describe_holdout(holdout)
     work = Path(work_dir) if work_dir is not None else training_work_dir(settings)
     work.mkdir(parents=True, exist_ok=True)
 
     # One BLAS thread: on small data, OpenBLAS threads spin against each other and every other
     # process on the machine (search: 71 s with 2 threads vs 3-9 s with 1, measured here).
     with threadpool_limits(limits=1):
-        family, estimator, cv_scores = search_best(train, families, settings)
+        if chosen is not None:  # the search already ran, fanned out (choose_best's result)
+            family, cv_scores = chosen["family"], dict(chosen["cv_scores"])
+            estimator = candidate_estimators(settings.seed)[family][0].set_params(**chosen["params"])
+        else:
+            family, estimator, cv_scores = search_best(train, families, settings)
         threshold = choose_threshold(estimator, train, settings.sensitivity_target, settings)
         model = fit_final(estimator, threshold, train)
         evaluation = evaluate_model(model, holdout)
-        champion, champion_auc = _champion_auc(holdout, settings)
         model_registry.write_reference(model, train, holdout, work / model_registry.REFERENCE, seed=settings.seed)
 
     import skops.io
 
-    model_trust.check_types(model, f"the {family} model")  # refused now rather than at registration
-    skops.io.dump(model, work / "model.skops")
+    with model_registry.quiet_model_io():
+        model_trust.check_types(model, f"the {family} model")  # refused now rather than at registration
+        skops.io.dump(model, work / "model.skops")
     _write_figures(evaluation, work / "figures")
     params = {
         key: value
@@ -344,13 +395,14 @@ def fit_candidate(
         train_rows=len(train),
         holdout_rows=len(holdout),
         split={
+            "holdout_rule": "sha256-row-key",
+            "holdout_share": load_protocol().automatic.holdout_share,
             "seed": settings.seed,
-            "test_size": settings.test_size,
             "cv_folds": settings.cv_folds,
             "sensitivity_target": settings.sensitivity_target,
         },
-        champion_version=champion,
-        champion_roc_auc=champion_auc,
+        holdout=summary.to_dict(),
+        families=families,
     )
 
 
@@ -367,22 +419,27 @@ def log_run(
     fit: FitResult,
     settings: Settings,
     *,
-    gate_config: GateConfig | None = None,
+    thresholds: Mapping[str, float | None] | None = None,
     trigger: str = "manual",
     airflow_run_id: str | None = None,
+    actor: str = governance.SCHEDULER,
 ) -> str:
-    """Log a fit as one MLflow run and return its id.
+    """Log a fit as one MLflow run, record it in the audit trail, and return the run id.
 
-    Tags (data version and DVC hash, code git sha, Airflow run id, trigger), params (family,
-    hyper-parameters, threshold, split, gate), hold-out metrics (undefined ones left out), the
-    training and hold-out rows as inputs, the figures, the model (safe skops format) and the
-    reference files under ``reference/``. Registering the model is :func:`register_version`'s job.
+    Tags (data version and DVC hash, code git sha, Airflow run id, trigger, the hold-out's size,
+    malignant count and fingerprint, the protocol), params (family, hyper-parameters, threshold,
+    split, the gate thresholds in force), hold-out metrics (undefined ones left out), the training
+    and hold-out rows as inputs, the figures, the model (safe skops format) and the reference
+    files under ``reference/``. Registering the model is :func:`register_version`'s job.
     """
     import mlflow
     import mlflow.sklearn
     from mlflow.models import infer_signature
 
-    gate_config = gate_config or GateConfig.from_settings(settings)
+    from pipelines.protocol import load_protocol
+
+    protocol = load_protocol()
+    limits = gate_thresholds(protocol, thresholds)
     model = fit.load_model()
     train, holdout, _, _ = model_registry.read_reference(fit.reference_dir)
     data_version = fit.data_version
@@ -397,8 +454,13 @@ def log_run(
                 "data_versions_seen": ",".join(versions_seen),
                 "code_git_sha": model_registry.code_version(),
                 "airflow_run_id": airflow_run_id or "",
+                "airflow_run_url": links.airflow_run(settings, "train_model", airflow_run_id) if airflow_run_id else "",
                 "trigger": trigger,
                 "family": fit.family,
+                "actor": actor,
+                **_holdout_tags(fit.holdout),
+                "protocol_version": str(protocol.version),
+                "protocol_sha256": protocol.sha256,
             }
         )
         mlflow.log_params(
@@ -409,13 +471,11 @@ def log_run(
                 **fit.split,
                 "train_rows": fit.train_rows,
                 "test_rows": fit.holdout_rows,
-                **{f"gate_{k}": v for k, v in asdict(gate_config).items()},
+                **{f"gate_{name}": value for name, value in limits.model_dump().items()},
             }
         )
         mlflow.log_metrics({k: float(v) for k, v in fit.metrics.items() if v is not None})
         mlflow.log_metrics({f"cv_roc_auc_{k}": v for k, v in fit.cv_roc_auc.items()})
-        if fit.champion_roc_auc is not None:
-            mlflow.log_metric("champion_roc_auc_same_rows", fit.champion_roc_auc)
         source = f"{settings.registry_dir}@{data_version}"
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         for rows, name, context in ((train, "train", "training"), (holdout, "holdout", "evaluation")):
@@ -426,17 +486,47 @@ def log_run(
         mlflow.log_artifacts(str(fit.figures_dir))
         mlflow.log_artifacts(str(fit.reference_dir), artifact_path=model_registry.REFERENCE)
         features = holdout[list(FEATURES)]
-        mlflow.sklearn.log_model(
-            model,
-            name="model",
-            # recorded in MLmodel for MLflow's own loader; medops never reads it back (model_trust)
-            skops_trusted_types=list(model_trust.TRUSTED_TYPES),
-            # Stated, not inferred: inference re-imports the model in a subprocess (~20 s here).
-            pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
-            signature=infer_signature(features, model.predict(features)),
-            input_example=features.head(3),
-        )
-        return run.info.run_id
+        with model_registry.quiet_model_io():
+            mlflow.sklearn.log_model(
+                model,
+                name="model",
+                # recorded in MLmodel for MLflow's own loader; medops never reads it back (model_trust)
+                skops_trusted_types=list(model_trust.TRUSTED_TYPES),
+                # Stated, not inferred: inference re-imports the model in a subprocess (~20 s here).
+                pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
+                signature=infer_signature(features, model.predict(features)),
+                input_example=features.head(3),
+            )
+        run_id = run.info.run_id
+        print(f"MLflow run: {links.mlflow_run(settings, experiment_id, run_id)}")
+    governance.record(
+        "training_run",
+        actor=actor,
+        reason=f"{trigger} training: {fit.family} on {data_version}",
+        settings=settings,
+        links={"data_version": data_version, "data_dvc_md5": fit.data["dvc_md5"], "airflow_run_id": airflow_run_id},
+        details={
+            "family": fit.family,
+            "families_compared": fit.families or list(fit.cv_roc_auc),
+            "threshold": round(fit.threshold, 6),
+            "train_rows": fit.train_rows,
+            "holdout": {key: fit.holdout.get(key) for key in ("rows", "malignant", "benign", "sha256")},
+            "gate_thresholds_set": overrides_only(thresholds),
+            "data_versions_seen": versions_seen,
+            "code_git_sha": model_registry.code_version(),
+        },
+        run_id=run_id,
+    )
+    return run_id
+
+
+def _holdout_tags(holdout: Mapping[str, Any]) -> dict[str, str]:
+    """The hold-out's size, malignant count and fingerprint, as tags for the run and the version."""
+    return {
+        "holdout_rows": str(holdout.get("rows", "")),
+        "holdout_malignant": str(holdout.get("malignant", "")),
+        "holdout_sha256": str(holdout.get("sha256", "")),
+    }
 
 
 def _version_of_run(run_id: str, settings: Settings) -> str | None:
@@ -447,45 +537,172 @@ def _version_of_run(run_id: str, settings: Settings) -> str | None:
     return str(min(int(version.version) for version in found)) if found else None
 
 
+def judge_version(
+    version: str, settings: Settings, protocol: Protocol, thresholds: Thresholds | None = None
+) -> GateDecision:
+    """The gate's decision for a registered version, on the hold-out rows its run STORED.
+
+    The candidate's and the champion's models are loaded from the registry and both scored on
+    exactly those rows (the champion: whatever ``@champion`` points at now, unless it is this
+    version), with the site of each row, so the decision is per site too. The hash split keeps
+    the champion's training rows out of these rows whenever both used the protocol's share; if a
+    champion from before did train on some of them, the decision says how many.
+    """
+    from pipelines.gate import ModelScores, decide
+
+    stored = model_registry.stored_reference(version, settings)
+    holdout = stored.holdout
+    truth = holdout[LABEL].to_numpy() == POSITIVE
+    features = holdout[list(FEATURES)]
+    candidate_model = model_registry.load_model(version, settings)
+    candidate = ModelScores(
+        truth,
+        holdout[model_registry.PROBABILITY].to_numpy(dtype="float64"),
+        np.asarray(candidate_model.predict(features)) == POSITIVE,
+    )
+    champion_version = model_registry.champion_version(settings)
+    if champion_version == str(version):
+        champion_version = None
+    champion = None
+    if champion_version is not None:
+        champion_model = model_registry.load_model(champion_version, settings)
+        champion = ModelScores(
+            truth,
+            probability_malignant(champion_model, holdout),
+            np.asarray(champion_model.predict(features)) == POSITIVE,
+        )
+    decision = decide(
+        candidate,
+        champion,
+        holdout[SITE].astype(str).to_numpy(),
+        protocol,
+        thresholds=thresholds,
+        champion_version=champion_version,
+    )
+    if champion_version is not None:
+        shared = _rows_champion_trained_on(champion_version, holdout, settings)
+        if shared != 0:
+            note = (
+                f"champion v{champion_version} trained on {shared} of these {len(holdout)} hold-out rows "
+                "(from before the hash hold-out): the comparison favours the champion"
+                if shared
+                else f"champion v{champion_version} stored no training rows: overlap with this hold-out unknown"
+            )
+            decision = decision.model_copy(update={"reasons": [*decision.reasons, note]})
+    return decision
+
+
+def _rows_champion_trained_on(champion: str, holdout: pd.DataFrame, settings: Settings) -> int | None:
+    """How many of ``holdout``'s rows the champion trained on (None when its run stored no rows)."""
+    from pipelines.holdout import row_keys
+
+    try:
+        trained = model_registry.stored_reference(champion, settings).train
+    except model_registry.MissingReference:
+        return None
+    return int(np.isin(row_keys(holdout), row_keys(trained)).sum())
+
+
+def short_reason(decision: GateDecision) -> str:
+    """The verdict and the checks that failed, short enough for a tag or a table cell."""
+    failed = [check.reason for check in decision.checks if check.status == "failed"]
+    text = decision.reasons[0] + (": " + "; ".join(failed) if failed else "")
+    return text if len(text) <= SHORT_REASON_CHARS else text[: SHORT_REASON_CHARS - 1] + "…"
+
+
+def decision_summary(decision: GateDecision) -> dict[str, Any]:
+    """The figures a reviewer reads first (overall and per site), small enough for an audit entry."""
+
+    def figure(value: Any) -> dict[str, float] | None:
+        if value is None:
+            return None
+        return {"value": round(value.value, 4), "lower": round(value.lower, 4), "upper": round(value.upper, 4)}
+
+    overall = decision.overall
+    return {
+        "passed": decision.passed,
+        "protocol_version": decision.protocol_version,
+        "protocol_sha256": decision.protocol_sha256,
+        "champion_version": decision.champion_version,
+        "thresholds_below_protocol": decision.thresholds_below_protocol,
+        "overall": {
+            "rows": overall.rows,
+            "malignant": overall.malignant,
+            "sensitivity": figure(overall.candidate.sensitivity),
+            "specificity": figure(overall.candidate.specificity),
+            "roc_auc": figure(overall.candidate.roc_auc),
+            "auc_difference_vs_champion": figure(overall.auc_difference),
+        },
+        "sites": {
+            site: {
+                "status": group.status,
+                "rows": group.rows,
+                "malignant": group.malignant,
+                "sensitivity": figure(group.candidate.sensitivity),
+                "specificity": figure(group.candidate.specificity),
+            }
+            for site, group in decision.sites.items()
+        },
+        "failed": [check.reason for check in decision.checks if check.status == "failed"],
+    }
+
+
+def stored_decision(run_id: str, settings: Settings) -> GateDecision | None:
+    """The gate decision a training run stored (``gate/decision.json``), or None when it has none."""
+    import tempfile
+
+    from pipelines.gate import GateDecision
+
+    client = model_registry.client(settings)
+    if not any(item.path == DECISION_ARTIFACT for item in client.list_artifacts(run_id, "gate")):
+        return None
+    with tempfile.TemporaryDirectory(prefix="medops-gate-") as tmp:
+        path = Path(client.download_artifacts(run_id, DECISION_ARTIFACT, tmp))
+        return GateDecision.from_dict(json.loads(path.read_text()))
+
+
 def register_version(
     run_id: str,
     fit: FitResult,
     settings: Settings,
     *,
-    gate_config: GateConfig | None = None,
+    thresholds: Mapping[str, float | None] | None = None,
+    approval_reasons: Sequence[str] = (),
+    approved_by: str | None = None,
+    approval_reason: str | None = None,
     trigger: str = "manual",
     airflow_run_id: str | None = None,
+    actor: str = governance.SCHEDULER,
 ) -> TrainResult:
-    """Register the run's model as a version with ``@challenger`` and the gate's decision.
+    """Register the run's model as a version with ``@challenger``, gate it, and publish its model card.
 
-    The gate judges the fit's hold-out metrics against ``gate_config`` and the champion's ROC AUC on
-    the same rows; its decision and reasons become version tags, and the model card (which names
-    the version and the decision) goes to the run and the version's description. ``@champion``
-    is left to :func:`promote`, so that a person can approve in between. Run twice for the same
-    run (a retried task), it reuses the version the first call made. A model medops could not load
-    safely is refused here (:func:`pipelines.model_registry.register_trusted`).
+    The gate (:func:`judge_version`) scores the version and the champion on the hold-out rows the
+    run stored; the full decision goes to the run as ``gate/decision.json`` and its figures as
+    ``gate_*`` metrics; the version's tags keep the verdict, the protocol (version and SHA-256), a
+    short reason, the hold-out's size, malignant count and fingerprint, and what needs a person's
+    approval (``approval_reasons``). The decision (and ``approved_by``'s approval, when given) goes
+    to the audit trail, and the model card to the run (``model_card/``) and the version's
+    description. ``@champion`` is left to :func:`promote`, so that a person can approve in
+    between. Run twice for the same run (a retried task), it reuses the version the first call made.
+    A model medops could not load safely is refused here (:func:`pipelines.model_registry.register_trusted`).
     """
-    gate_config = gate_config or GateConfig.from_settings(settings)
-    decision = gate(fit.metrics, fit.champion_roc_auc, fit.champion_version, gate_config)
+    from pipelines import model_card
+    from pipelines.protocol import load_protocol
+
+    protocol = load_protocol()
+    limits = gate_thresholds(protocol, thresholds)
     mlflow_client = model_registry.client(settings)
     version = _version_of_run(run_id, settings)
     if version is None:
         (output,) = mlflow_client.get_run(run_id).outputs.model_outputs
         version = model_registry.register_trusted(f"models:/{output.model_id}", settings)
-    result = TrainResult(
-        run_id=run_id,
-        model_version=version,
-        family=fit.family,
-        threshold=fit.threshold,
-        data_version=fit.data_version,
-        metrics=fit.metrics,
-        gate=decision,
-        cv_roc_auc=fit.cv_roc_auc,
-    )
-    card = model_card(result, fit, gate_config, settings)
-    mlflow_client.log_text(run_id, card, "model_card.md")
-    mlflow_client.update_model_version(settings.model_name, version, description=card)
     mlflow_client.set_registered_model_alias(settings.model_name, model_registry.CHALLENGER, version)
+
+    decision = judge_version(version, settings, protocol, limits)
+    mlflow_client.log_text(run_id, json.dumps(decision.to_dict(), indent=1) + "\n", DECISION_ARTIFACT)
+    _log_gate_metrics(run_id, decision, settings)
+    reason = short_reason(decision)
+    approvals = list(approval_reasons)
     model_registry.tag_version(
         version,
         {
@@ -496,49 +713,99 @@ def register_version(
             "roc_auc": _figure(fit.metrics["roc_auc"], 4),
             "sensitivity": _figure(fit.metrics["sensitivity"], 4),
             "gate_passed": str(decision.passed).lower(),
-            "gate_reasons": json.dumps(decision.reasons),
             "gate_decision": "passed" if decision.passed else "rejected",
+            "gate_reason": reason,
+            "protocol_version": str(decision.protocol_version),
+            "protocol_sha256": decision.protocol_sha256,
+            "champion_compared": decision.champion_version or "",
+            **{
+                f"{name}_lower": f"{getattr(decision.overall.candidate, name).lower:.4f}"
+                for name in ("sensitivity", "specificity", "roc_auc")
+                if getattr(decision.overall.candidate, name) is not None
+            },
+            **_holdout_tags(fit.holdout),
+            "approval_required": "; ".join(approvals)[: SHORT_REASON_CHARS * 4],
             "trigger": trigger,
             "airflow_run_id": airflow_run_id or "",
+            "airflow_run_url": links.airflow_run(settings, "train_model", airflow_run_id) if airflow_run_id else "",
         },
         settings,
     )
-    return result
+    governance.record(
+        "gate_decision",
+        actor=actor,
+        reason=reason,
+        settings=settings,
+        links={
+            "data_version": fit.data_version,
+            "report": f"runs:/{run_id}/{DECISION_ARTIFACT}",
+            "airflow_run_id": airflow_run_id,
+        },
+        details=decision_summary(decision) | {"approval_required": approvals},
+        run_id=run_id,
+        model_version=version,
+    )
+    if approved_by:
+        record_approval(version, approved_by, approval_reason, settings, reasons=approvals, entered_by=actor)
+    model_card.publish(version, settings)
+    print(f"model version page: {links.mlflow_model_version(settings, settings.model_name, version)}")
+    return TrainResult(
+        run_id=run_id,
+        model_version=version,
+        family=fit.family,
+        threshold=fit.threshold,
+        data_version=fit.data_version,
+        metrics=fit.metrics,
+        gate=decision,
+        approval_reasons=approvals,
+        cv_roc_auc=fit.cv_roc_auc,
+        holdout=fit.holdout,
+    )
+
+
+def _log_gate_metrics(run_id: str, decision: GateDecision, settings: Settings) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, 0) for key, value in decision.metrics().items()]
+    model_registry.client(settings).log_batch(run_id, metrics=metrics)
 
 
 def _figure(value: float | int | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def model_card(result: TrainResult, fit: FitResult, config: GateConfig, settings: Settings) -> str:
-    m = {name: _figure(value, 4 if name in ("roc_auc", "brier") else 3) for name, value in result.metrics.items()}
-    split = fit.split
-    return f"""# Model card: {settings.model_name} v{result.model_version}
-
-**Intended use.** Decision support for classifying breast masses (fine-needle aspirate features) as
-malignant or benign. Not a diagnosis on its own; a clinician reviews every case.
-
-**Data.** Data version `{fit.data_version}` of the medops data registry (DVC hash `{fit.data["dvc_md5"]}`, \
-{fit.data["rows"]} rows). Stratified hold-out of {split["test_size"]:.0%} (seed {split["seed"]}) for evaluation; \
-the exact training and hold-out rows are stored with the run under `{model_registry.REFERENCE}/`.
-
-**Model.** {result.family}, chosen by {split["cv_folds"]}-fold cross-validated ROC AUC
-({", ".join(f"{k} {v:.4f}" for k, v in result.cv_roc_auc.items())}).
-
-**Operating point.** P(malignant) >= {result.threshold:.4f}, chosen on out-of-fold probabilities for
-sensitivity >= {split["sensitivity_target"]}. Missing a malignant case is the costly error.
-
-**Hold-out metrics (malignant positive).** ROC AUC {m["roc_auc"]}, sensitivity {m["sensitivity"]},
-specificity {m["specificity"]}, PPV {m["ppv"]}, NPV {m["npv"]}, F1 {m["f1"]},
-Brier {m["brier"]} (TP {result.metrics["tp"]}, FN {result.metrics["fn"]}, TN {result.metrics["tn"]}, \
-FP {result.metrics["fp"]}).
-
-**Gate.** sensitivity >= {config.min_sensitivity}, ROC AUC >= {config.min_roc_auc}, at most {config.max_auc_drop}
-ROC AUC below the champion on the same rows. Decision: {"passed" if result.gate.passed else "failed"}:
-{"; ".join(result.gate.reasons)}.
-
-**Limitations.** Trained on few sites; monitor drift per site. Inputs outside plausible ranges are refused.
-"""
+def record_approval(
+    version: str,
+    approved_by: str,
+    reason: str | None,
+    settings: Settings,
+    *,
+    reasons: Sequence[str] = (),
+    entered_by: str | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> None:
+    """Record a named person's approval of a model version's promotion in the audit trail (once per person)."""
+    person = governance.named_person(approved_by, "approved_by")
+    text = (reason or "").strip()
+    if not text:
+        raise ValueError("approval reason: say why the change is acceptable (--reason TEXT)")
+    already = governance.entries_about(version, settings, ("approval",))
+    if any(entry.actor == person for entry in already):
+        return
+    run_id = model_registry.client(settings).get_model_version(settings.model_name, str(version)).run_id
+    governance.record(
+        "approval",
+        actor=person,
+        reason=text,
+        settings=settings,
+        details={"approved": list(reasons), "entered_by": entered_by or person, **dict(details or {})},
+        run_id=run_id,
+        model_version=str(version),
+    )
+    model_registry.tag_version(version, {"approved_by": person}, settings)
 
 
 def train_model(
@@ -546,28 +813,93 @@ def train_model(
     *,
     data_version: str | None = None,
     families: list[str] | None = None,
-    gate_config: GateConfig | None = None,
+    thresholds: Mapping[str, float | None] | None = None,
     trigger: str = "manual",
     airflow_run_id: str | None = None,
+    actor: str = governance.SCHEDULER,
+    approved_by: str | None = None,
+    approval_reason: str | None = None,
 ) -> TrainResult:
     """Fit, log and register in one call (the command line): :func:`fit_candidate`, :func:`log_run`,
-    :func:`register_version`. The work directory is removed once the version exists."""
-    gate_config = gate_config or GateConfig.from_settings(settings)
+    :func:`register_version`. The work directory is removed once the version exists.
+
+    A change the modification protocol reserves for a person (thresholds below its floors, say) is
+    refused before any training unless ``approved_by`` names who approved it and
+    ``approval_reason`` says why; the refusal or the approval goes to the audit trail.
+    """
+    gate = plan_gate(settings, families=families, form=thresholds, trigger=trigger)
+    chosen, reasons = gate["thresholds"], gate["approval_reasons"]
+    if reasons and not approved_by:
+        governance.record(
+            "refusal",
+            actor=actor,
+            reason="training refused: needs a named person's approval: " + "; ".join(reasons),
+            settings=settings,
+            links={"data_version": data_version, "airflow_run_id": airflow_run_id},
+            details={"approval_reasons": reasons, "gate_thresholds_set": chosen},
+        )
+        raise governance.ApprovalRequired(
+            f"needs a named person's approval under the modification protocol: {'; '.join(reasons)}. "
+            "Give --approved-by NAME --reason TEXT"
+        )
+    if approved_by:
+        governance.named_person(approved_by, "approved_by")
+        if not (approval_reason or "").strip():
+            raise ValueError("approval reason: say why the change is acceptable (--reason TEXT)")
     fit = fit_candidate(settings, data_version, families)
-    steps = {"gate_config": gate_config, "trigger": trigger, "airflow_run_id": airflow_run_id}
+    steps = {"thresholds": thresholds, "trigger": trigger, "airflow_run_id": airflow_run_id, "actor": actor}
     run_id = log_run(fit, settings, **steps)
-    result = register_version(run_id, fit, settings, **steps)
+    result = register_version(
+        run_id,
+        fit,
+        settings,
+        **steps,
+        approval_reasons=reasons,
+        approved_by=approved_by,
+        approval_reason=approval_reason,
+    )
     discard_work(fit)
     return result
 
 
-def promote(result_or_version: TrainResult | str, settings: Settings, *, approved_by: str | None = None) -> bool:
-    """Move ``@champion`` to a version whose gate passed; returns whether it moved."""
+def promote(
+    result_or_version: TrainResult | str,
+    settings: Settings,
+    *,
+    approved_by: str | None = None,
+    approval_reason: str | None = None,
+    actor: str = governance.SCHEDULER,
+) -> bool:
+    """Move ``@champion`` to a version whose gate passed; returns whether it moved.
+
+    A version whose promotion needs approval (tag ``approval_required``, from the protocol or
+    ``MEDOPS_REQUIRE_APPROVAL``) moves only with ``approved_by`` naming a person (a placeholder is
+    refused with :class:`pipelines.governance.ApprovalRequired`); the approval, when not recorded
+    yet, and the promotion go to the audit trail, and the model card is published again with them.
+    """
+    from pipelines import model_card
+
     version = result_or_version.model_version if isinstance(result_or_version, TrainResult) else result_or_version
+    version = str(version)
     tags = model_registry.version_tags(version, settings)
     if tags.get("gate_passed") != "true":
         model_registry.tag_version(version, {"gate_decision": "rejected"}, settings)
         return False
+    needed = tags.get("approval_required", "")
+    if needed and not (approved_by or "").strip():
+        raise governance.ApprovalRequired(
+            f"model version {version}: promotion needs a named person's approval ({needed}); nobody approved it"
+        )
+    person = governance.named_person(approved_by, "approved_by") if approved_by else None
+    if person is not None:
+        record_approval(
+            version,
+            person,
+            approval_reason or f"approved the promotion of model version {version}",
+            settings,
+            reasons=[needed] if needed else [],
+            entered_by=actor,
+        )
     previous = model_registry.champion_version(settings)
     model_registry.set_champion(version, settings)
     model_registry.tag_version(
@@ -575,8 +907,20 @@ def promote(result_or_version: TrainResult | str, settings: Settings, *, approve
         {
             "gate_decision": "promoted",
             "previous_champion": previous or "",
-            **({"approved_by": approved_by} if approved_by else {}),
+            **({"approved_by": person} if person else {}),
         },
         settings,
     )
+    run_id = model_registry.client(settings).get_model_version(settings.model_name, version).run_id
+    governance.record(
+        "promotion",
+        actor=person or actor,
+        reason=f"@champion -> v{version} (was {f'v{previous}' if previous else 'none'}): gate passed"
+        + (f", approved by {person}" if person else ""),
+        settings=settings,
+        links={"data_version": tags.get("data_version"), "previous_champion": previous},
+        run_id=run_id,
+        model_version=version,
+    )
+    model_card.publish(version, settings)
     return True

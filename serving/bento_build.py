@@ -60,7 +60,19 @@ def registry_metadata(version: str, settings: Settings) -> dict[str, Any]:
         metadata["trained_at"] = _iso(run.info.end_time or run.info.start_time)
         metadata["git_sha"] = run.data.tags.get("mlflow.source.git.commit", "")
         metadata["airflow_run_id"] = run.data.tags.get("airflow_run_id", "")
+        metadata.update(_model_card(version, settings))
     return metadata
+
+
+def _model_card(version: str, settings: Settings) -> dict[str, str]:
+    """The version's model card (Markdown and HTML) as its run logged it, for ``GET /model-card``.
+
+    Carried in the Bento's model metadata so the service answers without reaching MLflow.
+    """
+    from pipelines.model_card import stored_card
+
+    card = stored_card(str(version), settings)
+    return {"model_card": card[0], "model_card_html": card[1]} if card else {}
 
 
 def _iso(millis: int | None) -> str:

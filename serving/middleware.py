@@ -25,7 +25,8 @@ comparisons only. It
   a model swap between scoring and sending cannot mislabel a response) and ``X-Request-Id`` (the
   client's if it is a safe token, else a new one; the prediction log records the same id);
 - writes one access log line per request, refused ones included (:class:`serving.access.AccessLog`);
-- serves ``GET /metadata`` through the typed ``/metadata`` API.
+- serves ``GET /metadata`` and ``GET /model-card`` through their typed APIs (keeping ``Accept``,
+  which chooses the card's Markdown or HTML).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 from pipelines.prediction_log import SMOKE_TEST_SITE
 from pipelines.schema import FEATURE_RANGES, FEATURES, SITE_PATTERN
 from serving.access import REQUEST_ID_HEADER, REQUEST_STATE, AccessLog, RequestInfo, limiter_from_settings, request_id
-from serving.contract import DEFAULT_SITE
+from serving.contract import DEFAULT_SITE, DOCS_PATHS
 from serving.keys import ROUTE_SCOPES, ApiKey, KeyRing
 
 logger = logging.getLogger("medops.serving")
@@ -50,8 +51,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
-API_PATHS = frozenset({"/predict", "/explain", "/feedback", "/metadata"})
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"}) | DOCS_PATHS  # docs are not patient data
+API_PATHS = frozenset({"/predict", "/explain", "/feedback", "/metadata", "/model-card"})
+GET_PATHS = frozenset({"/metadata", "/model-card"})
 JSON_TYPES = frozenset({b"application/json", b""})
 _VERSION_HEADER = b"x-model-version"
 _SITE_HEADER = b"x-site-id"
@@ -240,9 +242,9 @@ class HttpContractMiddleware:
             await self.app(scope, receive, send)
             return
 
-        if path == "/metadata" and scope["method"] in ("GET", "HEAD"):
+        if path in GET_PATHS and scope["method"] in ("GET", "HEAD"):
             scope = dict(scope, method="POST")
-            headers = [(b"content-type", b"application/json")]
+            headers = [(b"content-type", b"application/json"), *((n, v) for n, v in headers if n == b"accept")]
             scope["headers"] = headers
             body = b"{}"
         else:

@@ -17,6 +17,11 @@ If any step fails the stable endpoint keeps (or goes back to) the version it ser
 points back to that version, an alert goes out, and :class:`DeployFailed` is raised. With no
 stable server running (first deployment, or after ``medops serve-stop``), step 3 starts one from
 the new Bento instead.
+
+The modification protocol reserves serving a version whose gate did not pass (or that was never
+gated) for a named person: :func:`require_deployable` refuses it with :class:`DeployRefused` unless
+an override names who decided and why. Deployments, rollbacks, overrides and refusals are entries
+in the audit trail (:mod:`pipelines.governance`).
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medops.core import assets
+from medops.core.audit import PLACEHOLDER_ACTORS
 from medops.core.files import file_lock
 from medops.core.processes import poll_until
 from medops.core.settings import REPO_ROOT, Settings
+from pipelines import governance
+from pipelines.governance import SCHEDULER
 from pipelines.prediction_log import SMOKE_TEST_SITE
 from serving import control, processes
 from serving.keys import rollout_key
@@ -57,6 +65,10 @@ class DeployFailed(RuntimeError):
 
 class SmokeTestFailed(RuntimeError):
     """A server answered, but not what the registered model predicts."""
+
+
+class DeployRefused(PermissionError):
+    """The version may not be served without a named person's override: its gate did not pass."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,88 @@ def _load_registered_model(version: str, settings: Settings) -> Any:
     from pipelines.model_registry import load_model
 
     return load_model(str(version), settings)
+
+
+def _gate_status(version: str, settings: Settings) -> tuple[bool, str]:
+    """(whether the version's gate passed, the recorded reason) from its registry tags."""
+    from pipelines.model_registry import version_tags
+
+    tags = version_tags(str(version), settings)
+    if "gate_passed" not in tags:
+        return False, "no gate decision recorded for it"
+    return tags["gate_passed"] == "true", tags.get("gate_reason") or tags.get("gate_decision", "")
+
+
+def _anchor(entry: Any, version: str, settings: Settings) -> None:
+    """Keep a rollout entry's hash on the model version it concerns (MLflow tag ``audit.<seq>``)."""
+    governance.anchor(entry, settings, model_version=str(version))
+
+
+def _audit(action: str, version: str, actor: str, reason: str, settings: Settings, **details: Any) -> None:
+    entry = governance.record(
+        action,
+        actor=actor,
+        reason=reason,
+        settings=settings,
+        model_version=str(version),
+        details=details,
+        anchored=False,
+    )
+    try:
+        _anchor(entry, version, settings)
+    except Exception:  # the entry is in the log either way; a lost anchor only weakens one check
+        logger.exception("could not anchor audit entry %s on model version %s", entry.seq, version)
+
+
+def require_deployable(
+    version: str,
+    settings: Settings,
+    *,
+    override_by: str | None = None,
+    override_reason: str | None = None,
+    actor: str = SCHEDULER,
+    record: bool = True,
+) -> str | None:
+    """Refuse to serve a version whose gate did not pass, unless a named person overrides it.
+
+    Returns None when the gate passed, else the person who overrode it (their override recorded
+    in the audit trail as ``override`` when ``record``). Without a named person and a reason,
+    raises :class:`DeployRefused` (recorded as ``refusal``) saying how to override.
+    """
+    passed, why = _gate_status(version, settings)
+    if passed:
+        return None
+    from pipelines.protocol import approval_reasons, load_protocol
+    from pipelines.schema import FEATURES
+
+    protocol = load_protocol()
+    reasons = approval_reasons(
+        protocol, family=[], features=list(FEATURES), thresholds=None, gate_passed_for_deploy=False
+    )
+    person = (override_by or "").strip()
+    text = (override_reason or "").strip()
+    if person.lower() in PLACEHOLDER_ACTORS or not text:
+        message = (
+            f"model version {version} may not be served: its gate did not pass ({why}). Modification protocol "
+            f"v{protocol.version} needs a named person's approval for {'; '.join(reasons) or 'this'}: "
+            f"medops deploy --version {version} --override-by NAME --reason TEXT "
+            "(deploy_model: params override_by and override_reason)"
+        )
+        if record:
+            _audit("refusal", version, actor, f"deploy of v{version} refused: gate did not pass ({why})", settings)
+        raise DeployRefused(message)
+    if record:
+        _audit(
+            "override",
+            version,
+            person,
+            text,
+            settings,
+            overridden=f"gate did not pass: {why}",
+            protocol_version=protocol.version,
+            entered_by=actor,
+        )
+    return person
 
 
 def _raise_alert(title: str, details: str, settings: Settings) -> None:
@@ -360,15 +454,30 @@ def deploy(
     bento: str | None = None,
     ready_timeout: float = 120,
     switch_timeout: float = 60,
+    override_by: str | None = None,
+    override_reason: str | None = None,
+    actor: str = SCHEDULER,
+    action: str = "deployment",
+    reason: str | None = None,
+    gate_checked: bool = True,
 ) -> DeployResult:
     """Roll ``version`` out to the stable endpoint with a smoke-tested candidate; see module doc.
 
-    ``bento`` is the tag :func:`prepare_bento` returned, when the caller built it already.
-    On failure the version served before keeps serving, ``@champion`` points back at it, an
-    alert is raised and :class:`DeployFailed` is raised.
+    ``bento`` is the tag :func:`prepare_bento` returned, when the caller built it already. A
+    version whose gate did not pass is refused (:class:`DeployRefused`) unless ``override_by``
+    names the person who decided and ``override_reason`` says why (:func:`require_deployable`);
+    ``gate_checked=False`` skips that check for a version served before (a rollback). The outcome
+    goes to the audit trail as ``action`` (``deployment`` or ``rollback``) by ``actor``.
+    On failure the version served before keeps serving, ``@champion`` points back at it (recorded
+    as a ``rollback``), an alert is raised and :class:`DeployFailed` is raised.
     """
     version = str(version)
     started = time.monotonic()
+    overridden_by = (
+        require_deployable(version, settings, override_by=override_by, override_reason=override_reason, actor=actor)
+        if gate_checked
+        else None
+    )
     with _deploy_lock(settings):
         leftover = processes.read_record(settings, CANDIDATE)
         if leftover is not None:  # from a rollout that was killed before it could clean up
@@ -414,6 +523,15 @@ def deploy(
                 f"{message}. Still serving: {previous or 'nothing'}; @champion -> {previous or 'unchanged'}.",
                 settings,
             )
+            if previous is not None:
+                _audit(
+                    "rollback",
+                    previous,
+                    SCHEDULER,
+                    f"automatic: {message[:300]}; v{previous} kept serving, @champion back on it",
+                    settings,
+                    failed_version=version,
+                )
             raise DeployFailed(message) from error
         finally:
             if candidate is not None:
@@ -427,6 +545,19 @@ def deploy(
             seconds=round(time.monotonic() - started, 1),
         )
         _record_deployment(result, settings)
+        _audit(
+            action,
+            version,
+            actor,
+            reason
+            or f"v{version} serving on {stable.url} (was {f'v{previous}' if previous else 'nothing'})"
+            + (f"; gate override by {overridden_by}" if overridden_by else ""),
+            settings,
+            previous=previous,
+            bento=prepared.bento,
+            switch=mode,
+            seconds=result.seconds,
+        )
         logger.info("model version %s serving on %s (%s, %.1f s)", version, stable.url, mode, result.seconds)
         return result
 
@@ -451,27 +582,66 @@ def _fall_back(stable: ServerRecord | None, previous: str | None, settings: Sett
             logger.exception("could not point @champion back at model version %s", previous)
 
 
-def rollback(settings: Settings, version: str | None = None) -> DeployResult:
-    """Serve the version deployed before the current one (or ``version``) and make it @champion."""
+def _served_before(version: str, settings: Settings) -> bool:
+    return any(str(entry["version"]) == str(version) for entry in deployments(settings))
+
+
+def rollback(
+    settings: Settings,
+    version: str | None = None,
+    *,
+    override_by: str | None = None,
+    override_reason: str | None = None,
+    actor: str = SCHEDULER,
+) -> DeployResult:
+    """Serve the version deployed before the current one (or ``version``) and make it @champion.
+
+    A version served before (under a passing gate or a recorded override) needs no new override;
+    any other version is checked as :func:`deploy` checks it. Recorded as ``rollback``.
+    """
+    history = deployments(settings)
+    serving = stable_server(settings)
+    current = serving.model_version if serving else (str(history[-1]["version"]) if history else None)
     if version is None:
-        history = deployments(settings)
-        serving = stable_server(settings)
-        current = serving.model_version if serving else (str(history[-1]["version"]) if history else None)
         earlier = [str(entry["version"]) for entry in history if str(entry["version"]) != current]
         if not earlier:
             raise DeployFailed("no earlier deployment to roll back to")
         version = earlier[-1]
-    return deploy(version, settings)
+    version = str(version)
+    return deploy(
+        version,
+        settings,
+        override_by=override_by,
+        override_reason=override_reason,
+        actor=actor,
+        action="rollback",
+        reason=f"rolled back from {f'v{current}' if current else 'nothing'} to v{version}",
+        gate_checked=not _served_before(version, settings),
+    )
 
 
-def serve(settings: Settings, version: str | None = None, *, ready_timeout: float = 120) -> ServerRecord:
-    """Start the stable server with the champion (or ``version``) if none is running; returns it."""
+def serve(
+    settings: Settings,
+    version: str | None = None,
+    *,
+    ready_timeout: float = 120,
+    override_by: str | None = None,
+    override_reason: str | None = None,
+    actor: str = SCHEDULER,
+) -> ServerRecord:
+    """Start the stable server with the champion (or ``version``) if none is running; returns it.
+
+    A version that is neither ``@champion`` nor served before is checked as :func:`deploy` checks it.
+    """
     running = stable_server(settings)
     if running is not None:
         return running
-    version = str(version or _champion_version(settings) or "")
+    champion = _champion_version(settings)
+    version = str(version or champion or "")
     if not version:
         raise RuntimeError(f"no @champion version of {settings.model_name} to serve yet")
+    if version != champion and not _served_before(version, settings):
+        require_deployable(version, settings, override_by=override_by, override_reason=override_reason, actor=actor)
     started = time.monotonic()
     with _deploy_lock(settings):
         rollout_key(settings)
@@ -479,6 +649,7 @@ def serve(settings: Settings, version: str | None = None, *, ready_timeout: floa
         record = start_stable(prepared.bento, version, settings, ready_timeout=ready_timeout)
         seconds = round(time.monotonic() - started, 1)
         _record_deployment(DeployResult(version, None, prepared.bento, record.url, "start", seconds), settings)
+    _audit("deployment", version, actor, f"stable server started with v{version} on {record.url}", settings)
     return record
 
 

@@ -1,4 +1,5 @@
-"""The BentoML service clinical applications call: ``/predict``, ``/explain``, ``/feedback``, ``/metadata``.
+"""The BentoML service clinical applications call: ``/predict``, ``/explain``, ``/feedback``, ``/metadata``,
+``/model-card``.
 
 The model is declared at class scope by its registry version: a Bento is built for one champion
 version (``bentoml build --arg model_version=N``, see ``serving/rollout.py``) and imports exactly
@@ -35,6 +36,7 @@ from serving.contract import (
     DEFAULT_SITE,
     SERVICE_NAME,
     SITE_HEADER,
+    SWAGGER_ASSETS,
     VERSION_HEADER,
     ExplainResponse,
     Explanation,
@@ -46,6 +48,7 @@ from serving.contract import (
     PredictRequest,
     PredictResponse,
     Record,
+    openapi_document,
 )
 from serving.control import CONTROL_ENV, ModelWatcher, requested_model
 from serving.middleware import HttpContractMiddleware
@@ -58,6 +61,10 @@ MODEL_VERSION_ENV = "MEDOPS_SERVING_MODEL_VERSION"
 
 class RequestTooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class NoModelCard(BentoMLException):
+    error_code = HTTPStatus.NOT_FOUND
 
 
 class LogUnavailable(BentoMLException):
@@ -371,5 +378,63 @@ class MedopsService:
             explain_method=model.explain_method,
         )
 
+    @bentoml.api(route="/model-card", input_spec=MetadataRequest)
+    def model_card(self, ctx: bentoml.Context) -> str:
+        """The served version's model card: Markdown, or HTML when the request accepts ``text/html``.
 
+        The card is the one its training run logged, carried in the Bento's model metadata
+        (``serving/bento_build.py``), so answering needs no MLflow.
+        """
+        model = STATE.model
+        assert model is not None
+        wants_html = "text/html" in (ctx.request.headers.get("accept") or "").lower()
+        text = model.metadata.get("model_card_html" if wants_html else "model_card")
+        ctx.response.metadata[VERSION_HEADER] = model.version
+        if not text:
+            raise NoModelCard(f"model version {model.version} was built without a model card")
+        # applied to the response after the API returns, replacing the text/plain of a str result
+        ctx.response.metadata["content-type"] = (
+            "text/html; charset=utf-8" if wants_html else "text/markdown; charset=utf-8"
+        )
+        return str(text)
+
+
+def _docs_app() -> Any:
+    """``/docs`` (Swagger UI) and ``/docs.json`` (the OpenAPI document), open to browsers.
+
+    Mounted passively at the root: it answers only its own paths, before BentoML's ``/docs.json``,
+    whose document credits BentoML and lists responses the service never gives.
+    """
+    from bentoml._internal import server as bentoml_server
+    from starlette.applications import Starlette
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    assets = Path(bentoml_server.__file__).parent / "static_content"
+
+    def page(_: Any) -> HTMLResponse:
+        return HTMLResponse(_DOCS_PAGE)
+
+    def document(_: Any) -> JSONResponse:
+        return JSONResponse(openapi_document(MedopsService.openapi_spec.asdict(), STATE.version()))
+
+    def asset(name: str) -> Route:
+        return Route(f"/docs/{name}", lambda _: FileResponse(assets / name))
+
+    return Starlette(routes=[Route("/docs", page), Route("/docs.json", document), *map(asset, SWAGGER_ASSETS)])
+
+
+_DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>medops diagnosis service: API</title>
+<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/swagger-ui-bundle.js"></script>
+<script src="/docs/swagger-ui-standalone-preset.js"></script>
+<script>
+window.ui = SwaggerUIBundle({url: "/docs.json", dom_id: "#swagger-ui", persistAuthorization: true,
+  presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset], layout: "BaseLayout"});
+</script></body></html>
+"""
+
+MedopsService.mount_asgi_app(_docs_app(), path="/", name="medops-docs")
 MedopsService.add_asgi_middleware(HttpContractMiddleware, model_version=STATE.version)

@@ -3,7 +3,8 @@
 It follows the model contract the lead's training will honour: an ``mlflow.sklearn`` model version
 of ``settings.model_name`` whose estimator is a ``FixedThresholdClassifier`` around a scaling
 ``Pipeline``, fitted on a DataFrame with exactly the FEATURES columns and string labels, tagged with
-``data_version`` and ``threshold``, its run holding the reference rows training stores (the rollout's
+``data_version``, ``threshold`` and a gate decision (``gate_passed``: the rollout refuses a version
+whose gate did not pass), its run holding the reference rows training stores (the rollout's
 smoke test reads its hold-out rows), and reachable through the ``@champion`` alias. Swap
 :func:`register_tiny_model` for the real training once ``pipelines.model_registry`` lands.
 """
@@ -71,15 +72,16 @@ def register_tiny_model(
     data_version: str = "data-v1",
     alias: str | None = "champion",
     model: Any | None = None,
+    gate_passed: bool = True,
     **log_options: Any,
 ) -> str:
     """Fit, log and register a tiny model version; returns the registry version (``"1"``, ``"2"``...)."""
     import mlflow
 
     from pipelines.data import seed_frame
+    from pipelines.holdout import split_by_row_key
     from pipelines.model_registry import REFERENCE, ensure_experiment, register_trusted, write_reference
     from pipelines.model_registry import client as registry_client
-    from pipelines.train import split_rows
 
     experiment_id = ensure_experiment(settings, "serving-tests")
     client = registry_client(settings)
@@ -88,7 +90,7 @@ def register_tiny_model(
     with mlflow.start_run(experiment_id=experiment_id), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics({"roc_auc": 0.99, "sensitivity": 0.97})
         if list(features) == list(FEATURES):  # reference rows are scored on the serving features
-            train, holdout = split_rows(seed_frame(), settings)
+            train, holdout = split_by_row_key(seed_frame())
             reference = write_reference(model, train, holdout, Path(tmp), seed=settings.seed)
             mlflow.log_artifacts(str(reference), artifact_path=REFERENCE)
         # Explicit requirements: inferring them starts a subprocess that costs seconds per model.
@@ -102,6 +104,8 @@ def register_tiny_model(
         version = str(mlflow.register_model(uri, settings.model_name).version)
     client.set_model_version_tag(settings.model_name, version, "data_version", data_version)
     client.set_model_version_tag(settings.model_name, version, "threshold", str(threshold))
+    client.set_model_version_tag(settings.model_name, version, "gate_passed", str(gate_passed).lower())
+    client.set_model_version_tag(settings.model_name, version, "gate_reason", "tiny serving-test model")
     if alias:
         client.set_registered_model_alias(settings.model_name, alias, version)
     return version

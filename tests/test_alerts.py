@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from medops.core.alerts import send_alert
+from medops.core.alerts import configured_channels, outbox_alerts, send_alert
 from medops.core.settings import Settings, get_settings, reset_settings
 from medops.orchestration import MedopsNotifier, failure_notifier, notify_task_failure
 
@@ -146,10 +147,33 @@ def test_a_failing_channel_is_reported_not_raised_and_retried(alerting, webhook,
     assert not first.sent and not second.deduplicated  # nothing went out, so nothing is suppressed
 
 
-def test_without_channels_nothing_is_sent(medops_home):
-    outcome = send_alert("Drift", "drift", COLUMNS, None, None, medops_home)
-    assert not outcome.sent
+def test_without_channels_nothing_is_sent_and_the_alert_waits_in_the_outbox(medops_home):
+    outcome = send_alert("Drift", "drift", COLUMNS, None, REPORT, medops_home)
+    assert not outcome.sent and outcome.undelivered
     assert outcome.channels == {"webhook": "not configured", "email": "not configured"}
+    waiting = Path(outcome.outbox)
+    assert waiting.parent == medops_home.home / "alerts" / "outbox"
+    assert waiting.stat().st_mode & 0o777 == 0o600
+    (listed,) = outbox_alerts(medops_home)
+    assert listed["title"] == "Drift" and listed["report_url"] == REPORT and listed["path"] == str(waiting)
+    assert configured_channels(medops_home) == []
+
+
+def test_an_alert_every_channel_failed_waits_in_the_outbox(alerting, monkeypatch):
+    monkeypatch.setenv("MEDOPS_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{free_port()}/down")
+    monkeypatch.setenv("MEDOPS_SMTP_PORT", str(free_port()))
+    reset_settings()
+    outcome = send_alert("Drift", "drift", COLUMNS, "site-d", REPORT, get_settings())
+    assert outcome.undelivered and outcome.outbox
+    assert all(state.startswith("failed") for state in outcome.channels.values())
+    (listed,) = outbox_alerts(get_settings())
+    assert listed["site"] == "site-d" and listed["channels"] == outcome.channels
+
+
+def test_a_delivered_alert_leaves_the_outbox_empty(alerting, webhook, smtp):
+    outcome = send_alert("Drift", "drift", COLUMNS, None, REPORT, alerting)
+    assert outcome.sent and outcome.outbox is None
+    assert outbox_alerts(alerting) == []
 
 
 def test_failure_notifier_alerts_through_the_same_channels(alerting, webhook, smtp):

@@ -69,13 +69,50 @@ def test_train_model_dag_trains_gates_and_promotes(airflow_db, registry_home: Se
     tags = model_registry.version_tags(champion, registry_home)
     assert tags["data_version"] == "data-v1" and tags["gate_decision"] == "promoted"
     assert tags["airflow_run_id"] == run.run_id
+    mlflow_run = model_registry.client(registry_home).get_run(_run_of(champion, registry_home))
+    assert mlflow_run.data.tags["airflow_run_url"].startswith(f"http://127.0.0.1:{registry_home.airflow_port}/dags/")
+    experiment = model_registry.client(registry_home).get_experiment(mlflow_run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow opens model training
+    # A manual run makes no data version, so it announces none (else it would schedule itself again).
+    assert _data_events(run) == []
+
+
+def _run_of(version: str, settings: Settings) -> str:
+    return model_registry.client(settings).get_model_version(settings.model_name, version).run_id
+
+
+def _data_events(run) -> list[dict]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        events = (
+            session.query(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetEvent.source_run_id == run.run_id, AssetModel.name == "medops/data")
+            .all()
+        )
+        return [dict(event.extra or {}) for event in events]
 
 
 def test_train_model_dag_stops_at_the_gate(airflow_db, registry_home: Settings):
-    run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "min_roc_auc": 0.9999})
+    # a stricter floor than the protocol's needs no approval; the lower bound of ROC AUC (0.9988) misses it
+    run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "roc_auc_lower": 0.9999})
     states = _states(run)
     assert states["fit"] == states["log_run"] == states["register"] == "success" and states["promote"] == "skipped"
     assert model_registry.champion_version(registry_home) is None
+
+
+def test_a_data_version_retraining_made_is_an_asset_event_naming_its_run(airflow_db, registry_home, monkeypatch):
+    from pipelines import retraining
+
+    plan = retraining.plan_training
+    monkeypatch.setattr(
+        retraining, "plan_training", lambda settings, **kw: plan(settings, **kw) | {"new_data_version": "data-v1"}
+    )
+    run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "min_roc_auc": 0.9999})
+    assert _states(run)["plan"] == "success"
+    assert _data_events(run) == [{"data_version": "data-v1", "origin": "feedback", "trained_by": run.run_id}]
 
 
 @dataclass(frozen=True)

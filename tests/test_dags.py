@@ -80,3 +80,21 @@ def test_every_trigger_form_submits_with_its_defaults(dagbag):
                 assert "null" in types, f"{dag_id}: blank default of {name!r} makes the form unsubmittable"
             param.resolve(param.value)  # raises ParamValidationError if the default breaks the schema
             assert param.description, f"{dag_id}: {name!r} has no help text"
+
+
+def test_training_goes_to_the_train_queue_and_the_rest_to_the_default_one(dagbag):
+    """The cluster profile's workers route by queue; LocalExecutor ignores it, so this costs standalone nothing."""
+    queues = {task.task_id: task.queue for task in dagbag.get_dag("train_model").tasks}
+    assert queues["fit"] == queues["search"] == "train"
+    assert {queue for task_id, queue in queues.items() if task_id not in ("fit", "search")} == {"default"}
+
+
+def test_model_search_fans_out_one_mapped_task_per_family_and_reduces(dagbag):
+    dag = dagbag.get_dag("train_model")
+    search = dag.get_task("search")
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    assert isinstance(search, MappedOperator)
+    assert "candidate_families" in search.upstream_task_ids
+    assert dag.get_task("choose").upstream_task_ids == {"search"}
+    assert "choose" in dag.get_task("fit").upstream_task_ids

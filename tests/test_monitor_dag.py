@@ -44,9 +44,9 @@ def register_champion(settings: Settings) -> str:
 
     from pipelines import model_registry
     from pipelines.data_registry import load_version_frame
-    from pipelines.train import split_rows
+    from pipelines.holdout import split_by_row_key
 
-    train, holdout = split_rows(load_version_frame("data-v1", settings), settings)
+    train, holdout = split_by_row_key(load_version_frame("data-v1", settings))
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(train[list(FEATURES)], train[LABEL])
     experiment = model_registry.ensure_experiment(settings, "monitoring-tests")
     with mlflow.start_run(experiment_id=experiment), tempfile.TemporaryDirectory() as tmp:
@@ -327,3 +327,7 @@ def test_dag_test_run_reports_and_emits_the_drift_asset(airflow_db, monitored):
     assert extra["report"].startswith(f"http://127.0.0.1:{settings.evidently_port}/projects/")
     (report_dir,) = settings.reports_dir.iterdir()
     assert (report_dir / "drift.html").is_file()
+    # No channel is configured here: the drift alert waits in the outbox rather than vanishing.
+    (waiting,) = (settings.home / "alerts" / "outbox").glob("*.json")
+    assert json.loads(waiting.read_text())["report_url"] == extra["report"]
+    assert waiting.stat().st_mode & 0o777 == 0o600

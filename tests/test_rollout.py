@@ -44,6 +44,8 @@ class FakePlatform:
         self.calls: list[tuple[str, Any]] = []
         self.alerts: list[str] = []
         self.fail_at: str | None = None
+        self.failed_gates: set[str] = set()
+        self.anchored: list[tuple[int, str]] = []
         self.stable = fake_record(settings, rollout.STABLE, serving, port=settings.serving_port) if serving else None
         patch = monkeypatch.setattr
         patch(rollout, "prepare_bento", self.step("prepare", lambda v, s, **k: rollout.PreparedBento(v, "m", f"b:{v}")))
@@ -55,6 +57,8 @@ class FakePlatform:
         patch(rollout, "_champion_version", lambda s: self.champion)
         patch(rollout, "_set_champion", self.step("champion", self._set_champion, key=lambda v, s: v))
         patch(rollout, "_raise_alert", lambda title, details, s: self.alerts.append(title))
+        patch(rollout, "_gate_status", lambda v, s: (str(v) not in self.failed_gates, "sensitivity lower bound 0.80"))
+        patch(rollout, "_anchor", lambda entry, v, s: self.anchored.append((entry.seq, str(v))))
         by_role = lambda record, *a, **k: record.role  # noqa: E731
         start = self.step("start_candidate", self._start_candidate, key=lambda s, **k: k["role"])
         patch(processes, "start_server", start)
@@ -180,6 +184,48 @@ def test_rollback_without_history_is_refused(settings: Settings, monkeypatch):
     FakePlatform(settings, monkeypatch, serving="1")
     with pytest.raises(rollout.DeployFailed, match="no earlier deployment"):
         rollout.rollback(settings)
+
+
+def test_a_failed_gate_is_refused_unless_a_named_person_overrides_and_every_step_is_audited(
+    settings: Settings, monkeypatch
+):
+    from medops.core import audit
+
+    platform = FakePlatform(settings, monkeypatch, serving="1")
+    platform.failed_gates = {"2"}
+    with pytest.raises(rollout.DeployRefused, match="--override-by NAME --reason TEXT") as refused:
+        rollout.deploy("2", settings, actor="tester")
+    assert "gate did not pass (sensitivity lower bound 0.80)" in str(refused.value)
+    assert platform.calls == [] and platform.stable.model_version == "1"
+    with pytest.raises(rollout.DeployRefused):  # a placeholder names nobody
+        rollout.deploy("2", settings, override_by="approver", override_reason="looks fine", actor="tester")
+    with pytest.raises(rollout.DeployRefused):  # a name without a reason is not an override
+        rollout.deploy("2", settings, override_by="dr.alvarez", override_reason=" ", actor="tester")
+
+    result = rollout.deploy("2", settings, override_by="dr.alvarez", override_reason="site-d outbreak", actor="tester")
+    assert result.version == "2" and platform.stable.model_version == "2"
+    rollout.deploy("3", settings, actor="tester")
+    back = rollout.rollback(settings, actor="tester")  # served before under an override: no new one needed
+    assert back.version == "2"
+    platform.fail_at = "prepare"
+    with pytest.raises(rollout.DeployFailed):
+        rollout.deploy("4", settings, actor="tester")
+
+    entries = audit.entries(settings)
+    assert [(e.action, e.actor, e.links["model_version"]) for e in entries] == [
+        ("refusal", "tester", "2"),
+        ("refusal", "tester", "2"),
+        ("refusal", "tester", "2"),
+        ("override", "dr.alvarez", "2"),
+        ("deployment", "tester", "2"),
+        ("deployment", "tester", "3"),
+        ("rollback", "tester", "2"),
+        ("rollback", "medops-scheduler", "2"),  # the failed deploy of 4 left 2 serving
+    ]
+    assert entries[3].reason == "site-d outbreak" and entries[3].details["entered_by"] == "tester"
+    assert entries[6].reason == "rolled back from v3 to v2"
+    assert platform.anchored == [(entry.seq, entry.links["model_version"]) for entry in entries]
+    assert audit.verify(settings).ok
 
 
 # the swap protocol --------------------------------------------------------------------------
@@ -341,6 +387,7 @@ def test_deploy_model_dag_passes_the_version_through(airflow_db, settings: Setti
 
     calls: list[tuple[str, str | None]] = []
     monkeypatch.setattr(pipelines.model_registry, "champion_version", lambda s: "7")
+    monkeypatch.setattr(rollout, "_gate_status", lambda version, s: (True, "passed"))
 
     def prepare(version: str, s: Settings, **kwargs: Any) -> rollout.PreparedBento:
         calls.append(("build", version))
@@ -357,3 +404,38 @@ def test_deploy_model_dag_passes_the_version_through(airflow_db, settings: Setti
     states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     assert str(run.state) == "success", states
     assert calls == [("build", expected), ("deploy", f"{expected}@b:{expected}")]
+
+
+def test_deploy_model_dag_refuses_a_failed_gate_unless_a_named_person_overrides(
+    airflow_db, settings: Settings, monkeypatch
+):
+    from medops.core import audit
+
+    calls: list[str] = []
+    monkeypatch.setattr(rollout, "_gate_status", lambda version, s: (False, "sensitivity lower bound 0.80 below 0.85"))
+    monkeypatch.setattr(rollout, "_anchor", lambda entry, version, s: None)
+    monkeypatch.setattr(
+        rollout, "prepare_bento", lambda v, s, **k: calls.append("build") or rollout.PreparedBento(v, "m", "b")
+    )
+
+    def deploy(version: str, s: Settings, **kwargs: Any) -> rollout.DeployResult:
+        calls.append("deploy")
+        return rollout.DeployResult(version, "1", "b", "http://127.0.0.1:18999", "swap", 1.0)
+
+    monkeypatch.setattr(rollout, "deploy", deploy)
+    refused = _deploy_dag().test(run_conf={"model_version": "2"})
+    states = {ti.task_id: str(ti.state) for ti in refused.get_task_instances()}
+    assert str(refused.state) == "failed" and states["choose_version"] == "failed", states
+    assert calls == []  # nothing built, nothing served
+    assert [e.action for e in audit.entries(settings)] == ["refusal"]  # refused for good, not retried
+    assert "gate did not pass (sensitivity lower bound 0.80 below 0.85)" in audit.entries(settings)[0].reason
+
+    allowed = _deploy_dag().test(
+        run_conf={"model_version": "2", "override_by": "dr.alvarez", "override_reason": "site-d outbreak, reviewed"}
+    )
+    assert str(allowed.state) == "success"
+    assert calls == ["build", "deploy"]
+    override = audit.entries(settings)[-1]
+    assert (override.action, override.actor, override.reason) == ("override", "dr.alvarez", "site-d outbreak, reviewed")
+    assert override.links["model_version"] == "2" and override.details["entered_by"] == "dag_test"
+    assert audit.verify(settings).ok

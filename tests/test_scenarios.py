@@ -13,13 +13,13 @@ from monitoring.scenarios import (
     WRONG_UNIT_FEATURES,
     fit_champion,
     generate_window,
+    reference_split,
     scenario_effect,
     shifted_features,
 )
 from pipelines.data import seed_frame
 from pipelines.metrics import LINEAR_IMPORTANCE, PERMUTATION_IMPORTANCE, feature_importance, normalised
 from pipelines.schema import FEATURES, LABEL, POSITIVE, SITE
-from pipelines.train import split_rows
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,7 @@ def champion():
 
 
 def test_champion_is_fitted_as_training_fits_it(champion):
-    settings = Settings()
-    train, holdout = split_rows(seed_frame(), settings)
+    train, holdout = reference_split(seed_frame(), Settings())
     assert len(champion.reference) == len(train) == 455 and len(champion.holdout) == len(holdout) == 114
     assert 0 < champion.threshold <= 0.5  # the operating point chosen for sensitivity
     assert champion.reference[PROBABILITY].between(0, 1).all()
@@ -101,7 +100,7 @@ def test_bad_window_size_is_refused(champion):
 
 
 def test_the_scenarios_weigh_features_by_the_importance_training_stores(champion):
-    train, holdout = split_rows(seed_frame(), Settings())
+    train, holdout = reference_split(seed_frame(), Settings())
     stored = feature_importance(champion.model, train, holdout, seed=Settings().seed)
     assert stored.method == LINEAR_IMPORTANCE
     assert champion.importance == stored.importance
@@ -111,7 +110,7 @@ def test_other_models_get_permutation_importance_on_held_out_rows():
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     frame = seed_frame()
-    train, holdout = split_rows(frame, Settings())
+    train, holdout = reference_split(frame, Settings())
     model = HistGradientBoostingClassifier(random_state=0).fit(train[list(FEATURES)], train[LABEL])
     found = feature_importance(model, train, holdout, seed=0)
     assert found.method == PERMUTATION_IMPORTANCE

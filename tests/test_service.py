@@ -85,7 +85,8 @@ def test_predict_matches_the_registered_model(client: TestClient, version: str, 
     assert [p["encounter_id"] for p in payload["predictions"]] == [r["encounter_id"] for r in body]
 
 
-@pytest.mark.parametrize("path", ["/predict", "/explain", "/feedback", "/metadata", "/docs.json"])
+# The API docs (/docs, /docs.json) are open: tests/test_service.py::test_api_docs_open_without_a_key
+@pytest.mark.parametrize("path", ["/predict", "/explain", "/feedback", "/metadata", "/model-card", "/schema.json"])
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}, {"Authorization": "Bearer "}],
@@ -317,6 +318,14 @@ def test_metadata_by_get_and_post(client: TestClient, version: str):
         assert response.headers["x-model-version"] == version
 
 
+def test_a_version_built_without_a_model_card_says_so(client: TestClient, version: str):
+    """The tiny serving-test model was never trained by medops, so its Bento carries no card."""
+    response = client.get("/model-card", headers=auth())
+    assert response.status_code == 404
+    assert response.json() == {"error": f"model version {version} was built without a model card", "detail": []}
+    assert response.headers["x-model-version"] == version
+
+
 def test_openapi_document_describes_the_contract(client: TestClient):
     spec = client.get("/docs.json", headers=auth()).json()
     assert {"/predict", "/explain", "/feedback", "/metadata"} <= set(spec["paths"])
@@ -348,3 +357,46 @@ def test_a_prediction_that_cannot_be_logged_durably_is_not_answered(client: Test
     monkeypatch.undo()
     # what was refused is not claimed as served: the log holds only rows written before the answer
     assert len(read_predictions(home)) <= served + 2
+
+
+def test_api_docs_open_without_a_key(client: TestClient, version: str):
+    from serving.contract import SWAGGER_ASSETS
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text and 'url: "/docs.json"' in page.text
+    for name in SWAGGER_ASSETS:
+        assert client.get(f"/docs/{name}").status_code == 200, name
+    doc = client.get("/docs.json")
+    assert doc.status_code == 200
+    spec = doc.json()
+    assert spec["info"]["title"] == "medops diagnosis service" and spec["info"]["version"] == version
+    assert "BentoML" not in json.dumps(spec["info"])
+    assert spec["components"]["securitySchemes"]["bearerKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key from MEDOPS_API_KEYS.",
+    }
+    assert spec["security"] == [{"bearerKey": []}]
+    predict_responses = spec["paths"]["/predict"]["post"]["responses"]
+    assert set(predict_responses) == {"200", "401", "403", "413", "415", "422", "429", "503"}
+    assert spec["paths"]["/readyz"]["get"]["security"] == []
+
+
+def test_api_docs_example_is_a_real_seed_record_and_fields_state_units(client: TestClient):
+    from pipelines.data import seed_frame
+    from serving.contract import EXAMPLE_RECORD
+
+    seed = seed_frame()
+    row = seed.loc[19]
+    assert {name: float(row[name]) for name in FEATURES} == {name: EXAMPLE_RECORD[name] for name in FEATURES}
+    assert row["site_id"] == EXAMPLE_RECORD["site_id"]
+    spec = client.get("/docs.json").json()
+    text = json.dumps(spec)
+    assert '"mean_radius": 13.54' in text  # the example, not each feature's maximum
+    record = spec["components"]["schemas"]["Record"]["properties"]
+    assert "Unit: image units (pixels)" in record["mean_radius"]["description"]
+    assert "Plausible range 0 to 60" in record["mean_radius"]["description"]
+    assert all("Unit:" in record[name]["description"] for name in FEATURES)
+    # and the example the docs show is accepted by the service
+    answer = predict(client, {"records": [EXAMPLE_RECORD]})
+    assert answer.status_code == 200, answer.text

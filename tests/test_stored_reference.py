@@ -13,9 +13,10 @@ import pytest
 from medops.core.settings import Settings
 from pipelines import model_registry
 from pipelines.data_registry import load_version_frame
+from pipelines.holdout import split_by_row_key
 from pipelines.metrics import LINEAR_IMPORTANCE, probability_malignant
 from pipelines.schema import DATA_COLUMNS, FEATURES
-from pipelines.train import split_rows, train_model
+from pipelines.train import train_model
 
 
 def test_readers_return_the_logged_rows_after_the_split_settings_changed(registry_home: Settings):
@@ -26,11 +27,12 @@ def test_readers_return_the_logged_rows_after_the_split_settings_changed(registr
     version = result.model_version
     model = model_registry.load_model(version, registry_home)
     frame = load_version_frame("data-v1", registry_home)
-    train, holdout = split_rows(frame, registry_home)
+    train, holdout = split_by_row_key(frame)
 
-    changed = registry_home.model_copy(update={"test_size": 0.35, "seed": 7})
-    other_train, other_holdout = split_rows(frame, changed)
-    assert len(other_holdout) != len(holdout)  # today's settings would give other rows
+    # another hold-out share (a later protocol) and another seed would give other rows today
+    changed = registry_home.model_copy(update={"seed": 7})
+    other_train, other_holdout = split_by_row_key(frame, 0.35)
+    assert len(other_holdout) != len(holdout)
     assert not other_train[list(FEATURES)].head(40).equals(train[list(FEATURES)].head(40))
 
     reference = load_reference(changed, version)

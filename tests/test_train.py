@@ -1,4 +1,4 @@
-"""Training, the operating threshold, the MLflow run and the gate."""
+"""Training, the operating threshold, the MLflow run and the gate's decision on the stored hold-out."""
 
 from __future__ import annotations
 
@@ -9,22 +9,18 @@ import pytest
 
 from medops.core.settings import Settings
 from pipelines import model_registry
+from pipelines.holdout import split_by_row_key
 from pipelines.metrics import LINEAR_IMPORTANCE, PERMUTATION_IMPORTANCE, clinical_metrics, feature_importance
 from pipelines.schema import FEATURES, LABEL
 from pipelines.train import (
     FitResult,
-    GateConfig,
     choose_threshold,
     fit_candidate,
-    gate,
     log_run,
     promote,
     register_version,
-    split_rows,
     train_model,
 )
-
-GATE = GateConfig(min_sensitivity=0.95, min_roc_auc=0.97, max_auc_drop=0.01)
 
 
 def test_clinical_metrics_treat_malignant_as_positive():
@@ -47,11 +43,14 @@ def test_undefined_metrics_are_none_and_fail_the_gate():
     assert metrics["sensitivity"] is None and metrics["roc_auc"] is None and metrics["ppv"] == 0.0
     assert metrics["specificity"] == pytest.approx(2 / 3)
     json.dumps(metrics, allow_nan=False)  # NaN would not be valid JSON
-    decision = gate(metrics, None, None, GATE)
-    assert not decision.passed and decision.reasons == [
-        "sensitivity undefined on the hold-out rows",
-        "roc_auc undefined on the hold-out rows",
-    ]
+    from pipelines.gate import decide
+    from pipelines.protocol import load_protocol
+
+    scores = (no_malignant, np.array([0.1, 0.6, 0.2]), np.array([False, True, False]))
+    decision = decide(scores, None, np.array(["site-a"] * 3), load_protocol())
+    assert not decision.passed
+    assert "overall: no malignant hold-out rows, so sensitivity cannot be judged: refused" in decision.reasons
+    assert any("ROC AUC cannot be estimated" in reason for reason in decision.reasons)
 
 
 def test_linear_importance_is_the_coefficient_times_the_feature_spread(registry_home: Settings):
@@ -61,7 +60,7 @@ def test_linear_importance_is_the_coefficient_times_the_feature_spread(registry_
 
     from pipelines.data_registry import load_version_frame
 
-    train, holdout = split_rows(load_version_frame("data-v1", registry_home), registry_home)
+    train, holdout = split_by_row_key(load_version_frame("data-v1", registry_home))
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(train[list(FEATURES)], train[LABEL])
     found = feature_importance(model, train, holdout, seed=0)
     # scaled on the same training rows, |coef on raw feature| x std is |coef on the scaled one|
@@ -71,22 +70,6 @@ def test_linear_importance_is_the_coefficient_times_the_feature_spread(registry_
     assert np.allclose(list(found.importance.values()), coef / coef.sum(), rtol=1e-9)
 
 
-@pytest.mark.parametrize(
-    ("candidate", "champion_auc", "passed", "why"),
-    [
-        ({"sensitivity": 0.97, "roc_auc": 0.99}, None, True, "no champion"),
-        ({"sensitivity": 0.93, "roc_auc": 0.99}, None, False, "sensitivity 0.930 below 0.950"),
-        ({"sensitivity": 0.97, "roc_auc": 0.96}, None, False, "ROC AUC 0.9600 below 0.9700"),
-        ({"sensitivity": 0.97, "roc_auc": 0.985}, 0.999, False, "worse than champion"),
-        ({"sensitivity": 0.97, "roc_auc": 0.992}, 0.999, True, "within 0.01 of champion"),
-    ],
-)
-def test_gate(candidate, champion_auc, passed, why):
-    decision = gate(candidate, champion_auc, "1" if champion_auc else None, GATE)
-    assert decision.passed is passed
-    assert any(why in reason for reason in decision.reasons)
-
-
 def test_threshold_meets_the_sensitivity_target_out_of_fold(registry_home: Settings):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -94,14 +77,14 @@ def test_threshold_meets_the_sensitivity_target_out_of_fold(registry_home: Setti
 
     from pipelines.data_registry import load_version_frame
 
-    train, _ = split_rows(load_version_frame("data-v1", registry_home), registry_home)
+    train, _ = split_by_row_key(load_version_frame("data-v1", registry_home))
     estimator = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     strict = choose_threshold(estimator, train, 0.99, registry_home)
     loose = choose_threshold(estimator, train, 0.90, registry_home)
     assert 0 < strict <= loose <= 0.5
 
 
-def test_train_registers_challenger_and_promotes_through_the_gate(registry_home: Settings):
+def test_train_registers_challenger_and_promotes_through_the_gate(registry_home: Settings, tmp_path):
     import mlflow
 
     result = train_model(
@@ -115,7 +98,10 @@ def test_train_registers_challenger_and_promotes_through_the_gate(registry_home:
 
     tags = model_registry.version_tags(result.model_version, registry_home)
     assert tags["data_version"] == "data-v1" and tags["gate_decision"] == "passed"
-    assert json.loads(tags["gate_reasons"])
+    assert tags["gate_passed"] == "true" and tags["gate_reason"].startswith("promote: protocol v1")
+    assert tags["protocol_version"] == "1" and len(tags["protocol_sha256"]) == 64
+    assert tags["holdout_rows"] == str(result.holdout["rows"]) and len(tags["holdout_sha256"]) == 64
+    assert float(tags["sensitivity_lower"]) == pytest.approx(result.gate.overall.candidate.sensitivity.lower, abs=1e-4)
     assert float(tags["threshold"]) == pytest.approx(result.threshold, abs=1e-6)
 
     run = mlflow.get_run(result.run_id)
@@ -126,7 +112,10 @@ def test_train_registers_challenger_and_promotes_through_the_gate(registry_home:
     for metric in ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier"):
         assert metric in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
-    assert {"roc_curve.png", "confusion_matrix.png", "calibration.png", "model_card.md"} <= artifacts
+    assert {"roc_curve.png", "confusion_matrix.png", "calibration.png", "model_card", "gate"} <= artifacts
+    local = mlflow.MlflowClient().download_artifacts(result.run_id, "gate/decision.json", str(tmp_path))
+    assert json.loads(open(local).read()) == result.gate.to_dict()
+    assert run.data.metrics["gate_passed"] == 1.0 and "gate_sensitivity_lower" in run.data.metrics
     inputs = [i.dataset.name for i in run.inputs.dataset_inputs]
     assert "data-v1-train" in inputs
 
@@ -140,8 +129,8 @@ def test_train_registers_challenger_and_promotes_through_the_gate(registry_home:
 
 
 def test_a_model_that_fails_the_gate_is_not_promoted(registry_home: Settings):
-    strict = GateConfig(min_sensitivity=1.01, min_roc_auc=0.97, max_auc_drop=0.01)
-    result = train_model(registry_home, families=["logistic_regression"], gate_config=strict)
+    # a stricter floor than the protocol's needs nobody's approval, and no hold-out of this size reaches it
+    result = train_model(registry_home, families=["logistic_regression"], thresholds={"sensitivity_lower": 0.99})
     assert not result.gate.passed
     assert not promote(result, registry_home)
     assert model_registry.champion_version(registry_home) is None
@@ -176,7 +165,9 @@ def test_fit_log_and_register_each_run_alone(registry_home: Settings, tmp_path):
     fit = fit_candidate(registry_home, "data-v1", ["logistic_regression"], work_dir=tmp_path / "work")
     assert {p.name for p in (tmp_path / "work").iterdir()} == {"model.skops", "figures", "reference"}
     assert {p.name for p in fit.reference_dir.iterdir()} == {"train.csv", "holdout.csv", "importance.json"}
-    assert fit.champion_version is None and fit.metrics["sensitivity"] >= 0.95
+    assert fit.metrics["sensitivity"] >= 0.95
+    assert fit.split["holdout_rule"] == "sha256-row-key" and fit.holdout["rows"] == fit.holdout_rows
+    model_registry.configure_mlflow(registry_home)  # fitting no longer touches MLflow: point it at this store
     assert mlflow.search_runs(search_all_experiments=True).empty  # fitting logs nothing
     passed_on = FitResult.from_dict(json.loads(json.dumps(fit.to_dict(), allow_nan=False)))
     assert passed_on == fit
@@ -194,8 +185,8 @@ def test_fit_log_and_register_each_run_alone(registry_home: Settings, tmp_path):
     version = model_registry.client(registry_home).get_model_version(registry_home.model_name, "1")
     assert version.run_id == run_id and version.description.startswith("# Model card: ")
     assert model_registry.version_tags("1", registry_home)["airflow_run_id"] == "manual__steps"
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
-    assert "model_card.md" in artifacts
+    card = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "model_card")}
+    assert card == {"model_card/model_card.md", "model_card/model_card.html"}
 
     # the registered model is the fitted one, bit for bit
     stored = model_registry.stored_reference("1", registry_home)
@@ -203,3 +194,48 @@ def test_fit_log_and_register_each_run_alone(registry_home: Settings, tmp_path):
     assert np.array_equal(
         registered.predict_proba(stored.holdout[list(FEATURES)])[:, 1], stored.holdout["probability_malignant"]
     )
+
+
+def test_the_fanned_out_search_chooses_what_the_single_search_chooses(registry_home: Settings):
+    """Mapped per-family searches + choose_best give the family, parameters and scores search_best gives."""
+    from pipelines import data_registry
+    from pipelines.train import choose_best, search_best, search_family, training_rows
+
+    families = ["logistic_regression", "gradient_boosting"]
+    searches = [search_family(registry_home, "data-v1", family) for family in families]
+    assert all(set(s) == {"family", "data_version", "cv_roc_auc", "params"} for s in searches)
+    json.dumps(searches)  # only names and numbers travel between tasks, never frames
+    chosen = choose_best(searches)
+
+    train, _ = training_rows(data_registry.load_version_frame("data-v1", registry_home))
+    family, estimator, scores = search_best(train, families, registry_home)
+    assert chosen["family"] == family and chosen["cv_scores"] == pytest.approx(scores)
+    assert {f"model__{k}" if not k.startswith("model__") else k: v for k, v in chosen["params"].items()}.items() <= (
+        estimator.get_params().items()
+    )
+
+
+def test_choose_best_refuses_mixed_data_versions_and_an_empty_search():
+    from pipelines.train import choose_best
+
+    with pytest.raises(ValueError, match="no family"):
+        choose_best([])
+    mixed = [
+        {"family": "svm", "data_version": "data-v1", "cv_roc_auc": 0.99, "params": {}},
+        {"family": "logistic_regression", "data_version": "data-v2", "cv_roc_auc": 0.98, "params": {}},
+    ]
+    with pytest.raises(ValueError, match="data-v1, data-v2"):
+        choose_best(mixed)
+    tie = [{**mixed[0], "cv_roc_auc": 0.99}, {**mixed[1], "data_version": "data-v1", "cv_roc_auc": 0.99}]
+    assert choose_best(tie)["family"] == "logistic_regression"  # the simplest family wins a tie
+
+
+def test_fit_with_a_chosen_family_does_not_search_again(registry_home: Settings, tmp_path, monkeypatch):
+    from pipelines import train as train_module
+
+    chosen = train_module.choose_best([train_module.search_family(registry_home, "data-v1", "logistic_regression")])
+    monkeypatch.setattr(train_module, "search_best", lambda *a, **k: pytest.fail("searched again"))
+    result = train_module.fit_candidate(registry_home, "data-v1", work_dir=tmp_path / "work", chosen=chosen)
+    assert result.family == "logistic_regression" and result.cv_roc_auc == chosen["cv_scores"]
+    with pytest.raises(ValueError, match="not on data-v2"):
+        train_module.fit_candidate(registry_home, "data-v2", work_dir=tmp_path / "other", chosen=chosen)

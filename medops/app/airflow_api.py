@@ -34,6 +34,7 @@ from airflow_client.client.exceptions import ApiException, UnauthorizedException
 from airflow_client.client.models import (
     DAGPatchBody,
     DAGResponse,
+    DAGRunPatchBody,
     DAGRunResponse,
     ImportErrorResponse,
     TaskInstanceResponse,
@@ -174,6 +175,16 @@ class AirflowClient:
         return self._call(
             f"GET run {dag_id}/{run_id}",
             lambda: DagRunApi(self._api).get_dag_run(dag_id, run_id, _request_timeout=self.timeout),
+        )
+
+    def set_note(self, dag_id: str, run_id: str, note: str) -> None:
+        """Replace the run's note (Markdown, shown in the grid and on the run's page)."""
+        body = DAGRunPatchBody(note=note)
+        self._call(
+            f"PATCH note of {dag_id}/{run_id}",
+            lambda: DagRunApi(self._api).patch_dag_run(
+                dag_id, run_id, body, update_mask=["note"], _request_timeout=self.timeout
+            ),
         )
 
     def task_instances(self, dag_id: str, run_id: str) -> list[TaskInstanceResponse]:

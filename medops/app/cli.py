@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from medops.core.settings import REPO_ROOT, get_settings
+from medops.core.settings import REPO_ROOT, Settings, get_settings
 
 app = typer.Typer(
     name="medops",
@@ -43,6 +43,15 @@ def _private_files() -> None:
 
     os.umask(0o077)
     os.environ[PICKLE_SWITCH] = "false"
+    # MLflow draws a progress bar for every artifact it downloads (the gate reads the stored rows)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def terminal_user() -> str:
+    """The actor of what a person does at the terminal: their operating-system user name."""
+    from pipelines.governance import terminal_user as user
+
+    return user()
 
 
 class UserError(Exception):
@@ -106,7 +115,7 @@ def init() -> None:
     ):
         folder.mkdir(parents=True, exist_ok=True)
     with step("data registry (git + DVC) with the seed as data-v1"):
-        version = data_registry.init_registry(settings)
+        version = data_registry.init_registry(settings, actor=terminal_user())
     with step("MLflow store"):
         model_registry.ensure_experiment(settings)
     out.print(f"MEDOPS_HOME   {settings.home}")
@@ -140,7 +149,7 @@ def data_restore(
 
 
 @command(data_app, name="versions")
-def data_versions(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def data_versions(as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False) -> None:
     """List data versions with their DVC hashes and row counts."""
     from pipelines import data_registry
 
@@ -156,20 +165,22 @@ def data_versions(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
 def ingest(
     file: Annotated[Path, typer.Argument(help="CSV batch to validate and version.", exists=False)],
     site: Annotated[str | None, typer.Option("--site", help="site_id for rows that name none.")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Validate a batch: good rows become a new data version, the rest go to quarantine with reasons."""
     from pipelines.ingest import ingest_file
 
     with step(f"validating and versioning {file.name}"):
-        result = ingest_file(file, get_settings(), site_id=site)
+        result = ingest_file(file, get_settings(), site_id=site, actor=terminal_user())
     if as_json:
         return emit(result.to_dict(), True)
     out.print(result.summary(), highlight=False)
 
 
 @command(data_app, name="purge-landing")
-def data_purge_landing(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def data_purge_landing(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
     """Delete ingested files kept in landing/processed/ longer than MEDOPS_LANDING_RETENTION_DAYS."""
     from pipelines.ingest import purge_landing
 
@@ -184,35 +195,93 @@ def data_purge_landing(as_json: Annotated[bool, typer.Option("--json")] = False)
 @command()
 def train(
     family: Annotated[list[str] | None, typer.Option("--family", help="Model family (repeatable).")] = None,
-    data_version: Annotated[str | None, typer.Option("--data-version")] = None,
-    min_sensitivity: Annotated[float | None, typer.Option()] = None,
-    min_roc_auc: Annotated[float | None, typer.Option()] = None,
+    data_version: Annotated[
+        str | None, typer.Option("--data-version", help="Data version (data-vN) to train on; default: the latest.")
+    ] = None,
+    sensitivity_lower: Annotated[
+        float | None,
+        typer.Option(
+            "--sensitivity-lower",
+            "--min-sensitivity",
+            help="Gate: floor on the lower 95 % bound of sensitivity (default: the protocol's).",
+        ),
+    ] = None,
+    roc_auc_lower: Annotated[
+        float | None,
+        typer.Option(
+            "--roc-auc-lower",
+            "--min-roc-auc",
+            help="Gate: floor on the lower 95 % bound of ROC AUC (default: the protocol's).",
+        ),
+    ] = None,
+    non_inferiority_margin: Annotated[
+        float | None,
+        typer.Option(
+            "--non-inferiority-margin",
+            help="Gate: how far below the champion's AUC the lower bound may go (default: the protocol's).",
+        ),
+    ] = None,
+    approved_by: Annotated[
+        str | None,
+        typer.Option("--approved-by", help="Who approved a change the protocol reserves for a person (their name)."),
+    ] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why the approved change is acceptable.")] = None,
     promote: Annotated[bool, typer.Option("--promote/--no-promote", help="Move @champion if the gate passes.")] = True,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Train on a data version, log to MLflow, register @challenger, and promote if the gate passes."""
+    """Train on a data version, log to MLflow, register @challenger, gate it, and promote if it passes.
+
+    Thresholds looser than the modification protocol's floors need --approved-by NAME --reason TEXT;
+    both go to the audit trail.
+    """
     from pipelines import train as training
 
     settings = get_settings()
-    gate = training.GateConfig.from_settings(settings, min_sensitivity=min_sensitivity, min_roc_auc=min_roc_auc)
+    actor = terminal_user()
+    thresholds = {
+        "sensitivity_lower": sensitivity_lower,
+        "roc_auc_lower": roc_auc_lower,
+        "non_inferiority_margin": non_inferiority_margin,
+    }
     with step("training (cross-validated search over model families)"):
-        result = training.train_model(settings, data_version=data_version, families=family, gate_config=gate)
+        result = training.train_model(
+            settings,
+            data_version=data_version,
+            families=family,
+            thresholds=thresholds,
+            actor=actor,
+            approved_by=approved_by,
+            approval_reason=reason,
+        )
     if promote:
-        result.promoted = training.promote(result, settings)
+        result.promoted = training.promote(
+            result, settings, approved_by=approved_by, approval_reason=reason, actor=actor
+        )
     if as_json:
         return emit(result.to_dict(), True)
-    m = result.metrics
+    m, figures = result.metrics, result.gate.overall.candidate
     out.print(
         f"model version {result.model_version} ({result.family}) on {result.data_version}: "
         f"ROC AUC {m['roc_auc']:.4f}, sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}, "
-        f"threshold {result.threshold:.3f}"
+        f"threshold {result.threshold:.3f}",
+        highlight=False,
     )
-    out.print(f"gate {'passed' if result.gate.passed else 'FAILED'}: {'; '.join(result.gate.reasons)}")
+    if figures.sensitivity is not None:
+        out.print(
+            f"hold-out {result.holdout.get('rows')} rows ({result.holdout.get('malignant')} malignant): "
+            f"sensitivity lower bound {figures.sensitivity.lower:.3f}"
+            + (f", specificity lower bound {figures.specificity.lower:.3f}" if figures.specificity else "")
+            + (f", ROC AUC lower bound {figures.roc_auc.lower:.4f}" if figures.roc_auc else ""),
+            highlight=False,
+        )
+    out.print(f"gate {'passed' if result.gate.passed else 'FAILED'}:", highlight=False)
+    for line in result.gate.reasons:
+        out.print(f"  {line}", highlight=False)
     out.print("promoted to @champion" if result.promoted else "@champion unchanged")
 
 
 @command()
-def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False) -> None:
     """Data versions, the champion, and which platform services are up."""
     from medops.app import platform
     from pipelines import data_registry, model_registry
@@ -224,6 +293,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if champion:
         payload["champion_tags"] = model_registry.version_tags(champion, settings)
     payload["services"] = platform.service_status(settings)
+    payload.update(_monitoring_status(settings))
     if as_json:
         return emit(payload, True)
     out.print(f"MEDOPS_HOME  {payload['home']}")
@@ -236,18 +306,114 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         )
     else:
         out.print("champion     none yet")
+    challenger = payload.get("challenger")
+    if challenger and challenger.get("version") != champion:
+        decision = challenger.get("gate") or "not yet decided"
+        out.print(f"challenger   v{challenger['version']} (gate {decision})", highlight=False)
+    verdict = payload["last_verdict"]
+    out.print(
+        f"last verdict {verdict['verdict']} ({verdict['report']})" if verdict else "last verdict none yet",
+        highlight=False,
+    )
+    last = payload["last_alert"]
+    out.print(f"last alert   {last['time']} {last['title']} ({last['delivery']})" if last else "last alert   none")
+    channels = ", ".join(payload["alert_channels"]) or "[yellow]none[/]: alerts wait in the outbox (medops alerts)"
+    out.print(f"alerts to    {channels}")
+    if payload["undelivered_alerts"]:
+        out.print(f"outbox       [yellow]{payload['undelivered_alerts']} undelivered alert(s)[/]: medops alerts")
     for name, info in payload["services"].items():
         state = f"[green]up[/] {info['url']}" if info["up"] else "[dim]down[/]"
         out.print(f"{name:<12} {state}")
 
 
+def _monitoring_status(settings: Settings) -> dict[str, Any]:
+    """Last drift verdict, last alert (sent or waiting), the challenger, and where alerts go."""
+    from medops.core.alerts import configured_channels, outbox_alerts, sent_alerts
+
+    state_file = settings.home / "state" / "monitoring.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    verdict = {"verdict": state["verdict"], "report": state.get("last_report")} if state.get("verdict") else None
+    waiting = outbox_alerts(settings)
+    last = None
+    sent = sent_alerts(settings)
+    if waiting and (not sent or waiting[0]["time"] >= sent[-1]):
+        last = {"time": waiting[0]["time"], "title": waiting[0]["title"], "delivery": "undelivered, in the outbox"}
+    elif sent:
+        last = {"time": sent[-1], "title": "(deduplicated record)", "delivery": "sent"}
+    payload: dict[str, Any] = {
+        "last_verdict": verdict,
+        "last_alert": last,
+        "alert_channels": configured_channels(settings),
+        "undelivered_alerts": len(waiting),
+        "challenger": None,
+    }
+    if (settings.mlflow_dir / "mlflow.db").exists():
+        from pipelines import model_registry
+
+        version = model_registry.alias_version("challenger", settings)
+        if version:
+            tags = model_registry.version_tags(version, settings)
+            payload["challenger"] = {
+                "version": version,
+                "gate": tags.get("gate_decision"),
+                "reasons": json.loads(tags.get("gate_reasons") or "[]"),
+            }
+    return payload
+
+
+@command()
+def alerts(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the alerts as JSON.")] = False,
+) -> None:
+    """Alerts no channel delivered (none configured, or every one failed), newest first."""
+    from medops.core.alerts import configured_channels, outbox_alerts
+
+    settings = get_settings()
+    waiting = outbox_alerts(settings)
+    if as_json:
+        return emit({"channels": configured_channels(settings), "outbox": waiting}, True)
+    if not configured_channels(settings):
+        out.print(
+            "No alert channel is configured: set MEDOPS_ALERT_WEBHOOK_URL (Slack-shaped webhook) or "
+            "MEDOPS_SMTP_HOST with MEDOPS_ALERT_EMAIL_TO.",
+            highlight=False,
+        )
+    if not waiting:
+        out.print("outbox empty: every alert was delivered", highlight=False)
+    for alert in waiting:
+        out.print(f"{alert.get('time')}  [{alert.get('severity')}] {alert.get('title')}", highlight=False)
+        if alert.get("report_url"):
+            out.print(f"  report   {alert['report_url']}", highlight=False)
+        failed = {k: v for k, v in (alert.get("channels") or {}).items() if v != "not configured"}
+        if failed:
+            out.print(f"  channels {failed}", highlight=False)
+        out.print(f"  file     {alert['path']}", highlight=False)
+
+
 @command()
 def up(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until a champion is serving.")] = True,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            help="standalone (embedded: SQLite, LocalExecutor) or cluster (PostgreSQL, Celery workers, "
+            "MLflow and WebDAV servers). Default: MEDOPS_PROFILE, else standalone.",
+        ),
+    ] = None,
 ) -> None:
-    """Start the whole platform on embedded defaults and run the loop once (what `make run` does)."""
-    from medops.app import platform
+    """Start the whole platform and run the loop once (what `make run` does)."""
+    import os
 
+    from medops.app import platform
+    from medops.core.settings import reset_settings
+
+    if profile is not None:
+        if profile not in ("standalone", "cluster"):
+            raise typer.BadParameter(f"{profile!r}: expected standalone or cluster", param_hint="--profile")
+        # Through the environment, so every process `up` starts inherits it (and `down` is told by the record).
+        os.environ["MEDOPS_PROFILE"] = profile
+        reset_settings()
     platform.up(get_settings(), wait=wait, console=console, out=out)
 
 
@@ -261,8 +427,8 @@ def down() -> None:
 
 @command(name="drift-scenario")
 def drift_scenario(
-    site: Annotated[str, typer.Option("--site")] = "site-d",
-    records: Annotated[int, typer.Option("--records", min=1)] = 400,
+    site: Annotated[str, typer.Option("--site", help="site_id whose traffic drifts.")] = "site-d",
+    records: Annotated[int, typer.Option("--records", min=1, help="How many cases the site sends.")] = 400,
     drift: Annotated[str, typer.Option("--drift", help="covariate, prevalence or units")] = "covariate",
 ) -> None:
     """Drifted traffic -> monitor_drift -> alert -> retrain -> new champion serving, on the running platform."""
@@ -271,10 +437,16 @@ def drift_scenario(
     run_drift_scenario(get_settings(), site=site, records=records, drift=drift, console=console)
 
 
-from medops.app import keys_commands, monitoring_commands, serving_commands  # noqa: E402  (they extend `app`)
+from medops.app import (  # noqa: E402  (they extend `app`)
+    governance_commands,
+    keys_commands,
+    monitoring_commands,
+    serving_commands,
+)
 
 serving_commands.register(app)
 monitoring_commands.register(app)
+governance_commands.register(app)
 keys_commands.register(app)
 
 

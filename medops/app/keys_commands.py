@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--site", help="Bind the key to this site_id: it can speak for no other.")
         ] = None,
         name: Annotated[str, typer.Option("--name", help="Who or what holds the key.")] = "",
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Make a key and print it, once: only its hash is kept."""
         from serving.keys import create_key
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         out.print("[dim]shown once: store it now; medops keeps only its hash[/]")
 
     @command(keys_app, name="list")
-    def list_keys(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    def list_keys(as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False) -> None:
         """Every key made with `medops keys create` (ids, names, scopes, sites; never a key)."""
         from serving.keys import read_keys
 

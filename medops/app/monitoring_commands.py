@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
                 help="Alert on-call people on drift, a performance drop or a data-quality incident.",
             ),
         ] = True,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Judge the prediction log now: signals and verdict, Evidently reports, and an alert when it matters."""
         from monitoring.reports import run_monitoring
@@ -68,9 +68,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
         feedback: Annotated[bool, typer.Option("--feedback", help="Send the true diagnoses to /feedback.")] = False,
         url: Annotated[str | None, typer.Option("--url", help="Service URL (default: the local service).")] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 50,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records per /predict request.")] = 50,
         seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible traffic.")] = None,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Send realistic clinical traffic from one site to the service, optionally shifted."""
         from dataclasses import asdict

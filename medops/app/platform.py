@@ -138,7 +138,8 @@ def airflow_client(settings: Settings) -> AirflowClient:
 def wait_for_airflow(settings: Settings, timeout: float = 240) -> None:
     from medops.app.airflow_api import AirflowClient, admin_password
 
-    alive = lambda: processes.running("airflow", settings) is not None  # noqa: E731
+    leader = "airflow-api-server" if settings.profile == "cluster" else "airflow"
+    alive = lambda: processes.running(leader, settings) is not None  # noqa: E731
     with AirflowClient(urls(settings)["airflow"]) as probe:
         processes.wait_until(probe.healthy, timeout, "Airflow API server and scheduler", alive=alive)
     processes.wait_until(lambda: admin_password(settings.airflow_home) is not None, 60, "Airflow admin password")
@@ -164,16 +165,33 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
     os.environ[processes.PLATFORM_MARKER] = str(settings.home)  # inherited by all we start, see down()
     for folder in (settings.landing_dir, settings.quarantine_dir, settings.reports_dir, settings.run_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    if settings.profile == "cluster":
+        from medops.app import cluster
+
+        with console.status("[cyan]PostgreSQL databases, the DVC remote (WebDAV) and the MLflow tracking server…"):
+            cluster.start_services(settings)
     with console.status("[cyan]MLflow store and data registry…"):
         model_registry.ensure_experiment(settings)
         fresh = data_registry.latest_version(settings) is None
         api_key = settings.service_api_keys()[0]
-    with console.status("[cyan]starting MLflow UI, Evidently UI and airflow standalone…"):
-        start_mlflow(settings)
-        start_evidently(settings)
-        start_airflow(settings)
-        wait_for_airflow(settings)
-    console.print("[green]✓[/] Airflow, MLflow and Evidently are up")
+    if settings.profile == "cluster":
+        with console.status(
+            f"[cyan]starting Airflow (4 components, {settings.cluster_workers} Celery workers) and Evidently UI…"
+        ):
+            start_evidently(settings)
+            cluster.start_airflow(settings)
+            wait_for_airflow(settings)
+        console.print(
+            f"[green]✓[/] cluster profile: Airflow on PostgreSQL with {settings.cluster_workers} Celery workers, "
+            "MLflow on PostgreSQL, DVC remote over WebDAV, Evidently"
+        )
+    else:
+        with console.status("[cyan]starting MLflow UI, Evidently UI and airflow standalone…"):
+            start_mlflow(settings)
+            start_evidently(settings)
+            start_airflow(settings)
+            wait_for_airflow(settings)
+        console.print("[green]✓[/] Airflow, MLflow and Evidently are up")
     client = airflow_client(settings)
     with console.status("[cyan]waiting for the DAG processor to parse the DAGs…"):
         client.wait_for_dags(DAG_IDS)
@@ -221,6 +239,7 @@ def print_summary(settings: Settings, out: Console, api_key: str) -> None:
         f"""
 [bold]medops is up[/] (MEDOPS_HOME={settings.home})
 
+  Profile     {settings.profile}
   Airflow     {u["airflow"]}    user [bold]admin[/], password [bold]{admin_password(settings.airflow_home)}[/]
   MLflow      {u["mlflow"]}
   Evidently   {u["evidently"]}
@@ -237,6 +256,21 @@ Stop everything: make stop
 """,
         highlight=False,
         soft_wrap=True,
+    )
+    out.print(alert_channels_line(settings), highlight=False, soft_wrap=True)
+
+
+def alert_channels_line(settings: Settings) -> str:
+    """Where alerts go, or how to make them reach someone: a drift alert must never vanish."""
+    from medops.core.alerts import configured_channels
+
+    channels = configured_channels(settings)
+    if channels:
+        return f"Alerts go to: {', '.join(channels)} (undelivered ones wait in `medops alerts`)."
+    return (
+        "No alert channel is set: alerts wait in MEDOPS_HOME/alerts/outbox/ (list them with `medops alerts`).\n"
+        "To reach on-call people, set MEDOPS_ALERT_WEBHOOK_URL (Slack-shaped webhook), or MEDOPS_SMTP_HOST,\n"
+        "MEDOPS_SMTP_PORT and MEDOPS_ALERT_EMAIL_TO, then `make stop` and `make run` again."
     )
 
 
@@ -257,6 +291,11 @@ def down(settings: Settings, *, console: Console) -> None:
 
     rollout.stop_all(settings)
     console.print("[green]✓[/] serving stopped")
+    from medops.app import cluster
+
+    # Whichever profile started them: `down` with the other profile set still stops everything.
+    for name in cluster.stop(settings):
+        console.print(f"[green]✓[/] {name} stopped")
     for name in ("airflow", "mlflow", "evidently"):
         if processes.stop(name, settings):
             console.print(f"[green]✓[/] {name} stopped")

@@ -10,23 +10,39 @@ from typing import Annotated
 
 import typer
 
+# Module level: with postponed annotations, Typer resolves these names in the module's globals.
+override_by_option = typer.Option(
+    "--override-by", help="The person who decided to serve a version whose gate did not pass (their name)."
+)
+reason_option = typer.Option("--reason", help="Why that version is served anyway (with --override-by).")
+
 
 def register(app: typer.Typer) -> None:
     """Add the serving commands to the ``medops`` command line."""
-    from medops.app.cli import command, emit, out, step
+    from medops.app.cli import command, emit, out, step, terminal_user
     from medops.core.settings import get_settings
 
     @command(app)
     def deploy(
         version: Annotated[str, typer.Option("--version", help="Registry version of the model to roll out.")],
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        override_by: Annotated[str | None, override_by_option] = None,
+        reason: Annotated[str | None, reason_option] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
-        """Roll a model version out: build its Bento, smoke-test it beside the running one, switch."""
+        """Roll a model version out: build its Bento, smoke-test it beside the running one, switch.
+
+        A version whose gate did not pass is refused unless --override-by NAME --reason TEXT
+        (recorded in the audit trail as an override).
+        """
         from serving import rollout
 
         settings = get_settings()
+        actor = terminal_user()
+        rollout.require_deployable(version, settings, override_by=override_by, override_reason=reason, actor=actor)
         with step(f"rolling out model version {version} (build, smoke test, switch)"):
-            result = rollout.deploy(version, settings)
+            result = rollout.deploy(
+                version, settings, override_by=override_by, override_reason=reason, actor=actor, gate_checked=False
+            )
         if as_json:
             return emit(result.to_dict(), True)
         before = f"v{result.previous}" if result.previous else "nothing"
@@ -37,14 +53,18 @@ def register(app: typer.Typer) -> None:
         version: Annotated[
             str | None, typer.Option("--version", help="Version to go back to (default: the one deployed before).")
         ] = None,
-        as_json: Annotated[bool, typer.Option("--json")] = False,
+        override_by: Annotated[str | None, override_by_option] = None,
+        reason: Annotated[str | None, reason_option] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
         """Serve the previously deployed model version again and point @champion at it."""
         from serving import rollout
 
         settings = get_settings()
         with step("rolling back"):
-            result = rollout.rollback(settings, version)
+            result = rollout.rollback(
+                settings, version, override_by=override_by, override_reason=reason, actor=terminal_user()
+            )
         if as_json:
             return emit(result.to_dict(), True)
         out.print(f"serving  v{result.version} on {result.url} (was v{result.previous})")
@@ -54,13 +74,17 @@ def register(app: typer.Typer) -> None:
         version: Annotated[
             str | None, typer.Option("--version", help="Model version to serve (default: @champion).")
         ] = None,
+        override_by: Annotated[str | None, override_by_option] = None,
+        reason: Annotated[str | None, reason_option] = None,
     ) -> None:
         """Start the champion's Bento on the serving port (loopback) if it is not running."""
         from serving import rollout
 
         settings = get_settings()
         with step("starting the stable server"):
-            record = rollout.serve(settings, version)
+            record = rollout.serve(
+                settings, version, override_by=override_by, override_reason=reason, actor=terminal_user()
+            )
         out.print(f"serving  v{record.model_version} on {record.url} (pid {record.pid}, log {record.log})")
 
     @command(app, name="serve-stop")

@@ -8,6 +8,11 @@ that fails is an ERROR log line (channel and reason) and is reported in the retu
 :class:`AlertOutcome`; nothing here raises into the caller, so a broken mail server never fails a
 DAG run or hides the original error.
 
+No alert is ever silent: one that no channel delivered (none configured, or every configured one
+failed) is written to the outbox, ``MEDOPS_HOME/alerts/outbox/<time>-<fingerprint>.json`` (0600),
+which ``medops alerts`` lists and ``medops status`` counts; :attr:`AlertOutcome.outbox` names the
+file so the caller (a DAG task) can mark its run.
+
 Failures of DAG tasks reach the same channels through ``medops.orchestration``'s notifier. This
 module imports only the standard library at the top: DAG files import it (through that notifier)
 when they are parsed.
@@ -24,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medops.core.files import file_lock, write_atomically
@@ -45,6 +51,12 @@ class AlertOutcome:
     sent: bool
     deduplicated: bool = False
     channels: dict[str, str] = field(default_factory=dict)
+    outbox: str | None = None  # the file the alert waits in when no channel delivered it
+
+    @property
+    def undelivered(self) -> bool:
+        """Nobody received it (deduplicated alerts were received the first time)."""
+        return not self.sent and not self.deduplicated
 
 
 def send_alert(
@@ -83,8 +95,14 @@ def send_alert(
             "email": "not configured" if not (settings.smtp_host and settings.alert_email_to) else "",
         }
         if all(channels.values()):
-            log.info("alert not sent (no webhook or e-mail configured): %s", title)
-            return AlertOutcome(sent=False, channels=channels)
+            path = _to_outbox(alert, channels, settings, now)
+            log.warning(
+                "alert not delivered: no channel configured (set MEDOPS_ALERT_WEBHOOK_URL, or MEDOPS_SMTP_HOST "
+                "with MEDOPS_ALERT_EMAIL_TO); kept in the outbox %s: %s",
+                path,
+                title,
+            )
+            return AlertOutcome(sent=False, channels=channels, outbox=str(path))
         with _DedupState(settings) as state:
             if state.sent_recently(alert.fingerprint, now, settings.alert_dedup_minutes):
                 log.info("alert not sent again within %s min: %s", settings.alert_dedup_minutes, title)
@@ -97,7 +115,8 @@ def send_alert(
             sent = "sent" in channels.values()
             if sent:  # a failed delivery is retried next time rather than suppressed
                 state.record(alert.fingerprint, now)
-        return AlertOutcome(sent=sent, channels=channels)
+        outbox = None if sent else str(_to_outbox(alert, channels, settings, now))
+        return AlertOutcome(sent=sent, channels=channels, outbox=outbox)
     except Exception as error:  # an alert must never take its caller down
         log.exception("alert %r could not be sent: %s", title, error)
         return AlertOutcome(sent=False, channels={"error": f"failed: {error}"})
@@ -141,6 +160,58 @@ class _Alert:
         if self.report_url:
             lines.append(f"Report: {self.report_url}")
         return "\n".join(lines)
+
+
+def outbox_dir(settings: Settings) -> Path:
+    return settings.home / "alerts" / "outbox"
+
+
+def _to_outbox(alert: _Alert, channels: dict[str, str], settings: Settings, now: datetime) -> Path:
+    record = {
+        "time": now.isoformat(),
+        "title": alert.title,
+        "verdict": alert.verdict,
+        "severity": alert.severity,
+        "site": alert.site,
+        "drifted_columns": list(alert.drifted_columns),
+        "details": alert.details,
+        "report_url": alert.report_url,
+        "channels": channels,
+        "text": alert.text(),
+    }
+    name = f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{alert.fingerprint[:12]}.json"
+    return write_atomically(outbox_dir(settings) / name, json.dumps(record, indent=1) + "\n", mode=0o600)
+
+
+def outbox_alerts(settings: Settings) -> list[dict[str, Any]]:
+    """Alerts no channel delivered, newest first, each with the ``path`` of its file."""
+    alerts = []
+    for path in sorted(outbox_dir(settings).glob("*.json"), reverse=True):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            record = {"title": f"unreadable outbox file: {error}"}
+        alerts.append({**record, "path": str(path)})
+    return alerts
+
+
+def sent_alerts(settings: Settings) -> list[str]:
+    """When alerts went out (the deduplication record, a week deep), oldest first."""
+    path = settings.home / "state" / "alerts.json"
+    try:
+        return sorted(json.loads(path.read_text()).values()) if path.exists() else []
+    except (OSError, ValueError):
+        return []
+
+
+def configured_channels(settings: Settings) -> list[str]:
+    """The alert channels settings name (empty: alerts go to the outbox only)."""
+    channels = []
+    if settings.alert_webhook_url:
+        channels.append("webhook")
+    if settings.smtp_host and settings.alert_email_to:
+        channels.append(f"email to {settings.alert_email_to}")
+    return channels
 
 
 def _deliver(name: str, channel: Any, alert: _Alert, settings: Settings) -> str:

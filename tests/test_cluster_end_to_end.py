@@ -1,0 +1,218 @@
+"""The whole loop in the cluster profile, on the machine's PostgreSQL and Redis.
+
+`medops up --profile cluster` on a temporary MEDOPS_HOME, free loopback ports, databases with a
+prefix of the test's own and a Redis database of its own starts Airflow's four components and two
+Celery workers on PostgreSQL, MLflow's tracking server on PostgreSQL (artifacts proxied), the
+WebDAV server of the DVC remote and the Evidently UI. Then the standalone test's scenario: seed
+lands -> champion v1 serving -> drifted traffic -> drift -> alert -> retrain -> new champion, with a
+separate process calling /predict and seeing no failed request. On top: training ran on the
+`train` queue on a Celery worker (its log says which), task logs are readable through the REST API
+with no log server listening, the data registry's remote is the WebDAV server, `medops down`
+leaves no process and no listening port, and the databases are medops' own (dropped at the end).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from medops.core.processes import poll_until
+from medops.core.settings import Settings
+from tests.test_alerts import smtp, webhook  # noqa: F401  (fixtures: local alert sinks)
+from tests.test_end_to_end import (
+    BIN,
+    Stages,
+    _describe,
+    _free_port,
+    _medops,
+    _monitor,
+    _platform_processes,
+    _steady_load,
+    _wait,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.timeout(1500)]
+
+REDIS_DB = 11  # Celery's queues for this test only; flushed at the end
+
+
+def _services_reachable() -> bool:
+    for port in (5432, 6379):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except OSError:
+            return False
+    return True
+
+
+def _task_log(base: str, password: str, dag_id: str, run_id: str, task_id: str) -> str:
+    """A task's log as the UI shows it (REST), read by the API server with no log server to ask."""
+    token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=30)
+    headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+    response = httpx.get(
+        f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1", headers=headers, timeout=30
+    )
+    assert response.status_code == 200, response.text[:500]
+    return "\n".join(str(line.get("event", "")) for line in response.json()["content"])
+
+
+def _listening(ports: list[int], pids: list[int] | None = None) -> list[int]:
+    """Those of ``ports`` with a listening socket (of one of ``pids``, if given: other people's
+    Airflow on this machine may serve logs on 8793 too)."""
+    import psutil
+
+    open_ports = {
+        c.laddr.port
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and (pids is None or c.pid in pids)
+    }
+    return sorted(open_ports & set(ports))
+
+
+@pytest.fixture
+def own_databases(tmp_path: Path):
+    """The test's database prefix and Redis database, emptied before and, whatever fails, after."""
+    import redis
+
+    from medops.app import cluster
+
+    assert _services_reachable(), "the cluster profile needs PostgreSQL on 127.0.0.1:5432 and Redis on :6379"
+    settings = Settings(home=tmp_path / "medops-home", cluster_db_prefix=f"medops_e2e_{os.getpid()}", profile="cluster")
+    broker = redis.Redis.from_url(f"redis://127.0.0.1:6379/{REDIS_DB}")
+    cluster.drop_databases(settings)
+    broker.flushdb()
+    yield settings
+    cluster.drop_databases(settings)
+    broker.flushdb()
+    assert cluster.existing_databases(settings) == []
+
+
+def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp, capsys):  # noqa: F811
+    import multiprocessing
+
+    import mlflow
+
+    from medops.app import cluster
+    from medops.app.airflow_api import AirflowClient, admin_password
+    from pipelines.data import seed_frame
+    from pipelines.schema import FEATURES
+    from serving.client import MedopsClient
+
+    settings = own_databases
+    home, prefix = settings.home, settings.cluster_db_prefix
+    ports = {name: _free_port() for name in ("AIRFLOW", "MLFLOW", "SERVING", "EVIDENTLY", "WEBDAV")}
+    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDOPS_", "AIRFLOW"))}
+    env.update({f"MEDOPS_{name}_PORT": str(port) for name, port in ports.items()})
+    env.update(
+        {
+            "MEDOPS_HOME": str(home),
+            "MEDOPS_CLUSTER_DB_PREFIX": prefix,
+            "MEDOPS_REDIS_URL": redis_url,
+            "MEDOPS_API_KEYS": "e2e-key",
+            "MEDOPS_ALERT_WEBHOOK_URL": webhook.url,
+            "MEDOPS_SMTP_HOST": "127.0.0.1",
+            "MEDOPS_SMTP_PORT": str(smtp.port),
+            "MEDOPS_ALERT_EMAIL_TO": "oncall@hospital.example",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        }
+    )
+    serving = f"http://127.0.0.1:{ports['SERVING']}"
+    airflow_url = f"http://127.0.0.1:{ports['AIRFLOW']}"
+    stages = Stages()
+    airflow = None
+    try:
+        # 1. the profile comes up on medops' own databases and lands the seed.
+        up = _medops(env, "up", "--profile", "cluster")
+        assert "Profile     cluster" in up.stdout
+        assert cluster.existing_databases(settings) == sorted(cluster.database_names(settings))
+        stages.done("up --profile cluster: seed lands -> champion v1 serving")
+        password = admin_password(home / "airflow")
+        assert password and password in up.stdout
+        airflow = AirflowClient(airflow_url, password=password)
+        for dag_id in ("ingest_data", "train_model", "deploy_model"):
+            assert [r.state.value for r in airflow.runs(dag_id)] == ["success"], dag_id
+        with MedopsClient(serving, "e2e-key", timeout=10) as service:
+            assert service.metadata().model_version == "1"
+
+        # Training ran on the train queue, on a Celery worker, and its log reads through the API.
+        run_id = airflow.runs("train_model")[0].dag_run_id
+        fit = next(ti for ti in airflow.task_instances("train_model", run_id) if ti.task_id == "fit")
+        assert fit.queue == "train", fit.queue
+        log = _task_log(airflow_url, password, "train_model", run_id, "fit")
+        assert "fit ran on host" in log and "as airflow-worker-" in log, log[-2000:]
+        # The model search fanned out: one mapped task per family, on the train queue, on workers.
+        searches = [ti for ti in airflow.task_instances("train_model", run_id) if ti.task_id == "search"]
+        assert sorted(ti.map_index for ti in searches) == [0, 1, 2], searches
+        assert {ti.queue for ti in searches} == {"train"} and {ti.state.value for ti in searches} == {"success"}
+        # No Airflow log server (8793/8794) is listening: the components run with --skip-serve-logs.
+        assert _listening([8793, 8794], pids=_platform_processes(home)) == []
+
+        # Data went through the WebDAV remote; models through the tracking server's proxied artifacts.
+        dvc_config = (home / "registry" / ".dvc" / "config").read_text()
+        assert f"webdav://127.0.0.1:{ports['WEBDAV']}" in dvc_config, dvc_config
+        remote_files = [p for p in (home / "dvc-remote").rglob("*") if p.is_file()]
+        assert remote_files, "nothing was pushed to the DVC remote"
+        mlflow_url = f"http://127.0.0.1:{ports['MLFLOW']}"
+        client = mlflow.MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+        champion = client.get_model_version_by_alias("breast_cancer_diagnosis", "champion")
+        assert champion.version == "1"
+        assert client.get_run(champion.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+
+        # 2. drifted traffic with labels, under continuous load from another process.
+        stop, counts = multiprocessing.Event(), multiprocessing.Array("i", 2)
+        row = seed_frame().iloc[5]
+        record = {name: float(row[name]) for name in FEATURES}
+        load = multiprocessing.Process(
+            target=_steady_load, args=(serving, "e2e-key", record, stop, counts), daemon=True
+        )
+        load.start()
+        try:
+            window = datetime.now(UTC).isoformat()
+            _medops(
+                env, "simulate", "--site", "site-d", "--records", "400", "--drift", "covariate", "--feedback", "--json"
+            )
+            verdict = _monitor(airflow, since=window)
+            assert verdict["verdict"] == "drift", verdict
+            stages.done("drifted traffic -> drift")
+            _wait(lambda: webhook.received and smtp.received, 60, "the drift alert at both sinks")
+            assert "site-d" in str(webhook.received[0])
+
+            def drift_training():
+                done = [r for r in airflow.runs("train_model")[:-1] if r.state.value in ("success", "failed")]
+                return done[0] if done else None
+
+            assert _wait(drift_training, 420, "train_model run from medops/drift").state.value == "success"
+
+            def serving_new_version() -> str | None:
+                version = httpx.get(f"{serving}/livez", timeout=5).headers.get("x-model-version")
+                return version if version not in (None, "1") else None
+
+            new = _wait(serving_new_version, 420, "a new champion serving")
+            stages.done("retrain on a worker -> new champion serving")
+        finally:
+            stop.set()
+            load.join(timeout=60)
+        served, failed = counts[0], counts[1]
+        assert served > 20 and failed == 0, f"{failed} failed of {served + failed} requests during the rollout"
+        assert client.get_model_version_by_alias("breast_cancer_diagnosis", "champion").version == new
+    finally:
+        if airflow is not None:
+            airflow.close()
+        started = time.monotonic()
+        subprocess.run([str(BIN / "medops"), "down"], env=env, capture_output=True, timeout=300)
+        stages.done(f"down ({time.monotonic() - started:.0f}s)")
+        with capsys.disabled():
+            print("\ncluster end-to-end stages:", stages.report())
+    # 3. nothing left running, no port left open; the databases stay for a reuse until dropped.
+    poll_until(lambda: not _platform_processes(home), 60, 1.0)
+    assert _platform_processes(home) == [], _describe(_platform_processes(home))
+    assert _listening(list(ports.values())) == []
+    assert cluster.existing_databases(settings) == sorted(cluster.database_names(settings))
