@@ -338,6 +338,26 @@ def test_nothing_written_outside_medops_home(home: Settings):
     assert not (Path.cwd() / "mlruns").exists()
 
 
+def test_api_docs_example_is_a_real_seed_record_and_fields_state_units(client: TestClient):
+    from pipelines.data import seed_frame
+    from serving.contract import EXAMPLE_RECORD
+
+    seed = seed_frame()
+    row = seed.loc[19]
+    assert {name: float(row[name]) for name in FEATURES} == {name: EXAMPLE_RECORD[name] for name in FEATURES}
+    assert row["site_id"] == EXAMPLE_RECORD["site_id"]
+    spec = client.get("/docs.json").json()
+    text = json.dumps(spec)
+    assert '"mean_radius": 13.54' in text  # the example, not each feature's maximum
+    record = spec["components"]["schemas"]["Record"]["properties"]
+    assert "Unit: image units (pixels)" in record["mean_radius"]["description"]
+    assert "Plausible range 0 to 60" in record["mean_radius"]["description"]
+    assert all("Unit:" in record[name]["description"] for name in FEATURES)
+    # and the example the docs show is accepted by the service
+    answer = predict(client, {"records": [EXAMPLE_RECORD]})
+    assert answer.status_code == 200, answer.text
+
+
 def test_a_prediction_that_cannot_be_logged_durably_is_not_answered(client: TestClient, home: Settings, monkeypatch):
     """Runs last in this module: it breaks the worker's prediction log on purpose."""
     import os
@@ -380,23 +400,3 @@ def test_api_docs_open_without_a_key(client: TestClient, version: str):
     predict_responses = spec["paths"]["/predict"]["post"]["responses"]
     assert set(predict_responses) == {"200", "401", "403", "413", "415", "422", "429", "503"}
     assert spec["paths"]["/readyz"]["get"]["security"] == []
-
-
-def test_api_docs_example_is_a_real_seed_record_and_fields_state_units(client: TestClient):
-    from pipelines.data import seed_frame
-    from serving.contract import EXAMPLE_RECORD
-
-    seed = seed_frame()
-    row = seed.loc[19]
-    assert {name: float(row[name]) for name in FEATURES} == {name: EXAMPLE_RECORD[name] for name in FEATURES}
-    assert row["site_id"] == EXAMPLE_RECORD["site_id"]
-    spec = client.get("/docs.json").json()
-    text = json.dumps(spec)
-    assert '"mean_radius": 13.54' in text  # the example, not each feature's maximum
-    record = spec["components"]["schemas"]["Record"]["properties"]
-    assert "Unit: image units (pixels)" in record["mean_radius"]["description"]
-    assert "Plausible range 0 to 60" in record["mean_radius"]["description"]
-    assert all("Unit:" in record[name]["description"] for name in FEATURES)
-    # and the example the docs show is accepted by the service
-    answer = predict(client, {"records": [EXAMPLE_RECORD]})
-    assert answer.status_code == 200, answer.text
