@@ -1,22 +1,30 @@
 """
 ### monitor_drift
 
-Compares what the service received since the last report with the champion's training rows
-(Evidently), writes reports, alerts on-call people on drift and announces it to `train_model`.
+Judges what the service received since the last report against the champion's training run
+(Evidently tests, performance estimates, feedback labels, refusals), writes reports, alerts
+on-call people and, when the verdict is critical drift or a performance drop, asks `train_model`
+to retrain.
 
 * **Runs** hourly, or manually (the form can set where the window starts and mute the alert).
 * **Current data**: the prediction log since the last report. Fewer than `MEDOPS_DRIFT_MIN_ROWS`
   rows (200) is `insufficient_data`: no report, no alert, and the rows stay for the next window.
 * **Reference**: the champion's training rows, restored from its data version (`data-vN`) and
   scored by the champion for prediction drift.
-* **Tests**: Evidently's per-column drift tests on the 30 features, drift of
-  `probability_malignant`, classification quality where `/feedback` sent true diagnoses, and the
-  same verdict per `site_id`. Drift: a share of drifted features of at least
-  `MEDOPS_DRIFT_SHARE_THRESHOLD`, for the whole window or for any one site.
+* **Signals** (window and each `site_id` with enough rows): drift of `probability_malignant`,
+  importance-weighted feature drift, strong drift of a top feature, the plain column-count rule,
+  estimated sensitivity (CBPE, calibrated on the champion's hold-out rows), realized sensitivity
+  from `/feedback` labels, and each site's share of refused (422) records.
+* **Verdict**: `no_drift`, `drift`, `performance_drop`, `data_quality` or `insufficient_data`,
+  with a severity (`warning`, `critical`); see `monitoring/judge.py`.
 * **Reports**: `MEDOPS_HOME/reports/<timestamp>/` (HTML, JSON, `summary.json`), the Evidently UI
-  project named after the model, and the champion's MLflow run (`monitoring/<timestamp>/`).
-* **On drift**: an alert (webhook + e-mail, deduplicated) and the `medops/drift` Asset with extra
-  `verdict`, `drifted_columns`, `sites`, `report`, which schedules `train_model` (with cooldown).
+  project named after the model (drift, performance and verdict snapshots), and the champion's
+  MLflow run (`monitoring/<timestamp>/`).
+* **Alert** on `drift`, `performance_drop` and `data_quality` (webhook + e-mail, deduplicated):
+  sites, signals with figures, severity, what happens next, report link.
+* **Retraining**: `drift` or `performance_drop` at `critical` emits the `medops/drift` Asset
+  (extra `verdict`, `severity`, `drifted_columns`, `sites`, `signals`, `report`), which schedules
+  `train_model` (with cooldown). `data_quality` never retrains; warnings only alert.
 * **Never a silent alert**: an alert no channel delivered waits in `MEDOPS_HOME/alerts/outbox/`
   (`medops alerts`); the run's note says so, and `alert_on_call` fails when configured channels failed.
 * **Run note**: the verdict, its figures and the link to the Evidently report.
@@ -53,20 +61,24 @@ from medops.orchestration import DEFAULT_ARGS, DRIFT
 def monitor_drift():
     @task
     def check_drift() -> dict:
-        """Drift of the prediction log window vs the champion's training rows; reports written."""
+        """Signals and verdict of the prediction-log window vs the champion's training run; reports written."""
         from medops.core.settings import get_settings
         from monitoring.reports import run_monitoring
 
         since = get_current_context()["params"].get("since") or None
         result = run_monitoring(get_settings(), since=datetime.fromisoformat(since) if since else None, alert=False)
-        print(f"verdict: {result.verdict} ({result.n_current} rows) {result.note}".strip())
+        severity = f" {result.severity}" if result.severity else ""
+        print(f"verdict: {result.verdict}{severity} ({result.n_current} rows) {result.note}".strip())
+        for signal in result.signals:
+            print(f"  {signal['scope']}: {signal['text']}")
         if result.report:
             print(f"report: {result.report_url or result.report}")
         return result.to_dict()
 
     @task
     def alert_on_call(result: dict) -> dict | None:
-        """Alert on drift; note the verdict on the run; fail when every configured channel failed."""
+        """Alert on drift, performance_drop and data_quality; note the verdict on the run; fail when every
+        configured channel failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from medops.app.run_notes import monitoring_note, note_run
@@ -83,12 +95,12 @@ def monitor_drift():
 
     @task.short_circuit
     def drifted(result: dict) -> bool:
-        """Go on to announce drift only when there is drift."""
-        return result["verdict"] == "drift"
+        """Go on to announce drift only when the verdict asks for retraining (critical drift or performance drop)."""
+        return bool(result.get("retrain"))
 
     @task(outlets=[DRIFT])
     def announce_drift(result: dict) -> None:
-        """Emit medops/drift with the verdict, columns, sites and report link."""
+        """Emit medops/drift with the verdict, severity, columns, sites, signals and report link."""
         from monitoring.reports import MonitoringResult
 
         extra = MonitoringResult(**result).asset_extra()

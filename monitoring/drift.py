@@ -69,8 +69,13 @@ _KS_EXACT_MAX_ROWS = 10_000
 
 
 class Verdict(StrEnum):
+    """Monitoring verdicts (the alert contract). :func:`detect_drift` itself only gives the column-count
+    rule's ``no_drift``, ``drift`` or ``insufficient_data``; :mod:`monitoring.judge` gives all five."""
+
     NO_DRIFT = "no_drift"
     DRIFT = "drift"
+    PERFORMANCE_DROP = "performance_drop"
+    DATA_QUALITY = "data_quality"
     INSUFFICIENT_DATA = "insufficient_data"
 
 
@@ -148,15 +153,15 @@ class DriftResult:
         for name in ("drift_snapshot", "performance_snapshot"):
             data.pop(name)
         data["drifted_sites"] = list(self.drifted_sites)
-        return _plain(data)
+        return plain(data)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """JSON-ready copy: enums to strings, tuples to lists, numpy scalars to Python numbers."""
     if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
+        return {str(key): plain(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
+        return [plain(item) for item in value]
     if isinstance(value, StrEnum):
         return str(value)
     if isinstance(value, np.generic):
@@ -175,6 +180,7 @@ def detect_drift(
     report: bool = True,
     report_rows: int = REPORT_ROWS,
     timestamp: datetime | None = None,
+    judged: Any | None = None,
 ) -> DriftResult:
     """Compare a prediction-log window (``current``) with the champion's training rows (``reference``).
 
@@ -187,6 +193,8 @@ def detect_drift(
     ``settings.drift_min_rows`` current rows it is ``insufficient_data`` and nothing is tested.
     Each site with at least ``drift_min_rows`` rows gets its own verdict the same way.
     ``timestamp`` (the window's end) dates the Evidently snapshots; ``report=False`` skips them.
+    ``judged`` (a :class:`monitoring.judge.WindowVerdict`) puts the judge's verdict, severity and
+    fired signals in the drift report's metadata and tags, so the report says what the alert says.
     """
     if reference.empty:
         raise ValueError("the reference frame is empty: nothing to compare the prediction log with")
@@ -206,7 +214,7 @@ def detect_drift(
         n_current=n_current,
         n_reference=len(reference),
     )
-    sites = _SiteGroups.of(current)
+    sites = SiteGroups.of(current)
     if n_current < min_rows:
         result.per_site = {
             name: SiteDrift(name, size, Verdict.INSUFFICIENT_DATA) for name, size in sites.sizes().items()
@@ -222,7 +230,7 @@ def detect_drift(
     )
     if with_prediction:
         tested.append(PROBABILITY)
-    overall, by_site = _test_columns(current, reference, tested, sites)
+    overall, by_site = run_column_tests(current, reference, tested, sites)
 
     result.columns = {name: overall[name] for name in columns if name in overall}
     result.prediction_drift = overall.get(PROBABILITY)
@@ -241,7 +249,7 @@ def detect_drift(
     if report:
         result.report_rows = min(n_current, report_rows)
         sample = _report_sample(current, sites, report_rows, settings.seed)
-        result.drift_snapshot = _drift_snapshot(sample, reference, columns, with_prediction, result, timestamp)
+        result.drift_snapshot = _drift_snapshot(sample, reference, columns, with_prediction, result, timestamp, judged)
         if labelled is not None and len(labelled):
             result.performance_snapshot = _performance_snapshot(labelled, timestamp)
     return result
@@ -256,14 +264,14 @@ def _verdict(found: Iterable[ColumnDrift], threshold: float) -> tuple[Verdict, t
 
 # Sites ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _SiteGroups:
+class SiteGroups:
     """The current window's ``site_id`` as one small integer per row (None: no site column)."""
 
     names: tuple[str, ...]
     codes: np.ndarray | None
 
     @classmethod
-    def of(cls, frame: pd.DataFrame) -> _SiteGroups:
+    def of(cls, frame: pd.DataFrame) -> SiteGroups:
         if SITE not in frame.columns or frame.empty:
             return cls((), None)
         codes, uniques = pd.factorize(frame[SITE], use_na_sentinel=False)
@@ -294,8 +302,8 @@ class _Column:
 
 
 # Column tests -----------------------------------------------------------------------------------
-def _test_columns(
-    current: pd.DataFrame, reference: pd.DataFrame, columns: list[str], sites: _SiteGroups
+def run_column_tests(
+    current: pd.DataFrame, reference: pd.DataFrame, columns: list[str], sites: SiteGroups
 ) -> tuple[dict[str, ColumnDrift], dict[str, list[ColumnDrift | None]]]:
     """Every column tested on all rows and per site, columns in parallel (numpy releases the GIL)."""
     import evidently.legacy.calculations.stattests  # noqa: F401  (import once, before the threads)
@@ -342,7 +350,7 @@ def _column_tests(
         threshold = wasserstein_stat_test.default_threshold
         groups = [np.sort(group) for group in column.groups()]
         merged = groups[0] if len(groups) == 1 else np.sort(np.concatenate(groups), kind="stable")
-        distances = [_wasserstein_normed(ref_sorted, values) if len(values) else None for values in (merged, *groups)]
+        distances = [wasserstein_normed(ref_sorted, values) if len(values) else None for values in (merged, *groups)]
         overall, *per_site = [
             None if d is None else ColumnDrift(name, wasserstein_stat_test.name, d, threshold, d >= threshold)
             for d in distances
@@ -456,7 +464,7 @@ def _bin_right(values: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.n
     return bins, searched[np.searchsorted(points, near, side="left") != right]
 
 
-def _wasserstein_normed(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> float:
+def wasserstein_normed(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> float:
     """Evidently's ``wasserstein`` score: scipy's ``wasserstein_distance`` divided by the reference's std."""
     n1, n2 = len(ref_sorted), len(cur_sorted)
     # Stable sort is a timsort: merging two sorted runs is close to linear.
@@ -508,7 +516,7 @@ def classification_performance(labelled: pd.DataFrame) -> Performance:
 
 
 # Evidently reports ------------------------------------------------------------------------------
-def _report_sample(current: pd.DataFrame, sites: _SiteGroups, rows: int, seed: int) -> pd.DataFrame:
+def _report_sample(current: pd.DataFrame, sites: SiteGroups, rows: int, seed: int) -> pd.DataFrame:
     """All rows, or a seeded sample of about ``rows`` rows with each site in its own proportion."""
     if len(current) <= rows:
         return current
@@ -530,6 +538,7 @@ def _drift_snapshot(
     with_prediction: bool,
     result: DriftResult,
     timestamp: datetime | None,
+    judged: Any | None = None,
 ) -> Snapshot:
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
@@ -542,8 +551,10 @@ def _drift_snapshot(
     metrics: list[Any] = [DataDriftPreset(columns=columns, drift_share=result.share_threshold)]
     if with_prediction:
         metrics.append(ValueDrift(column=PROBABILITY))
+    verdict = str(judged.verdict) if judged is not None else str(result.verdict)
     metadata = {
-        "verdict": str(result.verdict),
+        "verdict": verdict,
+        "column_count_verdict": str(result.verdict),
         "rows_current": str(result.n_current),
         "rows_in_report": str(len(sample)),
         "drifted_sites": ", ".join(result.drifted_sites) or "none",
@@ -552,8 +563,21 @@ def _drift_snapshot(
             f"this report uses {len(sample)} of {result.n_current} rows (seeded, stratified by site)."
         ),
     }
-    # Only model inputs and outputs go to Evidently: no encounter hash, request id or site.
-    return Report(metrics, metadata=metadata, tags=["drift", str(result.verdict)]).run(
+    tags = ["drift", verdict]
+    if judged is not None:
+        metadata["severity"] = str(judged.severity or "none")
+        metadata["signals"] = (
+            "; ".join(
+                f"{signal.scope}: {signal.text}"
+                for scope in (judged.window, *judged.sites.values())
+                for signal in scope.fired
+            )
+            or "none fired"
+        )
+        tags += [str(judged.severity)] if judged.severity else []
+    # Only model inputs and outputs go to Evidently: no encounter hash or request id; site ids
+    # (hospitals, not patients) only in the verdict's metadata.
+    return Report(metrics, metadata=metadata, tags=tags).run(
         Dataset.from_pandas(sample[numeric].reset_index(drop=True), data_definition=definition),
         Dataset.from_pandas(reference[numeric].reset_index(drop=True), data_definition=definition),
         timestamp=timestamp,

@@ -19,22 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from monitoring.drift import _plain
+from monitoring.drift import Verdict, plain
 from monitoring.signals import WINDOW, Points, ScopeSignals, Severity, Signal, WindowSignals
 
 if TYPE_CHECKING:
     from medops.core.settings import Settings
-
-
-class Verdict(StrEnum):
-    NO_DRIFT = "no_drift"
-    DRIFT = "drift"
-    PERFORMANCE_DROP = "performance_drop"
-    DATA_QUALITY = "data_quality"
-    INSUFFICIENT_DATA = "insufficient_data"
 
 
 RETRAINING_VERDICTS = (Verdict.DRIFT, Verdict.PERFORMANCE_DROP)
@@ -71,7 +62,7 @@ class ScopeVerdict:
         return self.verdict in RETRAINING_VERDICTS and self.severity == Severity.CRITICAL
 
     def summary(self) -> dict[str, Any]:
-        return _plain(
+        return plain(
             {
                 "scope": self.scope,
                 "n_rows": self.n_rows,
@@ -99,7 +90,7 @@ class WindowVerdict:
         return tuple(site for site, found in self.sites.items() if found.fired)
 
     def summary(self) -> dict[str, Any]:
-        return _plain(
+        return plain(
             {
                 "verdict": self.verdict,
                 "severity": self.severity,

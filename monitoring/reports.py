@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medops.core.files import write_atomically
-from monitoring.drift import PROBABILITY, DriftResult, Verdict
+from monitoring.drift import PROBABILITY, DriftResult, Verdict, plain
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from medops.core.settings import Settings
+    from monitoring.estimation import PerformanceEstimator
+    from monitoring.judge import WindowVerdict
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class ReportFiles:
     drift_json: Path | None = None
     performance_html: Path | None = None
     performance_json: Path | None = None
+    verdict_html: Path | None = None
+    verdict_json: Path | None = None
 
     def files(self) -> list[Path]:
         return [path for path in asdict(self).values() if isinstance(path, Path) and path.is_file()]
@@ -56,20 +60,27 @@ class ReportFiles:
 
 @dataclass(frozen=True)
 class Reference:
-    """The champion's training rows (with its scores when the model could be loaded)."""
+    """What the champion's training run stored: training rows and hold-out rows with its scores,
+    each feature's importance, and its operating threshold on ``probability_malignant``."""
 
     frame: pd.DataFrame
     model_version: str
     data_version: str
+    holdout: pd.DataFrame | None = None
+    importance: dict[str, float] = field(default_factory=dict)
+    threshold: float = 0.5
 
 
 @dataclass
 class MonitoringResult:
     """One monitoring run, JSON-able (``to_dict``) so DAG tasks can pass it on.
 
-    ``verdict`` is ``drift`` when the window as a whole drifted or any site with enough rows did
-    (``sites`` lists those); ``drifted_columns`` are the window's, or the drifted sites' when only
-    sites drifted.
+    ``verdict``/``severity`` are the judge's (:mod:`monitoring.judge`) for the window, led by the
+    gravest scope (the whole window or one site); ``retrain`` says whether ``medops/drift`` is due.
+    ``sites`` are the sites whose own verdict is not ``no_drift``; ``site_verdicts`` holds every
+    site's verdict, severity and fired signals; ``signals`` every fired signal with its scope and
+    figures. ``drifted_columns`` are the features the fired drift signals name (the window's or
+    the alerting sites'); ``share`` and ``column_verdict`` are the plain column-count rule's.
     """
 
     verdict: str
@@ -80,6 +91,14 @@ class MonitoringResult:
     n_reference: int
     window_start: str | None
     window_end: str
+    severity: str | None = None
+    retrain: bool = False
+    scope: str | None = None
+    signals: list[dict[str, Any]] = field(default_factory=list)
+    site_verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    estimated_performance: dict[str, Any] | None = None
+    realized_performance: dict[str, Any] | None = None
+    column_verdict: str | None = None
     model_version: str | None = None
     data_version: str | None = None
     report_dir: str | None = None
@@ -100,13 +119,19 @@ class MonitoringResult:
         """The ``medops/drift`` Asset event's extra."""
         return {
             "verdict": self.verdict,
+            "severity": self.severity,
             "drifted_columns": self.drifted_columns,
             "sites": self.sites,
+            "signals": sorted({signal["name"] for signal in self.signals}),
             "report": self.report_url or self.report,
         }
 
 
 # The run ---------------------------------------------------------------------------------------------
+FEEDBACK_LOOKBACK_DAYS = 30
+"""How far back predictions are read to find the latest labelled cases of each site."""
+
+
 def run_monitoring(
     settings: Settings,
     *,
@@ -114,20 +139,27 @@ def run_monitoring(
     now: datetime | None = None,
     alert: bool = True,
 ) -> MonitoringResult:
-    """Monitor the prediction log window since the last report: drift, reports, and an alert on drift.
+    """Monitor the prediction log window since the last report: signals, verdict, reports, and an alert.
 
     ``since`` overrides where the window starts (default: where the last report's window ended,
-    or the beginning of the log); the window ends at ``now``. With ``alert=False`` the caller
+    or the beginning of the log); the window ends at ``now``. The verdict is the judge's
+    (:func:`monitoring.judge.judge_window`) on the signals of :func:`monitoring.signals.
+    compute_signals`, fed with what the champion's training run stored (reference rows with
+    scores, importance, hold-out rows for the performance estimator), the latest feedback labels
+    per site and the service's per-site scored and refused counts. With ``alert=False`` the caller
     alerts (the DAG does it in its own task, with :func:`alert_for_result`).
     """
     import pandas as pd
 
     from monitoring.drift import detect_drift
+    from monitoring.judge import judge_window
+    from monitoring.signals import compute_signals
     from pipelines import model_registry
-    from pipelines.prediction_log import read_feedback, read_predictions
+    from pipelines.prediction_log import read_feedback, read_predictions, read_refusals, site_traffic
 
     now = _utc(now or datetime.now(UTC))
-    since = _utc(since) if since is not None else _window_state(settings).get("window_end")
+    state = _window_state(settings)
+    since = _utc(since) if since is not None else state.get("window_end")
     window = dict(window_start=since.isoformat() if since else None, window_end=now.isoformat())
     champion = model_registry.champion_version(settings)
     if champion is None:
@@ -145,22 +177,87 @@ def run_monitoring(
     if served_by_other.any():
         current = current.assign(**{PROBABILITY: current[PROBABILITY].mask(served_by_other)})
     reference = load_reference(settings, champion)
-    found = detect_drift(current, reference.frame, settings, feedback=read_feedback(settings), timestamp=now)
-    result = _result(found, reference, window)
+    feedback = read_feedback(settings)
+    traffic = site_traffic(current, read_refusals(settings, since=since, until=now))
+    signals = compute_signals(
+        current,
+        reference.frame,
+        settings,
+        importance=reference.importance,
+        estimator=performance_estimator(reference, settings),
+        feedback=feedback,
+        labelled=latest_labels(settings, feedback, now, current),
+        traffic=traffic,
+        baseline_traffic=state.get("traffic") or None,
+    )
+    judged = judge_window(signals)
+    found = detect_drift(current, reference.frame, settings, feedback=feedback, timestamp=now, judged=judged)
+    result = _result(found, judged, reference, window)
 
     stamp = now.strftime(STAMP_FORMAT)
-    files = write_reports(found, settings, stamp=stamp, context=result.to_dict())
+    verdict = verdict_snapshot(result, judged, now)
+    files = write_reports(
+        found, settings, stamp=stamp, context=result.to_dict(), judged=judged, verdict_snapshot=verdict
+    )
     result.report_dir, result.report = str(files.directory), str(files.drift_html or files.summary)
     result.report_url = files.drift_html.as_uri() if files.drift_html else None
-    project_id, snapshots = add_to_workspace(found, settings, name=f"{stamp} v{champion}")
+    project_id, snapshots = add_to_workspace(found, settings, name=f"{stamp} v{champion}", verdict_snapshot=verdict)
     result.workspace_project_id, result.snapshot_ids = project_id, snapshots
     if snapshots:
         result.report_url = evidently_url(settings, project_id, snapshots[0])
     result.mlflow_run_id = log_to_mlflow(files, settings, model_version=champion, stamp=stamp, result=result)
-    _save_window_state(settings, now, result)
+    _save_window_state(settings, now, result, _next_baseline(state.get("traffic") or {}, traffic, result))
     if alert:
         result.alert = alert_for_result(result, settings)
     return result
+
+
+def performance_estimator(reference: Reference, settings: Settings) -> PerformanceEstimator | None:
+    """CBPE calibrated on the champion's stored hold-out rows: true diagnoses and its own scores on
+    rows it did not train on (in-sample scores would flatter every estimate)."""
+    from monitoring.estimation import PerformanceEstimator
+    from pipelines.schema import LABEL, POSITIVE
+
+    holdout = reference.holdout
+    if holdout is None or holdout.empty or PROBABILITY not in holdout.columns:
+        return None
+    return PerformanceEstimator(reference.threshold, seed=settings.seed).fit(
+        holdout[PROBABILITY].to_numpy(dtype="float64"), (holdout[LABEL] == POSITIVE).to_numpy()
+    )
+
+
+def latest_labels(settings: Settings, feedback: pd.DataFrame, now: datetime, window: pd.DataFrame) -> pd.DataFrame:
+    """The latest ``monitor_feedback_labels_per_site`` labelled predictions of each site, served by any version
+    in the last FEEDBACK_LOOKBACK_DAYS days: labels come back days after the prediction, so a window's
+    own predictions rarely have enough of them for a confident sensitivity."""
+    import pandas as pd
+
+    from monitoring.drift import label_predictions
+    from pipelines.prediction_log import read_predictions
+    from pipelines.schema import SITE
+
+    if feedback.empty:
+        return label_predictions(window, feedback)
+    since = pd.Timestamp(now) - pd.Timedelta(days=FEEDBACK_LOOKBACK_DAYS)
+    start = window["logged_at"].min() if len(window) else pd.Timestamp(now)
+    earlier = read_predictions(settings, since=since.to_pydatetime())
+    earlier = earlier[earlier["logged_at"] < start]
+    predictions = pd.concat([earlier, window], ignore_index=True) if len(earlier) else window
+    labelled = label_predictions(predictions, feedback)
+    if SITE not in labelled.columns or labelled.empty:
+        return labelled
+    # label_predictions keeps prediction order, oldest first: the tail of each site is its latest.
+    return labelled.groupby(SITE, sort=False).tail(settings.monitor_feedback_labels_per_site).reset_index(drop=True)
+
+
+def _next_baseline(baseline: dict[str, Any], traffic: dict[str, Any], result: MonitoringResult) -> dict[str, Any]:
+    """This window's traffic per site as the next window's refusal baseline, except where it was a
+    data-quality incident (an incident must not become the normal the next window is judged by)."""
+    kept = dict(baseline)
+    for site, counts in traffic.items():
+        if result.site_verdicts.get(site, {}).get("verdict") != Verdict.DATA_QUALITY:
+            kept[site] = counts
+    return kept
 
 
 def _no_verdict(window: dict[str, Any], rows: int, champion: str | None, note: str) -> MonitoringResult:
@@ -181,15 +278,44 @@ def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _result(found: DriftResult, reference: Reference, window: dict[str, Any]) -> MonitoringResult:
-    sites = list(found.drifted_sites)
-    drifted = list(found.drifted_columns)
-    if found.verdict != Verdict.DRIFT and sites:
-        drifted = sorted({column for site in sites for column in found.per_site[site].drifted_columns})
-    verdict = Verdict.DRIFT if sites else found.verdict
+def _result(
+    found: DriftResult, judged: WindowVerdict, reference: Reference, window: dict[str, Any]
+) -> MonitoringResult:
+    from monitoring.signals import WINDOW
+
+    scopes = {WINDOW: judged.window, **judged.sites}
+    sites = [site for site, verdict in judged.sites.items() if verdict.fired and verdict.verdict != Verdict.NO_DRIFT]
+    fired = [signal.to_dict() for scope in scopes.values() for signal in scope.fired]
+    drifted = sorted(
+        {
+            item["feature"]
+            for signal in fired
+            if signal["points_to"] == Verdict.DRIFT
+            for key in ("drifted", "strongly_drifted")
+            for item in signal["figures"].get(key, [])
+        }
+    )
+    estimated = next((s.figures for s in judged.window.signals if s.name == "estimated_performance"), None)
+    realized = next((s.figures for s in judged.window.signals if s.name == "realized_performance"), None)
     performance = asdict(found.performance) if found.performance else None
     return MonitoringResult(
-        verdict=str(verdict),
+        verdict=str(judged.verdict),
+        severity=str(judged.severity) if judged.severity else None,
+        retrain=judged.retrain,
+        scope=judged.scope,
+        signals=fired,
+        site_verdicts={
+            site: {
+                "verdict": str(verdict.verdict),
+                "severity": str(verdict.severity) if verdict.severity else None,
+                "n_rows": verdict.n_rows,
+                "fired": [signal.to_dict() for signal in verdict.fired],
+            }
+            for site, verdict in judged.sites.items()
+        },
+        estimated_performance=plain(dict(estimated)) if estimated else None,
+        realized_performance=plain(dict(realized)) if realized else None,
+        column_verdict=str(found.verdict),
         drifted_columns=drifted,
         share=found.share,
         sites=sites,
@@ -210,17 +336,35 @@ def load_reference(settings: Settings, model_version: str) -> Reference:
     never split again from today's settings, so prediction drift compares like with like. A
     version whose run stored none raises :class:`pipelines.model_registry.MissingReference`.
     """
-    from pipelines.model_registry import stored_reference
+    from pipelines.model_registry import stored_reference, version_tags
 
     stored = stored_reference(model_version, settings)
-    return Reference(stored.train, model_version, stored.data_version or "unknown")
+    threshold = version_tags(model_version, settings).get("threshold")
+    return Reference(
+        stored.train,
+        model_version,
+        stored.data_version or "unknown",
+        holdout=stored.holdout,
+        importance=stored.importance,
+        threshold=float(threshold) if threshold else 0.5,
+    )
 
 
 # Reports -----------------------------------------------------------------------------------------------
 def write_reports(
-    found: DriftResult, settings: Settings, *, stamp: str | None = None, context: dict[str, Any] | None = None
+    found: DriftResult,
+    settings: Settings,
+    *,
+    stamp: str | None = None,
+    context: dict[str, Any] | None = None,
+    judged: WindowVerdict | None = None,
+    verdict_snapshot: Any | None = None,
 ) -> ReportFiles:
-    """Write the Evidently HTML/JSON and ``summary.json`` under ``reports_dir/<stamp>/``."""
+    """Write the Evidently HTML/JSON and ``summary.json`` under ``reports_dir/<stamp>/``.
+
+    ``summary.json`` holds ``context`` (the :class:`MonitoringResult`), the column tests
+    (``drift``) and, with ``judged``, every signal of the window and of each site (``verdict``).
+    """
     stamp = stamp or datetime.now(UTC).strftime(STAMP_FORMAT)
     directory = settings.reports_dir / stamp
     suffix = 1
@@ -229,7 +373,12 @@ def write_reports(
         directory = settings.reports_dir / f"{stamp}-{suffix}"
     directory.mkdir(parents=True)
     paths: dict[str, Path] = {}
-    for name, snapshot in (("drift", found.drift_snapshot), ("performance", found.performance_snapshot)):
+    snapshots = (
+        ("drift", found.drift_snapshot),
+        ("performance", found.performance_snapshot),
+        ("verdict", verdict_snapshot),
+    )
+    for name, snapshot in snapshots:
         if snapshot is None:
             continue
         paths[f"{name}_html"] = directory / f"{name}.html"
@@ -237,9 +386,100 @@ def write_reports(
         snapshot.save_html(str(paths[f"{name}_html"]))
         snapshot.save_json(str(paths[f"{name}_json"]))
     summary = {**(context or {}), "drift": found.summary()}
+    if judged is not None:
+        summary["verdict_signals"] = judged.summary()
     summary_path = directory / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return ReportFiles(directory=directory, summary=summary_path, **paths)
+
+
+VERDICT_CODES = {
+    Verdict.INSUFFICIENT_DATA: -1,
+    Verdict.NO_DRIFT: 0,
+    Verdict.DATA_QUALITY: 1,
+    Verdict.DRIFT: 2,
+    Verdict.PERFORMANCE_DROP: 3,
+}
+SEVERITY_CODES = {None: 0, "warning": 1, "critical": 2}
+
+
+def verdict_figures(result: MonitoringResult, judged: WindowVerdict) -> dict[str, float]:
+    """The verdict and the figures behind it as numbers the Evidently dashboard can chart.
+
+    Each becomes ``MeanValue(column=<name>)`` in the ``verdict`` snapshot; a figure that does not
+    exist this window (no labels yet, too few rows) is left out rather than charted as zero.
+    """
+    from monitoring.signals import WINDOW
+
+    figures: dict[str, float | None] = {
+        "verdict_code": VERDICT_CODES[Verdict(result.verdict)],
+        "severity_code": SEVERITY_CODES[result.severity],
+        "retrain": float(result.retrain),
+        "gate_min_sensitivity": None,
+        "column_share": result.share,
+    }
+    estimated = result.estimated_performance or {}
+    interval = estimated.get("sensitivity_interval") or (None, None)
+    figures |= {
+        "estimated_sensitivity": estimated.get("sensitivity"),
+        "estimated_sensitivity_low": interval[0],
+        "estimated_sensitivity_high": interval[1],
+        "estimated_specificity": estimated.get("specificity"),
+        "estimated_ppv": estimated.get("ppv"),
+        "gate_min_sensitivity": estimated.get("gate_min_sensitivity"),
+    }
+    realized = result.realized_performance or {}
+    figures |= {
+        "realized_sensitivity": realized.get("sensitivity"),
+        "realized_specificity": realized.get("specificity"),
+        "realized_labelled": realized.get("labelled"),
+    }
+    scopes = {WINDOW: judged.window, **judged.sites}
+
+    def figure(signal_name: str, key: str, scope: Any) -> float | None:
+        signal = scope.signals and next((s for s in scope.signals if s.name == signal_name), None)
+        value = signal.figures.get(key) if signal else None
+        return float(value) if isinstance(value, int | float) else None
+
+    prediction = judged.window.signals and next(
+        (s for s in judged.window.signals if s.name == "prediction_drift"), None
+    )
+    if prediction and prediction.figures.get("test") == "ks":
+        figures["prediction_drift_p_value"] = prediction.figures.get("score")
+    figures["importance_weighted_share"] = figure("important_feature_drift", "weighted_share", judged.window)
+    site_shares = [figure("important_feature_drift", "weighted_share", scope) for scope in judged.sites.values()]
+    site_sensitivity = [figure("estimated_performance", "sensitivity", scope) for scope in judged.sites.values()]
+    refusal_rates = [figure("refusal_rate", "refusal_rate", scope) for scope in scopes.values()]
+    figures["worst_site_importance_weighted_share"] = max((v for v in site_shares if v is not None), default=None)
+    figures["worst_site_estimated_sensitivity"] = min((v for v in site_sensitivity if v is not None), default=None)
+    figures["max_site_refusal_rate"] = max((v for v in refusal_rates if v is not None), default=None)
+    figures["sites_alerting"] = float(len(result.sites))
+    return {name: float(value) for name, value in figures.items() if value is not None}
+
+
+def verdict_snapshot(result: MonitoringResult, judged: WindowVerdict, timestamp: datetime | None) -> Any:
+    """An Evidently snapshot of the verdict: its figures as ``MeanValue`` metrics, the fired signals
+    in the metadata, verdict and severity as tags. Built-in metrics only, so the Evidently UI
+    (which does not import medops) can load and chart it."""
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import MeanValue
+
+    figures = verdict_figures(result, judged)
+    frame = pd.DataFrame([figures])
+    metadata = {
+        "verdict": result.verdict,
+        "severity": result.severity or "none",
+        "retrain": str(result.retrain).lower(),
+        "scope": result.scope or "window",
+        "sites": ", ".join(result.sites) or "none",
+        "signals": "; ".join(f"{signal['scope']}: {signal['text']}" for signal in result.signals) or "none fired",
+    }
+    tags = ["verdict", result.verdict, *([result.severity] if result.severity else []), *result.sites]
+    definition = DataDefinition(numerical_columns=list(frame.columns))
+    return Report([MeanValue(column=name) for name in frame.columns], metadata=metadata, tags=tags).run(
+        Dataset.from_pandas(frame, data_definition=definition), None, timestamp=timestamp
+    )
 
 
 def workspace_project(workspace: Any, name: str) -> Any:
@@ -266,10 +506,20 @@ def workspace_project(workspace: Any, name: str) -> Any:
     return project
 
 
-def add_to_workspace(found: DriftResult, settings: Settings, *, name: str) -> tuple[str | None, list[str]]:
-    """Add the run's snapshots to the Evidently workspace project of ``settings.model_name``."""
-    snapshots = [s for s in (found.drift_snapshot, found.performance_snapshot) if s is not None]
-    if not snapshots:
+def add_to_workspace(
+    found: DriftResult, settings: Settings, *, name: str, verdict_snapshot: Any | None = None
+) -> tuple[str | None, list[str]]:
+    """Add the run's snapshots to the Evidently workspace project of ``settings.model_name``.
+
+    Returns the project id and the snapshot ids, the drift report's first.
+    """
+    kinds = (
+        ("drift", found.drift_snapshot),
+        ("performance", found.performance_snapshot),
+        ("verdict", verdict_snapshot),
+    )
+    present = [(kind, snapshot) for kind, snapshot in kinds if snapshot is not None]
+    if not present:
         return None, []
     from evidently.ui.workspace import Workspace
 
@@ -277,7 +527,7 @@ def add_to_workspace(found: DriftResult, settings: Settings, *, name: str) -> tu
     workspace = Workspace(str(settings.evidently_workspace))
     project = workspace_project(workspace, settings.model_name)
     ids = []
-    for kind, snapshot in zip(("drift", "performance"), snapshots, strict=False):
+    for kind, snapshot in present:
         ref = workspace.add_run(project.id, snapshot, include_data=False, name=f"{kind} {name}")
         ids.append(str(ref.id))
     return str(project.id), ids
@@ -326,23 +576,73 @@ def _window_state(settings: Settings) -> dict[str, Any]:
     return state
 
 
-def _save_window_state(settings: Settings, window_end: datetime, result: MonitoringResult) -> None:
-    state = {"window_end": window_end.isoformat(), "last_report": result.report_dir, "verdict": result.verdict}
+def _save_window_state(
+    settings: Settings, window_end: datetime, result: MonitoringResult, traffic: dict[str, Any] | None = None
+) -> None:
+    """Where the next window starts, and this window's per-site traffic: the next window's refusal baseline."""
+    state = {
+        "window_end": window_end.isoformat(),
+        "last_report": result.report_dir,
+        "verdict": result.verdict,
+        "traffic": traffic or {},
+    }
     write_atomically(_state_path(settings), json.dumps(state, indent=1) + "\n")
 
 
+ALERTING = (Verdict.DRIFT, Verdict.PERFORMANCE_DROP, Verdict.DATA_QUALITY)
+
+
+def next_step(data: dict[str, Any], settings: Settings) -> str:
+    """What the platform does next about a verdict, in one sentence for on-call people."""
+    if data["verdict"] == Verdict.DATA_QUALITY and not data.get("retrain"):
+        return (
+            "Nothing automatic: inputs are broken, and a model must not learn from them. "
+            "Fix the named fields at the site (unit, range, missing values)."
+        )
+    if not data.get("retrain"):
+        return "No retraining (severity warning): watch the next windows; retraining starts when this turns critical."
+    from pipelines.retraining import in_cooldown
+
+    left = in_cooldown(settings)
+    if left is not None:
+        hours = left.total_seconds() / 3600
+        return (
+            f"Retraining requested but inside the {settings.retrain_cooldown_hours:g} h cooldown "
+            f"({hours:.1f} h left): the next window that still shows this retrains."
+        )
+    if settings.require_approval:
+        return (
+            "Retraining scheduled (train_model); its promotion waits for approval by a person "
+            "(MEDOPS_REQUIRE_APPROVAL)."
+        )
+    return "Retraining scheduled (train_model via medops/drift); the new model is promoted if it passes the gate."
+
+
 def alert_for_result(result: MonitoringResult | dict[str, Any], settings: Settings) -> dict[str, Any] | None:
-    """Alert on-call people about drift; nothing for ``no_drift`` or ``insufficient_data``."""
+    """Alert on-call people about ``drift``, ``performance_drop`` or ``data_quality``; nothing otherwise.
+
+    The alert names the sites, every fired signal with its figures, the severity, what the platform
+    does next and the report. Deduplication keys on verdict, sites, severity and the names of the
+    fired signals: the figures change every run, the incident does not.
+    """
     from medops.core.alerts import send_alert
 
     data = result.to_dict() if isinstance(result, MonitoringResult) else result
-    if data["verdict"] != Verdict.DRIFT:
+    if data["verdict"] not in ALERTING:
         return None
     sites = data.get("sites") or []
     where = f"at {', '.join(sites)}" if sites else "across sites"
-    title = f"Drift in what {settings.model_name} v{data.get('model_version')} receives {where}"
-    # Details stay free of counts that change every run, or deduplication would never match.
-    details = "The distribution of probability_malignant drifted too." if data.get("prediction_drift") else None
+    what = {
+        Verdict.DRIFT: "Drift in what",
+        Verdict.PERFORMANCE_DROP: "Performance drop of",
+        Verdict.DATA_QUALITY: "Data-quality incident in what",
+    }[Verdict(data["verdict"])]
+    receives = "" if data["verdict"] == Verdict.PERFORMANCE_DROP else " receives"
+    title = f"{what} {settings.model_name} v{data.get('model_version')}{receives} {where}"
+    fired = data.get("signals") or []
+    lines = [f"- {signal['scope']}: {signal['name']} ({signal['severity']}): {signal['text']}" for signal in fired]
+    details = "\n".join(["Signals:", *lines, f"Next: {next_step(data, settings)}"])
+    names = sorted({signal["name"] for signal in fired})
     outcome = send_alert(
         title,
         data["verdict"],
@@ -350,7 +650,8 @@ def alert_for_result(result: MonitoringResult | dict[str, Any], settings: Settin
         ", ".join(sites) or None,
         data.get("report_url") or data.get("report"),
         settings,
-        severity="warning",
+        severity=data.get("severity") or "warning",
         details=details,
+        dedup_key=json.dumps([names, bool(data.get("retrain"))]),
     )
     return asdict(outcome)

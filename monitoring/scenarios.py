@@ -148,8 +148,7 @@ def fit_champion(settings: Settings, frame: pd.DataFrame | None = None) -> Champ
 
     from monitoring.estimation import PerformanceEstimator
     from pipelines.data import seed_frame
-    from pipelines.importance import feature_importance
-    from pipelines.metrics import probability_malignant
+    from pipelines.metrics import feature_importance, probability_malignant
     from pipelines.train import choose_threshold, fit_final, search_best
 
     frame = seed_frame() if frame is None else frame
@@ -163,7 +162,7 @@ def fit_champion(settings: Settings, frame: pd.DataFrame | None = None) -> Champ
             clone(estimator), train[list(FEATURES)], train[LABEL] == POSITIVE, cv=cv, method="predict_proba"
         )[:, 1]
     reference = train.assign(**{PROBABILITY: probability_malignant(model, train)})
-    importance = feature_importance(model, train)
+    importance = feature_importance(model, train, holdout, seed=settings.seed).importance
     cbpe = PerformanceEstimator(threshold, seed=settings.seed).fit(out_of_fold, train[LABEL] == POSITIVE)
     return Champion(model, threshold, reference, holdout, importance, cbpe)
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from monitoring.drift import PREDICTED_LABEL, PROBABILITY, ColumnDrift, _plain
+from monitoring.drift import PREDICTED_LABEL, PROBABILITY, ColumnDrift, plain
 from pipelines.schema import FEATURES, LABEL, POSITIVE, SITE
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class Signal:
     text: str
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(asdict(self))
+        return plain(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -431,6 +431,7 @@ def compute_signals(
     importance: Mapping[str, float],
     estimator: PerformanceEstimator | None = None,
     feedback: pd.DataFrame | None = None,
+    labelled: pd.DataFrame | None = None,
     traffic: Iterable[SiteTraffic | Mapping[str, Any]] | Mapping[str, Any] | None = None,
     baseline_traffic: Mapping[str, SiteTraffic | Mapping[str, Any]] | None = None,
     columns: Sequence[str] = FEATURES,
@@ -442,11 +443,14 @@ def compute_signals(
     champion's reference rows with ``probability_malignant`` (its scores on them).
     ``importance``: feature -> weight from the training run. ``estimator``: a fitted
     :class:`~monitoring.estimation.PerformanceEstimator`. ``feedback``: ``encounter_hash``,
-    ``diagnosis``. ``traffic``: per-site scored/refused counts (:class:`SiteTraffic` or dicts),
-    ``baseline_traffic`` the same from an earlier period.
+    ``diagnosis``. ``labelled``: the labelled predictions realized performance is judged on
+    (``probability_malignant``, ``label``, ``diagnosis``, ``site_id``), e.g. each site's latest
+    ones; default: the window's predictions joined with ``feedback``. ``traffic``: per-site
+    scored/refused counts (:class:`SiteTraffic` or dicts), ``baseline_traffic`` the same from an
+    earlier period.
     """
-    from monitoring.drift import _SiteGroups, _test_columns, label_predictions
-    from pipelines.importance import normalised
+    from monitoring.drift import SiteGroups, label_predictions, run_column_tests
+    from pipelines.metrics import normalised
 
     if reference.empty:
         raise ValueError("the reference frame is empty: nothing to compare the window with")
@@ -476,8 +480,8 @@ def compute_signals(
         site_of = current[SITE].astype(str).to_numpy() if SITE in current.columns else np.full(len(current), "")
         rest = "\x00rest"
         grouped = np.where(np.isin(site_of, tested_sites), site_of, rest)
-        groups = _SiteGroups.of(pd.DataFrame({SITE: grouped})) if tested_sites else _SiteGroups((), None)
-        found, per_site = _test_columns(current, reference, tested, groups)
+        groups = SiteGroups.of(pd.DataFrame({SITE: grouped})) if tested_sites else SiteGroups((), None)
+        found, per_site = run_column_tests(current, reference, tested, groups)
         overall = found
         for index, site in enumerate(groups.names):
             if site != rest:
@@ -488,7 +492,8 @@ def compute_signals(
             wanted[site] = [name for name, test in tests.items() if test.drifted or name == PROBABILITY]
         distances = _distances(current, reference, wanted, grouped)
 
-    labelled = label_predictions(current, feedback) if feedback is not None else None
+    if labelled is None and feedback is not None:
+        labelled = label_predictions(current, feedback)
     estimates: dict[str, PerformanceEstimate | None] = {}
     if estimator is not None and PROBABILITY in current.columns:
         scores = current[PROBABILITY].to_numpy(dtype="float64")
@@ -538,7 +543,7 @@ def _distances(
     current: pd.DataFrame, reference: pd.DataFrame, wanted: Mapping[str, list[str]], site_of: np.ndarray
 ) -> dict[str, dict[str, float]]:
     """How far the wanted columns moved per scope, in reference standard deviations (Evidently's normed Wasserstein)."""
-    from monitoring.drift import _wasserstein_normed
+    from monitoring.drift import wasserstein_normed
 
     found: dict[str, dict[str, float]] = {scope: {} for scope in wanted}
     references: dict[str, np.ndarray] = {}
@@ -552,5 +557,5 @@ def _distances(
             values = values if mask is None else values[mask]
             values = np.sort(values[np.isfinite(values)])
             if len(values) and len(references[name]):
-                found[scope][name] = _wasserstein_normed(references[name], values)
+                found[scope][name] = wasserstein_normed(references[name], values)
     return found

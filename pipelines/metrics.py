@@ -158,6 +158,17 @@ def feature_importance(model: Any, train: pd.DataFrame, holdout: pd.DataFrame, *
             n_jobs=1,
         )
         raw, method = np.clip(found.importances_mean, 0.0, None), PERMUTATION_IMPORTANCE
-    total = float(raw.sum())
-    shares = raw / total if total > 0 else np.full(len(FEATURES), 1.0 / len(FEATURES))
-    return FeatureImportance(method, {name: float(share) for name, share in zip(FEATURES, shares, strict=True)})
+    return FeatureImportance(method, normalised(dict(zip(FEATURES, raw.tolist(), strict=True))))
+
+
+def normalised(importance: dict[str, float]) -> dict[str, float]:
+    """Weights clipped at zero and scaled to sum to one (uniform when all are zero)."""
+    clipped = {name: max(float(value), 0.0) for name, value in importance.items()}
+    if not clipped:
+        raise ValueError("importance names no feature")
+    if any(not np.isfinite(value) for value in clipped.values()):
+        raise ValueError("importance holds a value that is not a finite number")
+    total = sum(clipped.values())
+    if total <= 0:
+        return dict.fromkeys(clipped, 1.0 / len(clipped))
+    return {name: value / total for name, value in clipped.items()}

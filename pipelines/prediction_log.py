@@ -47,6 +47,10 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "label",
 )
 FEEDBACK_COLUMNS: tuple[str, ...] = ("logged_at", "encounter_hash", LABEL)
+REFUSAL_COLUMNS: tuple[str, ...] = ("logged_at", SITE, "field", "reason", "count", "records")
+"""One line per (site, field, reason) of a refused /predict request: ``count`` records named that
+field for that reason; ``records`` is how many records the request brought from that site (on the
+site's first line only, 0 on the others, so summing it counts each refused record once)."""
 # site_id of the requests serving.rollout sends to check a new version before and after the switch
 SMOKE_TEST_SITE = "medops-smoke-test"
 _ID_COLUMNS = ("request_id", "model_name", "model_version", SITE, "encounter_hash")
@@ -58,6 +62,10 @@ def predictions_log_dir(settings: Settings) -> Path:
 
 def feedback_dir(settings: Settings) -> Path:
     return settings.predictions_dir / "feedback"
+
+
+def refusals_dir(settings: Settings) -> Path:
+    return settings.predictions_dir / "refusals"
 
 
 def encounter_hasher(key: bytes):
@@ -552,3 +560,70 @@ def append_predictions(settings: Settings, frame: pd.DataFrame) -> Path:
         handle.flush()
         os.fsync(handle.fileno())
     return path
+
+
+# Refused requests (422) and per-site traffic -------------------------------------------------------
+def log_refusal(settings: Settings, lines: Iterable[tuple[str, str, str, int, int]], now: float | None = None) -> None:
+    """Append one refused request's ``(site, field, reason, count, records)`` lines to today's refusal file.
+
+    One ``write`` on an ``O_APPEND`` descriptor of a file of this process: lines of one request stay
+    together and never interleave with another process's. Names and counts only, never a value the
+    client sent. Not fsynced: a lost refusal count costs a little monitoring sensitivity, while the
+    client already has its 422.
+    """
+    now = time.time() if now is None else now
+    stamp = datetime.fromtimestamp(now, UTC).isoformat()
+    data = "".join(
+        f"{stamp},{site},{name},{reason},{int(count)},{int(records)}\n" for site, name, reason, count, records in lines
+    )
+    if not data:
+        return
+    directory = refusals_dir(settings)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"refusals-{_utc_day(now)}-{os.getpid()}.csv"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        if os.fstat(fd).st_size == 0:
+            data = ",".join(REFUSAL_COLUMNS) + "\n" + data
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def read_refusals(settings: Settings, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
+    """Every refusal line (:data:`REFUSAL_COLUMNS`) logged in ``[since, until)``, oldest first."""
+    import pandas as pd
+
+    frame = _read_csv_files(
+        _log_files(refusals_dir(settings), "refusals", since), REFUSAL_COLUMNS, (SITE, "field", "reason")
+    )
+    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
+    frame = frame.dropna(subset=["count", "records"])  # torn rows
+    if since is not None:
+        frame = frame[frame["logged_at"] >= pd.Timestamp(since)]
+    if until is not None:
+        frame = frame[frame["logged_at"] < pd.Timestamp(until)]
+    return frame.sort_values("logged_at", kind="stable").reset_index(drop=True)
+
+
+def site_traffic(predictions: pd.DataFrame, refusals: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per site: records scored (rows of ``predictions``), records refused and ``{field: {reason: records}}``.
+
+    The dicts are what :class:`monitoring.signals.SiteTraffic` is built from (``SiteTraffic.of``).
+    """
+    found: dict[str, dict[str, Any]] = {}
+
+    def entry(site: str) -> dict[str, Any]:
+        return found.setdefault(site, {"site": site, "scored": 0, "refused": 0, "by_field": {}})
+
+    if len(predictions) and SITE in predictions.columns:
+        for site, scored in predictions[SITE].astype(str).value_counts(sort=False).items():
+            entry(str(site))["scored"] = int(scored)
+    for (site, name, reason), counts in refusals.groupby([SITE, "field", "reason"], sort=True)[["count", "records"]]:
+        counted = entry(str(site))
+        counted["refused"] += int(counts["records"].sum())
+        if name == "none":  # records refused with a request although none of their fields was at fault
+            continue
+        reasons = counted["by_field"].setdefault(str(name), {})
+        reasons[str(reason)] = reasons.get(str(reason), 0) + int(counts["count"].sum())
+    return found

@@ -19,6 +19,8 @@ comparisons only. It
   naming the field (``records[3].mean_radius``) and the reason, and gives every 4xx one shape
   (:class:`serving.contract.ErrorResponse`);
 - answers 422 for an ``X-Site-Id`` header that is not a valid site id;
+- counts every refused (422) ``/predict`` request per site and field for monitoring's
+  data-quality signal (:func:`refusal_lines`, written by :func:`pipelines.prediction_log.log_refusal`);
 - adds ``X-Model-Version`` to every response (the handler sets it itself when it answered, so
   a model swap between scoring and sending cannot mislabel a response) and ``X-Request-Id`` (the
   client's if it is a safe token, else a new one; the prediction log records the same id);
@@ -256,6 +258,8 @@ class HttpContractMiddleware:
                     content_length = value
                 elif name == _SITE_HEADER:
                     if _SITE.match(value) is None:
+                        if path == "/predict":
+                            self._count_refusal([(key.site_id or DEFAULT_SITE, "X-Site-Id", "bad_pattern", 1, 1)])
                         await _send_all(send, _invalid_site())
                         return
                     site_header = value.decode()
@@ -302,7 +306,80 @@ class HttpContractMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, _shaping_errors(send))
+        counting = None
+        if path == "/predict":
+            site = info.site
+
+            def counting(detail: list[dict[str, str]]) -> None:
+                self._count_refusal(refusal_lines(detail, body, site))
+
+        await self.app(scope, replay, _shaping_errors(send, counting))
+
+    def _count_refusal(self, lines: list[tuple[str, str, str, int, int]]) -> None:
+        from pipelines.prediction_log import log_refusal
+
+        try:
+            log_refusal(self._settings, lines)
+        except OSError as error:  # the client gets its 422 whether or not monitoring could count it
+            logger.warning("could not count a refused request for monitoring: %s", error)
+
+
+# What a refusal says about a field, in a few words monitoring can count by.
+_REASON_KINDS = {
+    "greater_than_equal": "out_of_range",
+    "less_than_equal": "out_of_range",
+    "greater_than": "out_of_range",
+    "less_than": "out_of_range",
+    "missing": "missing",
+    "finite_number": "not_a_number",
+    "float_type": "wrong_type",
+    "float_parsing": "wrong_type",
+    "string_type": "wrong_type",
+    "extra_forbidden": "unknown_field",
+    "string_pattern_mismatch": "bad_pattern",
+}
+_RECORD = re.compile(r"^records\[(\d+)\]\.([A-Za-z0-9_]{1,64})$")
+
+
+def refusal_lines(
+    detail: list[dict[str, str]], body: bytes, default_site: str | None
+) -> list[tuple[str, str, str, int, int]]:
+    """``(site, field, reason kind, records naming it, records refused from that site)`` of one refused request.
+
+    A record's site is its own ``site_id``, else ``default_site`` (the ``X-Site-Id`` header, the
+    key's site or ``unknown``, as the service logs it); a body that is not a list of records counts
+    as one record of that default site. Only field names the schema could hold and counts: never a value sent.
+    """
+    default = default_site if default_site and _SITE.match(default_site.encode()) else DEFAULT_SITE
+    try:
+        records = json.loads(body).get("records")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        records = None
+    records = records if isinstance(records, list) else []
+
+    def site_of(index: int | None) -> str:
+        record = records[index] if index is not None and index < len(records) else None
+        site = record.get("site_id") if isinstance(record, dict) else None
+        return site if isinstance(site, str) and _SITE.match(site.encode()) else default
+
+    per_site = {}
+    for index in range(len(records)) or [None]:
+        site = site_of(index)
+        per_site[site] = per_site.get(site, 0) + 1
+    named: dict[tuple[str, str, str], int] = {}
+    for item in detail:
+        matched = _RECORD.match(item.get("field", ""))
+        index, name = (int(matched.group(1)), matched.group(2)) if matched else (None, "body")
+        kind = _REASON_KINDS.get(item.get("type", ""), "invalid")
+        key = (site_of(index), name, kind)
+        named[key] = named.get(key, 0) + 1
+    lines, first = [], set()
+    for (site, name, kind), count in sorted(named.items()):
+        lines.append((site, name, kind, count, 0 if site in first else per_site.get(site, 0)))
+        first.add(site)
+    # Sites whose records were refused with the request though none of theirs was at fault.
+    lines += [(site, "none", "refused_with_request", 0, n) for site, n in sorted(per_site.items()) if site not in first]
+    return lines
 
 
 def _site_refusal(field: str, site: str | None, key: ApiKey) -> list[Message] | None:
@@ -428,8 +505,11 @@ def _stamping(send: Send, version: bytes, info: RequestInfo) -> Send:
     return sending
 
 
-def _shaping_errors(send: Send) -> Send:
-    """Pass successful responses through; buffer and reshape 4xx (and 503) ones."""
+def _shaping_errors(send: Send, refused: Callable[[list[dict[str, str]]], None] | None = None) -> Send:
+    """Pass successful responses through; buffer and reshape 4xx (and 503) ones.
+
+    ``refused`` is called with the detail of each 422 sent (monitoring counts refusals by it).
+    """
     start: Message | None = None
     chunks: list[bytes] = []
 
@@ -448,6 +528,8 @@ def _shaping_errors(send: Send) -> Send:
         if message.get("more_body", False):
             return
         status, body = _reshape_error(start["status"], b"".join(chunks))
+        if status == 422 and refused is not None:
+            refused(json.loads(body)["detail"])
         headers = [
             (name, value)
             for name, value in start.get("headers", [])

@@ -194,3 +194,71 @@ def test_failure_alert_never_raises_on_an_odd_context(alerting):
     outcome = notify_task_failure({"dag": None, "reason": "task_failure"})
     assert outcome.sent  # "unknown DAG failed" still reaches people
     assert notify_task_failure(None).sent is False  # type: ignore[arg-type]
+
+
+def _verdict(verdict: str, severity: str, retrain: bool, p_value: float, share: float) -> dict:
+    """A monitoring result as the DAG passes it between tasks, with two fired signals at site-x."""
+    return {
+        "verdict": verdict,
+        "severity": severity,
+        "retrain": retrain,
+        "sites": ["site-x"],
+        "model_version": "3",
+        "drifted_columns": ["worst_radius", "worst_texture"],
+        "report_url": REPORT,
+        "signals": [
+            {
+                "scope": "site-x",
+                "name": "prediction_drift",
+                "severity": "critical",
+                "text": f"probability_malignant shifted (ks {p_value:.2g}, p <= 1e-06; moved 0.61 sd)",
+            },
+            {
+                "scope": "site-x",
+                "name": "important_feature_drift",
+                "severity": "critical",
+                "text": f"features carrying {share:.0%} of the model's weight drifted (worst_radius, worst_texture)",
+            },
+        ],
+    }
+
+
+def test_verdict_alert_says_where_what_and_what_happens_next(alerting, webhook, smtp):
+    from monitoring.reports import alert_for_result
+
+    first = alert_for_result(_verdict("drift", "critical", True, 3e-12, 0.31), alerting)
+    assert first["sent"] is True
+    (payload,) = webhook.received
+    text = json.dumps(payload)
+    assert "site-x" in text and "critical" in text
+    assert "prediction_drift" in text and "3e-12" in text and "31%" in text
+    assert "Retraining scheduled" in text and REPORT in text
+    # The same incident with other figures next hour is not sent again.
+    again = alert_for_result(_verdict("drift", "critical", True, 1e-9, 0.27), alerting)
+    assert again["deduplicated"] is True and len(webhook.received) == 1
+    assert alert_for_result(_verdict("no_drift", None, False, 0.4, 0.0), alerting) is None
+
+
+def test_data_quality_and_warning_alerts_say_no_retraining(alerting, webhook):
+    from monitoring.reports import alert_for_result
+
+    alert_for_result(_verdict("data_quality", "critical", False, 0.3, 0.0), alerting)
+    alert_for_result(_verdict("drift", "warning", False, 0.3, 0.1), alerting)
+    quality, warning = (json.dumps(payload) for payload in webhook.received)
+    assert "Nothing automatic" in quality and "Retraining scheduled" not in quality
+    assert "No retraining" in warning
+
+
+def test_verdict_alert_mentions_cooldown_and_approval(alerting, webhook, monkeypatch):
+    from monitoring.reports import alert_for_result
+
+    state = alerting.home / "state" / "retraining.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"last_drift_retraining": datetime.now(UTC).isoformat()}))
+    alert_for_result(_verdict("drift", "critical", True, 1e-12, 0.3), alerting)
+    assert "inside the 6 h cooldown" in json.dumps(webhook.received[-1])
+    state.unlink()
+    monkeypatch.setenv("MEDOPS_REQUIRE_APPROVAL", "true")
+    reset_settings()
+    alert_for_result(_verdict("performance_drop", "critical", True, 1e-12, 0.3), get_settings())
+    assert "waits for approval" in json.dumps(webhook.received[-1])

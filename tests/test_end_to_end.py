@@ -4,9 +4,11 @@
 MLflow UI, the Evidently UI and (through the DAGs) the served champion. The test then talks to
 Airflow's REST API, the service's HTTP contract and the MLflow client, exactly as people and
 clinical apps do: seed lands -> champion v1 serving -> undrifted traffic: no_drift, no alert ->
-drifted traffic: drift -> alert at the webhook and SMTP sinks -> train_model runs from the drift
-Asset -> a new champion is deployed and X-Model-Version changes on the serving port, while a
-separate process keeps calling /predict and sees no failed request. Nothing is left running.
+one site whose calibration moved the champion's three most important features (3 of 30 columns:
+the column-count rule alone says no_drift) -> drift, critical -> alert at the webhook and SMTP
+sinks naming the site and the signals -> train_model runs from the drift Asset -> a new champion
+is deployed and X-Model-Version changes on the serving port, while a separate process keeps
+calling /predict and sees no failed request. Nothing is left running.
 """
 
 from __future__ import annotations
@@ -118,6 +120,39 @@ def _describe(pids: list[int]) -> str:
     return "left running: " + "; ".join(lines)
 
 
+SHIFTED_FEATURES = 3
+SHIFT_FACTOR = 1.4
+
+
+def _top_features(client, run_id: str) -> list[str]:
+    """The champion's most important features, as its training run stored them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "reference/importance.json", tmp)
+        importance = json.loads(Path(path).read_text())["importance"]
+    return sorted(importance, key=lambda name: -importance[name])[:SHIFTED_FEATURES]
+
+
+def _send_recalibrated_site(serving: str, site: str, records: int, features: list[str]) -> None:
+    """Realistic cases from ``site`` whose imaging reads ``features`` SHIFT_FACTOR too high, then their labels."""
+    import numpy as np
+
+    from medops.app.simulate import traffic
+    from pipelines.schema import ENCOUNTER, FEATURE_RANGES, LABEL, SITE
+
+    cases = traffic(site, records, seed=20261)
+    for name in features:
+        cases[name] = np.clip(cases[name] * SHIFT_FACTOR, *FEATURE_RANGES[name])
+    columns = [*FEATURES, ENCOUNTER, SITE]
+    with MedopsClient(serving, "e2e-key", timeout=30) as service:
+        for start in range(0, records, 50):
+            service.predict(cases[columns].iloc[start : start + 50].to_dict(orient="records"))
+        labels = list(zip(cases[ENCOUNTER], cases[LABEL], strict=True))
+        for start in range(0, records, 50):
+            service.feedback(labels[start : start + 50])
+
+
 def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F811
     from medops.app.airflow_api import AirflowClient, admin_password
 
@@ -177,17 +212,21 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         load.start()
         try:
             window = datetime.now(UTC).isoformat()
-            _medops(
-                env, "simulate", "--site", "site-d", "--records", "400", "--drift", "covariate", "--feedback", "--json"
-            )
+            shifted = _top_features(client, champion.run_id)
+            _send_recalibrated_site(serving, "site-d", 400, shifted)
             verdict = _monitor(airflow, since=window)
-            assert verdict["verdict"] == "drift", verdict
-            assert "site-d" in verdict["sites"], verdict
-            stages.done("drifted traffic -> drift")
+            assert verdict["verdict"] == "drift" and verdict["severity"] == "critical", verdict
+            assert verdict["retrain"] is True and "site-d" in verdict["sites"], verdict
+            fired = {signal["name"] for signal in verdict["signals"] if signal["scope"] == "site-d"}
+            assert fired & {"prediction_drift", "important_feature_drift", "top_feature_drift"}, verdict
+            assert "column_share_drift" not in fired, verdict  # the column count alone saw nothing at site-d
+            stages.done("one site's top features recalibrated -> drift, critical")
 
             _wait(lambda: webhook.received and smtp.received, 60, "the drift alert at both sinks")
             alert = json.dumps(webhook.received[0])
-            assert "drift" in alert and "site-d" in alert
+            assert "drift" in alert and "site-d" in alert and "critical" in alert
+            assert all(name in alert for name in fired), alert
+            assert "Retraining scheduled" in alert
             assert "sim-site-d" not in alert  # no encounter ids in alerts
             assert "drift" in smtp.received[0]["Subject"].lower()
             stages.done("alert at webhook and SMTP")

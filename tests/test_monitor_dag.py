@@ -29,6 +29,8 @@ from pipelines.schema import FEATURES, LABEL, POSITIVE
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:skops.io._utils")
 
 DAG_FILE = REPO_ROOT / "dags" / "monitor_drift.py"
+# Training tunes the operating threshold for sensitivity; so does this test's champion (tagged as training tags it).
+THRESHOLD = 0.2
 SIZE_FEATURES = [name for name in FEATURES if any(size in name for size in ("radius", "perimeter", "area"))]
 
 
@@ -52,7 +54,7 @@ def register_champion(settings: Settings) -> str:
         mlflow.log_artifacts(str(reference), artifact_path=model_registry.REFERENCE)
         info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
     version = model_registry.register_trusted(f"models:/{info.model_id}", settings)  # as training registers
-    model_registry.tag_version(version, {"data_version": "data-v1"}, settings)
+    model_registry.tag_version(version, {"data_version": "data-v1", "threshold": f"{THRESHOLD:.6f}"}, settings)
     model_registry.set_champion(version, settings)
     return version
 
@@ -121,7 +123,7 @@ def log_traffic(
         site_id=site,
         encounter_hash=[hash_encounter_id(e, settings) for e in encounters],
         probability_malignant=probability,
-        label=np.where(probability >= 0.5, "malignant", "benign"),
+        label=np.where(probability >= THRESHOLD, "malignant", "benign"),
     )
     append_predictions(settings, log)
     if feedback:
@@ -151,8 +153,15 @@ def test_drift_run_writes_reports_workspace_and_mlflow(monitored):
     log_traffic(monitored, 260, "site-y", seed=2)
     result = run_monitoring(settings)
 
-    assert result.verdict == "drift" and result.sites == ["site-x"]
+    assert result.verdict == "drift" and result.severity == "critical" and result.retrain
+    assert result.sites == ["site-x"] and result.scope in ("site-x", "window")  # ties go to the window
     assert "mean_radius" in result.drifted_columns
+    fired = {(signal["scope"], signal["name"]) for signal in result.signals}
+    assert ("site-x", "important_feature_drift") in fired
+    assert not any(scope == "site-y" for scope, _ in fired)
+    assert result.site_verdicts["site-y"]["verdict"] == "no_drift"
+    assert result.site_verdicts["site-x"]["verdict"] == "drift"
+    assert result.estimated_performance["sensitivity"] is not None
     assert result.n_current == 560 and result.model_version == monitored.version and result.data_version == "data-v1"
     assert result.performance["n_labelled"] == 120
     outbox = result.alert.pop("outbox")  # no channel configured: the alert waits in the outbox
@@ -164,18 +173,34 @@ def test_drift_run_writes_reports_workspace_and_mlflow(monitored):
     }
     assert result.asset_extra() == {
         "verdict": "drift",
+        "severity": "critical",
         "drifted_columns": result.drifted_columns,
         "sites": ["site-x"],
+        "signals": sorted({name for _, name in fired}),
         "report": result.report_url,
     }
 
     report_dir = Path(result.report_dir)
     assert report_dir.parent == settings.reports_dir
     names = sorted(p.name for p in report_dir.iterdir())
-    assert names == ["drift.html", "drift.json", "performance.html", "performance.json", "summary.json"]
+    assert names == [
+        "drift.html",
+        "drift.json",
+        "performance.html",
+        "performance.json",
+        "summary.json",
+        "verdict.html",
+        "verdict.json",
+    ]
     summary = json.loads((report_dir / "summary.json").read_text())
     assert summary["drift"]["per_site"]["site-x"]["verdict"] == "drift"
     assert summary["drift"]["per_site"]["site-y"]["verdict"] == "no_drift"
+    assert summary["verdict_signals"]["sites"]["site-x"]["verdict"] == "drift"
+    assert summary["verdict_signals"]["sites"]["site-y"]["verdict"] == "no_drift"
+    verdict = json.loads((report_dir / "verdict.json").read_text())
+    charted = {metric["config"]["column"]: metric["value"] for metric in verdict["metrics"]}
+    assert charted["verdict_code"] == 2 and charted["severity_code"] == 2 and charted["retrain"] == 1
+    assert charted["estimated_sensitivity"] == pytest.approx(result.estimated_performance["sensitivity"])
     everything = "".join(p.read_text() for p in report_dir.iterdir())
     assert not any(h in everything for h in log["encounter_hash"][:50])  # no patient identifiers
 
@@ -226,6 +251,27 @@ def test_a_short_window_waits_for_more_rows(monitored):
     log_traffic(monitored, 100, "site-y", seed=5)
     second = run_monitoring(settings)
     assert second.n_current == 250 and second.verdict == "no_drift"
+
+
+def test_a_refusal_jump_is_a_data_quality_incident_that_never_retrains(monitored):
+    from monitoring.reports import run_monitoring
+    from pipelines.prediction_log import log_refusal
+
+    settings = monitored.settings
+    log_traffic(monitored, 300, "site-y", seed=7)
+    log_traffic(monitored, 250, "site-z", seed=8)
+    refused_at = (datetime.now(UTC) - timedelta(minutes=5)).timestamp()
+    log_refusal(settings, [("site-z", "mean_radius", "out_of_range", 120, 120)], now=refused_at)
+    result = run_monitoring(settings)
+
+    assert result.verdict == "data_quality" and result.severity == "critical" and not result.retrain
+    assert result.sites == ["site-z"]
+    (signal,) = [s for s in result.signals if s["name"] == "refusal_rate"]
+    assert signal["scope"] == "site-z" and signal["figures"]["refused"] == 120
+    assert signal["figures"]["fields"] == {"mean_radius": {"out_of_range": 120}}
+    state = json.loads((settings.home / "state" / "monitoring.json").read_text())
+    # The next window's baseline: site-y's calm traffic, not site-z's incident.
+    assert state["traffic"]["site-y"]["scored"] == 300 and "site-z" not in state["traffic"]
 
 
 # The DAG ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from monitoring.scenarios import (
     shifted_features,
 )
 from pipelines.data import seed_frame
-from pipelines.importance import feature_importance, normalised
+from pipelines.metrics import LINEAR_IMPORTANCE, PERMUTATION_IMPORTANCE, feature_importance, normalised
 from pipelines.schema import FEATURES, LABEL, POSITIVE, SITE
 
 
@@ -99,22 +99,11 @@ def test_bad_window_size_is_refused(champion):
         generate_window("calm", 0, champion, np.random.default_rng(0))
 
 
-def test_linear_importance_is_abs_coefficient_times_standard_deviation():
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    frame = seed_frame()
-    x, y = frame[list(FEATURES)], frame[LABEL] == POSITIVE
-    scaled = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x, y)
-    found = feature_importance(scaled, frame)
-    coefficients = np.abs(scaled[-1].coef_[0])
-    assert list(found.values()) == pytest.approx(list(coefficients / coefficients.sum()))
-
-    raw = LogisticRegression(max_iter=20000).fit(x, y)
-    found = feature_importance(raw, frame)
-    weights = np.abs(raw.coef_[0]) * x.to_numpy().std(axis=0)
-    assert list(found.values()) == pytest.approx(list(weights / weights.sum()))
+def test_the_scenarios_weigh_features_by_the_importance_training_stores(champion):
+    train, holdout = reference_split(seed_frame(), Settings())
+    stored = feature_importance(champion.model, train, holdout, seed=Settings().seed)
+    assert stored.method == LINEAR_IMPORTANCE
+    assert champion.importance == stored.importance
 
 
 def test_other_models_get_permutation_importance_on_held_out_rows():
@@ -123,12 +112,11 @@ def test_other_models_get_permutation_importance_on_held_out_rows():
     frame = seed_frame()
     train, holdout = reference_split(frame, Settings())
     model = HistGradientBoostingClassifier(random_state=0).fit(train[list(FEATURES)], train[LABEL])
-    found = feature_importance(model, holdout, repeats=3)
-    assert sum(found.values()) == pytest.approx(1.0) and min(found.values()) >= 0
-    top = max(found, key=found.get)
+    found = feature_importance(model, train, holdout, seed=0)
+    assert found.method == PERMUTATION_IMPORTANCE
+    assert sum(found.importance.values()) == pytest.approx(1.0) and min(found.importance.values()) >= 0
+    top = max(found.importance, key=found.importance.get)
     assert top.startswith(("worst_", "mean_concave")), found
-    with pytest.raises(ValueError, match="diagnosis"):
-        feature_importance(model, holdout.drop(columns=[LABEL]))
 
 
 def test_normalised_weights():

@@ -198,6 +198,44 @@ def test_site_from_record_header_or_default(client: TestClient, home: Settings):
     )
 
 
+def test_refused_requests_are_counted_per_site_and_field_without_values(client: TestClient, home: Settings):
+    from pipelines.prediction_log import read_refusals, site_traffic
+
+    def bad_headers() -> int:
+        unknown = site_traffic(read_predictions(home), read_refusals(home)).get("unknown", {})
+        return unknown.get("by_field", {}).get("X-Site-Id", {}).get("bad_pattern", 0)
+
+    earlier = bad_headers()  # other tests of this module send bad headers too
+    bad = records(3, start=400)
+    bad[0]["mean_radius"] = 987.654  # out of range
+    bad[1]["worst_area"] = -3.25
+    del bad[2]["mean_texture"]
+    assert predict(client, {"records": bad}, **{"X-Site-Id": "site-r"}).status_code == 422
+    own_site = records(2, start=410)
+    own_site[0] |= {"site_id": "site-s", "mean_radius": 987.654}
+    assert predict(client, {"records": own_site}, **{"X-Site-Id": "site-r"}).status_code == 422
+    assert predict(client, {"records": records(1)}, **{"X-Site-Id": "bad site!"}).status_code == 422
+    assert predict(client, {"records": records(2, start=420)}, **{"X-Site-Id": "site-r"}).status_code == 200
+
+    refusals = read_refusals(home)
+    traffic = site_traffic(read_predictions(home), refusals)
+    assert traffic["site-r"]["refused"] == 4 and traffic["site-r"]["scored"] == 2
+    assert traffic["site-r"]["by_field"] == {
+        "mean_radius": {"out_of_range": 1},
+        "mean_texture": {"missing": 1},
+        "worst_area": {"out_of_range": 1},
+    }
+    assert traffic["site-s"] == {
+        "site": "site-s",
+        "scored": 0,
+        "refused": 1,
+        "by_field": {"mean_radius": {"out_of_range": 1}},
+    }
+    assert bad_headers() == earlier + 1
+    text = "".join(path.read_text() for path in (home.predictions_dir / "refusals").glob("refusals-*.csv"))
+    assert "987.654" not in text and "-3.25" not in text and "enc-4" not in text
+
+
 def test_every_served_prediction_is_logged_once_with_hashed_ids(client: TestClient, home: Settings, version: str):
     before = len(read_predictions(home))
     served = 0
@@ -300,6 +338,26 @@ def test_nothing_written_outside_medops_home(home: Settings):
     assert not (Path.cwd() / "mlruns").exists()
 
 
+def test_api_docs_example_is_a_real_seed_record_and_fields_state_units(client: TestClient):
+    from pipelines.data import seed_frame
+    from serving.contract import EXAMPLE_RECORD
+
+    seed = seed_frame()
+    row = seed.loc[19]
+    assert {name: float(row[name]) for name in FEATURES} == {name: EXAMPLE_RECORD[name] for name in FEATURES}
+    assert row["site_id"] == EXAMPLE_RECORD["site_id"]
+    spec = client.get("/docs.json").json()
+    text = json.dumps(spec)
+    assert '"mean_radius": 13.54' in text  # the example, not each feature's maximum
+    record = spec["components"]["schemas"]["Record"]["properties"]
+    assert "Unit: image units (pixels)" in record["mean_radius"]["description"]
+    assert "Plausible range 0 to 60" in record["mean_radius"]["description"]
+    assert all("Unit:" in record[name]["description"] for name in FEATURES)
+    # and the example the docs show is accepted by the service
+    answer = predict(client, {"records": [EXAMPLE_RECORD]})
+    assert answer.status_code == 200, answer.text
+
+
 def test_a_prediction_that_cannot_be_logged_durably_is_not_answered(client: TestClient, home: Settings, monkeypatch):
     """Runs last in this module: it breaks the worker's prediction log on purpose."""
     import os
@@ -342,23 +400,3 @@ def test_api_docs_open_without_a_key(client: TestClient, version: str):
     predict_responses = spec["paths"]["/predict"]["post"]["responses"]
     assert set(predict_responses) == {"200", "401", "403", "413", "415", "422", "429", "503"}
     assert spec["paths"]["/readyz"]["get"]["security"] == []
-
-
-def test_api_docs_example_is_a_real_seed_record_and_fields_state_units(client: TestClient):
-    from pipelines.data import seed_frame
-    from serving.contract import EXAMPLE_RECORD
-
-    seed = seed_frame()
-    row = seed.loc[19]
-    assert {name: float(row[name]) for name in FEATURES} == {name: EXAMPLE_RECORD[name] for name in FEATURES}
-    assert row["site_id"] == EXAMPLE_RECORD["site_id"]
-    spec = client.get("/docs.json").json()
-    text = json.dumps(spec)
-    assert '"mean_radius": 13.54' in text  # the example, not each feature's maximum
-    record = spec["components"]["schemas"]["Record"]["properties"]
-    assert "Unit: image units (pixels)" in record["mean_radius"]["description"]
-    assert "Plausible range 0 to 60" in record["mean_radius"]["description"]
-    assert all("Unit:" in record[name]["description"] for name in FEATURES)
-    # and the example the docs show is accepted by the service
-    answer = predict(client, {"records": [EXAMPLE_RECORD]})
-    assert answer.status_code == 200, answer.text

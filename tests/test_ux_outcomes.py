@@ -67,6 +67,15 @@ def test_monitoring_note_says_the_alert_reached_nobody():
     )
 
 
+def test_monitoring_note_names_severity_signals_and_retraining():
+    signal = {"scope": "site-d", "name": "top_feature_drift", "text": "strong shift: worst_texture (#1, p 2e-50)"}
+    result = {"verdict": "drift", "severity": "critical", "retrain": True, "signals": [signal], "n_current": 400}
+    note = monitoring_note(result, None, Settings(home="/tmp/x"))
+    assert note.startswith("**drift** on 400 predictions")
+    assert "- severity: critical; retraining requested (medops/drift)" in note
+    assert "- site-d: strong shift: worst_texture (#1, p 2e-50)" in note
+
+
 def test_retraining_data_is_announced_once_and_does_not_retrain_again(registry_home: Settings, monkeypatch):
     from pipelines.retraining import plan_training
 

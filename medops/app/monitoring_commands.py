@@ -22,19 +22,30 @@ def register(app: typer.Typer) -> None:
         since: Annotated[
             datetime | None, typer.Option("--since", help="Start of the window (default: the last report's end).")
         ] = None,
-        alert: Annotated[bool, typer.Option("--alert/--no-alert", help="Alert on-call people on drift.")] = True,
+        alert: Annotated[
+            bool,
+            typer.Option(
+                "--alert/--no-alert",
+                help="Alert on-call people on drift, a performance drop or a data-quality incident.",
+            ),
+        ] = True,
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     ) -> None:
-        """Check the prediction log for drift now: Evidently reports, and an alert on drift."""
+        """Judge the prediction log now: signals and verdict, Evidently reports, and an alert when it matters."""
         from monitoring.reports import run_monitoring
 
         with step("comparing the prediction log with the champion's training rows"):
             result = run_monitoring(get_settings(), since=since, alert=alert)
         if as_json:
             return emit(result.to_dict(), True)
-        colour = {"drift": "red", "no_drift": "green"}.get(result.verdict, "yellow")
+        colour = {"drift": "red", "performance_drop": "red", "no_drift": "green"}.get(result.verdict, "yellow")
         rows = f"{result.n_current} predictions, model v{result.model_version}"
-        out.print(f"verdict  [bold {colour}]{result.verdict}[/] ({rows})")
+        severity = f" {result.severity}" if result.severity else ""
+        out.print(f"verdict  [bold {colour}]{result.verdict}{severity}[/] ({rows})")
+        for signal in result.signals:
+            out.print(f"signal   {signal['scope']}: {signal['text']}", highlight=False)
+        if result.retrain:
+            out.print("retrain  due: the monitor_drift DAG announces medops/drift for this verdict (not this command)")
         if result.drifted_columns:
             out.print(f"drifted  {', '.join(result.drifted_columns)}", highlight=False)
         if result.sites:

@@ -42,6 +42,10 @@ def monitoring_note(result: dict, alert: dict | None, settings: Settings) -> str
     """monitor_drift's outcome: verdict, what drifted where, the report, and where the alert went."""
     verdict = result.get("verdict", "unknown")
     lines = [f"**{verdict}** on {result.get('n_current', 0)} predictions of model v{result.get('model_version')}"]
+    if result.get("severity"):
+        retraining = "retraining requested (medops/drift)" if result.get("retrain") else "no retraining"
+        lines.append(f"- severity: {result['severity']}; {retraining}")
+    lines += [f"- {signal['scope']}: {signal['text']}" for signal in (result.get("signals") or [])[:8]]
     columns = result.get("drifted_columns") or []
     if columns:
         shown = ", ".join(columns[:8]) + (f" (+{len(columns) - 8} more)" if len(columns) > 8 else "")

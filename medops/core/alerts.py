@@ -70,12 +70,14 @@ def send_alert(
     severity: str = "warning",
     details: str | None = None,
     now: datetime | None = None,
+    dedup_key: str | None = None,
 ) -> AlertOutcome:
     """Send one alert to the configured webhook and e-mail recipients, unless sent just before.
 
     ``verdict`` is a drift verdict (``drift``) or, for failures, ``failure``; ``site`` names the
-    hospital(s) concerned (None: all); ``report_url`` is the link people follow. Returns what each
-    channel did; never raises.
+    hospital(s) concerned (None: all); ``report_url`` is the link people follow. ``dedup_key``, when
+    given, stands for the columns and ``details`` in what makes two alerts identical (details that
+    quote figures changing every run would otherwise never match). Returns what each channel did; never raises.
     """
     try:
         if settings is None:
@@ -87,7 +89,7 @@ def send_alert(
         now = now or datetime.now(UTC)
         if now.tzinfo is None:
             now = now.replace(tzinfo=UTC)
-        alert = _Alert(title, verdict, tuple(drifted_columns), site, report_url, severity, details)
+        alert = _Alert(title, verdict, tuple(drifted_columns), site, report_url, severity, details, dedup_key)
         channels = {
             "webhook": "not configured" if not settings.alert_webhook_url else "",
             "email": "not configured" if not (settings.smtp_host and settings.alert_email_to) else "",
@@ -129,10 +131,14 @@ class _Alert:
     report_url: str | None
     severity: str
     details: str | None
+    dedup_key: str | None = None
 
     @property
     def fingerprint(self) -> str:
-        key = [self.title, self.verdict, sorted(self.drifted_columns), self.site, self.severity, self.details]
+        if self.dedup_key is not None:
+            key = [self.title, self.verdict, self.site, self.severity, self.dedup_key]
+        else:
+            key = [self.title, self.verdict, sorted(self.drifted_columns), self.site, self.severity, self.details]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
     def columns_text(self, limit: int = 12) -> str:

@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     monitor_feedback_min_malignant: int = Field(
         default=25, description="Fewest labelled malignant cases in a window or site for realized sensitivity."
     )
+    monitor_feedback_labels_per_site: int = Field(
+        default=200,
+        description="Realized performance is judged on each site's latest this many labelled predictions "
+        "(the window's and earlier ones), since labels come back after the window closed.",
+    )
     monitor_refusal_min_requests: int = Field(
         default=50, description="Fewest records a site sent (scored and refused) before its refusal rate is judged."
     )
