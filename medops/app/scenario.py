@@ -82,11 +82,12 @@ def run_drift_scenario(
         except AirflowError:  # a muted or skipped alert task pushes nothing
             alert = None
         console.print(f"  alert: {alert_delivery(alert)}", highlight=False)
-        if result["verdict"] != "drift":
+        if not result.get("retrain"):  # only critical drift or performance_drop schedule a retraining
+            seen = f"{result['verdict']} ({result.get('severity') or 'no severity'})"
             return _not_renewed(
                 console,
                 before,
-                f"monitor_drift saw {result['verdict']}, not drift ({result.get('note') or 'see its run'})",
+                f"monitor_drift saw {seen}, which does not retrain ({result.get('note') or 'see its run'})",
                 f"send more or more strongly drifted traffic (--records, --drift), then look at {monitor_url}",
             )
 
