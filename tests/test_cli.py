@@ -123,7 +123,13 @@ def test_drift_scenario_says_why_the_model_was_not_renewed_and_exits_non_zero(me
 
         def xcom(self, dag_id, run_id, task_id):
             if task_id == "check_drift":
-                return {"verdict": "drift", "drifted_columns": ["mean_area"], "report_url": "http://r/1"}
+                return {
+                    "verdict": "drift",
+                    "severity": "critical",
+                    "retrain": True,
+                    "drifted_columns": ["mean_area"],
+                    "report_url": "http://r/1",
+                }
             return {"sent": False, "channels": {"webhook": "not configured", "email": "not configured"}, "outbox": "o"}
 
         def close(self):
