@@ -147,7 +147,7 @@ def test_02_each_dag_triggers_from_its_form_with_defaults(page: Any, platform: S
 
 def test_03_a_refused_challenger_shows_in_its_run_note_and_links_to_mlflow(page: Any, platform: SimpleNamespace):
     airflow = platform.airflow
-    run_id = airflow.trigger("train_model", {"families": ["logistic_regression"], "min_roc_auc": 0.9999})
+    run_id = airflow.trigger("train_model", {"families": ["logistic_regression"], "roc_auc_lower": 0.9999})
     assert airflow.wait_for_run("train_model", run_id, timeout=900).state.value == "success"
     note = airflow.run("train_model", run_id).note or ""
     assert "REFUSED by the gate" in note, note

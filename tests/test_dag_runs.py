@@ -110,7 +110,7 @@ def test_a_data_version_retraining_made_is_an_asset_event_naming_its_run(airflow
     monkeypatch.setattr(
         retraining, "plan_training", lambda settings, **kw: plan(settings, **kw) | {"new_data_version": "data-v1"}
     )
-    run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "min_roc_auc": 0.9999})
+    run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "roc_auc_lower": 0.9999})
     assert _states(run)["plan"] == "success"
     assert _data_events(run) == [{"data_version": "data-v1", "origin": "feedback", "trained_by": run.run_id}]
 
