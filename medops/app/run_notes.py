@@ -39,25 +39,26 @@ def note_run(dag_id: str, run_id: str, markdown: str, settings: Settings) -> boo
 
 
 def monitoring_note(result: dict, alert: dict | None, settings: Settings) -> str:
-    """monitor_drift's outcome: verdict, what drifted where, the report, and where the alert went."""
+    """monitor_drift's outcome: verdict, where the alert went and the report first (what on-call
+    people look for, and what the UI's note editor shows without scrolling), then the figures."""
     verdict = result.get("verdict", "unknown")
     lines = [f"**{verdict}** on {result.get('n_current', 0)} predictions of model v{result.get('model_version')}"]
+    lines.append(f"- alert: {alert_delivery(alert)}")
+    report = result.get("report_url") or result.get("report")
+    if report:
+        lines.append(f"- [Evidently report]({report})")
     if result.get("severity"):
         retraining = "retraining requested (medops/drift)" if result.get("retrain") else "no retraining"
         lines.append(f"- severity: {result['severity']}; {retraining}")
+    if result.get("sites"):
+        lines.append(f"- sites: {', '.join(result['sites'])}")
     lines += [f"- {signal['scope']}: {signal['text']}" for signal in (result.get("signals") or [])[:8]]
     columns = result.get("drifted_columns") or []
     if columns:
         shown = ", ".join(columns[:8]) + (f" (+{len(columns) - 8} more)" if len(columns) > 8 else "")
         lines.append(f"- drifted features ({len(columns)}): {shown}")
-    if result.get("sites"):
-        lines.append(f"- sites: {', '.join(result['sites'])}")
     if result.get("note"):
         lines.append(f"- {result['note']}")
-    report = result.get("report_url") or result.get("report")
-    if report:
-        lines.append(f"- [Evidently report]({report})")
-    lines.append(f"- alert: {alert_delivery(alert)}")
     return "\n".join(lines)
 
 
