@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,10 +107,10 @@ def quiet_model_io() -> Iterator[None]:
 
     skops walks every loaded module when it saves or loads; in an Airflow task that includes
     Airflow's deprecated-name shims, each of which warns (``DeprecatedImportWarning``, a
-    FutureWarning): about 1,160 lines per task log. MLflow prints "Created version ..." to
-    stderr, which Airflow shows as an ERROR; here it goes to stdout.
+    FutureWarning): about 1,160 lines per task log. (stderr is left alone: the command line
+    prints JSON on stdout, and a redirected library warning would break it.)
     """
-    with warnings.catch_warnings(), contextlib.redirect_stderr(sys.stdout):
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"skops\.io")
         yield
 

@@ -29,6 +29,7 @@ Each step leaves an entry in the audit trail (:mod:`pipelines.governance`).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import uuid
 import warnings
@@ -51,6 +52,8 @@ from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, POSITIVE, SITE
 if TYPE_CHECKING:
     from pipelines.gate import GateDecision
     from pipelines.protocol import Protocol, Thresholds
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("logistic_regression", "svm", "gradient_boosting")
 DECISION_ARTIFACT = "gate/decision.json"
@@ -498,7 +501,7 @@ def log_run(
                 input_example=features.head(3),
             )
         run_id = run.info.run_id
-        print(f"MLflow run: {links.mlflow_run(settings, experiment_id, run_id)}")
+        log.info("MLflow run: %s", links.mlflow_run(settings, experiment_id, run_id))
     governance.record(
         "training_run",
         actor=actor,
@@ -748,7 +751,7 @@ def register_version(
     if approved_by:
         record_approval(version, approved_by, approval_reason, settings, reasons=approvals, entered_by=actor)
     model_card.publish(version, settings)
-    print(f"model version page: {links.mlflow_model_version(settings, settings.model_name, version)}")
+    log.info("model version page: %s", links.mlflow_model_version(settings, settings.model_name, version))
     return TrainResult(
         run_id=run_id,
         model_version=version,
