@@ -263,6 +263,8 @@ def _concurrent_trainings(airflow, client, settings: Settings, env: dict[str, st
     champion = client.get_model_version_by_alias("breast_cancer_diagnosis", "champion")
     assert champion.version == max(promotions, key=promotions.get)
     assert champion.tags["gate_passed"] == "true"
+    if len(promotions) == 2:  # the later was judged against the earlier, at its gate or again when promoting
+        assert champion.tags["champion_compared"] == min(promotions, key=promotions.get), champion.tags
 
     # The registry: versions numbered without a gap, each batch once, rows adding up.
     tags = data_registry.list_versions(settings)
