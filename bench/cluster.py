@@ -13,8 +13,10 @@ Figures per profile:
 - in each loop's train_model run: the run's wall time (start -> end) and the model search's span
   (first mapped ``search`` task started -> last one ended: three families, one task each).
 
-Every platform shares the machine's cores with whatever else runs: on the 2-core reference
-machine the workers add task slots, not CPU, and the ratios say what that buys.
+Every platform shares the machine's cores with whatever else runs (each profile's load average at
+its start is in the results): on the 2-core reference machine the workers add task slots, not
+CPU. The search span over its longest task says whether the fan-out ran side by side, whatever
+the load.
 """
 
 from __future__ import annotations
@@ -76,12 +78,14 @@ def _measure(profile: str, workers: int) -> dict[str, Any]:
             broker.flushdb()
         try:
             started = time.time()
+            load = [round(value, 2) for value in os.getloadavg()]
             platform.up(settings, console=quiet, out=quiet, timeout=UP_TIMEOUT)
             serving_at = time.time()
             client = platform.airflow_client(settings)
             loop._quiet_monitoring(client)
             seed_runs = loop._loop_runs(client, started)
             figures = {
+                "load_average_at_start": load,
                 "up_seconds": round(serving_at - started, 1),
                 "seed_loop_seconds": round(serving_at - seed_runs["ingest_data"].queued_at.timestamp(), 1),
                 "seed_training": _training(client, seed_runs["train_model"].dag_run_id),
@@ -122,6 +126,9 @@ def _rows(section: SectionResult, measured: dict[str, dict[str, Any]]) -> None:
         ("model search: mapped search tasks' span (warm loop)", lambda m: m["steady_training"]["search_span_seconds"]),
         ("model search: mapped search tasks' span (seed loop)", lambda m: m["seed_training"]["search_span_seconds"]),
     )
+    # The span over the longest search task: 1.0 when the three ran side by side, ~2 when two slots
+    # made one wait. Unlike the seconds above, it does not move with what else loads the machine.
+    overlap = "model search: span / longest search task (warm loop; 1.0 = side by side)"
     base = measured.get("standalone", {})
     for label, values in measured.items():
         if "error" in values:
@@ -139,6 +146,8 @@ def _rows(section: SectionResult, measured: dict[str, dict[str, Any]]) -> None:
                 "standalone",
                 lower_is_better=True,
             )
+        training = values["steady_training"]
+        section.row(label, overlap, f"{training['search_span_seconds'] / max(training['search_task_seconds']):.2f}")
     failed = [label for label, values in measured.items() if "error" in values]
     if failed:
         section.status, section.reason = "failed", f"no figures for {', '.join(failed)}"
