@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 from rich.console import Console
 
 from medops.app import platform
@@ -95,6 +96,27 @@ def test_the_summary_says_where_credentials_are_not_what_they_are(medops_home: S
     assert f"$(cat {settings.secrets_dir / 'api_key'})" in text  # the curl example reads the key itself
 
 
+def test_the_platform_checks_catch_an_open_file_and_a_leaked_secret(tmp_path: Path):
+    """The checks the end-to-end tests run on a real platform, shown failing where they must."""
+    home = tmp_path / "home"
+    (home / "cache" / "files").mkdir(parents=True)
+    home.chmod(0o711)  # others may pass through, not list it
+    (home / "cache").chmod(0o700)
+    dvc_like = home / "cache" / "files" / "ab12"
+    dvc_like.write_text("rows")
+    dvc_like.chmod(0o444)  # readable by all, but inside a folder others cannot enter
+    assert assert_nothing_readable_by_others(home) == 4
+    (home / "run").mkdir(mode=0o755)
+    log = home / "run" / "airflow.log"
+    log.write_text("Password for user 'admin': s3cret-value\n")
+    log.chmod(0o644)
+    with pytest.raises(AssertionError, match="run/airflow.log"):
+        assert_nothing_readable_by_others(home)
+    with pytest.raises(AssertionError, match="run/airflow.log"):
+        assert_no_secret_in_files(home, ["s3cret-value"])
+    assert assert_no_secret_in_files(home, ["other-secret"]) == 2
+
+
 # On a running platform ------------------------------------------------------------------------------
 def platform_pids(home: Path) -> set[int]:
     """Every process the platform started for ``home``, with all their descendants."""
@@ -114,6 +136,7 @@ def assert_listening_on_loopback_only(home: Path) -> int:
     listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids]
     exposed = [f"{c.laddr.ip}:{c.laddr.port} (pid {c.pid})" for c in listening if c.laddr.ip not in LOOPBACK]
     assert exposed == [], exposed
+    assert listening, "no listening socket of the platform found: the check saw none of its processes"
     return len(listening)
 
 
@@ -128,11 +151,15 @@ def assert_no_secret_in_files(home: Path, secrets: list[str]) -> int:
     for path in home.rglob("*"):
         if path.is_symlink() or not path.is_file() or path in allowed or path.parent == settings.secrets_dir:
             continue
-        if path.stat().st_size >= LARGEST_READ:
+        try:  # the platform runs on: a temporary file may be gone by now
+            if path.stat().st_size >= LARGEST_READ:
+                continue
+            content, read = path.read_bytes(), read + 1
+        except FileNotFoundError:
             continue
-        content, read = path.read_bytes(), read + 1
         found += [str(path.relative_to(home)) for secret in wanted if secret in content]
     assert found == [], f"secrets in {found}"
+    assert read, "no file read"
     return read
 
 
@@ -143,7 +170,10 @@ def assert_nothing_readable_by_others(home: Path) -> int:
     open_ = []
     entries = [home, *home.rglob("*")]
     for path in entries:
-        mode = path.lstat().st_mode
+        try:  # the platform runs on: a temporary file may be gone by now
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
         if stat.S_ISLNK(mode) or not mode & stat.S_IROTH:
             continue
         ancestors = [path.parent, *path.parent.parents][: len(path.relative_to(home).parts)]
