@@ -45,8 +45,7 @@ def process_names(settings: Settings, workers: int | None = None) -> list[str]:
     """Every process either profile starts (workers and WebDAV: the cluster's only), in the order
     `down` stops them (workers first)."""
     count = settings.cluster_workers if workers is None else workers
-    workers = [worker_name(i) for i in range(1, count + 1)]
-    return [*workers, *platform.AIRFLOW_COMPONENTS, "mlflow", "webdav", "evidently"]
+    return [*map(worker_name, range(1, count + 1)), *platform.AIRFLOW_COMPONENTS, "mlflow", "webdav", "evidently"]
 
 
 # Databases ------------------------------------------------------------------------------------------
