@@ -227,14 +227,14 @@ def performance_estimator(reference: Reference, settings: Settings) -> Performan
 
 
 def latest_labels(settings: Settings, feedback: pd.DataFrame, now: datetime, window: pd.DataFrame) -> pd.DataFrame:
-    """The latest ``monitor_feedback_labels_per_site`` labelled predictions of each site, served by any version
-    in the last FEEDBACK_LOOKBACK_DAYS days: labels come back days after the prediction, so a window's
-    own predictions rarely have enough of them for a confident sensitivity."""
+    """Labelled predictions of the last FEEDBACK_LOOKBACK_DAYS days served by any version, the window's
+    included, oldest first: labels come back days after the prediction, so a window's own predictions
+    rarely have enough of them for a confident sensitivity (:func:`monitoring.signals.compute_signals`
+    judges the latest ``monitor_label_window`` of each site and overall)."""
     import pandas as pd
 
     from monitoring.drift import label_predictions
     from pipelines.prediction_log import read_predictions
-    from pipelines.schema import SITE
 
     if feedback.empty:
         return label_predictions(window, feedback)
@@ -243,11 +243,7 @@ def latest_labels(settings: Settings, feedback: pd.DataFrame, now: datetime, win
     earlier = read_predictions(settings, since=since.to_pydatetime())
     earlier = earlier[earlier["logged_at"] < start]
     predictions = pd.concat([earlier, window], ignore_index=True) if len(earlier) else window
-    labelled = label_predictions(predictions, feedback)
-    if SITE not in labelled.columns or labelled.empty:
-        return labelled
-    # label_predictions keeps prediction order, oldest first: the tail of each site is its latest.
-    return labelled.groupby(SITE, sort=False).tail(settings.monitor_feedback_labels_per_site).reset_index(drop=True)
+    return label_predictions(predictions, feedback)
 
 
 def _next_baseline(baseline: dict[str, Any], traffic: dict[str, Any], result: MonitoringResult) -> dict[str, Any]:

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     max_records: int = 1000
     max_body_bytes: int = 2 * 1024 * 1024
     serving_workers: int = 1
+    prediction_log_durable: bool = Field(
+        default=True,
+        description="A /predict answer waits for the fsync of its prediction-log row. False exists only as "
+        "make bench's baseline for what that wait costs: answers could then be lost in a crash (never in production).",
+    )
 
     # Per API key and per serving worker process (a server with N workers admits up to N times
     # these); 0 switches a limit off. /explain has its own, stricter, limits.
@@ -135,6 +140,14 @@ class Settings(BaseSettings):
     monitor_strong_drift_p_value: float = Field(
         default=3e-7, description="A top feature drifted strongly: K-S p-value at or below this (and a material shift)."
     )
+    monitor_top_shift_p_value: float = Field(
+        default=3e-7,
+        description="The most important features' means moved together: Hotelling T² p-value at or below this "
+        "(and a shift of at least monitor_top_shift_distance).",
+    )
+    monitor_top_shift_distance: float = Field(
+        default=0.45, description="Least joint shift of the most important features (Mahalanobis distance)."
+    )
     monitor_strong_drift_distance: float = Field(
         default=0.5,
         description="A top feature drifted strongly where the reference has over 1,000 rows "
@@ -146,10 +159,11 @@ class Settings(BaseSettings):
     monitor_feedback_min_malignant: int = Field(
         default=25, description="Fewest labelled malignant cases in a window or site for realized sensitivity."
     )
-    monitor_feedback_labels_per_site: int = Field(
-        default=200,
-        description="Realized performance is judged on each site's latest this many labelled predictions "
-        "(the window's and earlier ones), since labels come back after the window closed.",
+    monitor_label_window: int = Field(
+        default=300,
+        gt=0,
+        description="Realized performance is judged on the latest this many labelled predictions of each site "
+        "and of all sites together (the window's and earlier ones): labels come back after the window closed.",
     )
     monitor_refusal_min_requests: int = Field(
         default=50, description="Fewest records a site sent (scored and refused) before its refusal rate is judged."
