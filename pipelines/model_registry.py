@@ -36,12 +36,18 @@ MODEL_TRAINING = "custom_model_development"
 
 
 def configure_mlflow(settings: Settings) -> None:
-    """Point the MLflow client at the medops store (SQLite + local artifacts by default)."""
+    """Point the MLflow client at the medops store (SQLite + local artifacts by default); medops' own
+    server (the cluster profile's) is behind basic auth, and MLflow's client reads its login from the
+    environment only."""
+    import os
+
     import mlflow
 
     if settings.tracking_uri.startswith("sqlite:///"):
         settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
         settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    elif settings.tracking_uri == settings.mlflow_url:
+        os.environ.update(settings.mlflow_credentials())
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
 
@@ -185,7 +191,7 @@ def load_model(version: str, settings: Settings):
 def run_url(run_id: str, settings: Settings, experiment_id: str | None = None) -> str:
     """Where a run's page is in the MLflow UI that ``medops up`` starts (the task logs print it)."""
     experiment_id = experiment_id or client(settings).get_run(run_id).info.experiment_id
-    return f"http://{settings.host}:{settings.mlflow_port}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{settings.mlflow_url}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def code_version() -> str:

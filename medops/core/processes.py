@@ -5,8 +5,8 @@ with its output appended to a log under ``MEDOPS_HOME/run/``. It is remembered b
 in the same folder: its pid and the kernel's start time of that pid, so that a pid the kernel
 recycled after a crash is never signalled.
 
-Stopping sends SIGTERM to the process's group (``airflow standalone`` leaves its components in
-it, and they stop together) and waits for the process and every descendant it had when the
+Stopping sends SIGTERM to the process's group (an Airflow component leaves its task processes
+in it, and they stop together) and waits for the process and every descendant it had when the
 signal went out. Descendants in sessions of their own, such as the workers of a circus arbiter
 (``bentoml serve``), are out of reach of a group signal: their parent stops them, and whatever
 outlives it is terminated, then killed, one by one by pid. So nothing keeps running after
@@ -136,13 +136,14 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None, *, servic
     ``MEDOPS_*`` (they win over what this process inherited), the stores under ``MEDOPS_HOME`` that
     tools find through variables of their own, and the platform marker :func:`strays` looks for.
 
-    ``service_keys=False`` leaves the service's bearer keys out, for the processes that never serve
-    or call the service (the MLflow and Evidently UIs): a key is only where it is needed."""
+    ``service_keys=False`` leaves the service's bearer keys and MLflow's login out, for the processes
+    that call neither (the MLflow and Evidently UIs): a key is only where it is needed."""
     fields = {f"MEDOPS_{name.upper()}" for name in type(settings).model_fields}
     env = {key: value for key, value in os.environ.items() if key not in fields}
     env.update(settings_env(settings))
     if not service_keys:
-        env.pop("MEDOPS_API_KEYS", None)
+        for name in ("MEDOPS_API_KEYS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            env.pop(name, None)
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
     env[PLATFORM_MARKER] = str(settings.home)
     env["BENTOML_HOME"] = str(settings.bentoml_home)  # BentoML reads its store's place once per process

@@ -20,6 +20,7 @@ from medops.core.files import write_atomically
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 MODEL_NAME = "breast_cancer_diagnosis"
+MLFLOW_ADMIN_PASSWORD = "mlflow_admin_password"  # a secret's name under MEDOPS_HOME/secrets
 
 
 class Settings(BaseSettings):
@@ -58,7 +59,7 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = None
     profile: Literal["standalone", "cluster"] = Field(
         default="standalone",
-        description="standalone: airflow standalone on SQLite; cluster: PostgreSQL, Celery workers, servers.",
+        description="standalone: Airflow on SQLite (LocalExecutor); cluster: PostgreSQL, Celery workers, servers.",
     )
     cluster_workers: int = Field(default=2, ge=1, description="Celery workers of the cluster profile.")
     postgres_url: str = Field(
@@ -217,8 +218,18 @@ class Settings(BaseSettings):
         return self.home / "airflow"
 
     @property
+    def airflow_passwords_file(self) -> Path:
+        """Airflow's simple auth manager reads its users' passwords here (medops writes it, 0600)."""
+        return self.airflow_home / "simple_auth_manager_passwords.json"
+
+    @property
     def mlflow_dir(self) -> Path:
         return self.home / "mlflow"
+
+    @property
+    def mlflow_url(self) -> str:
+        """medops' own MLflow server: the UI (standalone) or the tracking server (cluster), behind basic auth."""
+        return f"http://{self.host}:{self.mlflow_port}"
 
     @property
     def tracking_uri(self) -> str:
@@ -226,7 +237,7 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         if self.profile == "cluster":
-            return f"http://{self.host}:{self.mlflow_port}"
+            return self.mlflow_url
         return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
 
     @property
@@ -297,6 +308,10 @@ class Settings(BaseSettings):
     def evidently_secret(self) -> str:
         """What the Evidently UI asks of a write through its API (reading stays open on loopback)."""
         return self._secret("evidently_secret")
+
+    def mlflow_credentials(self) -> dict[str, str]:
+        """MLflow's admin on medops' own server, as the variables MLflow's client reads them from."""
+        return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self._secret(MLFLOW_ADMIN_PASSWORD)}
 
     def service_api_keys(self) -> list[str]:
         """Bearer keys the service accepts: ``MEDOPS_API_KEYS`` or a key generated on first run."""
