@@ -112,7 +112,14 @@ def deploy_model():
         except DeployFailed as error:
             note_run("deploy_model", get_current_context()["run_id"], rollout_note(version, error, settings), settings)
             raise
-        print(f"model version {result.version} serving on {result.url} ({result.switch}; was {result.previous})")
+        from medops.app.run_notes import summary
+        from medops.core.links import mlflow_model_version
+
+        summary(
+            f"model version {result.version} serving ({result.switch}, {result.seconds:.1f} s; was {result.previous})",
+            {"service": result.url, "model version": mlflow_model_version(settings, settings.model_name, version)},
+            "monitor_drift watches what the service receives",
+        )
         return result.to_dict()
 
     version = choose_version()

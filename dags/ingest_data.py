@@ -61,10 +61,17 @@ def ingest_data():
         actor = actor_of(context)
         init_registry(settings, actor=actor)
         results = ingest_landing(settings, site_id=context["params"].get("site_id") or None, actor=actor)
+        from medops.app.run_notes import summary
+
         for result in results:
             print(result.summary())
-        if not results:
-            print("no files waiting in the landing folder")
+        versions = [result.version for result in results if result.version]
+        summary(
+            f"{len(results)} landed file(s): {sum(r.accepted for r in results)} rows accepted, "
+            f"{sum(r.quarantined for r in results)} quarantined, new version(s): {', '.join(versions) or 'none'}",
+            {"quarantine": str(settings.quarantine_dir) if any(r.quarantined for r in results) else None},
+            "publish announces the new version on medops/data; train_model trains on it" if versions else None,
+        )
         return [result.to_dict() for result in results]
 
     @task(outlets=[DATA])
@@ -83,6 +90,10 @@ def ingest_data():
             raise AirflowSkipException("no new data version to announce")
         info = describe_version(versions[-1], settings)
         context["outlet_events"][DATA].extra = {"data_version": info.tag, "dvc_md5": info.dvc_md5, "rows": info.rows}
+        from medops.app.run_notes import summary
+
+        summary(f"announced {info.tag} ({info.rows} rows, DVC md5 {info.dvc_md5}) on medops/data",
+                {"versions": "medops status / Airflow → Assets → medops/data"}, "train_model runs on it")  # fmt: skip
         return info.tag
 
     publish(ingest_landed())

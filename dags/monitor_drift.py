@@ -71,8 +71,13 @@ def monitor_drift():
         print(f"verdict: {result.verdict}{severity} ({result.n_current} rows) {result.note}".strip())
         for signal in result.signals:
             print(f"  {signal['scope']}: {signal['text']}")
-        if result.report:
-            print(f"report: {result.report_url or result.report}")
+        from medops.app.run_notes import summary
+
+        summary(
+            f"verdict {result.verdict}{severity} on {result.n_current} predictions",
+            {"report": result.report_url or result.report},
+            "alert_on_call tells on-call people; retraining via medops/drift" if result.retrain else None,
+        )
         return result.to_dict()
 
     @task
@@ -88,6 +93,9 @@ def monitor_drift():
         settings, context = get_settings(), get_current_context()
         outcome = alert_for_result(result, settings) if context["params"].get("alert", True) else None
         note_run("monitor_drift", context["run_id"], monitoring_note(result, outcome, settings), settings)
+        from medops.app.run_notes import alert_delivery, summary
+
+        summary(f"alert: {alert_delivery(outcome)}", {"outbox": (outcome or {}).get("outbox")})
         failed = [name for name, state in (outcome or {}).get("channels", {}).items() if state.startswith("failed")]
         if outcome and outcome.get("outbox") and failed:
             raise AirflowFailException(f"alert not delivered ({', '.join(failed)} failed); kept in {outcome['outbox']}")

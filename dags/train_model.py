@@ -216,6 +216,17 @@ def train_model():
         print(f"model version {result.model_version} ({result.family}): {result.metrics}")
         print(f"MLflow run (figures, gate/decision.json, model_card/model_card.html): {url}")
         print(f"gate {'passed' if result.gate.passed else 'failed'}:\n" + "\n".join(result.gate.reasons))
+        from medops.app.run_notes import summary
+        from medops.core.links import mlflow_model_version
+
+        outcome = "passed" if result.gate.passed else "REFUSED: @champion unchanged"
+        summary(
+            f"model version {result.model_version} ({result.family}) registered as @challenger; gate {outcome}",
+            {"MLflow run": url, "version": mlflow_model_version(settings, settings.model_name, result.model_version)},
+            ("a person approves in Required actions, then promote" if planned["needs_approval"] else "promote")
+            if result.gate.passed
+            else "retrain on more data or review the gate's reasons above",
+        )
         return {
             "model_version": result.model_version,
             "mlflow_run_id": mlflow_run_id,
@@ -275,6 +286,10 @@ def train_model():
 
         note = training_note(result | {"promoted": True, "approved_by": approved_by}, settings)
         note_run("train_model", context["run_id"], note, settings)
+        from medops.app.run_notes import summary
+
+        summary(f"@champion → model version {result['model_version']}", {"MLflow run": result["run_url"]},
+                "deploy_model rolls it out (Asset medops/champion)")  # fmt: skip
         return result["model_version"]
 
     planned = plan()

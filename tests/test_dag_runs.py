@@ -125,12 +125,17 @@ def _data_events(run) -> list[dict]:
         return [dict(event.extra or {}) for event in events]
 
 
-def test_train_model_dag_stops_at_the_gate(airflow_db, registry_home: Settings):
+def test_train_model_dag_stops_at_the_gate(airflow_db, registry_home: Settings, capfd):
     # a stricter floor than the protocol's needs no approval; the lower bound of ROC AUC (0.9988) misses it
     run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "roc_auc_lower": 0.9999})
     states = _states(run)
     assert states["fit"] == states["log_run"] == states["register"] == "success" and states["promote"] == "skipped"
     assert model_registry.champion_version(registry_home) is None
+    # register's log ends with what it did, where to look and what to do next
+    out = capfd.readouterr().out
+    summary = out[out.index("── summary: model version 1") :]
+    assert "gate REFUSED" in summary and "MLflow run: http://" in summary and "/models/" in summary
+    assert "next: retrain on more data" in summary
 
 
 def test_a_data_version_retraining_made_is_an_asset_event_naming_its_run(airflow_db, registry_home, monkeypatch):

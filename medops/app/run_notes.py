@@ -38,6 +38,18 @@ def note_run(dag_id: str, run_id: str, markdown: str, settings: Settings) -> boo
     return True
 
 
+def summary(did: str, look: dict[str, str | None] | None = None, next_step: str | None = None) -> None:
+    """The last lines of a task log: what the task did, where to look and what happens next.
+
+    Printed, so Airflow's log view shows them at the end of the task's log as one block.
+    """
+    lines = [f"── summary: {did}"]
+    lines += [f"   {label}: {where}" for label, where in (look or {}).items() if where]
+    if next_step:
+        lines.append(f"   next: {next_step}")
+    print("\n".join(lines))
+
+
 def monitoring_note(result: dict, alert: dict | None, settings: Settings) -> str:
     """monitor_drift's outcome: verdict, where the alert went and the report first (what on-call
     people look for, and what the UI's note editor shows without scrolling), then the figures."""
