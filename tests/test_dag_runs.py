@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -91,9 +92,14 @@ def test_a_fresh_task_process_logs_no_skops_warning_and_mlflow_output_as_info(ai
         "dag = DagBag(dag_folder='dags/train_model.py').dags['train_model']\n"
         "print('run state:', dag.test(run_conf={'families': ['logistic_regression']}).state)\n"
     )
+    from airflow.configuration import conf
+
+    # The session's metadata DB holds values encrypted with this process's Fernet key.
+    env = {**os.environ, "AIRFLOW__CORE__FERNET_KEY": conf.get("core", "fernet_key")}
     done = subprocess.run(
         [sys.executable, "-W", "default", "-c", script],
         cwd=REPO_ROOT,
+        env=env,
         capture_output=True,
         text=True,
         check=False,
