@@ -196,7 +196,7 @@ def detect_drift(
     ``timestamp`` (the window's end) dates the Evidently snapshots; ``report=False`` skips them.
     ``judged`` (a :class:`monitoring.judge.WindowVerdict`) puts the judge's verdict, severity and
     fired signals in the drift report's metadata and tags, so the report says what the alert says;
-    ``metadata`` (the model and data versions) goes in the report's metadata too.
+    ``metadata`` (the model and data versions) goes in both reports' metadata.
     """
     if reference.empty:
         raise ValueError("the reference frame is empty: nothing to compare the prediction log with")
@@ -255,7 +255,7 @@ def detect_drift(
             sample, reference, columns, with_prediction, result, timestamp, judged, metadata
         )
         if labelled is not None and len(labelled):
-            result.performance_snapshot = _performance_snapshot(labelled, timestamp)
+            result.performance_snapshot = _performance_snapshot(labelled, timestamp, metadata)
     return result
 
 
@@ -596,7 +596,9 @@ def _drift_snapshot(
     )
 
 
-def _performance_snapshot(labelled: pd.DataFrame, timestamp: datetime | None) -> Snapshot:
+def _performance_snapshot(
+    labelled: pd.DataFrame, timestamp: datetime | None, metadata: Mapping[str, str] | None = None
+) -> Snapshot:
     from evidently import BinaryClassification, DataDefinition, Dataset, Report
     from evidently.presets import ClassificationPreset
 
@@ -607,6 +609,6 @@ def _performance_snapshot(labelled: pd.DataFrame, timestamp: datetime | None) ->
         categorical_columns=[LABEL, PREDICTED_LABEL],
     )
     frame = labelled[[LABEL, PREDICTED_LABEL]].reset_index(drop=True)
-    return Report([ClassificationPreset()], tags=["performance"]).run(
+    return Report([ClassificationPreset()], metadata=dict(metadata or {}), tags=["performance"]).run(
         Dataset.from_pandas(frame, data_definition=definition), None, timestamp=timestamp
     )

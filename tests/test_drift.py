@@ -182,7 +182,12 @@ def test_prediction_drift_and_performance_from_feedback(reference, medops_home):
     )
     current = current.drop(columns=[LABEL])  # the log has no true label; feedback brings it
     found = detect_drift(
-        current, reference, medops_home, reference_probabilities=reference_probabilities, feedback=feedback
+        current,
+        reference,
+        medops_home,
+        reference_probabilities=reference_probabilities,
+        feedback=feedback,
+        metadata={"model_version": "7"},
     )
     assert found.prediction_drift is not None and found.prediction_drift.drifted
     assert PROBABILITY not in found.columns  # prediction drift is reported apart from the feature share
@@ -195,6 +200,7 @@ def test_prediction_drift_and_performance_from_feedback(reference, medops_home):
         name: value for name, value in expected.items() if name != "n"
     }
     assert found.drift_snapshot is not None and found.performance_snapshot is not None
+    assert found.performance_snapshot.to_snapshot_model().metadata["model_version"] == "7"
     summary = json.dumps(found.summary())
     drift_json = found.drift_snapshot.json() + found.performance_snapshot.json()
     for encounter in current["encounter_hash"].iloc[:20]:  # no patient identifier reaches a report
