@@ -47,6 +47,23 @@ ORPHAN_GRACE_SECONDS = 2.0  # how long descendants may outlive the process that 
 KILL_GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL for processes signalled one by one
 
 
+# Test-only fault injection (tests/test_ingest_crashes.py, tests/test_rollout_crashes.py): a process
+# whose environment names a step in MEDOPS_TEST_CRASH_AT ends at once when it reaches that step.
+# Never set in production.
+CRASH_AT_VARIABLE = "MEDOPS_TEST_CRASH_AT"
+CRASH_EXIT_CODE = 86
+
+
+def crash_point(step: str) -> None:
+    """End the process on the spot at ``step`` if ``MEDOPS_TEST_CRASH_AT`` names it (tests only).
+
+    ``os._exit`` skips every ``finally`` block, ``except`` clause and exit handler, as a power cut
+    or a ``kill -9`` does: the fault-injection tests see exactly what a real crash leaves behind.
+    """
+    if os.environ.get(CRASH_AT_VARIABLE) == step:
+        os._exit(CRASH_EXIT_CODE)
+
+
 # Waiting ----------------------------------------------------------------------------------------------
 def poll_until(check: Callable[[], T], timeout: float, interval: float) -> T:
     """Call ``check`` every ``interval`` seconds until it returns something truthy or ``timeout``

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     max_records: int = 1000
     max_body_bytes: int = 2 * 1024 * 1024
     serving_workers: int = 1
+    prediction_log_durable: bool = Field(
+        default=True,
+        description="A /predict answer waits for the fsync of its prediction-log row. False exists only as "
+        "make bench's baseline for what that wait costs: answers could then be lost in a crash (never in production).",
+    )
 
     # Per API key and per serving worker process (a server with N workers admits up to N times
     # these); 0 switches a limit off. /explain has its own, stricter, limits.
