@@ -3,11 +3,11 @@
 Each section runs in its own child process (``python -m bench --section NAME``), so a section's
 imports, memory and module state never leak into another's figures, and a section that fails or
 runs out of time is reported as such while the others still run. A section stops whatever it
-started (servers, ``airflow standalone``) in ``finally`` blocks; on a timeout the runner sends
+started (servers, Airflow) in ``finally`` blocks; on a timeout the runner sends
 SIGTERM first (the section cleans up), then SIGKILL.
 
 ``--quick`` is the harness check CI runs (``tests/test_bench_smoke.py``): tiny sizes, short
-durations, one run each, and no loop section unless asked for (it needs ``airflow standalone``).
+durations, one run each, and no loop section unless asked for (it needs Airflow).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Loop latency: a batch landing -> the new champion answering on the serving port, on real Airflow.
 
-Set-up (not measured): a temporary MEDOPS_HOME on free loopback ports, ``airflow standalone``
-started with ``medops.app.platform.start_airflow`` (the platform's own Airflow configuration), and
+Set-up (not measured): a temporary MEDOPS_HOME on free loopback ports, Airflow's
+components started with ``medops.app.platform.start_airflow`` (the platform's own Airflow configuration), and
 meanwhile a first champion trained on the seed and served with ``serving.rollout.serve``, so that
 the measured loops are the steady state: a stable server that ``deploy_model`` switches in place.
 
@@ -33,7 +33,7 @@ API_KEY = "bench-loop-key"
 LOOP_DAGS = ("ingest_data", "train_model", "deploy_model")
 GOAL_SECONDS = 90.0
 BATCH_ROWS = 200
-TEARDOWN_SECONDS = 45  # stopping the servers and airflow standalone, kept inside the budget
+TEARDOWN_SECONDS = 45  # stopping the servers and Airflow, kept inside the budget
 # A first champion for the stable server, trained outside Airflow; logistic regression is what the
 # full search picks on the seed (see bench.serving), and it trains in seconds.
 FAMILIES = ["logistic_regression"]
@@ -123,7 +123,7 @@ def _quiet_monitoring(client: Any, timeout: float = 180) -> None:
 def _warm_up(settings: Any, client: Any, timeout: float = 300) -> dict[str, Any]:
     """Land one unusable file (a header, no rows) and wait for its ingest_data run to finish.
 
-    The first file after ``airflow standalone`` starts waits for the triggerer to start the
+    The first file after Airflow starts waits for the triggerer to start the
     landing watcher and for the first task processes (20-30 s more than later loops here); this
     run pays that, so the measured loops are the platform's steady state. The file is quarantined
     whole and announces no data version, so nothing else runs.

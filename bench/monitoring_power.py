@@ -14,6 +14,14 @@ the scenario's change. Each window is judged twice:
   (``tests/test_drift.py``; this section also runs Evidently itself on a few windows and checks
   that the verdicts agree).
 
+Feedback labels accumulate as in production: a scenario's windows form a stream, judged in
+order, and realized performance is judged on the latest ``monitor_label_window`` labelled
+predictions of each site and overall, the window's and those of the stream's earlier windows
+(the change has persisted that long: the first window's history comes from earlier windows of
+the same scenario, up to ``HISTORY_WINDOWS``). A site whose latest labels happen to be poor stays
+so for several windows, so calm false alarms come in runs. Besides the scenarios, shifts of the
+top features by ``SWEEP_FACTORS`` are judged at 200 rows, for the smallest shift caught there.
+
 A scenario counts as caught when the window's verdict is one of the scenario's verdicts
 (``drift``/``performance_drop`` for shifts and prevalence, ``data_quality`` for the wrong unit,
 ``performance_drop`` for the concept shift); any alerting verdict (``drift``, ``performance_drop``,
@@ -28,12 +36,19 @@ strong-drift p-value (half powers of ten) and importance-weighted share (steps o
 no calm window fired, then one step stricter for margin; the material shift kept is the smallest
 at which the column-share rule did not fire on calm windows either (with the most detections at
 200 rows among those). The prediction-drift p-value likewise: one half-decade below the lowest
-calm p-value. The performance signals share the rest of the 1 % budget: the fewest labelled
-malignant cases at which realized sensitivity fired on at most 0.4 % of calm windows, and the
-fewest expected malignant cases at which CBPE fired on at most 0.1 %. The gate's own
-``min_sensitivity`` stays the line both are judged against. ``monitor_top_features`` (5) and
-``monitor_strong_drift_distance`` (for references over 1,000 rows, not generated here) were set
-by hand.
+calm p-value. The joint shift of the top features (Hotelling's T²) may not fire on any calm
+window either: for each least Mahalanobis distance (0.30 to 0.60) the loosest p-value at which
+no calm window fired, one step stricter; kept, the distance catching the most x1.1 windows at
+200 rows, the smallest on ties (larger windows resolve smaller shifts): 0.45 at p 3e-7. The
+performance signals share the rest of the 1 % budget: the smallest label window (100 to 400
+labels) at which realized sensitivity fired on at most 0.4 % of calm windows, among those
+catching the most concept-shift windows at 200 rows (300: 4 of 1,000 calm windows; 200 fired on
+6, 400 on none; all caught every concept-shift window), and the fewest expected malignant cases
+at which CBPE fired on at most 0.1 %. ``monitor_feedback_min_malignant`` (25) was chosen the same
+way while windows were judged on their own labels only; with label history every scope has more.
+The gate's own ``min_sensitivity`` stays the line both are judged against.
+``monitor_top_features`` (5) and ``monitor_strong_drift_distance`` (for references over 1,000
+rows, not generated here) were set by hand.
 """
 
 from __future__ import annotations
@@ -59,6 +74,10 @@ GOAL_ROWS = 200
 GOAL_DETECTION = 0.95
 GOAL_FALSE_ALARMS = 0.01
 EVIDENTLY_CHECKS = (("calm", 200), ("important_x1.5", 200))
+STREAM_LENGTH = 25  # windows judged in order by one worker, labels accumulating
+HISTORY_WINDOWS = 60  # at most this many earlier windows fill the first one's label history
+LABEL_WINDOWS = (100, 200, 300, 400)  # label windows the calibration compares
+SWEEP_FACTORS = (1.125, 1.15, 1.175, 1.2)  # top-feature shifts judged at GOAL_ROWS besides the scenarios'
 
 _STATE: dict[str, Any] = {}
 
@@ -74,25 +93,88 @@ def _start(champion: Any, settings: Any, mode: str) -> None:
     _STATE.update(champion=champion, settings=settings, mode=mode)
 
 
-def _window(task: tuple[str, int, int, int]) -> dict[str, Any]:
-    """Generate one window and judge it (``report`` mode) or collect its raw statistics (``calibrate``)."""
+def _stream(task: tuple[str, int, int, int, int]) -> list[dict[str, Any]]:
+    """Judge windows ``first`` .. ``first + count - 1`` of one scenario's stream, in order.
+
+    Feedback labels accumulate along the stream: each window's realized performance is judged on
+    its labels and those of the windows before it (:func:`_labels_before` fills that history for
+    the first one), as ``run_monitoring`` judges each site's latest labels.
+    """
+    import pandas as pd
+
+    from monitoring.drift import label_predictions
+
+    scenario, rows, first, count, seed = task
+    keep = max(LABEL_WINDOWS) if _STATE["mode"] == "calibrate" else _STATE["settings"].monitor_label_window
+    history = _labels_before(scenario, rows, first, seed, keep)
+    found = []
+    for index in range(first, first + count):
+        window, earlier = _generate(scenario, rows, index, seed)
+        history = _latest(pd.concat([history, label_predictions(window.current, window.feedback)]), keep)
+        found.append(_judge(scenario, rows, window, earlier, history))
+    return found
+
+
+def _generate(scenario: str, rows: int, index: int, seed: int) -> tuple[Any, Any]:
+    """Window ``index`` of a scenario's stream (negative: before the first judged one) and calm traffic
+    from earlier, the refusal baseline."""
     import numpy as np
 
-    from monitoring.judge import assess_window
     from monitoring.scenarios import generate_window
 
-    scenario, rows, index, seed = task
+    key = sum(map(ord, scenario))
+    rng = np.random.default_rng([seed, rows, index, key] if index >= 0 else [seed, rows, key, 1, -index])
+    window = generate_window(_scenario(scenario), rows, _STATE["champion"], rng)
+    return window, generate_window("calm", rows, _STATE["champion"], rng).traffic
+
+
+def _scenario(name: str) -> Any:
+    """A scenario of :mod:`monitoring.scenarios`, or a shift of the top features by another factor (the sweep)."""
+    from dataclasses import replace
+
+    from monitoring.scenarios import SCENARIOS
+
+    if name in SCENARIOS:
+        return SCENARIOS[name]
+    return replace(SCENARIOS["important_x1.1"], name=name, factor=float(name.removeprefix("important_x")))
+
+
+def _latest(labelled: Any, keep: int) -> Any:
+    """The latest ``keep`` labelled predictions of each site (they hold the latest ``keep`` overall too)."""
+    from pipelines.schema import SITE
+
+    return labelled.groupby(SITE, sort=False).tail(keep).reset_index(drop=True)
+
+
+def _labels_before(scenario: str, rows: int, first: int, seed: int, keep: int) -> Any:
+    """The labelled predictions of the stream's windows before ``first``, going back until every
+    site has ``keep`` of them (the scenario has persisted that long) or HISTORY_WINDOWS windows."""
+    import pandas as pd
+
+    from monitoring.drift import label_predictions
+    from pipelines.schema import SITE
+
+    frames: list[Any] = []
+    for index in range(first - 1, first - 1 - HISTORY_WINDOWS, -1):
+        window, _ = _generate(scenario, rows, index, seed)
+        frames.insert(0, label_predictions(window.current, window.feedback))
+        if pd.concat(frames)[SITE].value_counts().min() >= keep:
+            break
+    return _latest(pd.concat(frames, ignore_index=True), keep)
+
+
+def _judge(scenario: str, rows: int, window: Any, earlier: Any, labelled: Any) -> dict[str, Any]:
+    """Judge one window (``report`` mode) or collect its raw statistics (``calibrate``)."""
+    from monitoring.judge import assess_window
+
     champion, settings = _STATE["champion"], _STATE["settings"]
-    rng = np.random.default_rng([seed, rows, index, sum(map(ord, scenario))])
-    window = generate_window(scenario, rows, champion, rng)
-    earlier = generate_window("calm", rows, champion, rng).traffic
     verdict, signals = assess_window(
         window.current,
         champion.reference,
         settings,
         importance=champion.importance,
         estimator=champion.estimator,
-        feedback=window.feedback,
+        labelled=labelled,
         traffic=window.traffic,
         baseline_traffic=earlier,
     )
@@ -100,7 +182,7 @@ def _window(task: tuple[str, int, int, int]) -> dict[str, Any]:
     if _STATE["mode"] == "calibrate":
         scopes = [signals.window, *signals.sites.values()]
         found["scopes"] = [_raw(scope) for scope in scopes if scope.tested]
-        found["realized"] = [_realized(scope) for scope in scopes if scope.get("realized_performance")]
+        found["realized"] = _realized(labelled, window.current, settings)
         return found
     fired = sorted({f"{s.scope}:{s.name}" for scope in [verdict.window, *verdict.sites.values()] for s in scope.fired})
     found.update(
@@ -124,6 +206,8 @@ def _raw(scope: Any) -> dict[str, Any]:
     raw["n_columns"] = 30
     top = scope.get("top_feature_drift")
     raw["top"] = [(d["score"], d["distance"]) for d in top.figures["strongly_drifted"]] if top else []
+    shift = scope.get("top_feature_mean_shift").figures
+    raw["top_shift"] = (shift["p_value"], shift["distance"])
     estimated = scope.get("estimated_performance")
     raw["estimated"] = (
         (
@@ -135,27 +219,43 @@ def _raw(scope: Any) -> dict[str, Any]:
         else None
     )
     return raw
-    return raw
 
 
-def _realized(scope: Any) -> tuple[int, int, float]:
-    """(labelled malignant, missed, Wilson upper bound of sensitivity) of one scope."""
-    figures = scope.get("realized_performance").figures
-    interval = figures.get("sensitivity_interval") or (0.0, 1.0)
-    return figures["tp"] + figures["fn"], figures["fn"], interval[1]
+def _realized(labelled: Any, current: Any, settings: Any) -> dict[str, list[tuple[int, int, float]]]:
+    """Per label window (LABEL_WINDOWS): (labelled malignant, missed, Wilson upper bound of sensitivity)
+    of the latest labels overall and of each site of the window (calibration mode)."""
+    from monitoring.signals import realized_performance_signal
+    from pipelines.schema import SITE
+
+    found: dict[str, list[tuple[int, int, float]]] = {}
+    for keep in LABEL_WINDOWS:
+        scopes = [labelled.tail(keep)]
+        scopes += [labelled[labelled[SITE] == site].tail(keep) for site in current[SITE].unique()]
+        found[str(keep)] = []
+        for rows in scopes:
+            figures = realized_performance_signal(rows, "calibration", settings).figures
+            interval = figures.get("sensitivity_interval") or (0.0, 1.0)
+            found[str(keep)].append((figures["tp"] + figures["fn"], figures["fn"], interval[1]))
+    return found
 
 
-def _judge_all(tasks: list[tuple[str, int, int, int]], champion: Any, settings: Any, mode: str) -> list[dict]:
-    """Judge the windows in two forked worker processes (the machine has two cores)."""
+def _judge_all(windows: list[tuple[str, int, int, int]], champion: Any, settings: Any, mode: str) -> list[dict]:
+    """Judge the (scenario, rows, windows, seed) streams in STREAM_LENGTH pieces, in two forked worker
+    processes (the machine has two cores)."""
     import multiprocessing
 
+    tasks = [
+        (scenario, rows, first, min(STREAM_LENGTH, count - first), seed)
+        for scenario, rows, count, seed in windows
+        for first in range(0, count, STREAM_LENGTH)
+    ]
     workers = max(1, min(2, os.cpu_count() or 1))
     _start(champion, settings, mode)
     if workers == 1:
-        return [_window(task) for task in tasks]
+        return [found for task in tasks for found in _stream(task)]
     context = multiprocessing.get_context("fork")
     with context.Pool(workers) as pool:
-        return pool.map(_window, tasks, chunksize=8)
+        return [found for piece in pool.map(_stream, tasks, chunksize=1) for found in piece]
 
 
 # The section --------------------------------------------------------------------------------------
@@ -180,11 +280,12 @@ def run(quick: bool = False, runs: int = 1) -> SectionResult:
         for name, effect in effects.items()
     }
     tasks = [
-        (name, rows, index, REPORT_SEED)
+        (name, rows, calm_windows if name == "calm" else scenario_windows, REPORT_SEED)
         for rows in sizes
         for name in SCENARIOS
-        for index in range(calm_windows if name == "calm" else scenario_windows)
     ]
+    sweep = [f"important_x{factor:g}" for factor in SWEEP_FACTORS]
+    tasks += [(name, GOAL_ROWS, scenario_windows, REPORT_SEED) for name in sweep if GOAL_ROWS in sizes]
     with threadpool_limits(limits=1):
         results = _judge_all(tasks, champion, settings, "report")
     section.params = {
@@ -201,6 +302,7 @@ def run(quick: bool = False, runs: int = 1) -> SectionResult:
     section.data["effects"] = effects
     section.data["importance_top5"] = sorted(champion.importance.items(), key=lambda item: -item[1])[:5]
     _rows_and_goals(section, results, sizes, moving, effects)
+    _sweep_rows(section, results, [name for name in SCENARIOS if name.startswith("important_")] + sweep)
     section.data["evidently_check"] = _evidently_check(champion, settings, sizes)
     same = all(check["same"] for check in section.data["evidently_check"])
     section.goal(
@@ -295,6 +397,25 @@ def _rows_and_goals(
     section.data["moves_the_champion"] = moving
 
 
+def _sweep_rows(section: SectionResult, results: list[dict], names: list[str]) -> None:
+    """Detection of a shift of the top features at GOAL_ROWS by its factor, and the smallest one caught
+    in at least GOAL_DETECTION of the windows."""
+    found = {}
+    for name in names:
+        judged = [r for r in results if r["scenario"] == name and r["rows"] == GOAL_ROWS]
+        caught = _scenario(name).caught_by
+        if judged:
+            found[_scenario(name).factor] = (sum(r["verdict"] in caught for r in judged), len(judged))
+    for factor, (hits, total) in sorted(found.items()):
+        section.row(f"top features x{factor:g}, {GOAL_ROWS} rows (sweep)", "detection", _rate(hits, total))
+    smallest = next((f for f, (hits, total) in sorted(found.items()) if hits / total >= GOAL_DETECTION), None)
+    section.data["shift_sweep"] = {f"{factor:g}": hits / total for factor, (hits, total) in sorted(found.items())}
+    section.notes.append(
+        f"Smallest shift of the 3 top features caught in >= {GOAL_DETECTION:.0%} of {GOAL_ROWS}-row windows: "
+        + (f"x{smallest:g}" if smallest else f"none up to x{max(found):g}")
+    )
+
+
 def _evidently_check(champion: Any, settings: Any, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
     """Plain Evidently's DataDriftPreset on a few windows: its dataset verdict must equal the fast rule's."""
     import numpy as np
@@ -339,8 +460,8 @@ def _thresholds(settings: Any) -> dict[str, Any]:
 
 
 # Calibration (run by hand; its output chose the defaults in medops.core.settings) ------------------------
-FEEDBACK_MINIMA = (10, 15, 20, 25, 30, 40, 50)
 EXPECTED_MINIMA = (5.0, 10.0, 15.0, 20.0, 30.0, 40.0)
+SHIFT_DISTANCES = (0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 CALIBRATION_SCENARIOS = ("important_x1.1", "important_x1.25", "important_x1.5", "prevalence_80", "concept_shift")
 
 
@@ -361,11 +482,13 @@ def calibrate(
         monitor_strong_drift_p_value=0.05,
         monitor_importance_share=0.0,
         monitor_feedback_min_malignant=1,
+        monitor_top_shift_p_value=1.0,
+        monitor_top_shift_distance=0.0,
         monitor_min_expected_malignant=0.0,
     )
     champion = fit_champion(permissive)
-    tasks = [("calm", rows, index, seed) for rows in SIZES for index in range(calm_windows)]
-    tasks += [(name, GOAL_ROWS, index, seed) for name in CALIBRATION_SCENARIOS for index in range(scenario_windows)]
+    tasks = [("calm", rows, calm_windows, seed) for rows in SIZES]
+    tasks += [(name, GOAL_ROWS, scenario_windows, seed) for name in CALIBRATION_SCENARIOS]
     if raw and os.path.exists(raw):
         with open(raw) as handle:
             found = json.load(handle)
@@ -407,6 +530,17 @@ def calibrate(
                 "feature_signals_catch": caught / len(moving),
             }
         )
+
+    def shift_fires(window: dict, p: float, distance: float) -> bool:
+        return any(q <= p and d >= distance for q, d in (scope["top_shift"] for scope in window["scopes"]))
+
+    shifts = []
+    for distance in SHIFT_DISTANCES:
+        clean = next((p for p in p_grid if not any(shift_fires(w, p, distance) for w in calm)), p_grid[-1])
+        strict = p_grid[min(p_grid.index(clean) + 1, len(p_grid) - 1)]
+        caught = [w for w in moving if w["scenario"] == "important_x1.1" and shift_fires(w, strict, distance)]
+        shifts.append({"distance": distance, "p_value": strict, "x1.1_caught": len(caught)})
+    top_shift = max(shifts, key=lambda c: (c["x1.1_caught"], -c["distance"]))  # ties: larger windows see more
     prediction_p = [
         w_scope["prediction_p"] for w in calm for w_scope in w["scopes"] if w_scope["prediction_p"] is not None
     ]
@@ -415,8 +549,10 @@ def calibrate(
     prediction = p_grid[min(p_grid.index(loosest) + 1, len(p_grid) - 1)]
     gate = permissive.min_sensitivity
 
-    def realized_alarms(windows: list[dict], least: int) -> int:
-        return sum(any(n >= least and upper < gate for n, _, upper in w["realized"]) for w in windows)
+    least = _settings().monitor_feedback_min_malignant
+
+    def realized_alarms(windows: list[dict], keep: int) -> int:
+        return sum(any(n >= least and upper < gate for n, _, upper in w["realized"][str(keep)]) for w in windows)
 
     def estimated_alarms(windows: list[dict], least: float) -> int:
         return sum(
@@ -429,7 +565,10 @@ def calibrate(
     concept = [w for w in shifted if w["scenario"] == "concept_shift"]
     # The performance signals share what is left of the 1 % budget: 0.4 % for realized, 0.1 % for CBPE.
     budget = len(calm)
-    feedback_min = next((n for n in FEEDBACK_MINIMA if realized_alarms(calm, n) <= 0.004 * budget), FEEDBACK_MINIMA[-1])
+    label_window = min(
+        (keep for keep in LABEL_WINDOWS if realized_alarms(calm, keep) <= 0.004 * budget),
+        key=lambda keep: (-realized_alarms(concept, keep), keep),
+    )
     expected_min = next(
         (n for n in EXPECTED_MINIMA if estimated_alarms(calm, n) <= 0.001 * budget), EXPECTED_MINIMA[-1]
     )
@@ -441,9 +580,13 @@ def calibrate(
         "lowest_calm_prediction_p": lowest,
         "candidates": choices,
         "chosen": best,
-        "feedback_min_malignant": feedback_min,
-        "calm_realized_alarms_by_min": {n: realized_alarms(calm, n) for n in FEEDBACK_MINIMA},
-        "concept_caught_by_min": {n: realized_alarms(concept, n) / max(len(concept), 1) for n in FEEDBACK_MINIMA},
+        "top_shift_candidates": shifts,
+        "top_shift_chosen": top_shift,
+        "label_window": label_window,
+        "calm_realized_alarms_by_label_window": {keep: realized_alarms(calm, keep) for keep in LABEL_WINDOWS},
+        "concept_caught_by_label_window": {
+            keep: realized_alarms(concept, keep) / max(len(concept), 1) for keep in LABEL_WINDOWS
+        },
         "min_expected_malignant": expected_min,
         "calm_estimated_alarms_by_min": {n: estimated_alarms(calm, n) for n in EXPECTED_MINIMA},
     }

@@ -7,6 +7,11 @@ Three servers on loopback, one worker process each, all running for the whole se
 - ``fastapi``: :mod:`bench.apps.fastapi_baseline` under uvicorn (the same MLflow model version);
 - ``ceiling``: :mod:`bench.apps.raw_asgi` under uvicorn, a constant answer.
 
+Then the cost of durable-before-answer logging: the same Bento served a second time with
+``MEDOPS_PREDICTION_LOG_DURABLE=false`` (answers leave before their prediction-log rows are fsynced;
+a baseline only, never a production setting), both measured at :data:`DURABILITY_CONNECTIONS`
+connections with 1-record bodies, in alternating rounds; p50/p99 of each and their ratio.
+
 Load comes from another process (wrk, or :mod:`bench.load` without it) at a fixed concurrency,
 with 1-record and 100-record bodies. Each measurement runs ``seconds``; rounds are interleaved
 (every round measures every server and body, the server order rotating) so that the machine's
@@ -51,6 +56,8 @@ TARGETS = ("medops", "fastapi", "ceiling")
 # The training benchmarks use: the full search (three families) picks logistic regression on the
 # seed data; training only that family gives the same model in a fraction of the time.
 FAMILIES = ["logistic_regression"]
+DURABILITY_CONNECTIONS = 8
+DURABILITY_REQUESTS = 400  # per round with the Python load generator (wrk runs for a time instead)
 
 
 def _uvicorn(module: str, port: int, log: Path, env: dict[str, str]):
@@ -167,6 +174,7 @@ def run(quick: bool = False, runs: int = 3, profile: bool = False) -> SectionRes
                         measured[f"{target}/{n}"].append(load(target, n, seconds))
             section.data["runs"] = measured
             section.data["prediction_log_rows"] = _log_rows(settings)
+            durability = _durability_cost(settings, record, body_files[1], wrk, headers, runs, quick)
         finally:
             try:
                 rollout.stop_serving(settings)
@@ -176,9 +184,82 @@ def run(quick: bool = False, runs: int = 3, profile: bool = False) -> SectionRes
         summary = _summarise(measured, bodies)
         section.data["medians"] = summary
         _rows_and_goals(section, summary, bodies, tool)
+        _durability_rows(section, durability)
         if profile and not all(goal.met for goal in section.goals):
             section.data["profile"] = profile_service(settings, version, body_files, wrk, connections)
     return section
+
+
+def _durability_cost(
+    settings: Any, record: Any, body_file: Path, wrk: str | None, headers: dict[str, str], runs: int, quick: bool
+) -> dict[str, Any]:
+    """/predict latency of the served champion vs the same Bento answering before its log fsync."""
+    from serving import processes
+
+    unsynced = settings.model_copy(update={"prediction_log_durable": False})
+    baseline = processes.start_server(
+        unsynced, bento=record.bento, model_version=record.model_version, port=free_port(), role="bench-no-fsync"
+    )
+    try:
+        processes.wait_ready(baseline, timeout=120)
+        urls = {"durable": f"{record.url}/predict", "no_fsync": f"{baseline.url}/predict"}
+
+        def load(url: str, seconds: float, requests: int) -> dict[str, Any]:
+            if wrk:
+                result = run_wrk(
+                    wrk, url, body_file, connections=DURABILITY_CONNECTIONS, seconds=seconds, headers=headers
+                )
+            else:
+                result = run_python(
+                    url,
+                    body_file,
+                    connections=DURABILITY_CONNECTIONS,
+                    seconds=seconds * 10,
+                    headers=headers,
+                    max_requests=requests,
+                )
+            return result.to_dict()
+
+        requests = DURABILITY_REQUESTS // (4 if quick else 1)
+        for url in urls.values():
+            load(url, 1.0, requests // 4)  # warm-up
+        measured: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+        for round_ in range(runs):
+            for name in sorted(urls, reverse=bool(round_ % 2)):
+                measured[name].append(load(urls[name], 1.0 if quick else 2.0, requests))
+    finally:
+        processes.stop_server(baseline, settings)
+    return {
+        name: {
+            "p50_ms": median([r["p50_ms"] for r in rounds]),
+            "p99_ms": median([r["p99_ms"] for r in rounds]),
+            "errors": sum(r["errors"] for r in rounds),
+            "requests": sum(r["requests"] for r in rounds),
+        }
+        for name, rounds in measured.items()
+    }
+
+
+def _durability_rows(section: SectionResult, durability: dict[str, Any]) -> None:
+    durable, unsynced = durability["durable"], durability["no_fsync"]
+    section.data["durability"] = durability | {"connections": DURABILITY_CONNECTIONS}
+    case = f"/predict, 1 record, {DURABILITY_CONNECTIONS} conns"
+    for metric in ("p50", "p99"):
+        section.row(
+            case,
+            f"{metric} with fsync before answer",
+            fmt(durable[f"{metric}_ms"], " ms"),
+            fmt(unsynced[f"{metric}_ms"], " ms"),
+            ratio(durable[f"{metric}_ms"], unsynced[f"{metric}_ms"]),
+            "no fsync wait",
+            lower_is_better=True,
+        )
+    errors = (str(durable["errors"]), str(unsynced["errors"]))
+    section.row(case, "errors", *errors, None, "no fsync wait", "0", durable["errors"] == 0)
+    section.notes.append(
+        "durable-before-answer cost: the same Bento with MEDOPS_PREDICTION_LOG_DURABLE=false (answers before "
+        "the log fsync; a baseline only), medians of alternating rounds"
+    )
 
 
 def _log_rows(settings: Any) -> int:

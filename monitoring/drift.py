@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -181,6 +181,7 @@ def detect_drift(
     report_rows: int = REPORT_ROWS,
     timestamp: datetime | None = None,
     judged: Any | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> DriftResult:
     """Compare a prediction-log window (``current``) with the champion's training rows (``reference``).
 
@@ -194,7 +195,8 @@ def detect_drift(
     Each site with at least ``drift_min_rows`` rows gets its own verdict the same way.
     ``timestamp`` (the window's end) dates the Evidently snapshots; ``report=False`` skips them.
     ``judged`` (a :class:`monitoring.judge.WindowVerdict`) puts the judge's verdict, severity and
-    fired signals in the drift report's metadata and tags, so the report says what the alert says.
+    fired signals in the drift report's metadata and tags, so the report says what the alert says;
+    ``metadata`` (the model and data versions) goes in both reports' metadata.
     """
     if reference.empty:
         raise ValueError("the reference frame is empty: nothing to compare the prediction log with")
@@ -249,9 +251,11 @@ def detect_drift(
     if report:
         result.report_rows = min(n_current, report_rows)
         sample = _report_sample(current, sites, report_rows, settings.seed)
-        result.drift_snapshot = _drift_snapshot(sample, reference, columns, with_prediction, result, timestamp, judged)
+        result.drift_snapshot = _drift_snapshot(
+            sample, reference, columns, with_prediction, result, timestamp, judged, metadata
+        )
         if labelled is not None and len(labelled):
-            result.performance_snapshot = _performance_snapshot(labelled, timestamp)
+            result.performance_snapshot = _performance_snapshot(labelled, timestamp, metadata)
     return result
 
 
@@ -539,6 +543,7 @@ def _drift_snapshot(
     result: DriftResult,
     timestamp: datetime | None,
     judged: Any | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> Snapshot:
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
@@ -548,9 +553,15 @@ def _drift_snapshot(
     with_prediction = with_prediction and bool(sample[PROBABILITY].notna().any())
     numeric = columns + ([PROBABILITY] if with_prediction else [])
     definition = DataDefinition(numerical_columns=numeric)
-    metrics: list[Any] = [DataDriftPreset(columns=columns, drift_share=result.share_threshold)]
-    if with_prediction:
-        metrics.append(ValueDrift(column=PROBABILITY))
+    # Evidently's drift table sorts by score, highest first: with KS p-values that puts the stable
+    # columns on top. So the drifted columns come first, each on its own, most drifted first.
+    drifted = sorted(
+        (result.columns[name] for name in result.drifted_columns),
+        key=lambda found: found.score if found.test == "ks" else -found.score,
+    )
+    metrics: list[Any] = [ValueDrift(column=PROBABILITY)] if with_prediction else []
+    metrics += [ValueDrift(column=found.column) for found in drifted]
+    metrics.append(DataDriftPreset(columns=columns, drift_share=result.share_threshold))
     verdict = str(judged.verdict) if judged is not None else str(result.verdict)
     metadata = {
         "verdict": verdict,
@@ -562,6 +573,7 @@ def _drift_snapshot(
             "Verdict and per-column tests in summary.json use every row of the window; "
             f"this report uses {len(sample)} of {result.n_current} rows (seeded, stratified by site)."
         ),
+        **(extra or {}),
     }
     tags = ["drift", verdict]
     if judged is not None:
@@ -584,7 +596,9 @@ def _drift_snapshot(
     )
 
 
-def _performance_snapshot(labelled: pd.DataFrame, timestamp: datetime | None) -> Snapshot:
+def _performance_snapshot(
+    labelled: pd.DataFrame, timestamp: datetime | None, metadata: Mapping[str, str] | None = None
+) -> Snapshot:
     from evidently import BinaryClassification, DataDefinition, Dataset, Report
     from evidently.presets import ClassificationPreset
 
@@ -595,6 +609,6 @@ def _performance_snapshot(labelled: pd.DataFrame, timestamp: datetime | None) ->
         categorical_columns=[LABEL, PREDICTED_LABEL],
     )
     frame = labelled[[LABEL, PREDICTED_LABEL]].reset_index(drop=True)
-    return Report([ClassificationPreset()], tags=["performance"]).run(
+    return Report([ClassificationPreset()], metadata=dict(metadata or {}), tags=["performance"]).run(
         Dataset.from_pandas(frame, data_definition=definition), None, timestamp=timestamp
     )

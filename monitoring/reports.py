@@ -6,8 +6,10 @@ version, runs :func:`monitoring.drift.detect_drift`, and writes the result three
 
 - ``MEDOPS_HOME/reports/<timestamp>/``: ``drift.html``/``drift.json`` (Evidently), the same for
   ``performance`` when feedback labels exist, and ``summary.json`` (the verdict and every test);
-- the Evidently workspace (``MEDOPS_HOME/evidently``), one project per registered model, shown by
-  ``evidently ui --workspace MEDOPS_HOME/evidently --port MEDOPS_EVIDENTLY_PORT``;
+- the Evidently workspace (``MEDOPS_HOME/evidently``), one project per registered model whose
+  dashboard (:mod:`monitoring.dashboard`) charts each window's verdict, its signals against their
+  thresholds, sensitivity and each site, shown by ``evidently ui --workspace MEDOPS_HOME/evidently
+  --port MEDOPS_EVIDENTLY_PORT``; every report names the model version, its data version and MLflow page;
 - the champion version's MLflow run, as artifacts under ``monitoring/<timestamp>/`` (one click
   from the model's registry page), plus ``monitoring_*`` tags on the model version.
 
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
     from medops.core.settings import Settings
     from monitoring.estimation import PerformanceEstimator
-    from monitoring.judge import WindowVerdict
+    from monitoring.judge import ScopeVerdict, WindowVerdict
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +193,21 @@ def run_monitoring(
         baseline_traffic=state.get("traffic") or None,
     )
     judged = judge_window(signals)
-    found = detect_drift(current, reference.frame, settings, feedback=feedback, timestamp=now, judged=judged)
+    versions = report_metadata(settings, reference)
+    found = detect_drift(
+        current, reference.frame, settings, feedback=feedback, timestamp=now, judged=judged, metadata=versions
+    )
     result = _result(found, judged, reference, window)
 
     stamp = now.strftime(STAMP_FORMAT)
-    verdict = verdict_snapshot(result, judged, now)
+    verdict = verdict_snapshot(judged, settings, now, versions)
     files = write_reports(
         found, settings, stamp=stamp, context=result.to_dict(), judged=judged, verdict_snapshot=verdict
     )
     result.report_dir, result.report = str(files.directory), str(files.drift_html or files.summary)
     result.report_url = files.drift_html.as_uri() if files.drift_html else None
-    project_id, snapshots = add_to_workspace(found, settings, name=f"{stamp} v{champion}", verdict_snapshot=verdict)
+    kinds = [("drift", found.drift_snapshot), ("performance", found.performance_snapshot), ("verdict", verdict)]
+    project_id, snapshots = add_to_workspace(settings, kinds, name=f"{stamp} v{champion}", sites=list(judged.sites))
     result.workspace_project_id, result.snapshot_ids = project_id, snapshots
     if snapshots:
         result.report_url = evidently_url(settings, project_id, snapshots[0])
@@ -227,14 +233,14 @@ def performance_estimator(reference: Reference, settings: Settings) -> Performan
 
 
 def latest_labels(settings: Settings, feedback: pd.DataFrame, now: datetime, window: pd.DataFrame) -> pd.DataFrame:
-    """The latest ``monitor_feedback_labels_per_site`` labelled predictions of each site, served by any version
-    in the last FEEDBACK_LOOKBACK_DAYS days: labels come back days after the prediction, so a window's
-    own predictions rarely have enough of them for a confident sensitivity."""
+    """Labelled predictions of the last FEEDBACK_LOOKBACK_DAYS days served by any version, the window's
+    included, oldest first: labels come back days after the prediction, so a window's own predictions
+    rarely have enough of them for a confident sensitivity (:func:`monitoring.signals.compute_signals`
+    judges the latest ``monitor_label_window`` of each site and overall)."""
     import pandas as pd
 
     from monitoring.drift import label_predictions
     from pipelines.prediction_log import read_predictions
-    from pipelines.schema import SITE
 
     if feedback.empty:
         return label_predictions(window, feedback)
@@ -243,11 +249,7 @@ def latest_labels(settings: Settings, feedback: pd.DataFrame, now: datetime, win
     earlier = read_predictions(settings, since=since.to_pydatetime())
     earlier = earlier[earlier["logged_at"] < start]
     predictions = pd.concat([earlier, window], ignore_index=True) if len(earlier) else window
-    labelled = label_predictions(predictions, feedback)
-    if SITE not in labelled.columns or labelled.empty:
-        return labelled
-    # label_predictions keeps prediction order, oldest first: the tail of each site is its latest.
-    return labelled.groupby(SITE, sort=False).tail(settings.monitor_feedback_labels_per_site).reset_index(drop=True)
+    return label_predictions(predictions, feedback)
 
 
 def _next_baseline(baseline: dict[str, Any], traffic: dict[str, Any], result: MonitoringResult) -> dict[str, Any]:
@@ -403,133 +405,137 @@ VERDICT_CODES = {
 SEVERITY_CODES = {None: 0, "warning": 1, "critical": 2}
 
 
-def verdict_figures(result: MonitoringResult, judged: WindowVerdict) -> dict[str, float]:
-    """The verdict and the figures behind it as numbers the Evidently dashboard can chart.
+def verdict_figures(judged: WindowVerdict, settings: Settings) -> dict[str, float]:
+    """The verdict, the figures behind it and their thresholds, as numbers the dashboard charts.
 
-    Each becomes ``MeanValue(column=<name>)`` in the ``verdict`` snapshot; a figure that does not
-    exist this window (no labels yet, too few rows) is left out rather than charted as zero.
+    Each becomes ``MeanValue(column=<name>)`` in the ``verdict`` snapshot. Evidently's line plots
+    draw no horizontal line, so each threshold is a figure too (``threshold_*``, and the gate's
+    ``gate_min_sensitivity``), the second series of its panel. Per-site figures are named
+    ``<figure>@<site>``. A figure that does not exist this window (no labels yet, too few rows,
+    a Wasserstein test instead of a p-value) is left out rather than charted as zero.
     """
-    from monitoring.signals import WINDOW
+    from monitoring.dashboard import site_figure
 
-    figures: dict[str, float | None] = {
-        "verdict_code": VERDICT_CODES[Verdict(result.verdict)],
-        "severity_code": SEVERITY_CODES[result.severity],
-        "retrain": float(result.retrain),
-        "gate_min_sensitivity": None,
-        "column_share": result.share,
-    }
-    estimated = result.estimated_performance or {}
-    interval = estimated.get("sensitivity_interval") or (None, None)
-    figures |= {
-        "estimated_sensitivity": estimated.get("sensitivity"),
-        "estimated_sensitivity_low": interval[0],
-        "estimated_sensitivity_high": interval[1],
-        "estimated_specificity": estimated.get("specificity"),
-        "estimated_ppv": estimated.get("ppv"),
-        "gate_min_sensitivity": estimated.get("gate_min_sensitivity"),
-    }
-    realized = result.realized_performance or {}
-    figures |= {
-        "realized_sensitivity": realized.get("sensitivity"),
-        "realized_specificity": realized.get("specificity"),
-        "realized_labelled": realized.get("labelled"),
-    }
-    scopes = {WINDOW: judged.window, **judged.sites}
+    def figure(scope: ScopeVerdict, signal_name: str, key: str) -> Any:
+        signal = next((s for s in scope.signals if s.name == signal_name), None)
+        return signal.figures.get(key) if signal else None
 
-    def figure(signal_name: str, key: str, scope: Any) -> float | None:
-        signal = scope.signals and next((s for s in scope.signals if s.name == signal_name), None)
-        value = signal.figures.get(key) if signal else None
-        return float(value) if isinstance(value, int | float) else None
+    def p_value(scope: ScopeVerdict) -> float | None:
+        ks = figure(scope, "prediction_drift", "test") == "ks"
+        return figure(scope, "prediction_drift", "score") if ks else None
 
-    prediction = judged.window.signals and next(
-        (s for s in judged.window.signals if s.name == "prediction_drift"), None
-    )
-    if prediction and prediction.figures.get("test") == "ks":
-        figures["prediction_drift_p_value"] = prediction.figures.get("score")
-    figures["importance_weighted_share"] = figure("important_feature_drift", "weighted_share", judged.window)
-    site_shares = [figure("important_feature_drift", "weighted_share", scope) for scope in judged.sites.values()]
-    site_sensitivity = [figure("estimated_performance", "sensitivity", scope) for scope in judged.sites.values()]
-    refusal_rates = [figure("refusal_rate", "refusal_rate", scope) for scope in scopes.values()]
-    figures["worst_site_importance_weighted_share"] = max((v for v in site_shares if v is not None), default=None)
-    figures["worst_site_estimated_sensitivity"] = min((v for v in site_sensitivity if v is not None), default=None)
+    window = judged.window
+    low, high = figure(window, "estimated_performance", "sensitivity_interval") or (None, None)
+    figures: dict[str, Any] = {
+        "verdict_code": VERDICT_CODES[judged.verdict],
+        "severity_code": SEVERITY_CODES[judged.severity],
+        "retrain": float(judged.retrain),
+        "sites_alerting": len(judged.alerting_sites),
+        "prediction_drift_p_value": p_value(window),
+        "threshold_prediction_drift_p_value": settings.monitor_prediction_drift_p_value,
+        "importance_weighted_share": figure(window, "important_feature_drift", "weighted_share"),
+        "threshold_importance_share": settings.monitor_importance_share,
+        "column_share": figure(window, "column_share_drift", "share"),
+        "threshold_column_share": settings.drift_share_threshold,
+        "estimated_sensitivity": figure(window, "estimated_performance", "sensitivity"),
+        "estimated_sensitivity_low": low,
+        "estimated_sensitivity_high": high,
+        "estimated_specificity": figure(window, "estimated_performance", "specificity"),
+        "estimated_ppv": figure(window, "estimated_performance", "ppv"),
+        "realized_sensitivity": figure(window, "realized_performance", "sensitivity"),
+        "realized_specificity": figure(window, "realized_performance", "specificity"),
+        "realized_labelled": figure(window, "realized_performance", "labelled"),
+        "gate_min_sensitivity": settings.min_sensitivity,
+        "threshold_refusal_critical_rate": settings.monitor_refusal_critical_rate,
+    }
+    refusal_rates = []
+    for site, scope in judged.sites.items():
+        rate, ceiling = figure(scope, "refusal_rate", "refusal_rate"), figure(scope, "refusal_rate", "baseline_ceiling")
+        refusal_rates.append(rate)
+        figures |= {
+            site_figure("prediction_drift_p_value", site): p_value(scope),
+            site_figure("estimated_sensitivity", site): figure(scope, "estimated_performance", "sensitivity"),
+            site_figure("refusal_rate", site): rate,
+            # A site's refusals fire at its baseline's upper bound plus the jump (monitoring.signals.refusal_signal).
+            site_figure("refusal_rate_threshold", site): None
+            if ceiling is None
+            else ceiling + settings.monitor_refusal_jump,
+        }
     figures["max_site_refusal_rate"] = max((v for v in refusal_rates if v is not None), default=None)
-    figures["sites_alerting"] = float(len(result.sites))
-    return {name: float(value) for name, value in figures.items() if value is not None}
+    return {name: float(value) for name, value in figures.items() if isinstance(value, int | float)}
 
 
-def verdict_snapshot(result: MonitoringResult, judged: WindowVerdict, timestamp: datetime | None) -> Any:
+def verdict_snapshot(
+    judged: WindowVerdict, settings: Settings, timestamp: datetime | None, versions: dict[str, str] | None = None
+) -> Any:
     """An Evidently snapshot of the verdict: its figures as ``MeanValue`` metrics, the fired signals
-    in the metadata, verdict and severity as tags. Built-in metrics only, so the Evidently UI
-    (which does not import medops) can load and chart it."""
+    and the model and data versions in the metadata, verdict and severity as tags. Built-in metrics
+    only, so the Evidently UI (which does not import medops) can load and chart it."""
     import pandas as pd
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import MeanValue
 
-    figures = verdict_figures(result, judged)
-    frame = pd.DataFrame([figures])
+    frame = pd.DataFrame([verdict_figures(judged, settings)])
+    fired = [signal for scope in (judged.window, *judged.sites.values()) for signal in scope.fired]
     metadata = {
-        "verdict": result.verdict,
-        "severity": result.severity or "none",
-        "retrain": str(result.retrain).lower(),
-        "scope": result.scope or "window",
-        "sites": ", ".join(result.sites) or "none",
-        "signals": "; ".join(f"{signal['scope']}: {signal['text']}" for signal in result.signals) or "none fired",
+        "verdict": str(judged.verdict),
+        "severity": str(judged.severity or "none"),
+        "retrain": str(judged.retrain).lower(),
+        "scope": judged.scope,
+        "sites": ", ".join(judged.alerting_sites) or "none",
+        "signals": "; ".join(f"{signal.scope}: {signal.text}" for signal in fired) or "none fired",
+        **(versions or {}),
     }
-    tags = ["verdict", result.verdict, *([result.severity] if result.severity else []), *result.sites]
+    severity = [str(judged.severity)] if judged.severity else []
+    tags = ["verdict", str(judged.verdict), *severity, *judged.alerting_sites]
     definition = DataDefinition(numerical_columns=list(frame.columns))
     return Report([MeanValue(column=name) for name in frame.columns], metadata=metadata, tags=tags).run(
         Dataset.from_pandas(frame, data_definition=definition), None, timestamp=timestamp
     )
 
 
-def workspace_project(workspace: Any, name: str) -> Any:
-    """The workspace's project called ``name``, created (with a drift dashboard) when missing."""
-    found = workspace.search_project(name)
-    if found:
-        return found[0]
-    project = workspace.create_project(name, description=f"Drift and performance of the served model {name}")
-    try:
-        from evidently.sdk.models import PanelMetric
-        from evidently.sdk.panels import line_plot_panel
+def report_metadata(settings: Settings, reference: Reference) -> dict[str, str]:
+    """What every report of a window names: the model version watched, its data version, and its MLflow page."""
+    from medops.core import links
 
-        project.dashboard.add_panel(
-            line_plot_panel(
-                title="Share of drifted feature columns",
-                values=[
-                    PanelMetric(legend="share", metric="DriftedColumnsCount", metric_labels={"value_type": "share"})
-                ],
-            ),
-            tab="Drift",
-        )
-    except Exception as error:  # the reports matter, the chart is a convenience
-        log.warning("could not add the drift dashboard to Evidently project %s: %s", name, error)
-    return project
+    return {
+        "model_version": str(reference.model_version),
+        "data_version": reference.data_version,
+        "model_version_url": links.mlflow_model_version(settings, settings.model_name, reference.model_version),
+    }
 
 
 def add_to_workspace(
-    found: DriftResult, settings: Settings, *, name: str, verdict_snapshot: Any | None = None
+    settings: Settings, snapshots: list[tuple[str, Any]], *, name: str, sites: list[str] | tuple[str, ...] = ()
 ) -> tuple[str | None, list[str]]:
-    """Add the run's snapshots to the Evidently workspace project of ``settings.model_name``.
+    """Add a window's snapshots (``(kind, snapshot)``, None skipped) to the Evidently workspace
+    project of ``settings.model_name``, created when missing, and write its dashboard with a tab
+    for each of ``sites`` and every site seen before (:func:`monitoring.dashboard.save_dashboard`).
 
-    Returns the project id and the snapshot ids, the drift report's first.
+    Returns the project id and the snapshot ids, in the order given.
     """
-    kinds = (
-        ("drift", found.drift_snapshot),
-        ("performance", found.performance_snapshot),
-        ("verdict", verdict_snapshot),
-    )
-    present = [(kind, snapshot) for kind, snapshot in kinds if snapshot is not None]
+    present = [(kind, snapshot) for kind, snapshot in snapshots if snapshot is not None]
     if not present:
         return None, []
     from evidently.ui.workspace import Workspace
 
+    from monitoring.dashboard import save_dashboard
+
     settings.evidently_workspace.mkdir(parents=True, exist_ok=True)
     workspace = Workspace(str(settings.evidently_workspace))
-    project = workspace_project(workspace, settings.model_name)
-    ids = []
-    for kind, snapshot in present:
-        ref = workspace.add_run(project.id, snapshot, include_data=False, name=f"{kind} {name}")
-        ids.append(str(ref.id))
+    found = workspace.search_project(settings.model_name)
+    project = (
+        found[0]
+        if found
+        else workspace.create_project(
+            settings.model_name, description=f"Drift and performance of the served model {settings.model_name}"
+        )
+    )
+    save_dashboard(workspace, project.id, sites)
+    ids = [
+        str(workspace.add_run(project.id, snapshot, include_data=False, name=f"{kind} {name}").id)
+        for kind, snapshot in present
+    ]
     return str(project.id), ids
 
 

@@ -13,13 +13,18 @@ prediction-log window; :mod:`monitoring.judge` turns them into verdicts.
   notices differences far too small to matter, such as those between any two hospitals.
 - ``top_feature_drift``: one of the ``monitor_top_features`` most important features drifted
   strongly (a far smaller p-value than Evidently's 0.05, and a material shift).
+- ``top_feature_mean_shift``: the means of the ``monitor_top_features`` most important features
+  moved together (Hotelling's two-sample T², p-value at or below ``monitor_top_shift_p_value``)
+  by at least ``monitor_top_shift_distance`` (Mahalanobis distance, reference covariance):
+  several small shifts in what the model relies on, none strong alone.
 - ``column_share_drift``: Evidently's dataset rule (share of drifted columns, materially, at
   least ``drift_share_threshold``), kept as a ``warning``: it cannot tell features the model
   relies on from features it ignores.
 - ``estimated_performance``: CBPE (:mod:`monitoring.estimation`); estimated sensitivity below
   the gate's ``min_sensitivity`` is a ``performance_drop`` (``critical`` when confidently below).
-- ``realized_performance``: sensitivity and specificity from ``/feedback`` labels with 95 %
-  Wilson intervals; an upper bound of sensitivity below the gate's minimum is ``critical``.
+- ``realized_performance``: sensitivity and specificity from the latest ``monitor_label_window``
+  labelled predictions (``/feedback``, the window's and earlier ones) with 95 % Wilson
+  intervals; an upper bound of sensitivity below the gate's minimum is ``critical``.
 - ``refusal_rate``: records the service refused (422) per site; a jump above the site's baseline
   is ``data_quality``, naming the fields.
 
@@ -278,6 +283,33 @@ def feature_drift_signals(
     return weighted, top_signal, share_signal
 
 
+def top_feature_mean_shift_signal(
+    current: np.ndarray, reference: np.ndarray, names: Sequence[str], scope: str, settings: Settings
+) -> Signal:
+    """Hotelling's two-sample T² on the means of the most important features (columns ``names`` of
+    ``current`` and ``reference``): a joint shift at least ``monitor_top_shift_distance`` far is drift."""
+    from scipy.stats import f
+
+    n1, n2, k = len(current), len(reference), len(names)
+    shift = current.mean(axis=0) - reference.mean(axis=0)
+    pooled = ((n1 - 1) * np.cov(current, rowvar=False) + (n2 - 1) * np.cov(reference, rowvar=False)) / (n1 + n2 - 2)
+    distance = float(np.sqrt(max(shift @ np.linalg.pinv(np.atleast_2d(pooled)) @ shift, 0.0)))
+    t2 = distance**2 / (1 / n1 + 1 / n2)
+    p_value = float(f.sf(t2 * (n1 + n2 - k - 1) / (k * (n1 + n2 - 2)), k, n1 + n2 - k - 1))
+    limit, least = settings.monitor_top_shift_p_value, settings.monitor_top_shift_distance
+    fired = p_value <= limit and distance >= least
+    moved = dict(zip(names, np.round(shift / reference.std(axis=0), 3).tolist(), strict=True))
+    figures = {"p_value": p_value, "distance": round(distance, 3), "shift_sd": moved, "p_value_threshold": limit}
+    text = (
+        f"the {k} most important features moved together ({distance:.2f} Mahalanobis, Hotelling p {p_value:.1e}; "
+        f"drift at p <= {limit:g} and >= {least:g}): "
+        + ", ".join(f"{name} {value:+.2f} sd" for name, value in moved.items())
+    )
+    return Signal(
+        "top_feature_mean_shift", Points.DRIFT, scope, fired, Severity.CRITICAL if fired else None, figures, text
+    )
+
+
 # Performance signals ---------------------------------------------------------------------------------
 def estimated_performance_signal(estimate: PerformanceEstimate | None, scope: str, settings: Settings) -> Signal:
     """CBPE sensitivity below the gate's minimum: ``performance_drop`` (critical when confidently below)."""
@@ -443,9 +475,10 @@ def compute_signals(
     champion's reference rows with ``probability_malignant`` (its scores on them).
     ``importance``: feature -> weight from the training run. ``estimator``: a fitted
     :class:`~monitoring.estimation.PerformanceEstimator`. ``feedback``: ``encounter_hash``,
-    ``diagnosis``. ``labelled``: the labelled predictions realized performance is judged on
-    (``probability_malignant``, ``label``, ``diagnosis``, ``site_id``), e.g. each site's latest
-    ones; default: the window's predictions joined with ``feedback``. ``traffic``: per-site
+    ``diagnosis``. ``labelled``: labelled predictions, oldest first (``probability_malignant``,
+    ``label``, ``diagnosis``, ``site_id``), the window's and earlier ones; default: the window's
+    predictions joined with ``feedback``. Realized performance is judged on the latest
+    ``monitor_label_window`` of them overall and of each site. ``traffic``: per-site
     scored/refused counts (:class:`SiteTraffic` or dicts), ``baseline_traffic`` the same from an
     earlier period.
     """
@@ -467,6 +500,7 @@ def compute_signals(
     site_sizes = {str(site): int(size) for site, size in site_sizes.items()}
     tested_sites = [site for site, size in site_sizes.items() if size >= site_min]
     window_tested = len(current) >= min_rows
+    site_of = current[SITE].astype(str).to_numpy() if SITE in current.columns else np.full(len(current), "")
 
     tested = list(columns)
     scores_ok = PROBABILITY in current.columns and PROBABILITY in reference.columns
@@ -477,7 +511,6 @@ def compute_signals(
     distances: dict[str, dict[str, float]] = {}
     if window_tested or tested_sites:
         # Sites too small for their own tests share one group, so all rows stay in the window's tests.
-        site_of = current[SITE].astype(str).to_numpy() if SITE in current.columns else np.full(len(current), "")
         rest = "\x00rest"
         grouped = np.where(np.isin(site_of, tested_sites), site_of, rest)
         groups = SiteGroups.of(pd.DataFrame({SITE: grouped})) if tested_sites else SiteGroups((), None)
@@ -499,12 +532,14 @@ def compute_signals(
         scores = current[PROBABILITY].to_numpy(dtype="float64")
         served = (current[PREDICTED_LABEL] == POSITIVE).to_numpy() if PREDICTED_LABEL in current.columns else None
         usable = np.isfinite(scores)
-        site_of = current[SITE].astype(str).to_numpy() if SITE in current.columns else np.full(len(current), "")
         for scope, rows in [(_WHOLE, usable)] + [(site, usable & (site_of == site)) for site in tested_sites]:
             if rows.sum():
                 estimates[scope] = estimator.estimate(scores[rows], None if served is None else served[rows])
 
     refusals = refusal_signals(traffic, settings, baseline_traffic) if traffic is not None else {}
+    top = sorted(columns, key=lambda name: -weights[name])[: settings.monitor_top_features]
+    top_current = current[top].to_numpy(dtype="float64")
+    top_reference = reference[top].dropna().to_numpy(dtype="float64")
 
     def scope_signals(
         scope: str, key: str, n_rows: int, drift_tested: bool, tests: dict[str, ColumnDrift], rows: pd.DataFrame | None
@@ -518,6 +553,9 @@ def compute_signals(
                 )
             )
             signals.extend(feature_drift_signals(feature_tests, distances.get(key, {}), weights, scope, settings))
+            rows_top = top_current if key == _WHOLE else top_current[site_of == key]
+            rows_top = rows_top[np.isfinite(rows_top).all(axis=1)]
+            signals.append(top_feature_mean_shift_signal(rows_top, top_reference, top, scope, settings))
             if estimator is not None:
                 signals.append(estimated_performance_signal(estimates.get(key), scope, settings))
         if rows is not None and len(rows):
@@ -526,13 +564,14 @@ def compute_signals(
             signals.append(refusals[key])
         return ScopeSignals(scope, n_rows, drift_tested, tuple(signals))
 
-    window_labels = labelled if labelled is not None and len(labelled) else None
+    latest = settings.monitor_label_window
+    window_labels = labelled.tail(latest) if labelled is not None and len(labelled) else None
     window = scope_signals(WINDOW, _WHOLE, len(current), window_tested, overall, window_labels)
     sites: dict[str, ScopeSignals] = {}
     for site in sorted(set(site_sizes) | set(refusals)):
         rows = None
-        if window_labels is not None and SITE in window_labels.columns:
-            rows = window_labels[window_labels[SITE].astype(str) == site]
+        if window_labels is not None and SITE in labelled.columns:
+            rows = labelled[labelled[SITE].astype(str) == site].tail(latest)
         sites[site] = scope_signals(site, site, site_sizes.get(site, 0), site in by_site, by_site.get(site, {}), rows)
     prediction = overall.get(PROBABILITY) if window_tested else None
     window_columns = {name: overall[name] for name in columns if name in overall} if window_tested else {}

@@ -41,6 +41,7 @@ import pandas as pd
 import yaml
 
 from medops.core.files import file_lock, sha256_file, write_atomically
+from medops.core.processes import crash_point
 from medops.core.settings import Settings
 from pipelines import governance
 from pipelines.data import read_data_dir, write_frame, write_seed
@@ -57,10 +58,7 @@ INGEST_CHANGES = ("data.dvc", MANIFEST, ".gitignore")
 # What a git killed mid-command leaves behind; none of ours runs while we hold the registry lock.
 GIT_LOCKS = ("index.lock", "HEAD.lock", "packed-refs.lock", "refs/heads/*.lock", "refs/tags/*.lock")
 
-# Test-only fault injection (tests/test_ingest_crashes.py): a process whose environment names one
-# of these steps in MEDOPS_TEST_CRASH_AT ends at once when it reaches it. Never set in production.
-CRASH_AT_VARIABLE = "MEDOPS_TEST_CRASH_AT"
-CRASH_EXIT_CODE = 86
+# Where tests/test_ingest_crashes.py ends an ingest (medops.core.processes.crash_point).
 CRASH_POINTS = (
     "after_journal",
     "after_quarantine",
@@ -90,16 +88,6 @@ def _git(repo: Path, *args: str) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)} failed in {repo}: {result.stderr.strip()}")
     return result.stdout.strip()
-
-
-def crash_point(step: str) -> None:
-    """End the process on the spot at ``step`` if ``MEDOPS_TEST_CRASH_AT`` names it (tests only).
-
-    ``os._exit`` skips every ``finally`` block, ``except`` clause and exit handler, as a power cut
-    or a ``kill -9`` does: the fault-injection tests see exactly what a real crash leaves behind.
-    """
-    if os.environ.get(CRASH_AT_VARIABLE) == step:
-        os._exit(CRASH_EXIT_CODE)
 
 
 def _lock(settings: Settings) -> BaseFileLock:

@@ -13,7 +13,9 @@ changed since cannot make it compare against other rows.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -27,6 +29,8 @@ from pipelines.schema import DATA_COLUMNS, FEATURES, LABEL, SITE
 if TYPE_CHECKING:
     import pandas as pd
 
+log = logging.getLogger(__name__)
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 EXPERIMENT = "medops-training"
@@ -36,12 +40,18 @@ MODEL_TRAINING = "custom_model_development"
 
 
 def configure_mlflow(settings: Settings) -> None:
-    """Point the MLflow client at the medops store (SQLite + local artifacts by default)."""
+    """Point the MLflow client at the medops store (SQLite + local artifacts by default); medops' own
+    server (the cluster profile's) is behind basic auth, and MLflow's client reads its login from the
+    environment only."""
+    import os
+
     import mlflow
 
     if settings.tracking_uri.startswith("sqlite:///"):
         settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
         settings.artifact_root.mkdir(parents=True, exist_ok=True)
+    elif settings.tracking_uri == settings.mlflow_url:
+        os.environ.update(settings.mlflow_credentials())
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
 
@@ -116,13 +126,18 @@ def tag_version(version: str, tags: dict[str, Any], settings: Settings) -> None:
 def quiet_model_io() -> Iterator[None]:
     """Saving or loading a model without the noise that buries a task's log.
 
-    skops walks every loaded module when it saves or loads; in an Airflow task that includes
-    Airflow's deprecated-name shims, each of which warns (``DeprecatedImportWarning``, a
-    FutureWarning): about 1,160 lines per task log. (stderr is left alone: the command line
-    prints JSON on stdout, and a redirected library warning would break it.)
+    Importing ``skops.io`` lists scipy's ufuncs by looking each one up in every loaded module; in
+    an Airflow task those include Airflow's deprecated-name shims (``airflow.utils.timezone``...),
+    whose every attribute warns (``DeprecatedImportWarning``, a FutureWarning): 1,160 lines per
+    task log. So skops is first imported here, under the filter (never import it outside this
+    context), and its saves and loads, which may look names up the same way, run under it too.
+    (stderr is left alone: the command line prints JSON on stdout, and a redirected library
+    warning would break it.)
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"skops\.io")
+        import skops.io  # noqa: F401  (the import is the noisy part)
+
         yield
 
 
@@ -152,11 +167,17 @@ def register_trusted(uri: str, settings: Settings, tags: dict[str, Any] | None =
 
     from pipelines import model_trust
 
-    with tempfile.TemporaryDirectory(prefix="medops-register-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="medops-register-") as tmp, quiet_model_io():
         digest = model_trust.registrable_digest(download_model(uri, Path(tmp), settings), f"the model at {uri}")
     all_tags = {**(tags or {}), model_trust.DIGEST_KEY: digest}
-    with quiet_model_io():
-        return str(mlflow.register_model(uri, settings.model_name, tags=all_tags).version)
+    # MLflow prints "Created version ..." to stderr, which an Airflow task logs at ERROR level.
+    printed = io.StringIO()
+    try:
+        with quiet_model_io(), contextlib.redirect_stderr(printed):
+            return str(mlflow.register_model(uri, settings.model_name, tags=all_tags).version)
+    finally:
+        for line in printed.getvalue().splitlines():
+            log.info("%s", line)
 
 
 def load_model(version: str, settings: Settings):
@@ -196,7 +217,7 @@ def load_model(version: str, settings: Settings):
 def run_url(run_id: str, settings: Settings, experiment_id: str | None = None) -> str:
     """Where a run's page is in the MLflow UI that ``medops up`` starts (the task logs print it)."""
     experiment_id = experiment_id or client(settings).get_run(run_id).info.experiment_id
-    return f"http://{settings.host}:{settings.mlflow_port}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{settings.mlflow_url}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def code_version() -> str:

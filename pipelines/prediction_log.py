@@ -176,11 +176,12 @@ class PredictionLogWriter:
 
     ``log_predictions`` writes the request's rows with a single ``write`` (whole lines, so rows of
     concurrent requests never interleave) and returns a ticket; ``await wait_durable(ticket)``
-    returns once a group commit covering it is done. A background thread fsyncs at most every
-    ``commit_interval`` seconds while there is unsynced data. ``close`` flushes and fsyncs the rest.
+    returns once a group commit covering it is done. A background thread fsyncs whenever there is
+    unsynced data; rows written while an fsync runs join the next one, so commits grow with the load
+    and a lone request waits for one fsync, not a timer. ``close`` flushes and fsyncs the rest.
     """
 
-    def __init__(self, settings: Settings, *, commit_interval: float = 0.02) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._predictions = _DailyAppendFile(predictions_log_dir(settings), "predictions", PREDICTION_COLUMNS)
         self._feedback = _DailyAppendFile(feedback_dir(settings), "feedback", FEEDBACK_COLUMNS)
         self._hash = encounter_hasher(settings.encounter_hash_key())
@@ -190,7 +191,6 @@ class PredictionLogWriter:
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._closed = False
-        self._commit_interval = commit_interval
         self.rows_written = 0
         self._written = 0  # tickets handed out
         self._durable = 0  # tickets covered by a finished fsync
@@ -330,7 +330,6 @@ class PredictionLogWriter:
     def _commit_loop(self) -> None:
         while not self._closed:
             self._dirty.wait()
-            time.sleep(self._commit_interval)  # let concurrent requests join this commit
             self._dirty.clear()
             self.commit()
 

@@ -300,9 +300,9 @@ class FitResult:
 
     def load_model(self) -> Any:
         """The fitted model as written by the fit (skops, trusting only medops' list of types)."""
-        import skops.io
-
         with model_registry.quiet_model_io():
+            import skops.io
+
             return skops.io.load(self.model_path, trusted=list(model_trust.TRUSTED_TYPES))
 
     def to_dict(self) -> dict[str, Any]:
@@ -376,9 +376,9 @@ def fit_candidate(
         evaluation = evaluate_model(model, holdout)
         model_registry.write_reference(model, train, holdout, work / model_registry.REFERENCE, seed=settings.seed)
 
-    import skops.io
-
     with model_registry.quiet_model_io():
+        import skops.io
+
         model_trust.check_types(model, f"the {family} model")  # refused now rather than at registration
         skops.io.dump(model, work / "model.skops")
     _write_figures(evaluation, work / "figures")

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from medops.core import assets
 from medops.core.audit import PLACEHOLDER_ACTORS
 from medops.core.files import file_lock
-from medops.core.processes import poll_until
+from medops.core.processes import crash_point, poll_until
 from medops.core.settings import REPO_ROOT, Settings
 from pipelines import governance
 from pipelines.governance import SCHEDULER
@@ -57,6 +57,18 @@ logger = logging.getLogger("medops.serving")
 STABLE = "stable"
 CANDIDATE = "candidate"
 SMOKE_ROWS = 40
+# Where tests/test_rollout_crashes.py kills a rollout (medops.core.processes.crash_point): after each
+# step that changes what is running or recorded.
+CRASH_POINTS = (
+    "after_build",
+    "after_candidate_start",
+    "after_switch_request",
+    "after_stable_start",
+    "after_switch",
+    "after_champion",
+    "after_candidate_stop",
+    "after_record",
+)
 
 
 class DeployFailed(RuntimeError):
@@ -352,8 +364,28 @@ def switch_stable(record: ServerRecord, version: str, settings: Settings, *, tim
     """Make the running stable server serve ``version`` (all workers acknowledged); no restart."""
     directory = Path(record.control_dir or control_dir(settings))
     control.request_model(directory, str(version))
+    crash_point("after_switch_request")
     _wait_for_workers(record, str(version), timeout)
     record.model_version = str(version)
+    processes.write_record(settings, record)
+    return record
+
+
+def _settle_switch(record: ServerRecord, settings: Settings, *, timeout: float) -> ServerRecord:
+    """Make the stable server's record name what it serves after a rollout killed mid-switch.
+
+    Such a rollout asked the workers for a version (the control file) but did not record it. If
+    every worker took that version, the record follows them; if one could not, all are asked
+    back to the recorded version.
+    """
+    requested = control.requested_model(Path(record.control_dir or ""))
+    if requested in (None, record.model_version):
+        return record
+    try:
+        _wait_for_workers(record, requested, timeout)
+    except RuntimeError:
+        return switch_stable(record, record.model_version, settings, timeout=timeout)
+    record.model_version = requested
     processes.write_record(settings, record)
     return record
 
@@ -377,6 +409,7 @@ def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout:
         role=STABLE,
         control_dir=directory,
     )
+    crash_point("after_stable_start")
     try:
         processes.wait_ready(record, timeout=ready_timeout)
         _wait_for_workers(record, str(version), ready_timeout)
@@ -483,6 +516,8 @@ def deploy(
         if leftover is not None:  # from a rollout that was killed before it could clean up
             processes.stop_server(leftover, settings)
         stable = stable_server(settings)
+        if stable is not None:
+            stable = _settle_switch(stable, settings, timeout=switch_timeout)
         previous = stable.model_version if stable is not None else _last_deployed(settings)
         candidate: ServerRecord | None = None
         switched = False
@@ -494,6 +529,7 @@ def deploy(
                 if bento
                 else prepare_bento(version, settings)
             )
+            crash_point("after_build")
             expected = expected_predictions(version, settings)
             candidate = processes.start_server(
                 settings,
@@ -503,6 +539,7 @@ def deploy(
                 role=CANDIDATE,
                 workers=1,
             )
+            crash_point("after_candidate_start")
             processes.wait_ready(candidate, timeout=ready_timeout)
             smoke_test(candidate.url, version, settings, expected=expected)
             if stable is not None:
@@ -512,9 +549,11 @@ def deploy(
             else:
                 stable = start_stable(prepared.bento, version, settings, ready_timeout=ready_timeout)
                 mode = "start"
+            crash_point("after_switch")
             smoke_test(stable.url, version, settings, expected=expected)
             if _champion_version(settings) != version:
                 _set_champion(version, settings)
+            crash_point("after_champion")
         except Exception as error:
             _fall_back(stable if switched else None, previous, settings)
             message = f"deploying model version {version} failed: {error}"
@@ -536,6 +575,7 @@ def deploy(
         finally:
             if candidate is not None:
                 processes.stop_server(candidate, settings)
+        crash_point("after_candidate_stop")
         result = DeployResult(
             version=version,
             previous=previous,
@@ -545,6 +585,7 @@ def deploy(
             seconds=round(time.monotonic() - started, 1),
         )
         _record_deployment(result, settings)
+        crash_point("after_record")
         _audit(
             action,
             version,

@@ -198,6 +198,7 @@ class MedopsService:
         settings = get_settings()
         self.max_records = settings.max_records
         self.log = PredictionLogWriter(settings)
+        self.durable = settings.prediction_log_durable
         control = os.environ.get(CONTROL_ENV)
         self.control_dir = Path(control) if control else None
         STATE.model = self._initial_model()
@@ -284,7 +285,8 @@ class MedopsService:
                 labels=labels,
             )
             # The answer leaves only once its rows are on disk (the group commit covers them).
-            await self.log.wait_durable(ticket)
+            if self.durable:
+                await self.log.wait_durable(ticket)
         except OSError as exc:
             logger.error("prediction log unavailable, request refused: %s", exc)
             raise LogUnavailable("prediction log unavailable; nothing was served") from exc

@@ -58,6 +58,7 @@ def _env_from_file(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     from medops.app.airflow_api import AirflowClient, admin_password
+    from medops.core.settings import Settings
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDOPS_", "AIRFLOW"))}
     env["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
@@ -76,23 +77,37 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespa
             assert "No alert channel is set" in up.stdout, up.stdout[-2000:]
         url = {name: f"http://127.0.0.1:{env[f'MEDOPS_{name.upper()}_PORT']}" for name in ("airflow", "mlflow")}
         url["serving"] = f"http://127.0.0.1:{env['MEDOPS_SERVING_PORT']}"
-        password = admin_password(home / "airflow")
+        settings = Settings(home=home)
+        password = admin_password(settings)
+        login = settings.mlflow_credentials()
+        mlflow_login = (login["MLFLOW_TRACKING_USERNAME"], login["MLFLOW_TRACKING_PASSWORD"])
         with AirflowClient(url["airflow"], password=password) as airflow:
-            yield SimpleNamespace(env=env, home=home, url=url, password=password, airflow=airflow, key="browser-key")
+            yield SimpleNamespace(
+                env=env,
+                home=home,
+                url=url,
+                password=password,
+                airflow=airflow,
+                key="browser-key",
+                mlflow_login=mlflow_login,
+            )
     finally:
         if not existing:
             subprocess.run([str(BIN / "medops"), "down"], env=env, capture_output=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser(platform: SimpleNamespace) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM.exists(), "Debian's Chromium is missing: `make chromium` (apt-get install -y chromium)"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        context = chromium.new_context(viewport={"width": 1440, "height": 1000})
+        # MLflow's pages ask for basic auth: the browser answers MLflow's challenge (and no other origin's)
+        username, password = platform.mlflow_login
+        login = {"username": username, "password": password, "origin": platform.url["mlflow"]}
+        context = chromium.new_context(viewport={"width": 1440, "height": 1000}, http_credentials=login)
         context.set_default_timeout(30_000)
         yield context
         context.close()

@@ -7,10 +7,12 @@ WebDAV server of the DVC remote and the Evidently UI. Then the standalone test's
 lands -> champion v1 serving -> drifted traffic -> drift -> alert -> retrain -> new champion, with a
 separate process calling /predict and seeing no failed request. On top: training ran on the
 `train` queue on a Celery worker (its log says which), task logs are readable through the REST API
-with no log server listening, the data registry's remote is the WebDAV server, `medops down`
-leaves no process and no listening port, and the databases are medops' own (dropped at the end).
-Last, two data versions train at once (two train_model runs overlapping on the workers) and the
-model registry, the data registry and the audit chain come out consistent.
+with no log server listening, the data registry's remote is the WebDAV server, the doors are locked
+as in the standalone test (loopback only, MLflow's tracking server behind its password, no secret
+in a file or in what `up` printed), `medops down` leaves no process and no listening port, and the
+databases are medops' own (dropped at the end). Last, two data versions train at once (two
+train_model runs overlapping on the workers) and the model registry, the data registry and the
+audit chain come out consistent.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from tests.test_end_to_end import (
     _platform_processes,
     _steady_load,
     _wait,
+    assert_doors_locked,
+    platform_secrets,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.timeout(1500)]
@@ -96,7 +100,7 @@ def own_databases(tmp_path: Path):
     assert cluster.existing_databases(settings) == []
 
 
-def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp, capsys):  # noqa: F811
+def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp, capsys, monkeypatch):  # noqa: F811
     import multiprocessing
 
     import mlflow
@@ -136,8 +140,8 @@ def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp,
         assert "Profile     cluster" in up.stdout
         assert cluster.existing_databases(settings) == sorted(cluster.database_names(settings))
         stages.done("up --profile cluster: seed lands -> champion v1 serving")
-        password = admin_password(home / "airflow")
-        assert password and password in up.stdout
+        password = admin_password(settings)
+        assert password
         airflow = AirflowClient(airflow_url, password=password)
         for dag_id in ("ingest_data", "train_model", "deploy_model"):
             assert [r.state.value for r in airflow.runs(dag_id)] == ["success"], dag_id
@@ -163,6 +167,9 @@ def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp,
         remote_files = [p for p in (home / "dvc-remote").rglob("*") if p.is_file()]
         assert remote_files, "nothing was pushed to the DVC remote"
         mlflow_url = f"http://127.0.0.1:{ports['MLFLOW']}"
+        assert_doors_locked(home, mlflow_url, platform_secrets(home, ["e2e-key"]), up.stdout + up.stderr)
+        for name, value in settings.mlflow_credentials().items():  # the tracking server asks for them
+            monkeypatch.setenv(name, value)
         client = mlflow.MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
         champion = client.get_model_version_by_alias("breast_cancer_diagnosis", "champion")
         assert champion.version == "1"

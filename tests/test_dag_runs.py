@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
 
-from medops.core.settings import Settings
+from medops.core.settings import REPO_ROOT, Settings
 from pipelines import data_registry, model_registry
 from pipelines.data import seed_frame
 from pipelines.retraining import in_cooldown, plan_training
@@ -75,6 +78,39 @@ def test_train_model_dag_trains_gates_and_promotes(airflow_db, registry_home: Se
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow opens model training
     # A manual run makes no data version, so it announces none (else it would schedule itself again).
     assert _data_events(run) == []
+
+
+def test_a_fresh_task_process_logs_no_skops_warning_and_mlflow_output_as_info(airflow_db, registry_home: Settings):
+    """train_model in a new interpreter with every warning shown, as a task process starts.
+
+    Importing skops there looks scipy's ufuncs up in Airflow's deprecated-name shims: 1,160
+    DeprecatedImportWarnings per task unless model I/O keeps them quiet; and MLflow prints
+    "Created version" on stderr, which a task logs at ERROR level.
+    """
+    script = (
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "dag = DagBag(dag_folder='dags/train_model.py').dags['train_model']\n"
+        "print('run state:', dag.test(run_conf={'families': ['logistic_regression']}).state)\n"
+    )
+    from airflow.configuration import conf
+
+    # The session's metadata DB holds values encrypted with this process's Fernet key.
+    env = {**os.environ, "AIRFLOW__CORE__FERNET_KEY": conf.get("core", "fernet_key")}
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert "run state: success" in done.stdout, output[-3000:]
+    warned = [line for line in output.splitlines() if "DeprecatedImportWarning" in line]
+    assert not warned, f"{len(warned)} lines like {warned[0]}"
+    created = [line for line in output.splitlines() if "Created version '1'" in line]
+    assert created and not any("Created version" in line for line in done.stderr.splitlines()), created
+    assert all("[info" in line for line in created), created
 
 
 def _run_of(version: str, settings: Settings) -> str:

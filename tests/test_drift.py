@@ -57,6 +57,18 @@ def test_shifted_copy_is_drift_and_names_the_size_features(reference, medops_hom
     assert not {"mean_smoothness", "mean_symmetry"} & set(found.drifted_columns)
 
 
+def test_the_drift_report_leads_with_drifted_columns_and_names_the_versions(reference, medops_home):
+    versions = {"model_version": "3", "data_version": "data-v2"}
+    current = window(reference, 400, "site-a", 2, scale=1.25)
+    found = detect_drift(current, reference, medops_home, metadata=versions)
+    assert found.drift_snapshot.to_snapshot_model().metadata.items() >= versions.items()
+    report = found.drift_snapshot.dict()
+    leading = [metric["config"]["column"] for metric in report["metrics"][: len(found.drifted_columns)]]
+    assert set(leading) == set(found.drifted_columns)
+    assert [found.columns[name].score for name in leading] == sorted(found.columns[name].score for name in leading)
+    assert report["metrics"][len(leading)]["metric_name"].startswith("DriftedColumnsCount")  # then the whole table
+
+
 def test_below_min_rows_is_insufficient_data_and_tests_nothing(reference, medops_home):
     found = detect_drift(window(reference, 150, "site-a", 3, scale=2.0), reference, medops_home)
     assert medops_home.drift_min_rows == 200
@@ -170,7 +182,12 @@ def test_prediction_drift_and_performance_from_feedback(reference, medops_home):
     )
     current = current.drop(columns=[LABEL])  # the log has no true label; feedback brings it
     found = detect_drift(
-        current, reference, medops_home, reference_probabilities=reference_probabilities, feedback=feedback
+        current,
+        reference,
+        medops_home,
+        reference_probabilities=reference_probabilities,
+        feedback=feedback,
+        metadata={"model_version": "7"},
     )
     assert found.prediction_drift is not None and found.prediction_drift.drifted
     assert PROBABILITY not in found.columns  # prediction drift is reported apart from the feature share
@@ -183,6 +200,7 @@ def test_prediction_drift_and_performance_from_feedback(reference, medops_home):
         name: value for name, value in expected.items() if name != "n"
     }
     assert found.drift_snapshot is not None and found.performance_snapshot is not None
+    assert found.performance_snapshot.to_snapshot_model().metadata["model_version"] == "7"
     summary = json.dumps(found.summary())
     drift_json = found.drift_snapshot.json() + found.performance_snapshot.json()
     for encounter in current["encounter_hash"].iloc[:20]:  # no patient identifier reaches a report

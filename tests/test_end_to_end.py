@@ -1,14 +1,16 @@
 """The whole loop on real processes, driven only through public interfaces.
 
-`medops up` on a temporary MEDOPS_HOME and free loopback ports starts `airflow standalone`, the
-MLflow UI, the Evidently UI and (through the DAGs) the served champion. The test then talks to
-Airflow's REST API, the service's HTTP contract and the MLflow client, exactly as people and
-clinical apps do: seed lands -> champion v1 serving -> undrifted traffic: no_drift, no alert ->
+`medops up` on a temporary MEDOPS_HOME and free loopback ports starts Airflow's four components
+(LocalExecutor, SQLite), the MLflow UI, the Evidently UI and (through the DAGs) the served champion.
+The test then talks to Airflow's REST API, the service's HTTP contract and the MLflow client,
+exactly as people and clinical apps do: seed lands -> champion v1 serving -> undrifted traffic: no_drift, no alert ->
 one site whose calibration moved the champion's three most important features (3 of 30 columns:
 the column-count rule alone says no_drift) -> drift, critical -> alert at the webhook and SMTP
 sinks naming the site and the signals -> train_model runs from the drift Asset -> a new champion
 is deployed and X-Model-Version changes on the serving port, while a separate process keeps
-calling /predict and sees no failed request. Nothing is left running.
+calling /predict and sees no failed request. Every door stays locked throughout: no socket off
+loopback, MLflow's REST API refuses anyone without its password, no password or key in any file or
+in what `up` printed, nothing under MEDOPS_HOME readable by other users. Nothing is left running.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from medops.core.processes import poll_until, wait_until
 from pipelines.data import seed_frame
 from pipelines.schema import FEATURES
 from serving.client import MedopsClient, ServiceError
+from tests import test_platform_doors as doors
 from tests.test_alerts import smtp, webhook  # noqa: F401  (fixtures: local alert sinks)
 
 if TYPE_CHECKING:
@@ -153,8 +156,34 @@ def _send_recalibrated_site(serving: str, site: str, records: int, features: lis
             service.feedback(labels[start : start + 50])
 
 
-def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F811
+def assert_doors_locked(home: Path, mlflow_url: str, secrets: list[str], printed: str) -> None:
+    """The platform's doors, checked on the running platform (both profiles' end-to-end tests)."""
+    from medops.core.settings import Settings
+
+    assert not [secret for secret in secrets if secret in printed], "`medops up` printed a password or key"
+    doors.assert_listening_on_loopback_only(home)
+    doors.assert_mlflow_asks_for_a_password(mlflow_url, Settings(home=home).mlflow_credentials(), MODEL)
+    doors.assert_no_secret_in_files(home, secrets)
+    doors.assert_nothing_readable_by_others(home)
+
+
+def platform_secrets(home: Path, api_keys: list[str]) -> list[str]:
+    """Airflow's and MLflow's admin passwords and every API key: ``api_keys`` and those medops made."""
+    from medops.app.airflow_api import admin_password
+    from medops.core.settings import Settings
+
+    settings = Settings(home=home)
+    made = [(settings.secrets_dir / name).read_text().strip() for name in ("api_key", "rollout_key")
+            if (settings.secrets_dir / name).exists()]  # fmt: skip
+    return [admin_password(settings), settings.mlflow_credentials()["MLFLOW_TRACKING_PASSWORD"], *api_keys, *made]
+
+
+MODEL = "breast_cancer_diagnosis"
+
+
+def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys, monkeypatch):  # noqa: F811
     from medops.app.airflow_api import AirflowClient, admin_password
+    from medops.core.settings import Settings
 
     home = tmp_path / "medops-home"
     ports = {name: _free_port() for name in ("AIRFLOW", "MLFLOW", "SERVING", "EVIDENTLY")}
@@ -176,9 +205,10 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
     airflow = None
     try:
         # 1. make run's command: platform up, seed lands, champion v1 serving.
-        _medops(env, "up")
+        up = _medops(env, "up")
         stages.done("up: seed lands -> champion v1 serving")
-        airflow = AirflowClient(f"http://127.0.0.1:{ports['AIRFLOW']}", password=admin_password(home / "airflow"))
+        settings = Settings(home=home)
+        airflow = AirflowClient(f"http://127.0.0.1:{ports['AIRFLOW']}", password=admin_password(settings))
         for dag_id in ("ingest_data", "train_model", "deploy_model"):
             assert [r.state.value for r in airflow.runs(dag_id)] == ["success"], dag_id
         with MedopsClient(serving, "e2e-key", timeout=10) as service:
@@ -187,6 +217,11 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         import mlflow
 
         mlflow_url = f"http://127.0.0.1:{ports['MLFLOW']}"
+        secrets = platform_secrets(home, ["e2e-key"])
+        assert_doors_locked(home, mlflow_url, secrets, up.stdout + up.stderr)
+        stages.done("doors locked")
+        for name, value in settings.mlflow_credentials().items():  # the MLflow UI's REST API asks for them
+            monkeypatch.setenv(name, value)
         client = mlflow.MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
         champion = client.get_model_version_by_alias("breast_cancer_diagnosis", "champion")
         assert champion.version == "1" and champion.tags["data_version"] == "data-v1"
@@ -253,6 +288,8 @@ def test_the_loop_end_to_end(tmp_path: Path, webhook, smtp, capsys):  # noqa: F8
         assert champion.version == new
         seen = client.get_run(champion.run_id).data.tags["data_versions_seen"].split(",")
         assert len(seen) >= 2, seen  # the drifted site's labelled cases became a data version
+        # After a retraining, a rollout and an alert: still no socket off loopback, no secret in a file.
+        assert_doors_locked(home, mlflow_url, secrets, "")
     finally:
         if airflow is not None:
             airflow.close()

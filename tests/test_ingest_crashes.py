@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from medops.core.files import sha256_file
+from medops.core.processes import CRASH_AT_VARIABLE, CRASH_EXIT_CODE
 from medops.core.settings import Settings
 from pipelines import data_registry
 from pipelines.data import seed_frame
@@ -53,7 +54,7 @@ def _child_env(settings: Settings, crash_at: str | None = None) -> dict[str, str
     env["MEDOPS_HOME"] = str(settings.home)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     if crash_at:
-        env[data_registry.CRASH_AT_VARIABLE] = crash_at
+        env[CRASH_AT_VARIABLE] = crash_at
     return env
 
 
@@ -119,7 +120,7 @@ def test_batch_killed_at_each_step_ends_exactly_once_after_a_retry(registry_home
     sha256, received = sha256_file(landed), 40
 
     crashed = _run_landing_ingest(registry_home, crash_at=step)
-    assert crashed.returncode == data_registry.CRASH_EXIT_CODE, crashed.stderr
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr
     assert list(registry_home.ingest_journal_dir.glob("*.json")), "the crash left its journal entry"
 
     ingest_landing(registry_home)  # the retry, in another process
@@ -151,7 +152,7 @@ def test_identifier_file_killed_at_each_step_is_quarantined_once_and_never_archi
     content, sha256 = landed.read_bytes(), sha256_file(landed)
 
     crashed = _run_landing_ingest(registry_home, crash_at=step)
-    assert crashed.returncode == data_registry.CRASH_EXIT_CODE, crashed.stderr
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr
 
     ingest_landing(registry_home)
 
@@ -167,7 +168,7 @@ def test_identifier_file_killed_at_each_step_is_quarantined_once_and_never_archi
 def test_medops_init_settles_an_interrupted_ingest(registry_home: Settings, tmp_path: Path):
     landed = _mixed_batch(registry_home.landing_dir / SITE / "week-49.csv")
     crashed = _run_landing_ingest(registry_home, crash_at="after_push")
-    assert crashed.returncode == data_registry.CRASH_EXIT_CODE, crashed.stderr
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr
     assert _uncommitted(registry_home.registry_dir)
 
     data_registry.init_registry(registry_home)

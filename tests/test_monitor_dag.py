@@ -240,6 +240,19 @@ def test_steady_traffic_is_no_drift_without_alert(monitored):
     assert Path(result.report).name == "drift.html"
 
 
+def test_realized_performance_judges_the_latest_labels_including_earlier_windows(monitored):
+    from monitoring.reports import run_monitoring
+
+    settings = monitored.settings.model_copy(update={"monitor_label_window": 150})
+    start = datetime.now(UTC) - timedelta(hours=1)
+    log_traffic(monitored, 200, "site-y", seed=6, at=start - timedelta(hours=2), feedback=200)
+    log_traffic(monitored, 300, "site-y", seed=7, feedback=40)
+    result = run_monitoring(settings, since=start, alert=False)
+    assert result.n_current == 300 and result.performance["n_labelled"] == 40  # the window's own labels
+    # Judged on the latest 150: the window's 40 and the 110 latest of the earlier window's 200.
+    assert result.realized_performance["labelled"] == 150
+
+
 def test_a_short_window_waits_for_more_rows(monitored):
     from monitoring.reports import run_monitoring
 

@@ -50,3 +50,19 @@ def test_table_counts_alerts_as_false_alarms_and_the_right_verdicts_as_detection
     rows = {row["case"]: row for row in section.rows}
     assert rows["important_x1.5, 200 rows"]["medops"] == "95% (19/20)"
     assert rows["ignored_x1.25, 200 rows"]["goal"] == "" and rows["ignored_x1.25, 200 rows"]["met"] is None
+
+
+def test_label_history_holds_each_sites_latest_labels_from_earlier_windows_of_the_stream():
+    from bench.monitoring_power import _generate, _labels_before, _settings, _start
+    from medops.core.settings import Settings
+    from monitoring.drift import label_predictions
+    from monitoring.scenarios import fit_champion
+    from pipelines.schema import SITE
+
+    settings = _settings(monitor_label_window=40)
+    _start(fit_champion(Settings()), settings, "report")
+    history = _labels_before("calm", 100, 0, 1, settings.monitor_label_window)
+    assert history[SITE].value_counts().to_dict() == dict.fromkeys(("site-a", "site-b", "site-c", "site-d"), 40)
+    # One 100-row window labels far fewer cases of a calm site: the rest came from the windows before it.
+    window, _ = _generate("calm", 100, -1, 1)
+    assert (label_predictions(window.current, window.feedback)[SITE] == "site-a").sum() < 20

@@ -278,6 +278,28 @@ def test_switch_waits_for_every_worker_and_reports_errors(settings: Settings, mo
     assert control.requested_model(rollout.control_dir(settings)) == "3"
 
 
+def test_a_switch_left_half_done_by_a_killed_rollout_is_settled(settings: Settings, monkeypatch):
+    """The workers were asked for a version the record does not name (tests/test_rollout_crashes.py)."""
+    record = fake_record(settings, rollout.STABLE, "1")
+    processes.write_record(settings, record)
+    monkeypatch.setattr(processes, "worker_pids", lambda r: [101, 102])
+    monkeypatch.setattr(processes, "is_running", lambda r: True)
+    broken = {"3"}  # a version the workers cannot load
+
+    def acks(directory: Path) -> dict[int, dict[str, Any]]:
+        wanted = control.requested_model(directory)
+        error = "ModuleNotFoundError: x" if wanted in broken else None
+        return {pid: {"pid": pid, "model_version": wanted, "error": error} for pid in (101, 102)}
+
+    monkeypatch.setattr(control, "read_acks", acks)
+    control.request_model(rollout.control_dir(settings), "2")  # every worker took it: the record follows
+    assert rollout._settle_switch(record, settings, timeout=5).model_version == "2"
+    assert processes.read_record(settings, rollout.STABLE).model_version == "2"
+    control.request_model(rollout.control_dir(settings), "3")  # refused: all asked back to the recorded one
+    assert rollout._settle_switch(record, settings, timeout=5).model_version == "2"
+    assert control.requested_model(rollout.control_dir(settings)) == "2"
+
+
 def test_startup_failure_is_read_from_this_start_only(settings: Settings, tmp_path: Path):
     log = tmp_path / "candidate.log"
     log.write_text("old start\nValueError: earlier failure\nApplication startup failed. Exiting.\n")

@@ -265,3 +265,35 @@ def test_a_site_called_window_and_a_reference_without_scores(champion, settings)
         and "no champion scores" in found.window.get("prediction_drift").text
     )
     assert found.window.get("estimated_performance").figures["sensitivity"] is not None
+
+
+def test_realized_performance_is_judged_on_the_latest_labels_of_each_site_and_overall(champion, settings):
+    latest = settings.model_copy(update={"monitor_label_window": 80})
+    window = generate_window("calm", 300, champion, np.random.default_rng(9))
+    # Oldest first: site-a's early labels miss a third of its cancers, its latest 80 miss one.
+    labelled = pd.concat([_labelled(60, 20), _labelled(40, 1), _labelled(40, 0, site=AFFECTED_SITE)])
+    found = _signals(window, champion, latest, labelled=labelled)
+    site = found.sites["site-a"].get("realized_performance")
+    assert site.figures["labelled"] == 80 and site.figures["fn"] == 1 and not site.fired
+    overall = found.window.get("realized_performance")
+    assert overall.figures["labelled"] == 80 and overall.figures["fn"] == 0  # site-d's 80 came last
+    # The same labels in the other order: the latest are the bad ones, and they fire.
+    found = _signals(window, champion, latest, labelled=pd.concat([_labelled(40, 1), _labelled(60, 20)]))
+    site = found.sites["site-a"].get("realized_performance")
+    assert site.fired and site.figures["labelled"] == 80 and site.figures["fn"] == 20
+
+
+def test_top_feature_mean_shift_fires_on_a_joint_shift_and_stays_quiet_on_calm(champion, settings):
+    calm = _signals(generate_window("calm", 1000, champion, np.random.default_rng(10)), champion, settings)
+    for scope in (calm.window, calm.sites[AFFECTED_SITE]):
+        assert not scope.get("top_feature_mean_shift").fired
+    moved = generate_window("important_x1.1", 1000, champion, np.random.default_rng(11))
+    shift = _signals(moved, champion, settings).sites[AFFECTED_SITE].get("top_feature_mean_shift")
+    assert shift.fired and shift.severity == Severity.CRITICAL
+    assert shift.figures["p_value"] <= settings.monitor_top_shift_p_value
+    assert shift.figures["distance"] >= settings.monitor_top_shift_distance
+    top = sorted(champion.importance, key=lambda name: -champion.importance[name])[: settings.monitor_top_features]
+    assert list(shift.figures["shift_sd"]) == top
+    before = calm.sites[AFFECTED_SITE].get("top_feature_mean_shift").figures["shift_sd"]
+    for name in shifted_features(SCENARIOS["important_x1.1"], champion.importance):
+        assert shift.figures["shift_sd"][name] > before[name]  # scaled by 1.1: their means moved up

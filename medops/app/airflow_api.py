@@ -41,8 +41,11 @@ from airflow_client.client.models import (
     TriggerDAGRunPostBody,
 )
 
+from medops.core.files import write_atomically
 from medops.core.processes import wait_until
+from medops.core.settings import Settings
 
+ADMIN_PASSWORD = "airflow_admin_password"  # the secret's name under MEDOPS_HOME/secrets
 FINISHED = frozenset({"success", "failed"})
 RUNS_LISTED = 50  # newest first; more than any caller looks back over
 
@@ -57,12 +60,17 @@ class AirflowError(RuntimeError):
         self.status = status
 
 
-def admin_password(airflow_home: Path) -> str | None:
-    """The password `airflow standalone` generated for ``admin``, or None before it has."""
-    path = airflow_home / "simple_auth_manager_passwords.json.generated"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text()).get("admin")
+def admin_password(settings: Settings) -> str | None:
+    """Airflow's ``admin`` password (a medops secret), or None before `medops up` wrote Airflow's
+    password file (no API server to log in to, as under ``dag.test()``)."""
+    return settings.secret(ADMIN_PASSWORD) if settings.airflow_passwords_file.exists() else None
+
+
+def write_passwords_file(settings: Settings) -> Path:
+    """Airflow's password file with medops' ``admin`` password, private, before Airflow starts: for
+    a user missing from it Airflow generates a password and prints it, into a log."""
+    content = json.dumps({"admin": settings.secret(ADMIN_PASSWORD)})
+    return write_atomically(settings.airflow_passwords_file, content, mode=0o600)
 
 
 class AirflowClient:

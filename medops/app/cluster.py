@@ -1,7 +1,8 @@
 """The cluster profile (`medops up --profile cluster`): the same loop on real engines.
 
 Airflow on PostgreSQL with the CeleryExecutor (Redis as broker, the Airflow database as Celery's
-result backend), its API server, scheduler, DAG processor and triggerer as separate processes, and
+result backend), its API server, scheduler, DAG processor and triggerer as separate processes (as in
+the standalone profile: :func:`medops.app.platform.start_airflow`), and
 ``MEDOPS_CLUSTER_WORKERS`` Celery workers, each consuming ``default``, ``train`` and a queue of its
 own. MLflow's tracking server on PostgreSQL with proxied artifacts, so a client needs only its URL.
 The DVC remote is a WebDAV server (wsgidav), reached over HTTP by every host.
@@ -14,12 +15,11 @@ they are missing and reuses them otherwise; `medops down` stops what `up` starte
 from __future__ import annotations
 
 import contextlib
-import subprocess
 
+from medops.app import platform
 from medops.core import processes
 from medops.core.settings import Settings
 
-AIRFLOW_COMPONENTS = ["airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"]
 DATABASES = ("airflow", "mlflow")
 TRAIN_QUEUE = "train"
 DEFAULT_QUEUE = "default"
@@ -42,9 +42,10 @@ def worker_name(index: int) -> str:
 
 
 def process_names(settings: Settings, workers: int | None = None) -> list[str]:
-    """Every process the cluster profile starts, in the order `down` stops them (workers first)."""
+    """Every process either profile starts (workers and WebDAV: the cluster's only), in the order
+    `down` stops them (workers first)."""
     count = settings.cluster_workers if workers is None else workers
-    return [*(worker_name(i) for i in range(1, count + 1)), *AIRFLOW_COMPONENTS, "mlflow", "webdav", "evidently"]
+    return [*map(worker_name, range(1, count + 1)), *platform.AIRFLOW_COMPONENTS, "mlflow", "webdav", "evidently"]
 
 
 # Databases ------------------------------------------------------------------------------------------
@@ -97,11 +98,9 @@ def drop_databases(settings: Settings) -> None:
 
 # Airflow --------------------------------------------------------------------------------------------
 def airflow_env(settings: Settings) -> dict[str, str]:
-    """The standalone configuration with PostgreSQL, Celery and secrets every component shares."""
-    from medops.app.platform import airflow_env as standalone_env
-
+    """The standalone configuration with PostgreSQL and Celery."""
     database = cluster_db_url(settings, "airflow")
-    return standalone_env(settings) | {
+    return platform.airflow_env(settings) | {
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database,
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CELERY__BROKER_URL": settings.redis_url,
@@ -109,43 +108,14 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         # two cores for all workers: more task processes per worker only queue on the CPU
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": DEFAULT_QUEUE,
-        # Tokens the API server signs for task runners on any host: one secret, not one per process.
-        "AIRFLOW__API_AUTH__JWT_SECRET": settings.secret("airflow_jwt_secret"),
-        "AIRFLOW__API__SECRET_KEY": settings.secret("airflow_api_secret_key"),
         "AIRFLOW__CORE__PARALLELISM": str(max(4, 2 * settings.cluster_workers)),
     }
 
 
-def migrate_airflow_db(settings: Settings, env: dict[str, str]) -> None:
-    log = settings.run_dir / "airflow-db-migrate.log"
-    with log.open("ab") as handle:
-        result = subprocess.run(
-            [str(processes.venv_bin() / "airflow"), "db", "migrate"],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            check=False,
-            timeout=600,
-        )
-    if result.returncode != 0:
-        raise RuntimeError(f"airflow db migrate failed (exit {result.returncode}); see {log}")
-
-
 def start_airflow(settings: Settings) -> None:
-    """Migrate the metadata DB, then the four components, then the workers, each its own process."""
-    settings.airflow_home.mkdir(parents=True, exist_ok=True)
+    """The four components as in the standalone profile, on PostgreSQL, then the workers."""
     env = airflow_env(settings)
-    migrate_airflow_db(settings, env)
-    airflow = str(processes.venv_bin() / "airflow")
-    # No log server anywhere: every process here writes task logs where the API server reads them.
-    commands = {
-        "airflow-api-server": [airflow, "api-server"],
-        "airflow-scheduler": [airflow, "scheduler", "--skip-serve-logs"],
-        "airflow-dag-processor": [airflow, "dag-processor"],
-        "airflow-triggerer": [airflow, "triggerer", "--skip-serve-logs"],
-    }
-    for name, argv in commands.items():
-        processes.start(name, argv, settings, env=env)
+    platform.start_airflow(settings, env)
     start_workers(settings, env)
 
 
@@ -173,11 +143,9 @@ def start_workers(settings: Settings, env: dict[str, str]) -> list[int]:
 # MLflow and the DVC remote --------------------------------------------------------------------------
 def start_mlflow(settings: Settings) -> int:
     """The tracking server on PostgreSQL; artifacts go through it (``mlflow-artifacts:/``) to a folder."""
-    from medops.app.platform import start_mlflow as start_server
-
     store = ["--backend-store-uri", cluster_db_url(settings, "mlflow"), "--artifacts-destination",
              str(settings.artifact_root), "--serve-artifacts"]  # fmt: skip
-    return start_server(settings, store)
+    return platform.start_mlflow(settings, store)
 
 
 def start_webdav(settings: Settings) -> int:
@@ -206,15 +174,14 @@ def start_services(settings: Settings) -> None:
     ensure_databases(settings)
     start_webdav(settings)
     start_mlflow(settings)
-    base = f"http://{settings.host}"
     processes.wait_until(
-        lambda: processes.http_ok(f"{base}:{settings.webdav_port}/"),
+        lambda: processes.http_ok(f"http://{settings.host}:{settings.webdav_port}/"),
         60,
         "the WebDAV server of the DVC remote",
         alive=lambda: processes.running("webdav", settings) is not None,
     )
     processes.wait_until(
-        lambda: processes.http_ok(f"{base}:{settings.mlflow_port}/health"),
+        lambda: processes.http_ok(f"{settings.mlflow_url}/health"),
         180,
         "the MLflow tracking server",
         alive=lambda: processes.running("mlflow", settings) is not None,

@@ -1,25 +1,40 @@
 """`medops up` / `medops down`: the whole platform on embedded defaults, on loopback.
 
-Airflow (`airflow standalone`: scheduler, API server, triggerer, DAG processor on SQLite), the
-MLflow UI, the Evidently UI and the served champion. `up` lands the seed through `ingest_data`
-and waits until a champion answers on the serving port; `down` stops everything it started.
+Airflow (API server, scheduler, DAG processor and triggerer, each a process, on SQLite with the
+LocalExecutor), the MLflow UI, the Evidently UI and the served champion. `up` lands the seed
+through `ingest_data` and waits until a champion answers on the serving port; `down` stops
+everything it started. Every door is locked: all listen on loopback only, Airflow and MLflow ask
+for passwords medops generated (secrets under ``MEDOPS_HOME/secrets``, never printed or logged).
 """
 
 from __future__ import annotations
 
+import configparser
+import io
+import subprocess
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from medops.core import processes
-from medops.core.settings import REPO_ROOT, Settings
+from medops.core.files import write_atomically
+from medops.core.settings import MLFLOW_ADMIN_PASSWORD, REPO_ROOT, Settings
 
 if TYPE_CHECKING:
     from medops.app.airflow_api import AirflowClient
 
 LOOP_DAG_IDS = ["ingest_data", "train_model", "deploy_model"]
 DAG_IDS = [*LOOP_DAG_IDS, "monitor_drift"]
+# No log server in any component: Airflow's binds 0.0.0.0 (8793/8794) whatever the host setting;
+# every component writes task logs where the API server reads them.
+AIRFLOW_COMPONENTS = {
+    "airflow-api-server": ["api-server"],
+    "airflow-scheduler": ["scheduler", "--skip-serve-logs"],
+    "airflow-dag-processor": ["dag-processor"],
+    "airflow-triggerer": ["triggerer", "--skip-serve-logs"],
+}
 
 
 def airflow_env(settings: Settings) -> dict[str, str]:
@@ -36,6 +51,10 @@ def airflow_env(settings: Settings) -> dict[str, str]:
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(settings.airflow_passwords_file),
+            # Tokens the API server signs for task runners: one secret for every component, not one each.
+            "AIRFLOW__API_AUTH__JWT_SECRET": settings.secret("airflow_jwt_secret"),
+            "AIRFLOW__API__SECRET_KEY": settings.secret("airflow_api_secret_key"),
             "AIRFLOW__API__HOST": settings.host,
             "AIRFLOW__API__PORT": str(settings.airflow_port),
             "AIRFLOW__API__BASE_URL": base,
@@ -62,7 +81,7 @@ def urls(settings: Settings) -> dict[str, str]:
     h = settings.host
     return {
         "airflow": f"http://{h}:{settings.airflow_port}",
-        "mlflow": f"http://{h}:{settings.mlflow_port}",
+        "mlflow": settings.mlflow_url,
         "serving": f"{'https' if settings.tls_enabled else 'http'}://{connect_host(h)}:{settings.serving_port}",
         "evidently": f"http://{h}:{settings.evidently_port}",
     }
@@ -85,11 +104,40 @@ def service_status(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
-def start_airflow(settings: Settings) -> int:
-    settings.airflow_home.mkdir(parents=True, exist_ok=True)
-    return processes.start(
-        "airflow", [str(processes.venv_bin() / "airflow"), "standalone"], settings, env=airflow_env(settings)
-    )
+def start_airflow(settings: Settings, env: dict[str, str] | None = None) -> None:
+    """Airflow's password file and metadata DB, then its four components, each a process of its own
+    (both profiles; ``env`` is the cluster's, by default the embedded one)."""
+    from medops.app.airflow_api import write_passwords_file
+
+    env = env or airflow_env(settings)
+    write_passwords_file(settings)
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    log = settings.run_dir / "airflow-db-migrate.log"
+    airflow = str(processes.venv_bin() / "airflow")
+    with log.open("ab") as handle:
+        migrated = subprocess.run(
+            [airflow, "db", "migrate"], env=env, stdout=handle, stderr=subprocess.STDOUT, check=False, timeout=600
+        )
+    if migrated.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed (exit {migrated.returncode}); see {log}")
+    for name, args in AIRFLOW_COMPONENTS.items():
+        processes.start(name, [airflow, *args], settings, env=env)
+
+
+def write_mlflow_auth_config(settings: Settings) -> Path:
+    """The basic-auth app's configuration, private: medops' admin, a user database of its own, and
+    no permission for any other user until one is granted (runs hold the exact training rows)."""
+    login = settings.mlflow_credentials()
+    config = configparser.ConfigParser(interpolation=None)
+    config["mlflow"] = {
+        "default_permission": "NO_PERMISSIONS",
+        "database_uri": f"sqlite:///{settings.mlflow_dir / 'basic_auth.db'}",
+        "admin_username": login["MLFLOW_TRACKING_USERNAME"],
+        "admin_password": login["MLFLOW_TRACKING_PASSWORD"],
+    }
+    text = io.StringIO()
+    config.write(text)
+    return write_atomically(settings.mlflow_dir / "basic_auth.ini", text.getvalue(), mode=0o600)
 
 
 def start_mlflow(settings: Settings, store: list[str] | None = None) -> int:
@@ -102,18 +150,28 @@ def start_mlflow(settings: Settings, store: list[str] | None = None) -> int:
         "--default-artifact-root",
         settings.artifact_root.as_uri(),
     ]
+    port = settings.mlflow_port
     argv = [
         str(processes.venv_bin() / "mlflow"),
         "server",
         *store,
+        "--app-name",
+        "basic-auth",
         "--host",
         settings.host,
         "--port",
-        str(settings.mlflow_port),
+        str(port),
+        # the Host headers a client on this machine sends (against DNS rebinding)
+        "--allowed-hosts",
+        ",".join(dict.fromkeys(f"{host}:{port}" for host in (settings.host, "127.0.0.1", "localhost"))),
         "--workers",
         "1",
     ]
-    return processes.start("mlflow", argv, settings, env=processes.child_env(settings, service_keys=False))
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(write_mlflow_auth_config(settings)),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": settings.secret("mlflow_flask_secret_key"),  # signs CSRF tokens
+    }
+    return processes.start("mlflow", argv, settings, env=processes.child_env(settings, env, service_keys=False))
 
 
 def start_evidently(settings: Settings) -> int:
@@ -137,17 +195,15 @@ def start_evidently(settings: Settings) -> int:
 def airflow_client(settings: Settings) -> AirflowClient:
     from medops.app.airflow_api import AirflowClient, admin_password
 
-    return AirflowClient(urls(settings)["airflow"], password=admin_password(settings.airflow_home))
+    return AirflowClient(urls(settings)["airflow"], password=admin_password(settings))
 
 
 def wait_for_airflow(settings: Settings, timeout: float = 240) -> None:
-    from medops.app.airflow_api import AirflowClient, admin_password
+    from medops.app.airflow_api import AirflowClient
 
-    leader = "airflow-api-server" if settings.profile == "cluster" else "airflow"
-    alive = lambda: processes.running(leader, settings) is not None  # noqa: E731
+    alive = lambda: processes.running("airflow-api-server", settings) is not None  # noqa: E731
     with AirflowClient(urls(settings)["airflow"]) as probe:
         processes.wait_until(probe.healthy, timeout, "Airflow API server and scheduler", alive=alive)
-    processes.wait_until(lambda: admin_password(settings.airflow_home) is not None, 60, "Airflow admin password")
 
 
 def serving_version(settings: Settings) -> str | None:
@@ -178,7 +234,7 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
     with console.status("[cyan]MLflow store and data registry…"):
         model_registry.ensure_experiment(settings)
         fresh = data_registry.latest_version(settings) is None
-        api_key = settings.service_api_keys()[0]
+        settings.service_api_keys()  # generated now, before anything that serves or calls the service starts
     if settings.profile == "cluster":
         with console.status(
             f"[cyan]starting Airflow (4 components, {settings.cluster_workers} Celery workers) and Evidently UI…"
@@ -191,7 +247,7 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
             "MLflow on PostgreSQL, DVC remote over WebDAV, Evidently"
         )
     else:
-        with console.status("[cyan]starting MLflow UI, Evidently UI and airflow standalone…"):
+        with console.status("[cyan]starting MLflow UI, Evidently UI and Airflow (4 components)…"):
             start_mlflow(settings)
             start_evidently(settings)
             start_airflow(settings)
@@ -232,26 +288,31 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
     # Hourly drift monitoring starts once there is a champion to monitor (its first run is immediate).
     client.unpause("monitor_drift")
     client.close()
-    print_summary(settings, out, api_key)
+    print_summary(settings, out)
 
 
-def print_summary(settings: Settings, out: Console, api_key: str) -> None:
-    from medops.app.airflow_api import admin_password
+def print_summary(settings: Settings, out: Console) -> None:
+    """URLs and where each credential is read (never the credential: a terminal gets scrolled back,
+    recorded, shared)."""
+    from medops.app.airflow_api import ADMIN_PASSWORD
 
     u = urls(settings)
     example = '{"records": [' + _example_record() + "]}"
+    secrets = settings.secrets_dir
+    key = "${MEDOPS_API_KEYS%%,*}" if settings.api_keys else f"$(cat {secrets / 'api_key'})"
     out.print(
         f"""
 [bold]medops is up[/] (MEDOPS_HOME={settings.home})
 
   Profile     {settings.profile}
-  Airflow     {u["airflow"]}    user [bold]admin[/], password [bold]{admin_password(settings.airflow_home)}[/]
-  MLflow      {u["mlflow"]}
+  Airflow     {u["airflow"]}    user [bold]admin[/], password in {secrets / ADMIN_PASSWORD}
+  MLflow      {u["mlflow"]}    user [bold]admin[/], password in {secrets / MLFLOW_ADMIN_PASSWORD}
   Evidently   {u["evidently"]}
-  Service     {u["serving"]}    API key [bold]{api_key}[/]
+  Service     {u["serving"]}    API key {"in MEDOPS_API_KEYS" if settings.api_keys else f"in {secrets / 'api_key'}"}
+  (each file is readable by you only)
 
 Predict:
-  curl -s -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \\
+  curl -s -H "Authorization: Bearer {key}" -H 'Content-Type: application/json' \\
        -d '{example}' {u["serving"]}/predict
 
 Drift scenario (drifted traffic → monitor → alert → retrain → new champion serving):
@@ -298,14 +359,12 @@ def down(settings: Settings, *, console: Console) -> None:
     console.print("[green]✓[/] serving stopped")
     from medops.app import cluster
 
-    # Whichever profile started them: `down` with the other profile set still stops everything.
-    for name in cluster.stop(settings):
+    # Every process either profile starts: `down` with the other profile set still stops everything.
+    stopped = cluster.stop(settings)
+    for name in stopped:
         console.print(f"[green]✓[/] {name} stopped")
-    for name in ("airflow", "mlflow", "evidently"):
-        if processes.stop(name, settings):
-            console.print(f"[green]✓[/] {name} stopped")
-        else:
-            console.print(f"[dim]{name} was not running[/]")
+    if not stopped:
+        console.print("[dim]no platform process was running[/]")
     left = processes.stop_strays(settings)
     if left:
         console.print(f"[green]✓[/] stopped {len(left)} process(es) left behind by the above")

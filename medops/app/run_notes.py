@@ -23,7 +23,7 @@ def note_run(dag_id: str, run_id: str, markdown: str, settings: Settings) -> boo
     from medops.app.airflow_api import AirflowClient, AirflowError, admin_password
     from medops.core.links import airflow_url
 
-    password = admin_password(settings.airflow_home)
+    password = admin_password(settings)
     if password is None:  # dag.test() in a test: no API server to write to, the log says it all
         log.info("run note (no Airflow API server to write it to):\n%s", markdown)
         return False

@@ -17,18 +17,14 @@ def airflow_url(settings: Settings) -> str:
     return f"http://{settings.host}:{settings.airflow_port}"
 
 
-def mlflow_url(settings: Settings) -> str:
-    return f"http://{settings.host}:{settings.mlflow_port}"
-
-
 def airflow_run(settings: Settings, dag_id: str, run_id: str) -> str:
     """The run's page in the Airflow 3 UI (grid, notes, task logs)."""
     return f"{airflow_url(settings)}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
 
 
 def mlflow_run(settings: Settings, experiment_id: str, run_id: str) -> str:
-    return f"{mlflow_url(settings)}/#/experiments/{quote(str(experiment_id), safe='')}/runs/{quote(run_id, safe='')}"
+    return f"{settings.mlflow_url}/#/experiments/{quote(str(experiment_id), safe='')}/runs/{quote(run_id, safe='')}"
 
 
 def mlflow_model_version(settings: Settings, model_name: str, version: str | int) -> str:
-    return f"{mlflow_url(settings)}/#/models/{quote(model_name, safe='')}/versions/{quote(str(version), safe='')}"
+    return f"{settings.mlflow_url}/#/models/{quote(model_name, safe='')}/versions/{quote(str(version), safe='')}"

@@ -5,8 +5,8 @@ with its output appended to a log under ``MEDOPS_HOME/run/``. It is remembered b
 in the same folder: its pid and the kernel's start time of that pid, so that a pid the kernel
 recycled after a crash is never signalled.
 
-Stopping sends SIGTERM to the process's group (``airflow standalone`` leaves its components in
-it, and they stop together) and waits for the process and every descendant it had when the
+Stopping sends SIGTERM to the process's group (an Airflow component leaves its task processes
+in it, and they stop together) and waits for the process and every descendant it had when the
 signal went out. Descendants in sessions of their own, such as the workers of a circus arbiter
 (``bentoml serve``), are out of reach of a group signal: their parent stops them, and whatever
 outlives it is terminated, then killed, one by one by pid. So nothing keeps running after
@@ -45,6 +45,23 @@ PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 SAME_PROCESS_SECONDS = 1.0  # start times of one process, read twice, differ by less
 ORPHAN_GRACE_SECONDS = 2.0  # how long descendants may outlive the process that should have stopped them
 KILL_GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL for processes signalled one by one
+
+
+# Test-only fault injection (tests/test_ingest_crashes.py, tests/test_rollout_crashes.py): a process
+# whose environment names a step in MEDOPS_TEST_CRASH_AT ends at once when it reaches that step.
+# Never set in production.
+CRASH_AT_VARIABLE = "MEDOPS_TEST_CRASH_AT"
+CRASH_EXIT_CODE = 86
+
+
+def crash_point(step: str) -> None:
+    """End the process on the spot at ``step`` if ``MEDOPS_TEST_CRASH_AT`` names it (tests only).
+
+    ``os._exit`` skips every ``finally`` block, ``except`` clause and exit handler, as a power cut
+    or a ``kill -9`` does: the fault-injection tests see exactly what a real crash leaves behind.
+    """
+    if os.environ.get(CRASH_AT_VARIABLE) == step:
+        os._exit(CRASH_EXIT_CODE)
 
 
 # Waiting ----------------------------------------------------------------------------------------------
@@ -119,13 +136,14 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None, *, servic
     ``MEDOPS_*`` (they win over what this process inherited), the stores under ``MEDOPS_HOME`` that
     tools find through variables of their own, and the platform marker :func:`strays` looks for.
 
-    ``service_keys=False`` leaves the service's bearer keys out, for the processes that never serve
-    or call the service (the MLflow and Evidently UIs): a key is only where it is needed."""
+    ``service_keys=False`` leaves the service's bearer keys and MLflow's login out, for the processes
+    that call neither (the MLflow and Evidently UIs): a key is only where it is needed."""
     fields = {f"MEDOPS_{name.upper()}" for name in type(settings).model_fields}
     env = {key: value for key, value in os.environ.items() if key not in fields}
     env.update(settings_env(settings))
     if not service_keys:
-        env.pop("MEDOPS_API_KEYS", None)
+        for name in ("MEDOPS_API_KEYS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            env.pop(name, None)
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
     env[PLATFORM_MARKER] = str(settings.home)
     env["BENTOML_HOME"] = str(settings.bentoml_home)  # BentoML reads its store's place once per process

@@ -20,6 +20,7 @@ from medops.core.files import write_atomically
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 MODEL_NAME = "breast_cancer_diagnosis"
+MLFLOW_ADMIN_PASSWORD = "mlflow_admin_password"  # a secret's name under MEDOPS_HOME/secrets
 
 
 class Settings(BaseSettings):
@@ -58,7 +59,7 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = None
     profile: Literal["standalone", "cluster"] = Field(
         default="standalone",
-        description="standalone: airflow standalone on SQLite; cluster: PostgreSQL, Celery workers, servers.",
+        description="standalone: Airflow on SQLite (LocalExecutor); cluster: PostgreSQL, Celery workers, servers.",
     )
     cluster_workers: int = Field(default=2, ge=1, description="Celery workers of the cluster profile.")
     postgres_url: str = Field(
@@ -89,6 +90,11 @@ class Settings(BaseSettings):
     max_records: int = 1000
     max_body_bytes: int = 2 * 1024 * 1024
     serving_workers: int = 1
+    prediction_log_durable: bool = Field(
+        default=True,
+        description="A /predict answer waits for the fsync of its prediction-log row. False exists only as "
+        "make bench's baseline for what that wait costs: answers could then be lost in a crash (never in production).",
+    )
 
     # Per API key and per serving worker process (a server with N workers admits up to N times
     # these); 0 switches a limit off. /explain has its own, stricter, limits.
@@ -134,6 +140,14 @@ class Settings(BaseSettings):
     monitor_strong_drift_p_value: float = Field(
         default=3e-7, description="A top feature drifted strongly: K-S p-value at or below this (and a material shift)."
     )
+    monitor_top_shift_p_value: float = Field(
+        default=3e-7,
+        description="The most important features' means moved together: Hotelling T² p-value at or below this "
+        "(and a shift of at least monitor_top_shift_distance).",
+    )
+    monitor_top_shift_distance: float = Field(
+        default=0.45, description="Least joint shift of the most important features (Mahalanobis distance)."
+    )
     monitor_strong_drift_distance: float = Field(
         default=0.5,
         description="A top feature drifted strongly where the reference has over 1,000 rows "
@@ -145,10 +159,11 @@ class Settings(BaseSettings):
     monitor_feedback_min_malignant: int = Field(
         default=25, description="Fewest labelled malignant cases in a window or site for realized sensitivity."
     )
-    monitor_feedback_labels_per_site: int = Field(
-        default=200,
-        description="Realized performance is judged on each site's latest this many labelled predictions "
-        "(the window's and earlier ones), since labels come back after the window closed.",
+    monitor_label_window: int = Field(
+        default=300,
+        gt=0,
+        description="Realized performance is judged on the latest this many labelled predictions of each site "
+        "and of all sites together (the window's and earlier ones): labels come back after the window closed.",
     )
     monitor_refusal_min_requests: int = Field(
         default=50, description="Fewest records a site sent (scored and refused) before its refusal rate is judged."
@@ -203,8 +218,18 @@ class Settings(BaseSettings):
         return self.home / "airflow"
 
     @property
+    def airflow_passwords_file(self) -> Path:
+        """Airflow's simple auth manager reads its users' passwords here (medops writes it, 0600)."""
+        return self.airflow_home / "simple_auth_manager_passwords.json"
+
+    @property
     def mlflow_dir(self) -> Path:
         return self.home / "mlflow"
+
+    @property
+    def mlflow_url(self) -> str:
+        """medops' own MLflow server: the UI (standalone) or the tracking server (cluster), behind basic auth."""
+        return f"http://{self.host}:{self.mlflow_port}"
 
     @property
     def tracking_uri(self) -> str:
@@ -212,7 +237,7 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         if self.profile == "cluster":
-            return f"http://{self.host}:{self.mlflow_port}"
+            return self.mlflow_url
         return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
 
     @property
@@ -283,6 +308,10 @@ class Settings(BaseSettings):
     def evidently_secret(self) -> str:
         """What the Evidently UI asks of a write through its API (reading stays open on loopback)."""
         return self._secret("evidently_secret")
+
+    def mlflow_credentials(self) -> dict[str, str]:
+        """MLflow's admin on medops' own server, as the variables MLflow's client reads them from."""
+        return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self._secret(MLFLOW_ADMIN_PASSWORD)}
 
     def service_api_keys(self) -> list[str]:
         """Bearer keys the service accepts: ``MEDOPS_API_KEYS`` or a key generated on first run."""
