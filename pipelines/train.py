@@ -938,32 +938,33 @@ def promote(
             reasons=[needed] if needed else [],
             entered_by=actor,
         )
-    # Two trainings may reach here at once: the champion is read, judged against and moved by one at a time.
+    # Two trainings may reach here at once: the champion is read, judged against, moved and the move
+    # audited by one at a time, so the audit trail's promotions are in the order the alias moved.
     with model_registry.champion_lock(settings):
         previous = model_registry.champion_version(settings)
         compared = tags.get("champion_compared") or None
         if previous not in (compared, version) and not _passes_against(version, previous, settings, actor=actor):
             return False
         model_registry.set_champion(version, settings)
-    model_registry.tag_version(
-        version,
-        {
-            "gate_decision": "promoted",
-            "previous_champion": previous or "",
-            **({"approved_by": person} if person else {}),
-        },
-        settings,
-    )
-    run_id = model_registry.client(settings).get_model_version(settings.model_name, version).run_id
-    governance.record(
-        "promotion",
-        actor=person or actor,
-        reason=f"@champion -> v{version} (was {f'v{previous}' if previous else 'none'}): gate passed"
-        + (f", approved by {person}" if person else ""),
-        settings=settings,
-        links={"data_version": tags.get("data_version"), "previous_champion": previous},
-        run_id=run_id,
-        model_version=version,
-    )
+        model_registry.tag_version(
+            version,
+            {
+                "gate_decision": "promoted",
+                "previous_champion": previous or "",
+                **({"approved_by": person} if person else {}),
+            },
+            settings,
+        )
+        run_id = model_registry.client(settings).get_model_version(settings.model_name, version).run_id
+        governance.record(
+            "promotion",
+            actor=person or actor,
+            reason=f"@champion -> v{version} (was {f'v{previous}' if previous else 'none'}): gate passed"
+            + (f", approved by {person}" if person else ""),
+            settings=settings,
+            links={"data_version": tags.get("data_version"), "previous_champion": previous},
+            run_id=run_id,
+            model_version=version,
+        )
     model_card.publish(version, settings)
     return True

@@ -460,12 +460,14 @@ def _deploy_lock(settings: Settings) -> BaseFileLock:
 
 
 def version_to_deploy(settings: Settings, requested: str | None = None, triggering_events: Any = None) -> str:
-    """What deploy_model serves: the requested version, else the promoting event's, else @champion.
+    """What deploy_model serves: the requested version, else @champion, else the promoting event's.
 
     ``triggering_events`` is Airflow's ``triggering_asset_events`` (keyed by asset objects); the
-    ``medops/champion`` events carry ``{"model_version": ...}`` in their extra.
+    ``medops/champion`` events carry ``{"model_version": ...}`` in their extra. @champion comes
+    before the event's version: when two trainings promoted one after the other, the first one's
+    event names a version already superseded, and serving it would point @champion back at it.
     """
-    version = str(requested or "").strip()
+    version = str(requested or "").strip() or _champion_version(settings) or ""
     if not version:
         groups = [
             group
@@ -474,7 +476,6 @@ def version_to_deploy(settings: Settings, requested: str | None = None, triggeri
         ]
         extras = [getattr(event, "extra", None) or {} for group in groups for event in group]
         version = next((str(e["model_version"]) for e in reversed(extras) if e.get("model_version")), "")
-    version = version or _champion_version(settings) or ""
     if not version:
         raise ValueError(f"no model version given and no @champion of {settings.model_name} in the registry")
     return version
