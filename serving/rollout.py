@@ -520,6 +520,7 @@ def deploy(
         if stable is not None:
             stable = _settle_switch(stable, settings, timeout=switch_timeout)
         previous = stable.model_version if stable is not None else _last_deployed(settings)
+        champion_before = _champion_version(settings)
         candidate: ServerRecord | None = None
         switched = False
         try:
@@ -552,7 +553,8 @@ def deploy(
                 mode = "start"
             crash_point("after_switch")
             smoke_test(stable.url, version, settings, expected=expected)
-            if _champion_version(settings) != version:
+            # Moved during the rollout (a concurrent training promoted): left alone, its own run serves it next.
+            if _champion_version(settings) == champion_before != version:
                 _set_champion(version, settings)
             crash_point("after_champion")
         except Exception as error:
