@@ -22,6 +22,7 @@ SECTION_TITLES = {
     "loop": "Loop latency",
     "dag_parsing": "DAG parsing",
     "ingest": "Ingest",
+    "cluster": "Cluster profile scaling",
 }
 COLUMNS = ("section", "case", "metric", "medops", "baseline", "medops / baseline", "goal", "met")
 

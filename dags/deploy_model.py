@@ -6,7 +6,7 @@ default 3000) without a failed request, or back to an earlier version.
 
 * **Runs when** `train_model` promotes a version (Asset `medops/champion`), or manually with the
   form's `model_version`: a rollback, or serving a champion again after `medops serve-stop`.
-* **Steps**: `choose_version` (the form, else the promotion's event, else `@champion`) ->
+* **Steps**: `choose_version` (the form, else `@champion`, else the promotion's event) ->
   `build_bento` (import `models:/<name>/<version>` into BentoML, build the Bento tagged with the
   version) -> `roll_out` (start it beside the running server, smoke-test it: readiness and
   predictions on the version's evaluation rows equal to the MLflow model's; then switch the
@@ -60,7 +60,7 @@ from medops.orchestration import CHAMPION, DEFAULT_ARGS
 def deploy_model():
     @task
     def choose_version() -> str:
-        """The version to serve (the form's, else the promotion event's, else @champion), if the protocol allows."""
+        """The version to serve (the form's, else @champion, else the promotion event's), if the protocol allows."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from medops.core.settings import get_settings

@@ -27,6 +27,8 @@ Trains, evaluates and registers a diagnosis model, then lets the gate decide abo
 * **Emits** `medops/champion` on promotion, which schedules `deploy_model`; and `medops/data` when
   drift retraining versioned feedback labels (that event names this run in `trained_by`, so the
   run it schedules skips instead of training on the same data again).
+* **Concurrency**: two runs at most at once (two data versions landing together); a promotion
+  finding `@champion` moved by the other run since its gate judges the version again against it.
 * **Run note**: refused (the gate's reasons), waiting for approval, or promoted, with the figures
   and links to the MLflow run and model version.
 """
@@ -48,7 +50,9 @@ FAMILIES = ["logistic_regression", "svm", "gradient_boosting"]
     schedule=(DATA | DRIFT),
     start_date=datetime(2026, 1, 1),
     catchup=False,
-    max_active_runs=1,
+    # Two data versions landing at once train side by side (the cluster's workers take both); the
+    # registry numbers versions itself and promotions take turns (pipelines.train.promote).
+    max_active_runs=2,
     default_args=DEFAULT_ARGS,
     tags=["medops", "training"],
     doc_md=__doc__,
@@ -280,7 +284,13 @@ def train_model():
                 result["approval_reasons"]
             )
         if not promote_version(result["model_version"], settings, approved_by=approved_by, approval_reason=reason):
-            raise RuntimeError(f"model version {result['model_version']} did not pass the gate")
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            # only a concurrent training's promotion gets here: judged again against it, this one lost
+            raise AirflowSkipException(
+                f"model version {result['model_version']} does not pass the gate against the champion "
+                "another training promoted meanwhile (its tags and the audit trail say why)"
+            )
         context["outlet_events"][CHAMPION].extra = {"model_version": result["model_version"]}
         from medops.app.run_notes import note_run, training_note
 

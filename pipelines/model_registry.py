@@ -95,6 +95,17 @@ def champion_version(settings: Settings) -> str | None:
     return alias_version(CHAMPION, settings)
 
 
+def champion_lock(settings: Settings):
+    """Held while ``@champion`` is read, judged against and moved: two trainings promote one at a time.
+
+    A file under ``MEDOPS_HOME``: every process that promotes shares it (the Celery workers of the
+    cluster profile run on this host); workers on other hosts would need a lock they all reach.
+    """
+    from medops.core.files import file_lock
+
+    return file_lock(settings.home / "state" / ".champion.lock", timeout=900)
+
+
 def set_champion(version: str, settings: Settings) -> None:
     """Point ``@champion`` at a version (promotion, or rollback to the previous champion)."""
     mlflow_client = client(settings)

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from medops.core import assets
-from medops.core.files import sha256_file, write_atomically
+from medops.core.files import file_lock, sha256_file, write_atomically
 from medops.core.settings import Settings
 from pipelines import data_registry
 
@@ -116,14 +116,16 @@ def plan_training(
         data_version = data_version or next((v for v in reversed(announced) if v), None)
     elif assets.DRIFT in events:
         trigger = "drift"
-        left = in_cooldown(settings)
-        if left is not None:
-            print(f"drift retraining skipped: cooldown of {settings.retrain_cooldown_hours} h has {left} left")
-            return None
-        state = _load_state(settings)
-        state["last_drift_retraining"] = datetime.now(UTC).isoformat()
-        _save_state(state, settings)
-        feedback_version = version_feedback(settings)
+        # Two runs may plan at once: one checks and starts the cooldown (and versions feedback) at a time.
+        with file_lock(_state_file(settings).with_name(".retraining.lock"), timeout=900):
+            left = in_cooldown(settings)
+            if left is not None:
+                print(f"drift retraining skipped: cooldown of {settings.retrain_cooldown_hours} h has {left} left")
+                return None
+            state = _load_state(settings)
+            state["last_drift_retraining"] = datetime.now(UTC).isoformat()
+            _save_state(state, settings)
+            feedback_version = version_feedback(settings)
         print(f"feedback labels versioned as {feedback_version}" if feedback_version else "no new feedback labels")
     else:
         trigger = "manual"

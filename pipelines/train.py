@@ -865,6 +865,39 @@ def train_model(
     return result
 
 
+def _passes_against(version: str, champion: str | None, settings: Settings, *, actor: str) -> bool:
+    """Judge ``version`` again, against the champion now in place: another training promoted it after
+    this version's gate compared with the one before. Same protocol and thresholds; the new verdict
+    goes to the version's tags and the audit trail. Call with :func:`model_registry.champion_lock` held.
+    """
+    from pipelines.protocol import load_protocol
+
+    run_id = model_registry.client(settings).get_model_version(settings.model_name, version).run_id
+    stored = stored_decision(run_id, settings)
+    decision = judge_version(version, settings, load_protocol(), stored.thresholds if stored else None)
+    reason = f"judged again: @champion moved to v{champion} since this version's gate. {short_reason(decision)}"
+    model_registry.tag_version(
+        version,
+        {
+            "champion_compared": champion or "",
+            "gate_passed": str(decision.passed).lower(),
+            "gate_decision": "passed" if decision.passed else "rejected",
+            "gate_reason": reason[:SHORT_REASON_CHARS],
+        },
+        settings,
+    )
+    governance.record(
+        "gate_decision",
+        actor=actor,
+        reason=reason,
+        settings=settings,
+        details=decision_summary(decision),
+        run_id=run_id,
+        model_version=version,
+    )
+    return decision.passed
+
+
 def promote(
     result_or_version: TrainResult | str,
     settings: Settings,
@@ -879,6 +912,8 @@ def promote(
     ``MEDOPS_REQUIRE_APPROVAL``) moves only with ``approved_by`` naming a person (a placeholder is
     refused with :class:`pipelines.governance.ApprovalRequired`); the approval, when not recorded
     yet, and the promotion go to the audit trail, and the model card is published again with them.
+    When another training moved ``@champion`` after this version's gate compared it with the one
+    before (concurrent trainings), it is judged again against the new champion and moves only if it passes.
     """
     from pipelines import model_card
 
@@ -903,27 +938,33 @@ def promote(
             reasons=[needed] if needed else [],
             entered_by=actor,
         )
-    previous = model_registry.champion_version(settings)
-    model_registry.set_champion(version, settings)
-    model_registry.tag_version(
-        version,
-        {
-            "gate_decision": "promoted",
-            "previous_champion": previous or "",
-            **({"approved_by": person} if person else {}),
-        },
-        settings,
-    )
-    run_id = model_registry.client(settings).get_model_version(settings.model_name, version).run_id
-    governance.record(
-        "promotion",
-        actor=person or actor,
-        reason=f"@champion -> v{version} (was {f'v{previous}' if previous else 'none'}): gate passed"
-        + (f", approved by {person}" if person else ""),
-        settings=settings,
-        links={"data_version": tags.get("data_version"), "previous_champion": previous},
-        run_id=run_id,
-        model_version=version,
-    )
+    # Two trainings may reach here at once: the champion is read, judged against, moved and the move
+    # audited by one at a time, so the audit trail's promotions are in the order the alias moved.
+    with model_registry.champion_lock(settings):
+        previous = model_registry.champion_version(settings)
+        compared = tags.get("champion_compared") or None
+        if previous not in (compared, version) and not _passes_against(version, previous, settings, actor=actor):
+            return False
+        model_registry.set_champion(version, settings)
+        model_registry.tag_version(
+            version,
+            {
+                "gate_decision": "promoted",
+                "previous_champion": previous or "",
+                **({"approved_by": person} if person else {}),
+            },
+            settings,
+        )
+        run_id = model_registry.client(settings).get_model_version(settings.model_name, version).run_id
+        governance.record(
+            "promotion",
+            actor=person or actor,
+            reason=f"@champion -> v{version} (was {f'v{previous}' if previous else 'none'}): gate passed"
+            + (f", approved by {person}" if person else ""),
+            settings=settings,
+            links={"data_version": tags.get("data_version"), "previous_champion": previous},
+            run_id=run_id,
+            model_version=version,
+        )
     model_card.publish(version, settings)
     return True

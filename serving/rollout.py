@@ -460,12 +460,14 @@ def _deploy_lock(settings: Settings) -> BaseFileLock:
 
 
 def version_to_deploy(settings: Settings, requested: str | None = None, triggering_events: Any = None) -> str:
-    """What deploy_model serves: the requested version, else the promoting event's, else @champion.
+    """What deploy_model serves: the requested version, else @champion, else the promoting event's.
 
     ``triggering_events`` is Airflow's ``triggering_asset_events`` (keyed by asset objects); the
-    ``medops/champion`` events carry ``{"model_version": ...}`` in their extra.
+    ``medops/champion`` events carry ``{"model_version": ...}`` in their extra. @champion comes
+    before the event's version: when two trainings promoted one after the other, the first one's
+    event names a version already superseded, and serving it would point @champion back at it.
     """
-    version = str(requested or "").strip()
+    version = str(requested or "").strip() or _champion_version(settings) or ""
     if not version:
         groups = [
             group
@@ -474,7 +476,6 @@ def version_to_deploy(settings: Settings, requested: str | None = None, triggeri
         ]
         extras = [getattr(event, "extra", None) or {} for group in groups for event in group]
         version = next((str(e["model_version"]) for e in reversed(extras) if e.get("model_version")), "")
-    version = version or _champion_version(settings) or ""
     if not version:
         raise ValueError(f"no model version given and no @champion of {settings.model_name} in the registry")
     return version
@@ -519,6 +520,7 @@ def deploy(
         if stable is not None:
             stable = _settle_switch(stable, settings, timeout=switch_timeout)
         previous = stable.model_version if stable is not None else _last_deployed(settings)
+        champion_before = _champion_version(settings)
         candidate: ServerRecord | None = None
         switched = False
         try:
@@ -551,7 +553,8 @@ def deploy(
                 mode = "start"
             crash_point("after_switch")
             smoke_test(stable.url, version, settings, expected=expected)
-            if _champion_version(settings) != version:
+            # Moved during the rollout (a concurrent training promoted): left alone, its own run serves it next.
+            if _champion_version(settings) == champion_before != version:
                 _set_champion(version, settings)
             crash_point("after_champion")
         except Exception as error:

@@ -10,7 +10,9 @@ separate process calling /predict and seeing no failed request. On top: training
 with no log server listening, the data registry's remote is the WebDAV server, the doors are locked
 as in the standalone test (loopback only, MLflow's tracking server behind its password, no secret
 in a file or in what `up` printed), `medops down` leaves no process and no listening port, and the
-databases are medops' own (dropped at the end).
+databases are medops' own (dropped at the end). Last, two data versions train at once (two
+train_model runs overlapping on the workers) and the model registry, the data registry and the
+audit chain come out consistent.
 """
 
 from __future__ import annotations
@@ -141,8 +143,10 @@ def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp,
         password = admin_password(settings)
         assert password
         airflow = AirflowClient(airflow_url, password=password)
+        # deploy_model may still be stopping its candidate when the champion answers
         for dag_id in ("ingest_data", "train_model", "deploy_model"):
-            assert [r.state.value for r in airflow.runs(dag_id)] == ["success"], dag_id
+            (run,) = airflow.runs(dag_id)
+            assert airflow.wait_for_run(dag_id, run.dag_run_id, timeout=300).state.value == "success", dag_id
         with MedopsClient(serving, "e2e-key", timeout=10) as service:
             assert service.metadata().model_version == "1"
 
@@ -210,6 +214,10 @@ def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp,
         served, failed = counts[0], counts[1]
         assert served > 20 and failed == 0, f"{failed} failed of {served + failed} requests during the rollout"
         assert client.get_model_version_by_alias("breast_cancer_diagnosis", "champion").version == new
+
+        # 3. two data versions at once: two train_model runs side by side on the workers.
+        _concurrent_trainings(airflow, client, settings, env, serving)
+        stages.done("two data versions -> two concurrent trainings -> one champion serving")
     finally:
         if airflow is not None:
             airflow.close()
@@ -223,3 +231,58 @@ def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp,
     assert _platform_processes(home) == [], _describe(_platform_processes(home))
     assert _listening(list(ports.values())) == []
     assert cluster.existing_databases(settings) == sorted(cluster.database_names(settings))
+
+
+def _concurrent_trainings(airflow, client, settings: Settings, env: dict[str, str], serving: str) -> None:
+    """Two batches versioned, then train_model triggered on each at once: both runs log and register,
+    with distinct version numbers and their own data version; @champion ends on the version promoted
+    last, which passed the gate; the data registry and the audit chain are intact; the new champion serves."""
+    import json
+
+    from bench.fixtures import synthetic_rows
+    from pipelines import data_registry, governance
+    from pipelines.data import write_frame
+
+    ingested = []
+    for index in (1, 2):
+        batch = write_frame(synthetic_rows(150, rng_seed=700 + index), settings.home / f"concurrent-{index}.csv")
+        ingested.append(json.loads(_medops(env, "ingest", str(batch), "--json").stdout))
+    versions = [result["version"] for result in ingested]
+    assert all(versions) and versions[0] != versions[1], ingested
+    run_ids = [airflow.trigger("train_model", {"data_version": version}) for version in versions]
+    runs = [airflow.wait_for_run("train_model", run_id, timeout=900) for run_id in run_ids]
+    assert [run.state.value for run in runs] == ["success", "success"], runs
+    assert max(run.start_date for run in runs) < min(run.end_date for run in runs), "the runs did not overlap"
+
+    registered = [airflow.xcom("train_model", run_id, "register") for run_id in run_ids]
+    numbers = [item["model_version"] for item in registered]
+    assert len(set(numbers)) == 2, registered
+    for item, version in zip(registered, versions, strict=True):
+        model_version = client.get_model_version("breast_cancer_diagnosis", item["model_version"])
+        assert model_version.run_id == item["mlflow_run_id"]
+        assert model_version.tags["data_version"] == version
+        assert client.get_run(item["mlflow_run_id"]).data.tags["data_version"] == version
+    # Promotions are audited in the order the alias moved (under the champion lock): the last one holds it.
+    promotions = {
+        number: entry.seq for number in numbers for entry in governance.entries_about(number, settings, ("promotion",))
+    }
+    assert promotions, "neither concurrent training was promoted"
+    champion = client.get_model_version_by_alias("breast_cancer_diagnosis", "champion")
+    assert champion.version == max(promotions, key=promotions.get), promotions
+    assert champion.tags["gate_passed"] == "true"
+    if len(promotions) == 2:  # the later was judged against the earlier, at its gate or again when promoting
+        assert champion.tags["champion_compared"] == min(promotions, key=promotions.get), champion.tags
+
+    # The registry: versions numbered without a gap, each batch once, rows adding up.
+    tags = data_registry.list_versions(settings)
+    assert tags == [f"data-v{n}" for n in range(1, len(tags) + 1)] and tags[-2:] == versions
+    first, second = (data_registry.describe_version(version, settings) for version in versions)
+    assert second.rows == first.rows + ingested[1]["accepted"]
+    manifest = json.loads((settings.registry_dir / data_registry.MANIFEST).read_text())
+    assert [r.get("version") for r in manifest["batches"] if r.get("version") in versions] == versions
+    _medops(env, "audit", "verify")
+
+    def serving_champion() -> bool:
+        return httpx.get(f"{serving}/livez", timeout=5).headers.get("x-model-version") == champion.version
+
+    _wait(serving_champion, 600, f"model version {champion.version} serving")

@@ -376,7 +376,7 @@ def _wait(condition, timeout: float = 5.0) -> None:
 # the deploy_model DAG -------------------------------------------------------------------------
 
 
-def test_version_to_deploy_prefers_form_then_event_then_champion(settings: Settings, monkeypatch):
+def test_version_to_deploy_prefers_form_then_champion_then_event(settings: Settings, monkeypatch):
     from types import SimpleNamespace
 
     from medops.orchestration import CHAMPION, DATA
@@ -388,9 +388,11 @@ def test_version_to_deploy_prefers_form_then_event_then_champion(settings: Setti
         data: [SimpleNamespace(extra={"model_version": "9"})],
     }
     assert rollout.version_to_deploy(settings, " 3 ", events) == "3"
-    assert rollout.version_to_deploy(settings, "", events) == "5"  # the latest promotion
+    # v4 and v5 were promoted, then v7 (a concurrent training): serving v5 would pull @champion back
+    assert rollout.version_to_deploy(settings, "", events) == "7"
     assert rollout.version_to_deploy(settings, None, {data: events[data]}) == "7"
     monkeypatch.setattr(rollout, "_champion_version", lambda s: None)
+    assert rollout.version_to_deploy(settings, "", events) == "5"  # no alias: the latest promotion
     with pytest.raises(ValueError, match="no model version"):
         rollout.version_to_deploy(settings)
 

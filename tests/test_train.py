@@ -137,6 +137,21 @@ def test_a_model_that_fails_the_gate_is_not_promoted(registry_home: Settings):
     assert model_registry.version_tags(result.model_version, registry_home)["gate_decision"] == "rejected"
 
 
+def test_a_promotion_after_a_concurrent_one_is_judged_against_the_new_champion(registry_home: Settings):
+    """Two trainings gated against the same champion (none): the second to promote meets the first's."""
+    from pipelines import governance
+
+    first, second = (train_model(registry_home, families=["logistic_regression"]) for _ in range(2))
+    assert first.gate.champion_version is None and second.gate.champion_version is None
+    assert promote(first, registry_home)
+    assert promote(second, registry_home)  # same rows, same model: non-inferior to the first
+    assert model_registry.champion_version(registry_home) == second.model_version
+    tags = model_registry.version_tags(second.model_version, registry_home)
+    assert tags["champion_compared"] == first.model_version and tags["previous_champion"] == first.model_version
+    decisions = governance.entries_about(second.model_version, registry_home, ("gate_decision",))
+    assert [entry.reason.startswith("judged again: @champion moved to v") for entry in decisions] == [False, True]
+
+
 def test_unknown_family_is_a_clear_error(registry_home: Settings):
     with pytest.raises(ValueError, match="unknown model family random_forest"):
         train_model(registry_home, families=["random_forest"])
