@@ -106,7 +106,8 @@ def test_the_platform_checks_catch_an_open_file_and_a_leaked_secret(tmp_path: Pa
     dvc_like.write_text("rows")
     dvc_like.chmod(0o444)  # readable by all, but inside a folder others cannot enter
     assert assert_nothing_readable_by_others(home) == 4
-    (home / "run").mkdir(mode=0o755)
+    (home / "run").mkdir()
+    (home / "run").chmod(0o755)  # not mkdir's mode: the umask (medops sets 077 in-process) would mask it
     log = home / "run" / "airflow.log"
     log.write_text("Password for user 'admin': s3cret-value\n")
     log.chmod(0o644)
