@@ -3,7 +3,8 @@
 On a platform `medops up` starts on a temporary MEDOPS_HOME with free ports and no alert channel
 (so the drift alert waits in the outbox): log in to Airflow, trigger each DAG from its form with
 its defaults, see a refused challenger's run note, follow its link to the MLflow model version,
-follow the drift alert's link to the Evidently report, open the service's API docs, authorize
+follow the drift alert's link to the Evidently report and on to the project's dashboard (signals
+beside their thresholds, per site), open the service's API docs, authorize
 and call /metadata from them. Each step leaves a screenshot in ``tests/artifacts/browser/``.
 
 ``MEDOPS_BROWSER_PLATFORM=<file of export lines>`` points the suite at a platform already up
@@ -213,6 +214,13 @@ def test_04_the_drift_alert_links_to_the_evidently_report(page: Any, platform: S
     page.wait_for_timeout(2000)  # let the page finish drawing (it keeps polling, so never "idle")
     page.get_by_text("Drift", exact=False).first.wait_for()
     shot(page, "07-evidently-report-from-alert")
+    # The project's dashboard: the verdict over time and every signal beside its threshold.
+    page.goto(report.split("/reports/")[0])
+    page.get_by_text("Latest verdict and severity").first.wait_for()
+    page.get_by_text("threshold (gate's minimum sensitivity)").first.wait_for()
+    page.get_by_text("site-d: prediction drift p-value").first.wait_for()
+    page.wait_for_timeout(2000)  # the plots draw after their series arrive
+    shot(page, "07b-evidently-dashboard")
 
 
 def test_05_api_docs_open_in_a_browser_and_authorize(page: Any, platform: SimpleNamespace):
