@@ -316,13 +316,13 @@ def run(quick: bool = False, runs: int = 1) -> SectionResult:
     _sweep_rows(section, results, [name for name in SCENARIOS if name.startswith("important_")] + sweep)
     real = real_calm(settings, windows=20 if quick else REAL_CALM_WINDOWS)
     section.data["real_calm"] = real
+    simulated = real["simulated"]
     section.goal(
-        "real calm traffic: the real hold-out and medops simulate's windows stay silent",
-        "no alert",
-        f"hold-out {real['holdout_verdict']}; "
-        f"{_rate(real['simulated']['alarms'], real['simulated']['windows'])} of simulated "
-        f"{real['simulated']['rows']}-record windows alerted",
-        real["holdout_verdict"] not in ALERTS and real["simulated"]["alarms"] == 0,
+        "real calm traffic: the real hold-out silent, medops simulate's windows within the false-alarm goal",
+        f"silent; <= {GOAL_FALSE_ALARMS:.0%}",
+        f"hold-out {real['holdout_verdict']}; {_rate(simulated['alarms'], simulated['windows'])} of simulated "
+        f"{simulated['rows']}-record windows alerted",
+        real["holdout_verdict"] not in ALERTS and simulated["alarms"] <= GOAL_FALSE_ALARMS * simulated["windows"],
     )
     section.data["evidently_check"] = _evidently_check(champion, settings, sizes)
     same = all(check["same"] for check in section.data["evidently_check"])
