@@ -390,8 +390,9 @@ def _settle_switch(record: ServerRecord, settings: Settings, *, timeout: float) 
     return record
 
 
-def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout: float = 120) -> ServerRecord:
+def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout: float | None = None) -> ServerRecord:
     """Start the stable server on ``settings.serving_port`` from ``bento``, serving ``version``."""
+    ready_timeout = settings.serving_ready_timeout if ready_timeout is None else ready_timeout
     if not processes.port_is_free(settings.host, settings.serving_port):
         raise RuntimeError(
             f"port {settings.serving_port} is taken by a process medops does not know about; "
@@ -486,8 +487,8 @@ def deploy(
     settings: Settings,
     *,
     bento: str | None = None,
-    ready_timeout: float = 120,
-    switch_timeout: float = 60,
+    ready_timeout: float | None = None,
+    switch_timeout: float | None = None,
     override_by: str | None = None,
     override_reason: str | None = None,
     actor: str = SCHEDULER,
@@ -507,6 +508,8 @@ def deploy(
     """
     version = str(version)
     started = time.monotonic()
+    ready_timeout = settings.serving_ready_timeout if ready_timeout is None else ready_timeout
+    switch_timeout = settings.serving_ready_timeout if switch_timeout is None else switch_timeout
     overridden_by = (
         require_deployable(version, settings, override_by=override_by, override_reason=override_reason, actor=actor)
         if gate_checked
@@ -675,7 +678,7 @@ def serve(
     settings: Settings,
     version: str | None = None,
     *,
-    ready_timeout: float = 120,
+    ready_timeout: float | None = None,
     override_by: str | None = None,
     override_reason: str | None = None,
     actor: str = SCHEDULER,
