@@ -22,6 +22,9 @@ predictions of each site and overall, the window's and those of the stream's ear
 the same scenario, up to ``HISTORY_WINDOWS``). A site whose latest labels happen to be poor stays
 so for several windows, so calm false alarms come in runs. Besides the scenarios, shifts of the
 top features by ``SWEEP_FACTORS`` are judged at 200 rows, for the smallest shift caught there.
+Production uses the same defaults on real traffic, so :func:`real_calm` judges real rows under them
+too: the seed's real hold-out as one window and ``medops simulate``'s undrifted traffic, against a
+champion fitted on the real training split (generated data chose the thresholds; this only checks).
 
 A scenario counts as caught when the window's verdict is one of the scenario's verdicts
 (``drift``/``performance_drop`` for shifts and prevalence, ``data_quality`` for the wrong unit,
