@@ -483,7 +483,11 @@ def log_run(
         )
         mlflow.log_metrics({k: float(v) for k, v in fit.metrics.items() if v is not None})
         mlflow.log_metrics({f"cv_roc_auc_{k}": v for k, v in fit.cv_roc_auc.items()})
-        source = f"{settings.registry_url or settings.registry_dir}@{data_version}"
+        source: Any = f"{settings.registry_dir}@{data_version}"
+        if settings.registry_url:  # a worker host read the registry's remote; MLflow knows no git source type
+            from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+            source = HTTPDatasetSource(f"{settings.registry_url}@{data_version}")
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         for rows, name, context in ((train, "train", "training"), (holdout, "holdout", "evaluation")):
             dataset = mlflow.data.from_pandas(
