@@ -390,8 +390,9 @@ def _settle_switch(record: ServerRecord, settings: Settings, *, timeout: float) 
     return record
 
 
-def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout: float = 120) -> ServerRecord:
+def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout: float | None = None) -> ServerRecord:
     """Start the stable server on ``settings.serving_port`` from ``bento``, serving ``version``."""
+    ready_timeout = settings.serving_ready_timeout if ready_timeout is None else ready_timeout
     if not processes.port_is_free(settings.host, settings.serving_port):
         raise RuntimeError(
             f"port {settings.serving_port} is taken by a process medops does not know about; "
@@ -486,8 +487,8 @@ def deploy(
     settings: Settings,
     *,
     bento: str | None = None,
-    ready_timeout: float = 120,
-    switch_timeout: float = 60,
+    ready_timeout: float | None = None,
+    switch_timeout: float | None = None,
     override_by: str | None = None,
     override_reason: str | None = None,
     actor: str = SCHEDULER,
@@ -507,6 +508,8 @@ def deploy(
     """
     version = str(version)
     started = time.monotonic()
+    ready_timeout = settings.serving_ready_timeout if ready_timeout is None else ready_timeout
+    switch_timeout = settings.serving_ready_timeout if switch_timeout is None else switch_timeout
     overridden_by = (
         require_deployable(version, settings, override_by=override_by, override_reason=override_reason, actor=actor)
         if gate_checked
@@ -558,11 +561,12 @@ def deploy(
                 _set_champion(version, settings)
             crash_point("after_champion")
         except Exception as error:
-            _fall_back(stable if switched else None, previous, settings)
+            champion_back = _fall_back(stable if switched else None, version, previous, settings)
             message = f"deploying model version {version} failed: {error}"
+            alias = f"back on v{previous}" if champion_back else f"unchanged (v{_champion_version(settings)})"
             _raise_alert(
                 f"medops deploy of model version {version} failed",
-                f"{message}. Still serving: {previous or 'nothing'}; @champion -> {previous or 'unchanged'}.",
+                f"{message}. Still serving: {previous or 'nothing'}; @champion {alias}.",
                 settings,
             )
             if previous is not None:
@@ -570,7 +574,7 @@ def deploy(
                     "rollback",
                     previous,
                     SCHEDULER,
-                    f"automatic: {message[:300]}; v{previous} kept serving, @champion back on it",
+                    f"automatic: {message[:300]}; v{previous} kept serving, @champion {alias}",
                     settings,
                     failed_version=version,
                 )
@@ -611,19 +615,25 @@ def _last_deployed(settings: Settings) -> str | None:
     return str(history[-1]["version"]) if history else None
 
 
-def _fall_back(stable: ServerRecord | None, previous: str | None, settings: Settings) -> None:
-    """After a failed rollout: the stable server back on ``previous``, ``@champion`` too."""
+def _fall_back(stable: ServerRecord | None, failed: str, previous: str | None, settings: Settings) -> bool:
+    """After a failed rollout: the stable server back on ``previous``; ``@champion`` too when it
+    names the version that failed. One that names another version was moved by a promotion meanwhile
+    (a concurrent training): pointing it back would undo that promotion, whose own run serves it next.
+    Returns whether ``@champion`` was pointed back."""
     if stable is not None and previous is not None:
         try:
             switch_stable(stable, previous, settings)
         except Exception:
             logger.exception("could not switch the stable server back to model version %s", previous)
-    if previous is not None:
-        try:
-            if _champion_version(settings) != previous:
-                _set_champion(previous, settings)
-        except Exception:
-            logger.exception("could not point @champion back at model version %s", previous)
+    if previous is None or previous == failed:
+        return False
+    try:
+        if _champion_version(settings) == failed:
+            _set_champion(previous, settings)
+            return True
+    except Exception:
+        logger.exception("could not point @champion back at model version %s", previous)
+    return False
 
 
 def _served_before(version: str, settings: Settings) -> bool:
@@ -668,7 +678,7 @@ def serve(
     settings: Settings,
     version: str | None = None,
     *,
-    ready_timeout: float = 120,
+    ready_timeout: float | None = None,
     override_by: str | None = None,
     override_reason: str | None = None,
     actor: str = SCHEDULER,

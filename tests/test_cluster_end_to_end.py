@@ -321,4 +321,17 @@ def _concurrent_trainings(airflow, client, settings: Settings, env: dict[str, st
     def serving_champion() -> bool:
         return httpx.get(f"{serving}/livez", timeout=5).headers.get("x-model-version") == champion.version
 
-    _wait(serving_champion, 600, f"model version {champion.version} serving")
+    try:
+        _wait(serving_champion, 600, f"model version {champion.version} serving")
+    except TimeoutError as error:  # CI keeps no MEDOPS_HOME: say what the rollouts did
+        deploys = [
+            (run.dag_run_id, run.state.value, [(ti.task_id, ti.state and ti.state.value)
+                                              for ti in airflow.task_instances("deploy_model", run.dag_run_id)])
+            for run in airflow.runs("deploy_model")
+        ]  # fmt: skip
+        from medops.core import audit
+        from serving.rollout import deployments
+
+        trail = [(e.action, e.links.get("model_version"), e.reason[:300]) for e in audit.entries(settings)][-8:]
+        history = deployments(settings)
+        raise AssertionError(f"{error}\ndeploy_model runs: {deploys}\ndeployments: {history}\naudit: {trail}") from None

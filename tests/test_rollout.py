@@ -153,6 +153,26 @@ def test_failure_before_the_switch_keeps_the_old_version(settings: Settings, mon
     assert rollout.deployments(settings) == []
 
 
+def test_a_failed_rollout_leaves_champion_alone_when_a_concurrent_promotion_moved_it(settings: Settings, monkeypatch):
+    """v2 fails its smoke test after a concurrent training promoted v3: @champion stays on v3 (its own
+    deploy run serves it next) instead of going back to v1, which would undo that promotion."""
+    platform = FakePlatform(settings, monkeypatch, serving="1")
+    platform.champion = "2"
+
+    def smoke(url, version, s, **kwargs):
+        platform.champion = "3"  # promoted meanwhile, under the champion lock
+        raise rollout.SmokeTestFailed("labels differ")
+
+    monkeypatch.setattr(rollout, "smoke_test", smoke)
+    with pytest.raises(rollout.DeployFailed):
+        rollout.deploy("2", settings)
+    assert platform.stable.model_version == "1" and platform.champion == "3"
+    assert ("champion", "1") not in platform.calls
+    from medops.core import audit
+
+    assert "@champion unchanged (v3)" in [e for e in audit.entries(settings) if e.action == "rollback"][-1].reason
+
+
 def test_failure_after_the_switch_switches_back(settings: Settings, monkeypatch):
     platform = FakePlatform(settings, monkeypatch, serving="1")
     platform.champion = "2"

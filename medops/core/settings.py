@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     max_records: int = 1000
     max_body_bytes: int = 2 * 1024 * 1024
     serving_workers: int = 1
+    serving_ready_timeout: float = Field(
+        default=300,
+        gt=0,
+        description="Seconds a rollout waits for a new Bento server to be ready, or for the stable server's "
+        "workers to switch models, before it keeps the old version (a loaded host starts Python slowly).",
+    )
     prediction_log_durable: bool = Field(
         default=True,
         description="A /predict answer waits for the fsync of its prediction-log row. False exists only as "
