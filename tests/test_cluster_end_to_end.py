@@ -46,7 +46,7 @@ from tests.test_end_to_end import (
     platform_secrets,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 REDIS_DB = 11  # Celery's queues for this test only; flushed at the end
 
