@@ -1,4 +1,4 @@
-"""Scaling out: the loop and the model search in the cluster profile with 1, 2 and 3 Celery workers,
+"""Scaling out: the loop and the model search in the cluster profile with 1, 2 and 3 Celery train workers,
 beside the standalone profile measured in the same run (the baseline of every ratio).
 
 For each profile: a temporary MEDOPS_HOME on free loopback ports (and, for the cluster, databases
@@ -62,7 +62,7 @@ def _measure(profile: str, workers: int) -> dict[str, Any]:
     from medops.core import processes
     from pipelines import model_registry
 
-    ports = {name: free_port() for name in ("AIRFLOW", "SERVING", "MLFLOW", "EVIDENTLY", "WEBDAV")}
+    ports = {name: free_port() for name in ("AIRFLOW", "SERVING", "MLFLOW", "EVIDENTLY", "WEBDAV", "REGISTRY")}
     env = {f"MEDOPS_{name}_PORT": str(port) for name, port in ports.items()} | {
         "MEDOPS_API_KEYS": loop.API_KEY,
         "MEDOPS_PROFILE": profile,

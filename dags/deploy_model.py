@@ -105,12 +105,17 @@ def deploy_model():
         from serving.rollout import DeployFailed, deploy
 
         # choose_version applied the protocol (and recorded any override) before the build
-        actor = actor_of(get_current_context())
-        settings = get_settings()
+        context = get_current_context()
+        actor, settings = actor_of(context), get_settings()
+        # Not asked for a version: choose_version took @champion's, so that is what the alias named; a
+        # promotion since then stays (its own run serves it next) instead of being pointed back here.
+        champion_seen = None if context["params"].get("model_version") else version
         try:
-            result = deploy(version, settings, bento=bento, actor=actor, gate_checked=False)
+            result = deploy(
+                version, settings, bento=bento, actor=actor, gate_checked=False, champion_seen=champion_seen
+            )
         except DeployFailed as error:
-            note_run("deploy_model", get_current_context()["run_id"], rollout_note(version, error, settings), settings)
+            note_run("deploy_model", context["run_id"], rollout_note(version, error, settings), settings)
             raise
         from medops.app.run_notes import summary
         from medops.core.links import mlflow_model_version

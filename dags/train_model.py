@@ -9,12 +9,16 @@ Trains, evaluates and registers a diagnosis model, then lets the gate decide abo
   inside the cooldown skips the run), `search` (one
   mapped task per model family on the `train` queue: cross-validated search of logistic
   regression, SVM or gradient boosting on the training side of the row-hash split), `choose` (the
-  best family), `fit` (hash hold-out of the modification protocol's share, an operating threshold
-  meeting the sensitivity target; files in a work folder under `MEDOPS_HOME/training`),
-  `log_run` (one MLflow run: metrics, plots, data version + DVC hash, code git sha, this run's id,
-  the hold-out's size and fingerprint, the exact training and hold-out rows with their scores and
-  the feature importance under `reference/`), `register` (a model version with `@challenger`, the
-  gate's decision as `gate/decision.json` and tags, the model card; its log prints the MLflow run).
+  best family), `fit` on the `train` queue (hash hold-out of the modification protocol's share, an
+  operating threshold meeting the sensitivity target, then one MLflow run: metrics, plots, data
+  version + DVC hash, code git sha, this run's id, the hold-out's size and fingerprint, the exact
+  training and hold-out rows with their scores and the feature importance under `reference/`; its
+  files live in a work folder only while the task runs, so the models leave a worker through MLflow
+  only), `register` (the run's audit entry, a model version with `@challenger`, the gate's decision
+  as `gate/decision.json` and tags, the model card; its log prints the MLflow run).
+* **Hosts**: `search` and `fit` read the data version from the registry's git remote and the DVC
+  remote when the worker has no registry of its own (`MEDOPS_REGISTRY_URL`, the cluster's train
+  workers); their logs name the worker, its `MEDOPS_HOME` and where it read the registry.
 * **Gate** (`pipelines/modification_protocol.yaml`): the lower ends of 95 % intervals of
   sensitivity, specificity and ROC AUC reach the protocol's floors, overall and at every site with
   enough hold-out rows (smaller sites: "not enough evidence"), and the candidate is non-inferior to
@@ -135,15 +139,12 @@ def train_model():
     @task(queue="train")
     def search(planned: dict, family: str) -> dict:
         """Cross-validated search of one family on the planned data version's training rows (one of the fan-out)."""
-        import os
-        import socket
-
         from medops.core.settings import get_settings
         from pipelines.train import search_family
 
-        searched = search_family(get_settings(), planned["data_version"], family)
-        # Which host searched it: the cluster's test reads this line from the task log
-        print(f"search ran on host {socket.gethostname()} as {os.environ.get('MEDOPS_WORKER_NAME', 'local executor')}")
+        settings = get_settings()
+        searched = search_family(settings, planned["data_version"], family)
+        print(_where("search", settings))  # the cluster's test reads this line from the task log
         print(f"{family} on {searched['data_version']}: CV ROC AUC {searched['cv_roc_auc']:.4f} {searched['params']}")
         return searched
 
@@ -158,64 +159,61 @@ def train_model():
 
     @task(queue="train")
     def fit(planned: dict, chosen: dict) -> dict:
-        """Threshold, fit and evaluate the chosen family on the row-hash split; files go to a work folder."""
-        import os
-        import socket
+        """Threshold, fit and evaluate the chosen family on the row-hash split, and log it as one MLflow
+        run; returns the figures and the run's id. Its work folder lives only as long as the task."""
+        import shutil
 
-        from medops.core.settings import get_settings
-        from pipelines.train import fit_candidate, training_work_dir
-
-        settings, context = get_settings(), get_current_context()
-        result = fit_candidate(
-            settings,
-            planned["data_version"],
-            planned["families"],
-            work_dir=training_work_dir(settings, context["run_id"]),
-            chosen=chosen,
-        )
-        print(f"fit ran on host {socket.gethostname()} as {os.environ.get('MEDOPS_WORKER_NAME', 'local executor')}")
-        print(f"{result.family} on {result.data_version}: {result.metrics}")
-        holdout = result.holdout
-        print(f"hold-out: {holdout['rows']} rows, {holdout['malignant']} malignant, fingerprint {holdout['sha256']}")
-        return result.to_dict()
-
-    @task
-    def log_run(planned: dict, fitted: dict) -> str:
-        """Log the fit as one MLflow run (metrics, plots, inputs, model, reference rows); returns its id."""
-        from medops.core.settings import get_settings
-        from pipelines.train import FitResult
-        from pipelines.train import log_run as log_fit
-
-        context = get_current_context()
-        return log_fit(
-            FitResult.from_dict(fitted),
-            get_settings(),
-            thresholds=planned["thresholds"],
-            trigger=planned["trigger"],
-            airflow_run_id=context["run_id"],
-            actor=planned["actor"],
-        )
-
-    @task
-    def register(planned: dict, fitted: dict, mlflow_run_id: str) -> dict:
-        """Register the run's model as @challenger, gate it on the stored hold-out, publish the model card."""
         from medops.core.settings import get_settings
         from pipelines.model_registry import run_url
-        from pipelines.train import FitResult, discard_work, register_version
+        from pipelines.train import fit_candidate, log_run, training_work_dir
 
         settings, context = get_settings(), get_current_context()
-        fit_result = FitResult.from_dict(fitted)
+        work_dir = training_work_dir(settings, context["run_id"])
+        try:
+            result = fit_candidate(
+                settings, planned["data_version"], planned["families"], work_dir=work_dir, chosen=chosen
+            )
+            print(_where("fit", settings))  # the cluster's test reads this line from the task log
+            print(f"{result.family} on {result.data_version}: {result.metrics}")
+            holdout = result.holdout
+            print(
+                f"hold-out: {holdout['rows']} rows, {holdout['malignant']} malignant, fingerprint {holdout['sha256']}"
+            )
+            # the audit entry is register's (the scheduler's side keeps the audit trail)
+            mlflow_run_id = log_run(
+                result,
+                settings,
+                thresholds=planned["thresholds"],
+                trigger=planned["trigger"],
+                airflow_run_id=context["run_id"],
+                actor=planned["actor"],
+                audit=False,
+            )
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        print(f"MLflow run: {run_url(mlflow_run_id, settings)}")
+        return result.to_dict() | {"mlflow_run_id": mlflow_run_id}
+
+    @task
+    def register(planned: dict, fitted: dict) -> dict:
+        """Audit the run, register its model as @challenger, gate it on the stored hold-out, publish the
+        model card: from the fit's XCom and MLflow only, nothing of the worker's disk."""
+        from medops.core.settings import get_settings
+        from pipelines.model_registry import run_url
+        from pipelines.train import FitResult, record_training_run, register_version
+
+        settings, context = get_settings(), get_current_context()
+        fit_result, mlflow_run_id = FitResult.from_dict(fitted), fitted["mlflow_run_id"]
+        steps = {
+            "thresholds": planned["thresholds"],
+            "trigger": planned["trigger"],
+            "airflow_run_id": context["run_id"],
+            "actor": planned["actor"],
+        }
+        record_training_run(fit_result, mlflow_run_id, settings, **steps)
         result = register_version(
-            mlflow_run_id,
-            fit_result,
-            settings,
-            thresholds=planned["thresholds"],
-            approval_reasons=planned["approval_reasons"],
-            trigger=planned["trigger"],
-            airflow_run_id=context["run_id"],
-            actor=planned["actor"],
+            mlflow_run_id, fit_result, settings, approval_reasons=planned["approval_reasons"], **steps
         )
-        discard_work(fit_result)
         url = run_url(mlflow_run_id, settings)
         print(f"model version {result.model_version} ({result.family}): {result.metrics}")
         print(f"MLflow run (figures, gate/decision.json, model_card/model_card.html): {url}")
@@ -304,12 +302,23 @@ def train_model():
 
     planned = plan()
     searched = search.partial(planned=planned).expand(family=candidate_families(planned))
-    fitted = fit(planned, choose(searched))
-    trained = register(planned, fitted, log_run(planned, fitted))
+    trained = register(planned, fit(planned, choose(searched)))
     branch = decide(trained)
     promoted = promote(trained)
     branch >> [await_approval, promoted]
     await_approval >> promoted
+
+
+def _where(step: str, settings) -> str:
+    """Which host ran a training step, with its MEDOPS_HOME and where it read the data registry from."""
+    import os
+    import socket
+
+    worker = os.environ.get("MEDOPS_WORKER_NAME", "local executor")
+    registry = settings.registry_url or settings.registry_dir
+    return (
+        f"{step} ran on host {socket.gethostname()} as {worker} with MEDOPS_HOME {settings.home}, registry {registry}"
+    )
 
 
 train_model()

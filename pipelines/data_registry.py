@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 TAG_PREFIX = "data-v"
 MANIFEST = "batches.json"
+REMOTE = "storage"  # the DVC remote's name in the registry's .dvc/config
 GIT_IDENTITY = ["-c", "user.name=medops", "-c", "user.email=medops@localhost", "-c", "commit.gpgsign=false"]
 # What an ingest changes in the registry's working tree (dvc add rewrites the pointer and may touch .gitignore).
 INGEST_CHANGES = ("data.dvc", MANIFEST, ".gitignore")
@@ -214,6 +215,25 @@ def _restore_quarantine(entry: dict, settings: Settings) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def registry_repo(settings: Settings) -> Path:
+    """The git repository data versions are read from: the registry itself, or on a host without it
+    (``MEDOPS_REGISTRY_URL``: the cluster's train workers) a clone of the registry's git remote under
+    this host's own ``MEDOPS_HOME``, made or fetched first. The clone is never written to but by git."""
+    if not settings.registry_url:
+        return settings.registry_dir
+    clone = settings.registry_clone_dir
+    with _lock(settings):  # tasks side by side on one worker: one clone or fetch at a time
+        if (clone / ".git").exists():
+            _git(clone, "fetch", "--quiet", "--tags", "--force", "--prune", "origin")
+        else:
+            partial = clone.with_name(f".{clone.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            settings.home.mkdir(parents=True, exist_ok=True)
+            _git(settings.home, "clone", "--quiet", settings.registry_url, str(partial))
+            partial.rename(clone)
+    return clone
+
+
 def version_number(tag: str) -> int:
     if not tag.startswith(TAG_PREFIX) or not tag[len(TAG_PREFIX) :].isdigit():
         raise ValueError(f"not a data version tag: {tag!r} (expected {TAG_PREFIX}N)")
@@ -222,9 +242,10 @@ def version_number(tag: str) -> int:
 
 def list_versions(settings: Settings) -> list[str]:
     """All data version tags, oldest first."""
-    if not (settings.registry_dir / ".git").exists():
+    repo = registry_repo(settings)
+    if not (repo / ".git").exists():
         return []
-    tags = _git(settings.registry_dir, "tag", "--list", f"{TAG_PREFIX}*").split()
+    tags = _git(repo, "tag", "--list", f"{TAG_PREFIX}*").split()
     return sorted((t for t in tags if t[len(TAG_PREFIX) :].isdigit()), key=version_number)
 
 
@@ -235,7 +256,7 @@ def latest_version(settings: Settings) -> str | None:
 
 def describe_version(tag: str, settings: Settings) -> DataVersion:
     """The DVC hash, row count and commit a tag stands for, read from the registry's history."""
-    repo = settings.registry_dir
+    repo = registry_repo(settings)
     pointer = yaml.safe_load(_git(repo, "show", f"{tag}:data.dvc"))
     out = pointer["outs"][0]
     manifest = json.loads(_git(repo, "show", f"{tag}:{MANIFEST}"))
@@ -294,9 +315,9 @@ def init_registry(settings: Settings, *, actor: str = SCHEDULER) -> DataVersion:
         if "://" not in remote:
             Path(remote).mkdir(parents=True, exist_ok=True)
         with _quiet_dvc(), Repo(str(repo)) as dvc, dvc.config.edit() as config:
-            config["core"]["remote"] = "storage"
+            config["core"]["remote"] = REMOTE
             config["core"]["autostage"] = True
-            config["remote"]["storage"] = {"url": remote}
+            config["remote"][REMOTE] = {"url": remote}
         seed = write_seed(repo / "data")
         manifest = {"batches": [_batch_record(seed.name, sha256_file(seed), len(read_data_dir(repo / "data")), 0)]}
         write_atomically(repo / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -450,13 +471,19 @@ def restore_version(tag: str, dest: Path, settings: Settings) -> Path:
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    repo = registry_repo(settings)
     with _quiet_dvc():
-        Repo.get(str(settings.registry_dir), "data", out=str(dest), rev=tag)
+        if settings.registry_url:  # a worker host: its own DVC cache, filled from the remote this host is given
+            remote = {"core": {"remote": REMOTE}, "remote": {REMOTE: {"url": settings.dvc_remote_url}}}
+            with Repo(str(repo), config=remote) as dvc:
+                dvc.fetch(revs=[tag], workspace=False)
+        Repo.get(str(repo), "data", out=str(dest), rev=tag)
     return dest
 
 
 def load_version_frame(tag: str, settings: Settings) -> pd.DataFrame:
-    """Every row of a data version, restored once into a cache under ``MEDOPS_HOME``."""
+    """Every row of a data version, restored once into a cache under ``MEDOPS_HOME`` (on a worker
+    host, from the DVC remote through its clone of the registry: :func:`registry_repo`)."""
     cache = settings.home / "cache" / tag
     if not cache.exists():
         with _lock(settings):

@@ -426,8 +426,12 @@ def log_run(
     trigger: str = "manual",
     airflow_run_id: str | None = None,
     actor: str = governance.SCHEDULER,
+    audit: bool = True,
 ) -> str:
     """Log a fit as one MLflow run, record it in the audit trail, and return the run id.
+
+    ``audit=False`` leaves the audit entry to :func:`record_training_run`: the DAG logs on a train
+    worker, whose host keeps no audit trail, and records on the scheduler's side.
 
     Tags (data version and DVC hash, code git sha, Airflow run id, trigger, the hold-out's size,
     malignant count and fingerprint, the protocol), params (family, hyper-parameters, threshold,
@@ -479,7 +483,11 @@ def log_run(
         )
         mlflow.log_metrics({k: float(v) for k, v in fit.metrics.items() if v is not None})
         mlflow.log_metrics({f"cv_roc_auc_{k}": v for k, v in fit.cv_roc_auc.items()})
-        source = f"{settings.registry_dir}@{data_version}"
+        source: Any = f"{settings.registry_dir}@{data_version}"
+        if settings.registry_url:  # a worker host read the registry's remote; MLflow knows no git source type
+            from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+            source = HTTPDatasetSource(f"{settings.registry_url}@{data_version}")
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         for rows, name, context in ((train, "train", "training"), (holdout, "holdout", "evaluation")):
             dataset = mlflow.data.from_pandas(
@@ -502,12 +510,41 @@ def log_run(
             )
         run_id = run.info.run_id
         log.info("MLflow run: %s", links.mlflow_run(settings, experiment_id, run_id))
+    if audit:
+        record_training_run(
+            fit, run_id, settings, thresholds=thresholds, trigger=trigger, airflow_run_id=airflow_run_id, actor=actor
+        )
+    return run_id
+
+
+def record_training_run(
+    fit: FitResult,
+    run_id: str,
+    settings: Settings,
+    *,
+    thresholds: Mapping[str, float | None] | None = None,
+    trigger: str = "manual",
+    airflow_run_id: str | None = None,
+    actor: str = governance.SCHEDULER,
+) -> None:
+    """The audit entry of a logged training run, once (a retried task finds it), from what the fit
+    returned and the run's tags in MLflow: no file of the host that fitted is needed."""
+    from medops.core import audit
+
+    if any(entry.action == "training_run" and entry.links.get("run_id") == run_id for entry in audit.entries(settings)):
+        return
+    tags = model_registry.client(settings).get_run(run_id).data.tags
+    versions_seen = [tag for tag in tags.get("data_versions_seen", "").split(",") if tag]
     governance.record(
         "training_run",
         actor=actor,
-        reason=f"{trigger} training: {fit.family} on {data_version}",
+        reason=f"{trigger} training: {fit.family} on {fit.data_version}",
         settings=settings,
-        links={"data_version": data_version, "data_dvc_md5": fit.data["dvc_md5"], "airflow_run_id": airflow_run_id},
+        links={
+            "data_version": fit.data_version,
+            "data_dvc_md5": fit.data["dvc_md5"],
+            "airflow_run_id": airflow_run_id,
+        },
         details={
             "family": fit.family,
             "families_compared": fit.families or list(fit.cv_roc_auc),
@@ -516,11 +553,10 @@ def log_run(
             "holdout": {key: fit.holdout.get(key) for key in ("rows", "malignant", "benign", "sha256")},
             "gate_thresholds_set": overrides_only(thresholds),
             "data_versions_seen": versions_seen,
-            "code_git_sha": model_registry.code_version(),
+            "code_git_sha": tags.get("code_git_sha", model_registry.code_version()),
         },
         run_id=run_id,
     )
-    return run_id
 
 
 def _holdout_tags(holdout: Mapping[str, Any]) -> dict[str, str]:

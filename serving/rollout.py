@@ -495,6 +495,7 @@ def deploy(
     action: str = "deployment",
     reason: str | None = None,
     gate_checked: bool = True,
+    champion_seen: str | None = None,
 ) -> DeployResult:
     """Roll ``version`` out to the stable endpoint with a smoke-tested candidate; see module doc.
 
@@ -505,6 +506,11 @@ def deploy(
     goes to the audit trail as ``action`` (``deployment`` or ``rollback``) by ``actor``.
     On failure the version served before keeps serving, ``@champion`` points back at it (recorded
     as a ``rollback``), an alert is raised and :class:`DeployFailed` is raised.
+
+    ``@champion`` ends on ``version`` only if nobody moved it since the caller decided what to serve:
+    ``champion_seen`` is what it named then (deploy_model: the version it chose from the alias),
+    by default what it names when this call starts. A promotion in between is left alone: that
+    version's own deploy run serves it next.
     """
     version = str(version)
     started = time.monotonic()
@@ -523,7 +529,7 @@ def deploy(
         if stable is not None:
             stable = _settle_switch(stable, settings, timeout=switch_timeout)
         previous = stable.model_version if stable is not None else _last_deployed(settings)
-        champion_before = _champion_version(settings)
+        champion_before = _champion_version(settings) if champion_seen is None else str(champion_seen)
         candidate: ServerRecord | None = None
         switched = False
         try:

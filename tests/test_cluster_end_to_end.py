@@ -6,7 +6,9 @@ Celery workers on PostgreSQL, MLflow's tracking server on PostgreSQL (artifacts 
 WebDAV server of the DVC remote and the Evidently UI. Then the standalone test's scenario: seed
 lands -> champion v1 serving -> drifted traffic -> drift -> alert -> retrain -> new champion, with a
 separate process calling /predict and seeing no failed request. On top: training ran on the
-`train` queue on a Celery worker (its log says which), task logs are readable through the REST API
+`train` queue on Celery train workers standing for other hosts (their logs say which, with a
+MEDOPS_HOME of their own holding a clone of the registry from its git daemon and a DVC cache
+filled over WebDAV, and no secrets folder), task logs are readable through the REST API
 with no log server listening, the data registry's remote is the WebDAV server, the doors are locked
 as in the standalone test (loopback only, MLflow's tracking server behind its password, no secret
 in a file or in what `up` printed), `medops down` leaves no process and no listening port, and the
@@ -44,7 +46,7 @@ from tests.test_end_to_end import (
     platform_secrets,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 REDIS_DB = 11  # Celery's queues for this test only; flushed at the end
 
@@ -58,15 +60,42 @@ def _services_reachable() -> bool:
     return True
 
 
-def _task_log(base: str, password: str, dag_id: str, run_id: str, task_id: str) -> str:
+def _task_log(base: str, password: str, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> str:
     """A task's log as the UI shows it (REST), read by the API server with no log server to ask."""
     token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=30)
     headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
     response = httpx.get(
-        f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1", headers=headers, timeout=30
+        f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1",
+        params={"map_index": map_index},
+        headers=headers,
+        timeout=30,
     )
     assert response.status_code == 200, response.text[:500]
     return "\n".join(str(line.get("event", "")) for line in response.json()["content"])
+
+
+def _train_worker_of(step: str, log: str, home: Path, registry_port: int) -> Path:
+    """The home of the train worker a step's log says it ran on: its own, not the scheduler's, with
+    the registry read from the git daemon, not from the scheduler's disk."""
+    import re
+
+    found = re.search(rf"{step} ran on host \S+ as (airflow-worker-\d+) with MEDOPS_HOME (\S+), registry (\S+)", log)
+    assert found, log[-2000:]
+    name, worker_home, registry = found.groups()
+    assert Path(worker_home) == home / "hosts" / name, found.group(0)
+    assert registry == f"git://127.0.0.1:{registry_port}/registry", found.group(0)
+    return Path(worker_home)
+
+
+def _assert_another_host(worker_home: Path) -> None:
+    """What a train worker's disk holds after training: its clone of the registry, a DVC cache filled
+    from the remote, the rows it restored; no secrets folder, no registry of its own, no work folder left."""
+    clone = worker_home / "registry-clone"
+    assert (clone / ".git").is_dir(), sorted(p.name for p in worker_home.iterdir())
+    assert [p for p in (clone / ".dvc" / "cache").rglob("*") if p.is_file()], "no DVC cache filled from the remote"
+    assert (worker_home / "cache" / "data-v1").is_dir()
+    assert not (worker_home / "secrets").exists() and not (worker_home / "registry").exists()
+    assert not [p for p in (worker_home / "training").rglob("*") if p.is_file()]
 
 
 def _listening(ports: list[int], pids: list[int] | None = None) -> list[int]:
@@ -113,7 +142,7 @@ def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp,
 
     settings = own_databases
     home, prefix = settings.home, settings.cluster_db_prefix
-    ports = {name: _free_port() for name in ("AIRFLOW", "MLFLOW", "SERVING", "EVIDENTLY", "WEBDAV")}
+    ports = {name: _free_port() for name in ("AIRFLOW", "MLFLOW", "SERVING", "EVIDENTLY", "WEBDAV", "REGISTRY")}
     redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDOPS_", "AIRFLOW"))}
     env.update({f"MEDOPS_{name}_PORT": str(port) for name, port in ports.items()})
@@ -155,11 +184,18 @@ def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp,
         fit = next(ti for ti in airflow.task_instances("train_model", run_id) if ti.task_id == "fit")
         assert fit.queue == "train", fit.queue
         log = _task_log(airflow_url, password, "train_model", run_id, "fit")
-        assert "fit ran on host" in log and "as airflow-worker-" in log, log[-2000:]
+        fitted_on = _train_worker_of("fit", log, home, ports["REGISTRY"])
         # The model search fanned out: one mapped task per family, on the train queue, on workers.
         searches = [ti for ti in airflow.task_instances("train_model", run_id) if ti.task_id == "search"]
         assert sorted(ti.map_index for ti in searches) == [0, 1, 2], searches
         assert {ti.queue for ti in searches} == {"train"} and {ti.state.value for ti in searches} == {"success"}
+        searched_on = {
+            _train_worker_of("search", _task_log(airflow_url, password, "train_model", run_id, "search", i), home,
+                             ports["REGISTRY"])
+            for i in (0, 1, 2)
+        }  # fmt: skip
+        for worker_home in searched_on | {fitted_on}:
+            _assert_another_host(worker_home)
         # No Airflow log server (8793/8794) is listening: the components run with --skip-serve-logs.
         assert _listening([8793, 8794], pids=_platform_processes(home)) == []
 

@@ -47,7 +47,51 @@ def test_airflow_components_share_the_database_broker_and_token_secret(tmp_path:
     # a task runner's token, signed by the API server, must verify in every other process
     assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == again["AIRFLOW__API_AUTH__JWT_SECRET"]
     assert len(env["AIRFLOW__API_AUTH__JWT_SECRET"]) >= 32
-    assert cluster.process_names(settings)[:3] == ["airflow-worker-1", "airflow-worker-2", "airflow-worker-3"]
+    assert cluster.process_names(settings)[:4] == [
+        "airflow-worker-1",
+        "airflow-worker-2",
+        "airflow-worker-3",
+        "airflow-worker-host",
+    ]
+    assert {"registry-git", "webdav", "mlflow"} <= set(cluster.process_names(settings))
+
+
+def test_a_train_worker_is_another_host_given_its_logins_by_configuration(tmp_path: Path, monkeypatch):
+    """Its own MEDOPS_HOME (nothing else under the scheduler's but the log folder and down's marker),
+    the registry over git, MLflow's login in its environment, no service key, no secrets folder."""
+    from medops.core import processes
+
+    settings = Settings(home=tmp_path / "scheduler", profile="cluster", registry_port=9555, api_keys="k")
+    env = cluster.train_worker_env(settings, cluster.airflow_env(settings), "airflow-worker-2")
+    home = settings.home / "hosts" / "airflow-worker-2"
+    assert env["MEDOPS_HOME"] == str(home) and env["MEDOPS_WORKER_NAME"] == "airflow-worker-2"
+    assert env["MEDOPS_REGISTRY_URL"] == "git://127.0.0.1:9555/registry"
+    assert env["AIRFLOW_HOME"] == str(home / "airflow")
+    assert {
+        k: env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    } == settings.mlflow_credentials()
+    assert "MEDOPS_API_KEYS" not in env
+    scheduler_paths = {
+        key
+        for key, value in env.items()
+        if str(settings.home) in value and str(home) not in value and not value.startswith("git://")
+    }
+    assert scheduler_paths == {processes.PLATFORM_MARKER, "AIRFLOW__LOGGING__BASE_LOG_FOLDER"}, scheduler_paths
+
+    for key in [k for k in os.environ if k.startswith("MEDOPS_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith(("MEDOPS_", "MLFLOW_TRACKING_")):
+            monkeypatch.setenv(key, value)
+    worker = Settings()
+    assert worker.home == home and worker.secrets_from_env and worker.registry_url == env["MEDOPS_REGISTRY_URL"]
+    assert worker.mlflow_credentials() == settings.mlflow_credentials()
+    with pytest.raises(RuntimeError, match="not given to this host"):
+        worker.secret("airflow_jwt_secret")
+    assert not (home / "secrets").exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_PASSWORD"):
+        worker.mlflow_credentials()
 
 
 def _postgres_reachable() -> bool:

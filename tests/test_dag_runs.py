@@ -65,7 +65,7 @@ def test_train_model_dag_trains_gates_and_promotes(airflow_db, registry_home: Se
     states = _states(run)
     assert str(run.state) == "success", states
     assert states["promote"] == "success" and states["await_approval"] == "skipped"
-    assert [states[step] for step in ("plan", "fit", "log_run", "register")] == ["success"] * 4
+    assert [states[step] for step in ("plan", "fit", "register")] == ["success"] * 3
     assert not list((registry_home.home / "training").iterdir())  # the work folder went with the fit
     champion = model_registry.champion_version(registry_home)
     assert champion is not None
@@ -135,7 +135,7 @@ def test_train_model_dag_stops_at_the_gate(airflow_db, registry_home: Settings, 
     # a stricter floor than the protocol's needs no approval; the lower bound of ROC AUC (0.9988) misses it
     run = _load_dag("train_model").test(run_conf={"families": ["logistic_regression"], "roc_auc_lower": 0.9999})
     states = _states(run)
-    assert states["fit"] == states["log_run"] == states["register"] == "success" and states["promote"] == "skipped"
+    assert states["fit"] == states["register"] == "success" and states["promote"] == "skipped"
     assert model_registry.champion_version(registry_home) is None
     # register's log ends with what it did, where to look and what to do next
     out = capfd.readouterr().out

@@ -98,3 +98,10 @@ def test_model_search_fans_out_one_mapped_task_per_family_and_reduces(dagbag):
     assert "candidate_families" in search.upstream_task_ids
     assert dag.get_task("choose").upstream_task_ids == {"search"}
     assert "choose" in dag.get_task("fit").upstream_task_ids
+
+
+def test_nothing_after_the_train_queue_reads_a_workers_disk(dagbag):
+    """fit logs its own MLflow run (no work folder handed to another task): register takes its XCom."""
+    dag = dagbag.get_dag("train_model")
+    assert "log_run" not in dag.task_ids
+    assert dag.get_task("register").upstream_task_ids == {"plan", "fit"}

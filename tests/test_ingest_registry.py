@@ -236,3 +236,29 @@ def test_archived_landed_files_are_purged_after_the_retention_with_counts_only_l
     output = CliRunner().invoke(app, ["data", "purge-landing", "--json"])
     assert output.exit_code == 0, output.output
     assert json.loads(output.stdout)["purged"] == 1 and not recent.exists()
+
+
+def test_a_worker_host_reads_versions_from_the_registrys_git_remote_and_the_dvc_remote(
+    registry_home: Settings, tmp_path: Path
+):
+    """A host without the registry (the cluster's train workers) clones its git remote into its own
+    MEDOPS_HOME, fetches new tags before each read, and fills a DVC cache of its own from the remote."""
+    worker = Settings(
+        home=tmp_path / "worker-host",
+        registry_url=str(registry_home.registry_dir),  # a git URL: git://… in the cluster
+        dvc_remote=registry_home.dvc_remote_url,
+    )
+    assert data_registry.registry_repo(registry_home) == registry_home.registry_dir  # its own host: no clone
+    assert data_registry.list_versions(worker) == ["data-v1"]
+    clone = data_registry.registry_repo(worker)
+    assert clone == worker.home / "registry-clone" and (clone / ".git").is_dir()
+    assert data_registry.describe_version("data-v1", worker) == data_registry.describe_version("data-v1", registry_home)
+
+    path = tmp_path / "batch.csv"
+    _new_rows().to_csv(path, index=False)
+    ingest_file(path, registry_home)  # a new version on the registry's host, after the clone
+    frame = data_registry.load_version_frame("data-v2", worker)
+    pd.testing.assert_frame_equal(frame, data_registry.load_version_frame("data-v2", registry_home))
+    cached = [p for p in (clone / ".dvc" / "cache").rglob("*") if p.is_file()]
+    assert cached, "the worker's DVC cache was not filled from the remote"
+    assert not (worker.home / "registry").exists() and not (worker.home / "secrets").exists()

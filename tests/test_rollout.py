@@ -153,6 +153,19 @@ def test_failure_before_the_switch_keeps_the_old_version(settings: Settings, mon
     assert rollout.deployments(settings) == []
 
 
+def test_a_rollout_of_a_superseded_champion_leaves_the_newer_promotion_alone(settings: Settings, monkeypatch):
+    """deploy_model chose v3 from @champion; v4 was promoted before the rollout began (two trainings
+    at once). Serving v3 must not point @champion back at v3: v4's own deploy run serves it next (the
+    cluster test once saw v3 deployed twice and v4 never)."""
+    platform = FakePlatform(settings, monkeypatch, serving="2")
+    platform.champion = "4"
+    result = rollout.deploy("3", settings, champion_seen="3")
+    assert result.version == "3" and platform.champion == "4" and ("champion", "3") not in platform.calls
+    platform.champion = "5"  # nobody moved it since the caller looked: a manual deploy moves it
+    rollout.deploy("3", settings)
+    assert platform.champion == "3"
+
+
 def test_a_failed_rollout_leaves_champion_alone_when_a_concurrent_promotion_moved_it(settings: Settings, monkeypatch):
     """v2 fails its smoke test after a concurrent training promoted v3: @champion stays on v3 (its own
     deploy run serves it next) instead of going back to v1, which would undo that promotion."""
@@ -440,14 +453,17 @@ def test_deploy_model_dag_passes_the_version_through(airflow_db, settings: Setti
     monkeypatch.setattr(rollout, "prepare_bento", prepare)
 
     def deploy(version: str, s: Settings, *, bento: str | None = None, **kwargs: Any) -> rollout.DeployResult:
-        calls.append(("deploy", f"{version}@{bento}"))
+        calls.append(("deploy", f"{version}@{bento} seen {kwargs.get('champion_seen')}"))
         return rollout.DeployResult(version, "1", bento or "", "http://127.0.0.1:18999", "swap", 1.0)
 
     monkeypatch.setattr(rollout, "deploy", deploy)
     run = _deploy_dag().test(run_conf=conf)
     states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     assert str(run.state) == "success", states
-    assert calls == [("build", expected), ("deploy", f"{expected}@b:{expected}")]
+    # Following @champion, the rollout is told what the alias named when it chose (a promotion since
+    # then must stay); a version asked for on the form moves the alias to it.
+    seen = None if conf else expected
+    assert calls == [("build", expected), ("deploy", f"{expected}@b:{expected} seen {seen}")]
 
 
 def test_deploy_model_dag_refuses_a_failed_gate_unless_a_named_person_overrides(

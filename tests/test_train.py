@@ -18,6 +18,7 @@ from pipelines.train import (
     fit_candidate,
     log_run,
     promote,
+    record_training_run,
     register_version,
     train_model,
 )
@@ -254,3 +255,30 @@ def test_fit_with_a_chosen_family_does_not_search_again(registry_home: Settings,
     assert result.family == "logistic_regression" and result.cv_roc_auc == chosen["cv_scores"]
     with pytest.raises(ValueError, match="not on data-v2"):
         train_module.fit_candidate(registry_home, "data-v2", work_dir=tmp_path / "other", chosen=chosen)
+
+
+def test_a_worker_host_fits_and_logs_from_the_network_and_the_scheduler_side_audits(registry_home: Settings, tmp_path):
+    """As the cluster's train worker runs `fit`: the registry from its git remote into a home of its own,
+    the run to MLflow (its datasets' source is the remote); the audit entry is written on the
+    scheduler's side from the run's tags, once."""
+    import mlflow
+
+    from medops.core import audit
+
+    worker = Settings(
+        home=tmp_path / "worker-host",
+        registry_url=str(registry_home.registry_dir),
+        dvc_remote=registry_home.dvc_remote_url,
+        mlflow_tracking_uri=registry_home.tracking_uri,
+    )
+    work = tmp_path / "worker-host" / "training" / "run"
+    fit = fit_candidate(worker, "data-v1", ["logistic_regression"], work_dir=work)
+    run_id = log_run(fit, worker, trigger="manual", airflow_run_id="manual__hosts", audit=False)
+    (dataset,) = [d.dataset for d in mlflow.get_run(run_id).inputs.dataset_inputs if d.dataset.name.endswith("train")]
+    assert json.loads(dataset.source)["url"] == f"{registry_home.registry_dir}@data-v1"
+    assert not (worker.home / "audit").exists() and not (worker.home / "secrets").exists()
+    passed_on = FitResult.from_dict(json.loads(json.dumps(fit.to_dict())))
+    for _ in range(2):  # a retried register finds the entry
+        record_training_run(passed_on, run_id, registry_home, trigger="manual", airflow_run_id="manual__hosts")
+    (entry,) = [e for e in audit.entries(registry_home) if e.action == "training_run"]
+    assert entry.links["run_id"] == run_id and entry.details["data_versions_seen"] == ["data-v1"]

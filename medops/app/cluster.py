@@ -2,10 +2,14 @@
 
 Airflow on PostgreSQL with the CeleryExecutor (Redis as broker, the Airflow database as Celery's
 result backend), its API server, scheduler, DAG processor and triggerer as separate processes (as in
-the standalone profile: :func:`medops.app.platform.start_airflow`), and
-``MEDOPS_CLUSTER_WORKERS`` Celery workers, each consuming ``default``, ``train`` and a queue of its
-own. MLflow's tracking server on PostgreSQL with proxied artifacts, so a client needs only its URL.
-The DVC remote is a WebDAV server (wsgidav), reached over HTTP by every host.
+the standalone profile: :func:`medops.app.platform.start_airflow`), ``MEDOPS_CLUSTER_WORKERS``
+Celery train workers (queue ``train`` and one of their own) that stand for other hosts, and the
+scheduler host's own worker (queue ``default``, on the scheduler's ``MEDOPS_HOME``). A train worker
+has a ``MEDOPS_HOME`` of its own, empty at start (``hosts/<name>``, another disk): it reads data
+versions from the registry's git remote (``git daemon``, read-only) and the DVC remote, is given
+MLflow's login by its environment, and hands models on through MLflow only. MLflow's tracking server
+runs on PostgreSQL with proxied artifacts, so a client needs only its URL. The DVC remote is a
+WebDAV server (wsgidav), reached over HTTP by every host.
 
 Every process goes through :mod:`medops.core.processes`; PostgreSQL and Redis are the machine's
 (``MEDOPS_POSTGRES_URL``, ``MEDOPS_REDIS_URL``). medops creates its role and databases there if
@@ -15,6 +19,8 @@ they are missing and reuses them otherwise; `medops down` stops what `up` starte
 from __future__ import annotations
 
 import contextlib
+import shutil
+from pathlib import Path
 
 from medops.app import platform
 from medops.core import processes
@@ -37,15 +43,31 @@ def cluster_db_url(settings: Settings, purpose: str, driver: str = "postgresql+p
     return url.set(database=f"{settings.cluster_db_prefix}_{purpose}").render_as_string(hide_password=False)
 
 
+HOST_WORKER = "airflow-worker-host"
+HOSTS = "hosts"  # under the scheduler's MEDOPS_HOME: one folder per train worker, standing for its own disk
+REGISTRY_SERVER = "registry-git"
+
+
 def worker_name(index: int) -> str:
     return f"airflow-worker-{index}"
 
 
 def process_names(settings: Settings, workers: int | None = None) -> list[str]:
-    """Every process either profile starts (workers and WebDAV: the cluster's only), in the order
-    `down` stops them (workers first)."""
+    """Every process either profile starts (workers, WebDAV and the registry's git daemon: the
+    cluster's only), in the order `down` stops them (workers first)."""
     count = settings.cluster_workers if workers is None else workers
-    return [*map(worker_name, range(1, count + 1)), *platform.AIRFLOW_COMPONENTS, "mlflow", "webdav", "evidently"]
+    workers_first = [*map(worker_name, range(1, count + 1)), HOST_WORKER]
+    return [*workers_first, *platform.AIRFLOW_COMPONENTS, "mlflow", REGISTRY_SERVER, "webdav", "evidently"]
+
+
+def worker_home(settings: Settings, name: str) -> Path:
+    """A train worker's MEDOPS_HOME: another host's disk, sharing no file with the scheduler's home."""
+    return settings.home / HOSTS / name
+
+
+def registry_git_url(settings: Settings) -> str:
+    """The data registry's git remote, read-only (``git daemon``): what a train worker clones."""
+    return f"git://{settings.host}:{settings.registry_port}/{settings.registry_dir.name}"
 
 
 # Databases ------------------------------------------------------------------------------------------
@@ -108,7 +130,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         # two cores for all workers: more task processes per worker only queue on the CPU
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": DEFAULT_QUEUE,
-        "AIRFLOW__CORE__PARALLELISM": str(max(4, 2 * settings.cluster_workers)),
+        "AIRFLOW__CORE__PARALLELISM": str(max(4, 2 * (settings.cluster_workers + 1))),  # + the host's worker
     }
 
 
@@ -119,24 +141,60 @@ def start_airflow(settings: Settings) -> None:
     start_workers(settings, env)
 
 
+def worker_argv(name: str, queues: list[str]) -> list[str]:
+    return [
+        str(processes.venv_bin() / "airflow"),
+        "celery",
+        "worker",
+        "--queues",
+        ",".join(queues),
+        "--celery-hostname",
+        f"{name}@%h",
+        "--skip-serve-logs",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def train_worker_env(settings: Settings, env: dict[str, str], name: str) -> dict[str, str]:
+    """A train worker as another host: the cluster's Airflow configuration with a ``MEDOPS_HOME`` of
+    its own, the data registry read over git (``MEDOPS_REGISTRY_URL``) and the DVC remote, MLflow's
+    login given here (``MEDOPS_SECRETS_FROM_ENV``: no secrets folder read or made on its disk), no
+    service key. What still names the scheduler's home: the process marker ``down`` looks for, and
+    Airflow's log folder (task logs are written where the API server reads them: on real hosts,
+    remote logging)."""
+    home = worker_home(settings, name)
+    worker = {key: value for key, value in env.items() if key not in WORKER_DROPS}
+    return worker | {
+        "MEDOPS_HOME": str(home),
+        "MEDOPS_WORKER_NAME": name,
+        "MEDOPS_REGISTRY_URL": registry_git_url(settings),
+        "MEDOPS_SECRETS_FROM_ENV": "true",
+        **settings.mlflow_credentials(),
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(settings.airflow_home / "logs"),
+        "BENTOML_HOME": str(home / "bentoml"),
+    }
+
+
+# what a train worker does not get: the service's keys, the Airflow UI's password file
+WORKER_DROPS = frozenset({"MEDOPS_API_KEYS", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"})
+
+
 def start_workers(settings: Settings, env: dict[str, str]) -> list[int]:
-    airflow = str(processes.venv_bin() / "airflow")
+    """The train workers (``train`` and a queue of their own), each on an empty home of its own, and
+    the scheduler host's own worker (``default``), on the scheduler's home."""
     pids = []
     for index in range(1, settings.cluster_workers + 1):
         name = worker_name(index)
-        argv = [
-            airflow,
-            "celery",
-            "worker",
-            "--queues",
-            ",".join([DEFAULT_QUEUE, TRAIN_QUEUE, name]),
-            "--celery-hostname",
-            f"{name}@%h",
-            "--skip-serve-logs",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-        pids.append(processes.start(name, argv, settings, env=env | {"MEDOPS_WORKER_NAME": name}))
+        if processes.running(name, settings) is None:  # a new host's disk: empty
+            home = worker_home(settings, name)
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir(parents=True, mode=0o700)
+        argv = worker_argv(name, [TRAIN_QUEUE, name])
+        pids.append(processes.start(name, argv, settings, env=train_worker_env(settings, env, name)))
+    argv = worker_argv(HOST_WORKER, [DEFAULT_QUEUE, HOST_WORKER])
+    pids.append(processes.start(HOST_WORKER, argv, settings, env=env | {"MEDOPS_WORKER_NAME": HOST_WORKER}))
     return pids
 
 
@@ -169,11 +227,46 @@ def start_webdav(settings: Settings) -> int:
     return processes.start("webdav", argv, settings)
 
 
+def start_registry_server(settings: Settings) -> int:
+    """The data registry's git repository, read-only over git's own protocol (``git daemon``: no
+    push), on the profile's host address; only the registry is exported. Train workers clone it."""
+    settings.registry_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "git",
+        "daemon",
+        "--reuseaddr",
+        "--export-all",
+        f"--base-path={settings.home}",
+        f"--listen={settings.host}",
+        f"--port={settings.registry_port}",
+        str(settings.registry_dir),
+    ]
+    return processes.start(REGISTRY_SERVER, argv, settings)
+
+
+def registry_server_ready(settings: Settings) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((settings.host, settings.registry_port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
 def start_services(settings: Settings) -> None:
-    """Databases, the WebDAV remote and MLflow, waited for: the pipeline needs both before Airflow."""
+    """Databases, the WebDAV remote, the registry's git server and MLflow, waited for: the pipeline
+    needs them before Airflow."""
     ensure_databases(settings)
     start_webdav(settings)
+    start_registry_server(settings)
     start_mlflow(settings)
+    processes.wait_until(
+        lambda: registry_server_ready(settings),
+        60,
+        "the git daemon of the data registry",
+        alive=lambda: processes.running(REGISTRY_SERVER, settings) is not None,
+    )
     processes.wait_until(
         lambda: processes.http_ok(f"http://{settings.host}:{settings.webdav_port}/"),
         60,

@@ -229,7 +229,9 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
     if settings.profile == "cluster":
         from medops.app import cluster
 
-        with console.status("[cyan]PostgreSQL databases, the DVC remote (WebDAV) and the MLflow tracking server…"):
+        with console.status(
+            "[cyan]PostgreSQL databases, the DVC remote (WebDAV), the registry's git server, MLflow's tracking server…"
+        ):
             cluster.start_services(settings)
     with console.status("[cyan]MLflow store and data registry…"):
         model_registry.ensure_experiment(settings)
@@ -237,14 +239,16 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
         settings.service_api_keys()  # generated now, before anything that serves or calls the service starts
     if settings.profile == "cluster":
         with console.status(
-            f"[cyan]starting Airflow (4 components, {settings.cluster_workers} Celery workers) and Evidently UI…"
+            f"[cyan]starting Airflow (4 components, {settings.cluster_workers} train workers + the host's worker) "
+            "and Evidently UI…"
         ):
             start_evidently(settings)
             cluster.start_airflow(settings)
             wait_for_airflow(settings)
         console.print(
-            f"[green]✓[/] cluster profile: Airflow on PostgreSQL with {settings.cluster_workers} Celery workers, "
-            "MLflow on PostgreSQL, DVC remote over WebDAV, Evidently"
+            f"[green]✓[/] cluster profile: Airflow on PostgreSQL with {settings.cluster_workers} train workers "
+            "(homes of their own) and the host's worker, MLflow on PostgreSQL, DVC remote over WebDAV, "
+            "the data registry over git, Evidently"
         )
     else:
         with console.status("[cyan]starting MLflow UI, Evidently UI and Airflow (4 components)…"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -71,6 +72,17 @@ class Settings(BaseSettings):
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Cluster: Celery's broker.")
     webdav_port: int = Field(default=8090, description="Cluster: the WebDAV server of the DVC remote.")
+    registry_port: int = Field(default=9418, description="Cluster: the git daemon serving the data registry.")
+    registry_url: str | None = Field(
+        default=None,
+        description="A host without the data registry (the cluster's train workers) reads data versions from this "
+        "git URL, cloned under its own MEDOPS_HOME; unset: the registry under MEDOPS_HOME.",
+    )
+    secrets_from_env: bool = Field(
+        default=False,
+        description="A host given its logins by configuration (the cluster's train workers): MLflow's comes from "
+        "MLFLOW_TRACKING_USERNAME/_PASSWORD, and no secret is read from or generated under MEDOPS_HOME/secrets.",
+    )
     model_name: str = MODEL_NAME
 
     # The promotion gate's floors and the hold-out share live in pipelines/modification_protocol.yaml,
@@ -215,6 +227,11 @@ class Settings(BaseSettings):
         return self.home / "registry"
 
     @property
+    def registry_clone_dir(self) -> Path:
+        """A worker host's clone of the data registry (``registry_url``), fetched before each read."""
+        return self.home / "registry-clone"
+
+    @property
     def dvc_remote_url(self) -> str:
         if self.dvc_remote:
             return self.dvc_remote
@@ -302,6 +319,8 @@ class Settings(BaseSettings):
         half-written file, and two workers starting together end up with the same key. An empty
         secret is an error, never a key.
         """
+        if self.secrets_from_env:
+            raise RuntimeError(f"the secret {name} is not given to this host (MEDOPS_SECRETS_FROM_ENV is set)")
         path = self.secrets_dir / name
         if not path.exists():
             self.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -324,7 +343,15 @@ class Settings(BaseSettings):
         return self._secret("evidently_secret")
 
     def mlflow_credentials(self) -> dict[str, str]:
-        """MLflow's admin on medops' own server, as the variables MLflow's client reads them from."""
+        """MLflow's admin on medops' own server, as the variables MLflow's client reads them from; on a
+        host given its logins by configuration (``secrets_from_env``), those variables as they are."""
+        if self.secrets_from_env:
+            login = {
+                name: os.environ.get(name, "") for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+            }
+            if not all(login.values()):
+                raise RuntimeError("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD must be set on this host")
+            return login
         return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self._secret(MLFLOW_ADMIN_PASSWORD)}
 
     def service_api_keys(self) -> list[str]:
