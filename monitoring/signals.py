@@ -339,7 +339,8 @@ def estimated_performance_signal(estimate: PerformanceEstimate | None, scope: st
 
 
 def realized_performance_signal(labelled: pd.DataFrame, scope: str, settings: Settings) -> Signal:
-    """Sensitivity and specificity from feedback labels, 95 % Wilson intervals; confidently below the gate fires."""
+    """Sensitivity and specificity from feedback labels, 95 % Wilson intervals; confidently below the gate
+    (the upper end of the ``monitor_realized_confidence`` Wilson interval under it) fires."""
     from statsmodels.stats.proportion import proportion_confint
 
     name = "realized_performance"
@@ -365,9 +366,13 @@ def realized_performance_signal(labelled: pd.DataFrame, scope: str, settings: Se
         text = f"{tp + fn} labelled malignant cases, fewer than {settings.monitor_feedback_min_malignant}: not judged"
         return Signal(name, Points.PERFORMANCE_DROP, scope, False, None, figures, text)
     low, high = figures["sensitivity_interval"]
-    fired = high < gate
+    level = settings.monitor_realized_confidence
+    upper = float(proportion_confint(tp, tp + fn, alpha=1 - level, method="wilson")[1])
+    figures.update(sensitivity_upper_bound=upper, upper_bound_level=level)
+    fired = upper < gate
     text = (
-        f"sensitivity from {len(labelled)} labels {figures['sensitivity']:.3f} (95 % {low:.3f}-{high:.3f}) "
+        f"sensitivity from {len(labelled)} labels {figures['sensitivity']:.3f} (95 % {low:.3f}-{high:.3f}; "
+        f"{level * 100:g} % upper bound {upper:.3f}) "
         f"{'confidently below' if fired else 'not confidently below'} the gate's {gate:.2f}"
     )
     return Signal(

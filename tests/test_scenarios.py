@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import ks_2samp
 
 from medops.core.settings import Settings
 from monitoring.drift import ENCOUNTER_HASH, PROBABILITY
@@ -11,6 +12,8 @@ from monitoring.scenarios import (
     AFFECTED_SITE,
     SCENARIOS,
     WRONG_UNIT_FEATURES,
+    Population,
+    faithfulness,
     fit_champion,
     generate_window,
     reference_split,
@@ -27,9 +30,13 @@ def champion():
     return fit_champion(Settings())
 
 
-def test_champion_is_fitted_as_training_fits_it(champion):
+def test_champion_is_fitted_as_training_fits_it_on_rows_drawn_from_the_population(champion):
     train, holdout = reference_split(seed_frame(), Settings())
     assert len(champion.reference) == len(train) == 455 and len(champion.holdout) == len(holdout) == 114
+    for drawn, real in ((champion.reference, train), (champion.holdout, holdout)):
+        assert (drawn[LABEL] == POSITIVE).sum() == (real[LABEL] == POSITIVE).sum()  # the split's class counts
+    seed_rows = {tuple(row) for row in seed_frame()[list(FEATURES)].round(6).to_numpy()}
+    assert not seed_rows & {tuple(row) for row in champion.reference[list(FEATURES)].round(6).to_numpy()}
     assert 0 < champion.threshold <= 0.5  # the operating point chosen for sensitivity
     assert champion.reference[PROBABILITY].between(0, 1).all()
     assert sum(champion.importance.values()) == pytest.approx(1.0)
@@ -94,16 +101,52 @@ def test_prevalence_and_concept_shift_change_the_truth(champion):
     assert effect["prediction_shift"] < 0.05  # invisible in the scores
 
 
+def test_windows_are_fresh_rows_the_champion_never_saw(champion):
+    window = generate_window("calm", 300, champion, np.random.default_rng(5), baseline_refusal=0.0)
+    seen = {tuple(row) for row in champion.reference[list(FEATURES)].round(6).to_numpy()}
+    seen |= {tuple(row) for row in champion.holdout[list(FEATURES)].round(6).to_numpy()}
+    drawn = [tuple(row) for row in window.current[list(FEATURES)].round(6).to_numpy()]
+    assert len(set(drawn)) == len(drawn) and not seen & set(drawn)
+    again = generate_window("calm", 300, champion, np.random.default_rng(6), baseline_refusal=0.0)
+    assert not set(drawn) & {tuple(row) for row in again.current[list(FEATURES)].round(6).to_numpy()}
+
+
+def test_population_keeps_each_class_marginals_and_range():
+    frame = seed_frame()
+    population = Population.of(frame)
+    assert population.prevalence == pytest.approx((frame[LABEL] == POSITIVE).mean())
+    rng = np.random.default_rng(7)
+    for label in (True, False):
+        real = frame[(frame[LABEL] == POSITIVE) == label][list(FEATURES)].to_numpy()
+        drawn = population.features(np.full(len(real), label), rng)
+        pvalues = [ks_2samp(drawn[:, i], real[:, i]).pvalue for i in range(len(FEATURES))]
+        assert min(pvalues) > 0.01, pvalues  # a K-S test at the seed's own size does not reject
+        assert (drawn >= real.min(axis=0)).all() and (drawn <= real.max(axis=0)).all()
+    # the dependence survives: radius and perimeter stay nearly one quantity, per class
+    drawn = population.draw((500, 500), rng)
+    assert drawn["mean_radius"].corr(drawn["mean_perimeter"], method="spearman") > 0.95
+    assert drawn[LABEL].value_counts().to_dict() == {POSITIVE: 500, "benign": 500}
+
+
+def test_generated_rows_score_like_real_rows():
+    found = faithfulness(Settings(), rows=5_000)
+    assert found["marginals"]["seed"]["rejected_at_5pct"] <= 3
+    for champion in ("real_champion", "generated_champion"):
+        real, generated = found[champion]["real"], found[champion]["generated"]
+        assert found[champion]["score_ks_distance"] < 0.1
+        for name in ("auc", "sensitivity", "specificity", "flagged_rate"):
+            assert abs(real[name] - generated[name]) < 0.04, (champion, name, real, generated)
+
+
 def test_bad_window_size_is_refused(champion):
     with pytest.raises(ValueError, match="at least one record"):
         generate_window("calm", 0, champion, np.random.default_rng(0))
 
 
 def test_the_scenarios_weigh_features_by_the_importance_training_stores(champion):
-    train, holdout = reference_split(seed_frame(), Settings())
-    stored = feature_importance(champion.model, train, holdout, seed=Settings().seed)
+    stored = feature_importance(champion.model, champion.reference, champion.holdout, seed=Settings().seed)
     assert stored.method == LINEAR_IMPORTANCE
-    assert champion.importance == stored.importance
+    assert champion.importance == pytest.approx(stored.importance, rel=1e-9)
 
 
 def test_other_models_get_permutation_importance_on_held_out_rows():

@@ -199,6 +199,18 @@ def test_realized_performance_signal_uses_wilson_intervals(settings):
     assert not few.fired and "not judged" in few.text
 
 
+def test_realized_performance_fires_only_when_the_monitor_level_upper_bound_is_below_the_gate(settings):
+    # 90 of 100 found: the 95 % interval's upper end (0.945) is under the gate, the 99.9 % one is not.
+    borderline = realized_performance_signal(_labelled(100, 10), WINDOW, settings)
+    assert borderline.figures["sensitivity_interval"][1] < settings.min_sensitivity
+    assert settings.monitor_realized_confidence == 0.999
+    assert borderline.figures["sensitivity_upper_bound"] >= settings.min_sensitivity and not borderline.fired
+    assert "99.9 % upper bound" in borderline.text
+    lenient = settings.model_copy(update={"monitor_realized_confidence": 0.95})
+    assert realized_performance_signal(_labelled(100, 10), WINDOW, lenient).fired
+    assert realized_performance_signal(_labelled(100, 20), WINDOW, settings).fired  # 0.80: confidently below
+
+
 def test_refusal_jump_names_the_site_and_fields(settings):
     traffic = [
         SiteTraffic("site-a", 495, 5, {"mean_area": {"missing": 5}}),

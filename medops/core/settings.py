@@ -141,7 +141,7 @@ class Settings(BaseSettings):
         default=50, description="Fewest scored rows of one site for its own drift and estimated-performance signals."
     )
     monitor_prediction_drift_p_value: float = Field(
-        default=3e-6,
+        default=1e-4,
         description="Prediction drift: K-S p-value of probability_malignant vs the reference scores at or below this.",
     )
     monitor_material_shift: float = Field(
@@ -150,21 +150,21 @@ class Settings(BaseSettings):
         "(Wasserstein distance in reference standard deviations).",
     )
     monitor_importance_share: float = Field(
-        default=0.2, description="Importance-weighted share of drifted features at or above this is drift."
+        default=0.3, description="Importance-weighted share of drifted features at or above this is drift."
     )
     monitor_top_features: int = Field(
         default=5, description="How many of the most important features are watched for a strong shift."
     )
     monitor_strong_drift_p_value: float = Field(
-        default=3e-7, description="A top feature drifted strongly: K-S p-value at or below this (and a material shift)."
+        default=3e-4, description="A top feature drifted strongly: K-S p-value at or below this (and a material shift)."
     )
     monitor_top_shift_p_value: float = Field(
-        default=3e-7,
+        default=3e-4,
         description="The most important features' means moved together: Hotelling T² p-value at or below this "
         "(and a shift of at least monitor_top_shift_distance).",
     )
     monitor_top_shift_distance: float = Field(
-        default=0.45, description="Least joint shift of the most important features (Mahalanobis distance)."
+        default=0.3, description="Least joint shift of the most important features (Mahalanobis distance)."
     )
     monitor_strong_drift_distance: float = Field(
         default=0.5,
@@ -172,10 +172,18 @@ class Settings(BaseSettings):
         "(Wasserstein distance in reference standard deviations).",
     )
     monitor_min_expected_malignant: float = Field(
-        default=20.0, description="Fewest expected malignant cases in a window or site for estimated sensitivity."
+        default=40.0, description="Fewest expected malignant cases in a window or site for estimated sensitivity."
     )
     monitor_feedback_min_malignant: int = Field(
         default=25, description="Fewest labelled malignant cases in a window or site for realized sensitivity."
+    )
+    monitor_realized_confidence: float = Field(
+        default=0.999,
+        gt=0.5,
+        lt=1.0,
+        description="Realized sensitivity is confidently below the gate when the upper end of its Wilson interval "
+        "at this two-sided level is (window and each site judged every window: 95 % would let a champion "
+        "just at the gate fire on about one window in ten).",
     )
     monitor_label_window: int = Field(
         default=300,
