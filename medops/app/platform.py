@@ -250,6 +250,7 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
             "(homes of their own) and the host's worker, MLflow on PostgreSQL, DVC remote over WebDAV, "
             "the data registry over git, Evidently"
         )
+        console.print(f"[green]✓[/] train workers: {cluster.isolation(settings)}")
     else:
         with console.status("[cyan]starting MLflow UI, Evidently UI and Airflow (4 components)…"):
             start_mlflow(settings)
