@@ -50,6 +50,8 @@ def test_env_rewrite_points_every_loopback_url_at_the_gateway():
         "MEDOPS_HOST": "127.0.0.1",
         "MEDOPS_HOME": "/tmp/127.0.0.1/home",  # a path, not a URL's host
         "OTHER": "http://127.0.0.10:1/",  # another address
+        "MEDOPS_ALERT_EMAIL_FROM": "medops@localhost",  # an e-mail address
+        "BARE": "redis://localhost",
     }
     out = netns.rewrite_env(env, "10.231.0.1")
     assert out["AIRFLOW__CELERY__BROKER_URL"] == "redis://10.231.0.1:6379/11"
@@ -59,6 +61,8 @@ def test_env_rewrite_points_every_loopback_url_at_the_gateway():
     assert out["MEDOPS_REGISTRY_URL"] == "git://10.231.0.1:9418/registry"
     assert out["MEDOPS_HOST"] == "10.231.0.1"
     assert out["OTHER"] == env["OTHER"]
+    assert out["MEDOPS_HOME"] == env["MEDOPS_HOME"]
+    assert out["MEDOPS_ALERT_EMAIL_FROM"] == "medops@localhost" and out["BARE"] == "redis://10.231.0.1"
     assert not [v for v in out.values() if "//127.0.0.1:" in v or "@127.0.0.1:" in v or "@localhost/" in v]
     # what the worker derives from MEDOPS_HOST: the DVC remote and MLflow through the gateway too
     worker = Settings(host=out["MEDOPS_HOST"], profile="cluster")

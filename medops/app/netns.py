@@ -67,7 +67,9 @@ def rewrite_env(env: dict[str, str], gateway: str) -> dict[str, str]:
     """``env`` with every URL's loopback host (``//127.0.0.1:``, ``@localhost/``…) turned into
     ``gateway``, and ``MEDOPS_HOST`` too: what the worker derives its URLs from."""
     hosts = "|".join(re.escape(name) for name in LOOPBACK_NAMES)
-    pattern = re.compile(rf"(?<=[/@])(?:{hosts})(?=[:/]|$)")
+    # after "//" (scheme://host) or "@" (user@host) and before a port or path; "medops@localhost"
+    # (an e-mail address) is no URL
+    pattern = re.compile(rf"(?<=//)(?:{hosts})(?=[:/]|$)|(?<=@)(?:{hosts})(?=[:/])")
     rewritten = {key: pattern.sub(gateway, value) for key, value in env.items()}
     if "MEDOPS_HOST" in rewritten:
         rewritten["MEDOPS_HOST"] = gateway
