@@ -69,6 +69,14 @@ def test_env_rewrite_points_every_loopback_url_at_the_gateway():
     assert worker.dvc_remote_url.startswith("webdav://10.231.0.1:") and worker.tracking_uri.startswith("http://10.231")
 
 
+def test_mlflow_accepts_the_gateways_host_header():
+    from fnmatch import fnmatch
+
+    gateway = str(next(netns.choose_subnet("x", set()).hosts()))
+    assert fnmatch(f"{gateway}:5000", f"{netns.HOST_PATTERN}:5000")
+    assert str(netns.POOL).startswith(netns.HOST_PATTERN.rstrip("*"))
+
+
 def test_every_service_port_is_forwarded(tmp_path: Path):
     settings = Settings(home=tmp_path, postgres_url="postgresql://postgres@127.0.0.1:5433/postgres")
     assert netns.ports(settings) == sorted(

@@ -242,7 +242,9 @@ def start_mlflow(settings: Settings) -> int:
     """The tracking server on PostgreSQL; artifacts go through it (``mlflow-artifacts:/``) to a folder."""
     store = ["--backend-store-uri", cluster_db_url(settings, "mlflow"), "--artifacts-destination",
              str(settings.artifact_root), "--serve-artifacts"]  # fmt: skip
-    return platform.start_mlflow(settings, store)
+    # a train worker in a network namespace calls it by its gateway's address (10.231.*)
+    hosts = (netns.HOST_PATTERN,) if netns.enabled(settings) else ()
+    return platform.start_mlflow(settings, store, hosts)
 
 
 def start_webdav(settings: Settings) -> int:

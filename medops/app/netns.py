@@ -27,6 +27,7 @@ from medops.core.settings import Settings
 POOL = ipaddress.ip_network("10.231.0.0/16")
 BLOCKS = POOL.num_addresses // 4
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+HOST_PATTERN = "10.231.*"  # the gateways' addresses, as MLflow's --allowed-hosts matches them (fnmatch)
 
 
 @dataclass(frozen=True)
