@@ -310,14 +310,17 @@ def train_model():
 
 
 def _where(step: str, settings) -> str:
-    """Which host ran a training step, with its MEDOPS_HOME and where it read the data registry from."""
+    """Which host ran a training step, with its MEDOPS_HOME, where it read the data registry from and
+    the network namespace it ran in (the cluster's train workers: one of their own)."""
     import os
     import socket
 
     worker = os.environ.get("MEDOPS_WORKER_NAME", "local executor")
     registry = settings.registry_url or settings.registry_dir
+    network = os.readlink("/proc/self/ns/net") if os.path.exists("/proc/self/ns/net") else "unknown"
     return (
         f"{step} ran on host {socket.gethostname()} as {worker} with MEDOPS_HOME {settings.home}, registry {registry}"
+        f" in network namespace {network}"
     )
 
 

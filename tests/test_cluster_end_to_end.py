@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from medops.app import netns
 from medops.core.processes import poll_until
 from medops.core.settings import Settings
 from tests.test_alerts import smtp, webhook  # noqa: F401  (fixtures: local alert sinks)
@@ -79,12 +81,45 @@ def _train_worker_of(step: str, log: str, home: Path, registry_port: int) -> Pat
     the registry read from the git daemon, not from the scheduler's disk."""
     import re
 
-    found = re.search(rf"{step} ran on host \S+ as (airflow-worker-\d+) with MEDOPS_HOME (\S+), registry (\S+)", log)
+    found = re.search(
+        rf"{step} ran on host \S+ as (airflow-worker-\d+) with MEDOPS_HOME (\S+), registry (\S+)"
+        r" in network namespace (\S+)",
+        log,
+    )
     assert found, log[-2000:]
-    name, worker_home, registry = found.groups()
+    name, worker_home, registry, network = found.groups()
     assert Path(worker_home) == home / "hosts" / name, found.group(0)
-    assert registry == f"git://127.0.0.1:{registry_port}/registry", found.group(0)
+    # in a network namespace of its own (we are root, with `ip`): not this one, and the registry is
+    # cloned through the worker's gateway, the host side of its veth pair
+    assert network != os.readlink("/proc/self/ns/net"), found.group(0)
+    gateways = netns.gateway_addresses(Settings(home=home))
+    assert registry in {f"git://{address}:{registry_port}/registry" for address in gateways}, (found.group(0), gateways)
     return Path(worker_home)
+
+
+def _assert_walled_in(home: Path, ports: dict[str, int]) -> None:
+    """From inside a train worker's namespace, the services' loopback address answers nothing; the
+    gateway's address (the veth's host side) reaches them: the worker's only way out."""
+    settings = Settings(home=home)
+    namespaces = netns.namespaces(settings)
+    assert len(namespaces) == settings.cluster_workers, namespaces
+    gateways = netns.gateways(settings)
+    probe = (
+        "import socket, sys\n"
+        "host, port = sys.argv[1], int(sys.argv[2])\n"
+        "try:\n    socket.create_connection((host, port), timeout=3).close(); print('open')\n"
+        "except OSError as e:\n    print('closed', e)\n"
+    )
+    for namespace in namespaces:
+        for port in (5432, ports["MLFLOW"]):
+            inside = [sys.executable, "-c", probe, "127.0.0.1", str(port)]
+            out = subprocess.run(["ip", "netns", "exec", namespace, *inside], capture_output=True, text=True)
+            assert out.stdout.startswith("closed"), (namespace, port, out.stdout, out.stderr)
+        gateway = gateways[netns.names(settings, int(namespace.rsplit("-w", 1)[1]))[1]]
+        for port in (5432, ports["MLFLOW"]):
+            inside = [sys.executable, "-c", probe, gateway, str(port)]
+            out = subprocess.run(["ip", "netns", "exec", namespace, *inside], capture_output=True, text=True)
+            assert out.stdout.startswith("open"), (namespace, gateway, port, out.stdout, out.stderr)
 
 
 def _assert_another_host(worker_home: Path) -> None:
@@ -196,6 +231,7 @@ def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp,
         }  # fmt: skip
         for worker_home in searched_on | {fitted_on}:
             _assert_another_host(worker_home)
+        _assert_walled_in(home, ports)
         # No Airflow log server (8793/8794) is listening: the components run with --skip-serve-logs.
         assert _listening([8793, 8794], pids=_platform_processes(home)) == []
 
@@ -266,6 +302,7 @@ def test_the_loop_in_the_cluster_profile(own_databases: Settings, webhook, smtp,
     poll_until(lambda: not _platform_processes(home), 60, 1.0)
     assert _platform_processes(home) == [], _describe(_platform_processes(home))
     assert _listening(list(ports.values())) == []
+    assert netns.namespaces(settings) == [] and netns.gateway_addresses(settings) == set()
     assert cluster.existing_databases(settings) == sorted(cluster.database_names(settings))
 
 

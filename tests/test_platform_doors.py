@@ -131,11 +131,35 @@ def platform_pids(home: Path) -> set[int]:
     return found
 
 
+def _gateways(home: Path) -> dict[int, str]:
+    """The pid of each running gateway (``medops.app.gateway``) and the one address it may listen on:
+    the one it was started with, if that is the host side of one of this platform's veth pairs."""
+    from medops.app import netns
+
+    addresses = netns.gateway_addresses(Settings(home=home))
+    found = {}
+    for process in psutil.process_iter():
+        try:
+            argv = process.cmdline()
+        except psutil.Error:
+            continue
+        if argv[1:3] == ["-m", "medops.app.gateway"] and len(argv) > 3 and argv[3] in addresses:
+            found[process.pid] = argv[3]
+    return found
+
+
 def assert_listening_on_loopback_only(home: Path) -> int:
-    """No process of the platform listens off loopback; returns how many listening sockets it has."""
+    """No process of the platform listens off loopback, but for the train workers' gateways (cluster
+    profile, network namespaces) on the host side of medops' own veth pairs, each on its own pair's
+    address only; returns how many listening sockets it has."""
     pids = platform_pids(home)
     listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids]
-    exposed = [f"{c.laddr.ip}:{c.laddr.port} (pid {c.pid})" for c in listening if c.laddr.ip not in LOOPBACK]
+    gateways = _gateways(home)
+    exposed = [
+        f"{c.laddr.ip}:{c.laddr.port} (pid {c.pid})"
+        for c in listening
+        if c.laddr.ip not in LOOPBACK and gateways.get(c.pid) != c.laddr.ip
+    ]
     assert exposed == [], exposed
     assert listening, "no listening socket of the platform found: the check saw none of its processes"
     return len(listening)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 from pathlib import Path
 
-from medops.app import platform
+from medops.app import netns, platform
 from medops.core import processes
 from medops.core.settings import Settings
 
@@ -57,7 +58,14 @@ def process_names(settings: Settings, workers: int | None = None) -> list[str]:
     cluster's only), in the order `down` stops them (workers first)."""
     count = settings.cluster_workers if workers is None else workers
     workers_first = [*map(worker_name, range(1, count + 1)), HOST_WORKER]
-    return [*workers_first, *platform.AIRFLOW_COMPONENTS, "mlflow", REGISTRY_SERVER, "webdav", "evidently"]
+    gateways = [gateway_name(index) for index in range(1, count + 1)]
+    services = [*platform.AIRFLOW_COMPONENTS, "mlflow", REGISTRY_SERVER, "webdav", "evidently"]
+    return [*workers_first, *gateways, *services]
+
+
+def gateway_name(index: int) -> str:
+    """The forwarder a train worker in a network namespace reaches the services through."""
+    return f"gateway-{index}"
 
 
 def worker_home(settings: Settings, name: str) -> Path:
@@ -185,17 +193,48 @@ def start_workers(settings: Settings, env: dict[str, str]) -> list[int]:
     """The train workers (``train`` and a queue of their own), each on an empty home of its own, and
     the scheduler host's own worker (``default``), on the scheduler's home."""
     pids = []
+    isolated = netns.enabled(settings)
     for index in range(1, settings.cluster_workers + 1):
         name = worker_name(index)
-        if processes.running(name, settings) is None:  # a new host's disk: empty
-            home = worker_home(settings, name)
-            shutil.rmtree(home, ignore_errors=True)
-            home.mkdir(parents=True, mode=0o700)
-        argv = worker_argv(name, [TRAIN_QUEUE, name])
-        pids.append(processes.start(name, argv, settings, env=train_worker_env(settings, env, name)))
+        if (current := processes.running(name, settings)) is not None:
+            pids.append(current.pid)  # already up (and in its namespace, if it has one)
+            continue
+        home = worker_home(settings, name)  # a new host's disk: empty
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True, mode=0o700)
+        argv, worker_env = worker_argv(name, [TRAIN_QUEUE, name]), train_worker_env(settings, env, name)
+        if isolated:
+            argv, worker_env = _isolate(settings, index, argv, worker_env)
+        pids.append(processes.start(name, argv, settings, env=worker_env))
     argv = worker_argv(HOST_WORKER, [DEFAULT_QUEUE, HOST_WORKER])
     pids.append(processes.start(HOST_WORKER, argv, settings, env=env | {"MEDOPS_WORKER_NAME": HOST_WORKER}))
     return pids
+
+
+def _isolate(settings: Settings, index: int, argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Train worker ``index`` in a network namespace of its own, its gateway started: the argv
+    (``ip netns exec`` execs the worker, which keeps the pid) and the environment naming the gateway."""
+    processes.stop(gateway_name(index), settings)
+    link = netns.create(settings, index)
+    gateway_argv = [sys.executable, "-m", "medops.app.gateway", link.gateway, *map(str, netns.ports(settings))]
+    processes.start(gateway_name(index), gateway_argv, settings, env=processes.child_env(settings))
+    processes.wait_until(
+        lambda: _reachable(link.gateway, settings.airflow_port),
+        30,
+        f"the gateway of {worker_name(index)}",
+        alive=lambda: processes.running(gateway_name(index), settings) is not None,
+    )
+    return [shutil.which("ip") or "ip", "netns", "exec", link.namespace, *argv], netns.rewrite_env(env, link.gateway)
+
+
+def _reachable(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 # MLflow and the DVC remote --------------------------------------------------------------------------
@@ -203,7 +242,9 @@ def start_mlflow(settings: Settings) -> int:
     """The tracking server on PostgreSQL; artifacts go through it (``mlflow-artifacts:/``) to a folder."""
     store = ["--backend-store-uri", cluster_db_url(settings, "mlflow"), "--artifacts-destination",
              str(settings.artifact_root), "--serve-artifacts"]  # fmt: skip
-    return platform.start_mlflow(settings, store)
+    # a train worker in a network namespace calls it by its gateway's address (10.231.*)
+    hosts = (netns.HOST_PATTERN,) if netns.enabled(settings) else ()
+    return platform.start_mlflow(settings, store, hosts)
 
 
 def start_webdav(settings: Settings) -> int:
@@ -245,13 +286,7 @@ def start_registry_server(settings: Settings) -> int:
 
 
 def registry_server_ready(settings: Settings) -> bool:
-    import socket
-
-    try:
-        socket.create_connection((settings.host, settings.registry_port), timeout=2).close()
-    except OSError:
-        return False
-    return True
+    return _reachable(settings.host, settings.registry_port)
 
 
 def start_services(settings: Settings) -> None:
@@ -281,10 +316,18 @@ def start_services(settings: Settings) -> None:
     )
 
 
+def isolation(settings: Settings) -> str:
+    """What `up` says about the train workers' network."""
+    if netns.enabled(settings):
+        return "each in a network namespace of its own, reaching the services through a gateway"
+    return "plain processes on this machine's network (MEDOPS_CLUSTER_NETNS=off, or not root / no `ip`)"
+
+
 def stop(settings: Settings) -> list[str]:
     """Stop every cluster process that runs; returns the names stopped."""
     names = process_names(settings, workers=_started_workers(settings))
-    return [name for name in names if processes.stop(name, settings)]
+    stopped = [name for name in names if processes.stop(name, settings)]
+    return stopped + [f"network namespace {name}" for name in netns.delete_all(settings)]
 
 
 def _started_workers(settings: Settings) -> int:

@@ -140,9 +140,10 @@ def write_mlflow_auth_config(settings: Settings) -> Path:
     return write_atomically(settings.mlflow_dir / "basic_auth.ini", text.getvalue(), mode=0o600)
 
 
-def start_mlflow(settings: Settings, store: list[str] | None = None) -> int:
+def start_mlflow(settings: Settings, store: list[str] | None = None, hosts: tuple[str, ...] = ()) -> int:
     """MLflow's server on the platform's host. ``store`` are the store arguments; by default the
-    embedded SQLite store with its local artifact folder (the cluster profile passes its own)."""
+    embedded SQLite store with its local artifact folder (the cluster profile passes its own).
+    ``hosts``: more Host headers to accept (the cluster's train workers call it through a gateway)."""
     settings.artifact_root.mkdir(parents=True, exist_ok=True)
     store = store or [
         "--backend-store-uri",
@@ -163,7 +164,7 @@ def start_mlflow(settings: Settings, store: list[str] | None = None) -> int:
         str(port),
         # the Host headers a client on this machine sends (against DNS rebinding)
         "--allowed-hosts",
-        ",".join(dict.fromkeys(f"{host}:{port}" for host in (settings.host, "127.0.0.1", "localhost"))),
+        ",".join(dict.fromkeys(f"{host}:{port}" for host in (settings.host, "127.0.0.1", "localhost", *hosts))),
         "--workers",
         "1",
     ]
@@ -250,6 +251,7 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
             "(homes of their own) and the host's worker, MLflow on PostgreSQL, DVC remote over WebDAV, "
             "the data registry over git, Evidently"
         )
+        console.print(f"[green]✓[/] train workers: {cluster.isolation(settings)}")
     else:
         with console.status("[cyan]starting MLflow UI, Evidently UI and Airflow (4 components)…"):
             start_mlflow(settings)

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
         description="standalone: Airflow on SQLite (LocalExecutor); cluster: PostgreSQL, Celery workers, servers.",
     )
     cluster_workers: int = Field(default=2, ge=1, description="Celery workers of the cluster profile.")
+    cluster_netns: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Cluster: each train worker in a network namespace of its own, reaching the services through "
+        "a gateway (auto: where root and `ip` allow; on: required; off: plain processes).",
+    )
     postgres_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/postgres",
         description="Cluster: a PostgreSQL superuser connection; medops creates its role and databases with it.",
