@@ -43,7 +43,7 @@ class Link:
 
 def prefix(settings: Settings) -> str:
     """What every namespace and interface name of this platform starts with (8 characters)."""
-    return "mo" + hashlib.sha1(str(settings.home.resolve()).encode()).hexdigest()[:6]
+    return "mo" + hashlib.sha256(str(settings.home.resolve()).encode()).hexdigest()[:6]
 
 
 def names(settings: Settings, index: int) -> tuple[str, str, str]:
@@ -56,7 +56,7 @@ def names(settings: Settings, index: int) -> tuple[str, str, str]:
 
 def choose_subnet(seed: str, used: set[ipaddress.IPv4Address]) -> ipaddress.IPv4Network:
     """A /30 of the pool, first tried where ``seed``'s hash points, the next free one otherwise."""
-    start = int(hashlib.sha1(seed.encode()).hexdigest(), 16) % BLOCKS
+    start = int(hashlib.sha256(seed.encode()).hexdigest(), 16) % BLOCKS
     for step in range(BLOCKS):
         block = ipaddress.ip_network(f"{POOL.network_address + 4 * ((start + step) % BLOCKS)}/30")
         if not any(address in block for address in used):
