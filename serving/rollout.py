@@ -118,12 +118,6 @@ def _set_champion(version: str, settings: Settings) -> None:
     set_champion(str(version), settings)
 
 
-def _load_registered_model(version: str, settings: Settings) -> Any:
-    from pipelines.model_registry import load_model
-
-    return load_model(str(version), settings)
-
-
 def _gate_status(version: str, settings: Settings) -> tuple[bool, str]:
     """(whether the version's gate passed, the recorded reason) from its registry tags."""
     from pipelines.model_registry import version_tags
@@ -193,16 +187,8 @@ def require_deployable(
             _audit("refusal", version, actor, f"deploy of v{version} refused: gate did not pass ({why})", settings)
         raise DeployRefused(message)
     if record:
-        _audit(
-            "override",
-            version,
-            person,
-            text,
-            settings,
-            overridden=f"gate did not pass: {why}",
-            protocol_version=protocol.version,
-            entered_by=actor,
-        )
+        details = {"overridden": f"gate did not pass: {why}", "protocol_version": protocol.version, "entered_by": actor}
+        _audit("override", version, person, text, settings, **details)
     return person
 
 
@@ -211,16 +197,7 @@ def _raise_alert(title: str, details: str, settings: Settings) -> None:
     from medops.core.alerts import send_alert
 
     logger.error("%s: %s", title, details)
-    send_alert(
-        title,
-        "failure",
-        [],
-        None,
-        None,
-        settings,
-        severity="error",
-        details=details,
-    )
+    send_alert(title, "failure", [], None, None, settings, severity="error", details=details)
 
 
 # steps ------------------------------------------------------------------------------------
@@ -250,12 +227,7 @@ def prepare_bento(version: str, settings: Settings, *, rebuild: bool = False, ti
         command.append("--rebuild")
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     completed = subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        env=processes.child_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        command, cwd=REPO_ROOT, env=processes.child_env(settings), capture_output=True, text=True, timeout=timeout
     )
     (settings.run_dir / f"build-{version}.log").write_text(completed.stdout + completed.stderr)
     if completed.returncode != 0:
@@ -333,9 +305,10 @@ def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = No
 def expected_predictions(version: str, settings: Settings):
     """(evaluation rows, probability_malignant, labels) as the MLflow model itself computes them."""
     from pipelines.metrics import probability_malignant
+    from pipelines.model_registry import load_model
 
     rows = evaluation_rows(version, settings)
-    model = _load_registered_model(version, settings)
+    model = load_model(str(version), settings)
     probabilities = probability_malignant(model, rows)
     labels = [str(label) for label in model.predict(rows)]
     return rows, probabilities, labels
@@ -423,9 +396,7 @@ def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout:
 def stable_server(settings: Settings) -> ServerRecord | None:
     """The running stable server, or None (a record of a dead one is forgotten)."""
     record = processes.read_record(settings, STABLE)
-    if record is None:
-        return None
-    if not processes.is_running(record):
+    if record is not None and not processes.is_running(record):
         processes.forget_record(settings, STABLE)
         return None
     return record
@@ -499,13 +470,9 @@ def deploy(
 ) -> DeployResult:
     """Roll ``version`` out to the stable endpoint with a smoke-tested candidate; see module doc.
 
-    ``bento`` is the tag :func:`prepare_bento` returned, when the caller built it already. A
-    version whose gate did not pass is refused (:class:`DeployRefused`) unless ``override_by``
-    names the person who decided and ``override_reason`` says why (:func:`require_deployable`);
-    ``gate_checked=False`` skips that check for a version served before (a rollback). The outcome
-    goes to the audit trail as ``action`` (``deployment`` or ``rollback``) by ``actor``.
-    On failure the version served before keeps serving, ``@champion`` points back at it (recorded
-    as a ``rollback``), an alert is raised and :class:`DeployFailed` is raised.
+    ``bento`` is the tag :func:`prepare_bento` returned, when the caller built it already. The gate
+    is checked by :func:`require_deployable` unless ``gate_checked=False`` (a version served before,
+    a rollback). The outcome goes to the audit trail as ``action`` (``deployment`` or ``rollback``).
 
     ``@champion`` ends on ``version`` only if nobody moved it since the caller decided what to serve:
     ``champion_seen`` is what it named then (deploy_model: the version it chose from the alias),
@@ -542,13 +509,9 @@ def deploy(
             )
             crash_point("after_build")
             expected = expected_predictions(version, settings)
+            port = processes.find_free_port(settings.host)
             candidate = processes.start_server(
-                settings,
-                bento=prepared.bento,
-                model_version=version,
-                port=processes.find_free_port(settings.host),
-                role=CANDIDATE,
-                workers=1,
+                settings, bento=prepared.bento, model_version=version, port=port, role=CANDIDATE, workers=1
             )
             crash_point("after_candidate_start")
             processes.wait_ready(candidate, timeout=ready_timeout)
@@ -576,42 +539,21 @@ def deploy(
                 settings,
             )
             if previous is not None:
-                _audit(
-                    "rollback",
-                    previous,
-                    SCHEDULER,
-                    f"automatic: {message[:300]}; v{previous} kept serving, @champion {alias}",
-                    settings,
-                    failed_version=version,
-                )
+                kept = f"automatic: {message[:300]}; v{previous} kept serving, @champion {alias}"
+                _audit("rollback", previous, SCHEDULER, kept, settings, failed_version=version)
             raise DeployFailed(message) from error
         finally:
             if candidate is not None:
                 processes.stop_server(candidate, settings)
         crash_point("after_candidate_stop")
-        result = DeployResult(
-            version=version,
-            previous=previous,
-            bento=prepared.bento,
-            url=stable.url,
-            switch=mode,
-            seconds=round(time.monotonic() - started, 1),
-        )
+        result = DeployResult(version, previous, prepared.bento, stable.url, mode, round(time.monotonic() - started, 1))
         _record_deployment(result, settings)
         crash_point("after_record")
-        _audit(
-            action,
-            version,
-            actor,
-            reason
-            or f"v{version} serving on {stable.url} (was {f'v{previous}' if previous else 'nothing'})"
-            + (f"; gate override by {overridden_by}" if overridden_by else ""),
-            settings,
-            previous=previous,
-            bento=prepared.bento,
-            switch=mode,
-            seconds=result.seconds,
-        )
+        override = f"; gate override by {overridden_by}" if overridden_by else ""
+        was = f"v{previous}" if previous else "nothing"
+        reason = reason or f"v{version} serving on {stable.url} (was {was}){override}"
+        details = {"previous": previous, "bento": prepared.bento, "switch": mode, "seconds": result.seconds}
+        _audit(action, version, actor, reason, settings, **details)
         logger.info("model version %s serving on %s (%s, %.1f s)", version, stable.url, mode, result.seconds)
         return result
 
@@ -659,11 +601,10 @@ def rollback(
     A version served before (under a passing gate or a recorded override) needs no new override;
     any other version is checked as :func:`deploy` checks it. Recorded as ``rollback``.
     """
-    history = deployments(settings)
     serving = stable_server(settings)
-    current = serving.model_version if serving else (str(history[-1]["version"]) if history else None)
+    current = serving.model_version if serving else _last_deployed(settings)
     if version is None:
-        earlier = [str(entry["version"]) for entry in history if str(entry["version"]) != current]
+        earlier = [str(entry["version"]) for entry in deployments(settings) if str(entry["version"]) != current]
         if not earlier:
             raise DeployFailed("no earlier deployment to roll back to")
         version = earlier[-1]
