@@ -23,8 +23,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -42,7 +45,8 @@ ROUTE_SCOPES = {"/predict": PREDICT, "/explain": EXPLAIN, "/feedback": FEEDBACK}
 ROLLOUT_KEY_ID = "rollout"
 ROLLOUT_SCOPES = (PREDICT, EXPLAIN)  # its smoke test: /predict, /explain and /metadata
 RELOAD_SECONDS = 1.0
-MEDOPS_API_KEYS = "MEDOPS_API_KEYS"
+
+logger = logging.getLogger("medops.serving")
 
 
 class KeyCommandError(ValueError):
@@ -124,13 +128,6 @@ def _lock(settings: Settings):
     return file_lock(settings.secrets_dir / ".keys.lock", timeout=30)
 
 
-def _check_site(site_id: str | None) -> None:
-    import re
-
-    if site_id is not None and not re.fullmatch(SITE_PATTERN, site_id):
-        raise KeyCommandError(f"site {site_id!r} does not match {SITE_PATTERN}")
-
-
 def create_key(
     settings: Settings, scopes: list[str] | tuple[str, ...], *, site_id: str | None = None, name: str = ""
 ) -> tuple[ApiKey, str]:
@@ -141,30 +138,25 @@ def create_key(
     unknown = [scope for scope in wanted if scope not in SCOPES]
     if unknown:
         raise KeyCommandError(f"unknown scope {', '.join(unknown)}; choose from {', '.join(SCOPES)}")
-    _check_site(site_id)
+    if site_id is not None and not re.fullmatch(SITE_PATTERN, site_id):
+        raise KeyCommandError(f"site {site_id!r} does not match {SITE_PATTERN}")
     if site_id == SMOKE_TEST_SITE:
         raise KeyCommandError(f"the site {SMOKE_TEST_SITE} is reserved for the rollout's own key")
-    return _add_key(settings, wanted, site_id, name)
-
-
-def _add_key(
-    settings: Settings, scopes: list[str], site_id: str | None, name: str, key_id: str = ""
-) -> tuple[ApiKey, str]:
-    secret = "mdk_" + secrets.token_urlsafe(32)
     with _lock(settings):
         keys = read_keys(settings)
         taken = {key.id for key in keys}
+        key_id = ""
         while not key_id or key_id in taken:
             key_id = "k" + secrets.token_hex(4)
-        record = ApiKey(
-            id=key_id,
-            scopes=frozenset(scopes),
-            site_id=site_id,
-            name=name,
-            created_at=_now(),
-            sha256=hash_key(secret),
-        )
+        record, secret = _new_key(key_id, wanted, site_id, name)
         _write_keys(settings, [*keys, record])
+    return record, secret
+
+
+def _new_key(key_id: str, scopes: Iterable[str], site_id: str | None, name: str) -> tuple[ApiKey, str]:
+    """A fresh secret and its record (only the secret's hash is kept)."""
+    secret = "mdk_" + secrets.token_urlsafe(32)
+    record = ApiKey(key_id, frozenset(scopes), site_id, name, created_at=_now(), sha256=hash_key(secret))
     return record, secret
 
 
@@ -198,17 +190,9 @@ def rollout_key(settings: Settings) -> str:
             secret = ""
         if current is not None and secret and hmac.compare_digest(hash_key(secret), current.sha256):
             return secret
-        secret = "mdk_" + secrets.token_urlsafe(32)
+        record, secret = _new_key(ROLLOUT_KEY_ID, ROLLOUT_SCOPES, SMOKE_TEST_SITE, "rollout smoke tests")
         settings.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomically(path, secret + "\n", mode=0o600)
-        record = ApiKey(
-            id=ROLLOUT_KEY_ID,
-            scopes=frozenset(ROLLOUT_SCOPES),
-            site_id=SMOKE_TEST_SITE,
-            name="rollout smoke tests",
-            created_at=_now(),
-            sha256=hash_key(secret),
-        )
         _write_keys(settings, [*(key for key in keys if key.id != ROLLOUT_KEY_ID), record])
     return secret
 
@@ -234,9 +218,8 @@ def has_deliberate_keys(settings: Settings) -> bool:
 class KeyRing:
     """The keys a serving worker accepts, re-read when ``keys.json`` changes (checked at most once a second)."""
 
-    def __init__(self, settings: Settings, *, clock=time.monotonic) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._clock = clock
         self._configured = configured_keys(settings)
         self._stored: list[ApiKey] = []
         self._stamp: tuple[int, int, int] | None = None
@@ -244,35 +227,27 @@ class KeyRing:
         self._digests: list[tuple[bytes, ApiKey]] = []
         self._reload(force=True)
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
+    def _reload(self, *, force: bool = False) -> None:
         try:
             status = self.settings.api_keys_file.stat()
+            stamp: tuple[int, int, int] | None = (status.st_mtime_ns, status.st_ino, status.st_size)
         except FileNotFoundError:
-            return None
-        return (status.st_mtime_ns, status.st_ino, status.st_size)
-
-    def _reload(self, *, force: bool = False) -> None:
-        stamp = self._file_stamp()
+            stamp = None
         if force or stamp != self._stamp:
             try:
                 stored = read_keys(self.settings)
             except (OSError, ValueError, KeyError) as error:  # keep the keys we had rather than none
-                import logging
-
-                logging.getLogger("medops.serving").error("cannot read %s: %s", self.settings.api_keys_file, error)
+                logger.error("cannot read %s: %s", self.settings.api_keys_file, error)
                 stored = self._stored
             self._stored, self._stamp = stored, stamp
             self._digests = [(bytes.fromhex(key.sha256), key) for key in [*self._configured, *stored] if key.active]
 
-    def refresh(self) -> None:
-        now = self._clock()
+    def authenticate(self, token: bytes) -> ApiKey | None:
+        """The key whose hash is the token's, or None; every stored hash is compared, in constant time."""
+        now = time.monotonic()
         if now - self._checked >= RELOAD_SECONDS:
             self._checked = now
             self._reload()
-
-    def authenticate(self, token: bytes) -> ApiKey | None:
-        """The key whose hash is the token's, or None; every stored hash is compared, in constant time."""
-        self.refresh()
         digest = hashlib.sha256(token).digest()
         found = None
         for stored, key in self._digests:
