@@ -63,12 +63,7 @@ class ModelWatcher:
     """
 
     def __init__(
-        self,
-        control_dir: Path,
-        current: Callable[[], str],
-        switch: Callable[[str], None],
-        *,
-        interval: float = 0.2,
+        self, control_dir: Path, current: Callable[[], str], switch: Callable[[str], None], *, interval: float = 0.2
     ) -> None:
         self.control_dir = control_dir
         self.current = current
@@ -98,14 +93,12 @@ class ModelWatcher:
             wanted = requested_model(self.control_dir)
             if wanted is None:
                 continue
-            if wanted == self.current():
-                write_ack(self.control_dir, wanted)
-                continue
             try:
-                self.switch(wanted)
+                if wanted != self.current():
+                    self.switch(wanted)
+                    logger.info("now serving model version %s", wanted)
             except Exception as exc:  # reported to the rollout, which keeps the old version
                 logger.exception("could not switch to model version %s", wanted)
                 write_ack(self.control_dir, wanted, error=f"{type(exc).__name__}: {exc}")
             else:
-                logger.info("now serving model version %s", wanted)
                 write_ack(self.control_dir, wanted)

@@ -13,7 +13,6 @@ import logging
 import re
 import socket
 import sys
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,10 +115,6 @@ def _name(role: str) -> str:
     return f"serving-{role}"
 
 
-def record_path(settings: Settings, role: str) -> Path:
-    return supervisor.record_path(_name(role), settings)
-
-
 def write_record(settings: Settings, record: ServerRecord) -> None:
     supervisor.write_record(_name(record.role), record, settings)
 
@@ -133,13 +128,13 @@ def forget_record(settings: Settings, role: str) -> None:
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
 def port_is_free(host: str, port: int) -> bool:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
