@@ -95,7 +95,7 @@ def import_model(version: str, settings: Settings) -> str:
     return tag
 
 
-def build_bento(version: str, settings: Settings, *, rebuild: bool = False) -> str:
+def build_bento(version: str, settings: Settings) -> str:
     """Build the Bento ``<model_name>_service:<version>`` declaring model ``<model_name>:<version>``."""
     import bentoml
     from bentoml.exceptions import NotFound
@@ -103,9 +103,7 @@ def build_bento(version: str, settings: Settings, *, rebuild: bool = False) -> s
     tag = f"{bento_name(settings)}:{version}"
     with suppress(NotFound):
         bentoml.bentos.get(tag)
-        if not rebuild:
-            return tag
-        bentoml.bentos.delete(tag)
+        return tag
     bento = bentoml.bentos.build_bentofile(
         str(BENTOFILE),
         name=bento_name(settings),
@@ -120,13 +118,12 @@ def build_bento(version: str, settings: Settings, *, rebuild: bool = False) -> s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--version", required=True)
-    parser.add_argument("--rebuild", action="store_true")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     settings = get_settings()
     result = {
         "model": import_model(options.version, settings),
-        "bento": build_bento(options.version, settings, rebuild=options.rebuild),
+        "bento": build_bento(options.version, settings),
     }
     print(json.dumps(result), flush=True)
     return 0

@@ -18,10 +18,8 @@ points back to that version, an alert goes out, and :class:`DeployFailed` is rai
 stable server running (first deployment, or after ``medops serve-stop``), step 3 starts one from
 the new Bento instead.
 
-The modification protocol reserves serving a version whose gate did not pass (or that was never
-gated) for a named person: :func:`require_deployable` refuses it with :class:`DeployRefused` unless
-an override names who decided and why. Deployments, rollbacks, overrides and refusals are entries
-in the audit trail (:mod:`pipelines.governance`).
+A version whose gate did not pass is served only on a named person's override (:func:`require_deployable`).
+Deployments, rollbacks, overrides and refusals are entries in the audit trail (:mod:`pipelines.governance`).
 """
 
 from __future__ import annotations
@@ -156,12 +154,11 @@ def require_deployable(
     override_by: str | None = None,
     override_reason: str | None = None,
     actor: str = SCHEDULER,
-    record: bool = True,
 ) -> str | None:
     """Refuse to serve a version whose gate did not pass, unless a named person overrides it.
 
     Returns None when the gate passed, else the person who overrode it (their override recorded
-    in the audit trail as ``override`` when ``record``). Without a named person and a reason,
+    in the audit trail as ``override``). Without a named person and a reason,
     raises :class:`DeployRefused` (recorded as ``refusal``) saying how to override.
     """
     passed, why = _gate_status(version, settings)
@@ -183,12 +180,10 @@ def require_deployable(
             f"medops deploy --version {version} --override-by NAME --reason TEXT "
             "(deploy_model: params override_by and override_reason)"
         )
-        if record:
-            _audit("refusal", version, actor, f"deploy of v{version} refused: gate did not pass ({why})", settings)
+        _audit("refusal", version, actor, f"deploy of v{version} refused: gate did not pass ({why})", settings)
         raise DeployRefused(message)
-    if record:
-        details = {"overridden": f"gate did not pass: {why}", "protocol_version": protocol.version, "entered_by": actor}
-        _audit("override", version, person, text, settings, **details)
+    details = {"overridden": f"gate did not pass: {why}", "protocol_version": protocol.version, "entered_by": actor}
+    _audit("override", version, person, text, settings, **details)
     return person
 
 
@@ -218,16 +213,14 @@ def _built(version: str, settings: Settings) -> PreparedBento | None:
     return None
 
 
-def prepare_bento(version: str, settings: Settings, *, rebuild: bool = False, timeout: float = 600) -> PreparedBento:
+def prepare_bento(version: str, settings: Settings) -> PreparedBento:
     """Import the version into BentoML and build its Bento, in a child process (see bento_build)."""
-    if not rebuild and (built := _built(version, settings)) is not None:
+    if (built := _built(version, settings)) is not None:
         return built
     command = [sys.executable, "-m", "serving.bento_build", "--version", str(version)]
-    if rebuild:
-        command.append("--rebuild")
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     completed = subprocess.run(
-        command, cwd=REPO_ROOT, env=processes.child_env(settings), capture_output=True, text=True, timeout=timeout
+        command, cwd=REPO_ROOT, env=processes.child_env(settings), capture_output=True, text=True, timeout=600
     )
     (settings.run_dir / f"build-{version}.log").write_text(completed.stdout + completed.stderr)
     if completed.returncode != 0:
@@ -238,11 +231,8 @@ def prepare_bento(version: str, settings: Settings, *, rebuild: bool = False, ti
 
 
 def evaluation_rows(version: str, settings: Settings, n: int = SMOKE_ROWS):
-    """The first ``n`` hold-out rows the version's training run stored (features only).
-
-    Read from the run (``reference/holdout.csv``), not split again from today's settings; a
-    version whose run stored none raises :class:`pipelines.model_registry.MissingReference`.
-    """
+    """The first ``n`` hold-out rows (features only) the version's training run stored, not split again
+    from today's settings; raises :class:`pipelines.model_registry.MissingReference` if it stored none."""
     from pipelines.model_registry import stored_reference
     from pipelines.schema import FEATURES
 
@@ -251,12 +241,8 @@ def evaluation_rows(version: str, settings: Settings, n: int = SMOKE_ROWS):
 
 
 def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = None, timeout: float = 60) -> None:
-    """Check a server serves ``version`` and predicts what the registered model predicts.
-
-    ``expected`` is ``(rows, probabilities, labels)`` from the MLflow model (computed once per
-    deployment by :func:`expected_predictions`). The checks go through :class:`MedopsClient`, the
-    client clinical apps use, with the rollout's own key, bound to the smoke-test site.
-    """
+    """Check a server serves ``version`` and predicts what the registered model (``expected``, from
+    :func:`expected_predictions`) predicts, through the clinical apps' client with the rollout's own key."""
     import numpy as np
     from pydantic import ValidationError
 
@@ -345,12 +331,8 @@ def switch_stable(record: ServerRecord, version: str, settings: Settings, *, tim
 
 
 def _settle_switch(record: ServerRecord, settings: Settings, *, timeout: float) -> ServerRecord:
-    """Make the stable server's record name what it serves after a rollout killed mid-switch.
-
-    Such a rollout asked the workers for a version (the control file) but did not record it. If
-    every worker took that version, the record follows them; if one could not, all are asked
-    back to the recorded version.
-    """
+    """After a rollout killed mid-switch (it asked the workers for a version but did not record it):
+    the record follows the workers if all took that version, else all are asked back to the recorded one."""
     requested = control.requested_model(Path(record.control_dir or ""))
     if requested in (None, record.model_version):
         return record
@@ -363,9 +345,8 @@ def _settle_switch(record: ServerRecord, settings: Settings, *, timeout: float) 
     return record
 
 
-def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout: float | None = None) -> ServerRecord:
+def start_stable(bento: str, version: str, settings: Settings) -> ServerRecord:
     """Start the stable server on ``settings.serving_port`` from ``bento``, serving ``version``."""
-    ready_timeout = settings.serving_ready_timeout if ready_timeout is None else ready_timeout
     if not processes.port_is_free(settings.host, settings.serving_port):
         raise RuntimeError(
             f"port {settings.serving_port} is taken by a process medops does not know about; "
@@ -385,8 +366,8 @@ def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout:
     )
     crash_point("after_stable_start")
     try:
-        processes.wait_ready(record, timeout=ready_timeout)
-        _wait_for_workers(record, str(version), ready_timeout)
+        processes.wait_ready(record, timeout=settings.serving_ready_timeout)
+        _wait_for_workers(record, str(version), settings.serving_ready_timeout)
     except Exception:
         processes.stop_server(record, settings)
         raise
@@ -458,8 +439,6 @@ def deploy(
     settings: Settings,
     *,
     bento: str | None = None,
-    ready_timeout: float | None = None,
-    switch_timeout: float | None = None,
     override_by: str | None = None,
     override_reason: str | None = None,
     actor: str = SCHEDULER,
@@ -481,8 +460,7 @@ def deploy(
     """
     version = str(version)
     started = time.monotonic()
-    ready_timeout = settings.serving_ready_timeout if ready_timeout is None else ready_timeout
-    switch_timeout = settings.serving_ready_timeout if switch_timeout is None else switch_timeout
+    timeout = settings.serving_ready_timeout  # for a candidate to become ready, and for a switch
     overridden_by = (
         require_deployable(version, settings, override_by=override_by, override_reason=override_reason, actor=actor)
         if gate_checked
@@ -494,7 +472,7 @@ def deploy(
             processes.stop_server(leftover, settings)
         stable = stable_server(settings)
         if stable is not None:
-            stable = _settle_switch(stable, settings, timeout=switch_timeout)
+            stable = _settle_switch(stable, settings, timeout=timeout)
         previous = stable.model_version if stable is not None else _last_deployed(settings)
         champion_before = _champion_version(settings) if champion_seen is None else str(champion_seen)
         candidate: ServerRecord | None = None
@@ -514,14 +492,14 @@ def deploy(
                 settings, bento=prepared.bento, model_version=version, port=port, role=CANDIDATE, workers=1
             )
             crash_point("after_candidate_start")
-            processes.wait_ready(candidate, timeout=ready_timeout)
+            processes.wait_ready(candidate, timeout=timeout)
             smoke_test(candidate.url, version, settings, expected=expected)
             if stable is not None:
                 switched = True
-                stable = switch_stable(stable, version, settings, timeout=switch_timeout)
+                stable = switch_stable(stable, version, settings, timeout=timeout)
                 mode = "swap"
             else:
-                stable = start_stable(prepared.bento, version, settings, ready_timeout=ready_timeout)
+                stable = start_stable(prepared.bento, version, settings)
                 mode = "start"
             crash_point("after_switch")
             smoke_test(stable.url, version, settings, expected=expected)
@@ -625,7 +603,6 @@ def serve(
     settings: Settings,
     version: str | None = None,
     *,
-    ready_timeout: float | None = None,
     override_by: str | None = None,
     override_reason: str | None = None,
     actor: str = SCHEDULER,
@@ -647,7 +624,7 @@ def serve(
     with _deploy_lock(settings):
         rollout_key(settings)
         prepared = prepare_bento(version, settings)
-        record = start_stable(prepared.bento, version, settings, ready_timeout=ready_timeout)
+        record = start_stable(prepared.bento, version, settings)
         seconds = round(time.monotonic() - started, 1)
         _record_deployment(DeployResult(version, None, prepared.bento, record.url, "start", seconds), settings)
     _audit("deployment", version, actor, f"stable server started with v{version} on {record.url}", settings)
