@@ -17,7 +17,7 @@ comparisons only. It
   and by counting when the body is streamed;
 - turns BentoML's 400 for a pydantic validation failure into the contract's 422, each error
   naming the field (``records[3].mean_radius``) and the reason, and gives every 4xx one shape
-  (:class:`serving.contract.ErrorResponse`);
+  (``{"error": ..., "detail": [...]}``, see :class:`serving.contract.ErrorDetail`);
 - answers 422 for an ``X-Site-Id`` header that is not a valid site id;
 - counts every refused (422) ``/predict`` request per site and field for monitoring's
   data-quality signal (:func:`refusal_lines`, written by :func:`pipelines.prediction_log.log_refusal`);
@@ -35,7 +35,9 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import suppress
 from typing import Any
 
 from pipelines.prediction_log import SMOKE_TEST_SITE
@@ -77,13 +79,8 @@ _REASONS = {
 
 def field_path(loc: list[Any] | tuple[Any, ...]) -> str:
     """``["records", 3, "mean_radius"]`` -> ``"records[3].mean_radius"`` (``"body"`` for the root)."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path or "body"
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    return path.removeprefix(".") or "body"
 
 
 def describe_validation_error(error: dict[str, Any]) -> dict[str, str]:
@@ -116,8 +113,7 @@ def _reshape_error(status: int, body: bytes) -> tuple[int, bytes]:
         payload = {"error": str(payload)}
     errors = payload.get("detail") if isinstance(payload.get("detail"), list) else []
     detail = [describe_validation_error(error) for error in errors if isinstance(error, dict)]
-    if status == 400:
-        status = 422
+    status = 422 if status == 400 else status
     if status == 503:  # BentoML hides every 5xx message; the service's only 503 is an unlogged answer
         message = "prediction log unavailable: nothing was served or recorded; retry later"
         return status, json.dumps({"error": message, "detail": []}).encode()
@@ -128,10 +124,7 @@ def _reshape_error(status: int, body: bytes) -> tuple[int, bytes]:
 
 
 def _json_response(
-    status: int,
-    error: str,
-    extra: list[tuple[bytes, bytes]] = (),
-    detail: list[dict[str, str]] | None = None,
+    status: int, error: str, extra: list[tuple[bytes, bytes]] = (), detail: list[dict[str, str]] | None = None
 ) -> list[Message]:
     """A refusal in the contract's error shape (the version and request id headers are added on sending)."""
     body = json.dumps({"error": error, "detail": detail or []}).encode()
@@ -152,10 +145,7 @@ class HttpContractMiddleware:
     """The HTTP contract in front of every route; ``model_version`` returns the version served (for the header)."""
 
     def __init__(
-        self,
-        app: Callable[[Scope, Receive, Send], Awaitable[None]],
-        *,
-        model_version: Callable[[], str],
+        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *, model_version: Callable[[], str]
     ) -> None:
         self.app = app
         self.model_version = model_version
@@ -243,9 +233,8 @@ class HttpContractMiddleware:
             return
 
         if path in GET_PATHS and scope["method"] in ("GET", "HEAD"):
-            scope = dict(scope, method="POST")
-            headers = [(b"content-type", b"application/json"), *((n, v) for n, v in headers if n == b"accept")]
-            scope["headers"] = headers
+            accept = [(name, value) for name, value in headers if name == b"accept"]
+            scope = dict(scope, method="POST", headers=[(b"content-type", b"application/json"), *accept])
             body = b"{}"
         else:
             content_type = b""
@@ -260,7 +249,8 @@ class HttpContractMiddleware:
                     if _SITE.match(value) is None:
                         if path == "/predict":
                             self._count_refusal([(key.site_id or DEFAULT_SITE, "X-Site-Id", "bad_pattern", 1, 1)])
-                        await _send_all(send, _invalid_site())
+                        reason = f"does not match {SITE_PATTERN}"
+                        await _send_all(send, _field_refusal(422, "X-Site-Id", reason, "string_pattern_mismatch"))
                         return
                     site_header = value.decode()
             refused = _site_refusal("X-Site-Id", site_header, key)
@@ -282,7 +272,8 @@ class HttpContractMiddleware:
                     await _send_all(send, _json_response(400, "invalid Content-Length"))
                     return
                 if declared > self.max_body_bytes:
-                    if not _expects_continue(headers):  # else the client waits and never sends the body
+                    # a client that sent "Expect: 100-continue" waits for us and never sends the body
+                    if not any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers):
                         await _drain(receive, DRAIN_LIMIT_BYTES)
                     await _send_all(send, _too_large(self.max_body_bytes))
                     return
@@ -362,17 +353,12 @@ def refusal_lines(
         site = record.get("site_id") if isinstance(record, dict) else None
         return site if isinstance(site, str) and _SITE.match(site.encode()) else default
 
-    per_site = {}
-    for index in range(len(records)) or [None]:
-        site = site_of(index)
-        per_site[site] = per_site.get(site, 0) + 1
-    named: dict[tuple[str, str, str], int] = {}
+    per_site = Counter(site_of(index) for index in range(len(records)) or [None])
+    named: Counter[tuple[str, str, str]] = Counter()
     for item in detail:
         matched = _RECORD.match(item.get("field", ""))
         index, name = (int(matched.group(1)), matched.group(2)) if matched else (None, "body")
-        kind = _REASON_KINDS.get(item.get("type", ""), "invalid")
-        key = (site_of(index), name, kind)
-        named[key] = named.get(key, 0) + 1
+        named[(site_of(index), name, _REASON_KINDS.get(item.get("type", ""), "invalid"))] += 1
     lines, first = [], set()
     for (site, name, kind), count in sorted(named.items()):
         lines.append((site, name, kind, count, 0 if site in first else per_site.get(site, 0)))
@@ -409,19 +395,11 @@ def _record_site_refusal(body: bytes, key: ApiKey) -> list[Message] | None:
     except orjson.JSONDecodeError:
         return None
     records = document.get("records") if isinstance(document, dict) else None
-    if not isinstance(records, list):
-        return None
-    for index, record in enumerate(records):
+    for index, record in enumerate(records if isinstance(records, list) else []):
         site = record.get("site_id") if isinstance(record, dict) else None
-        if isinstance(site, str):
-            refused = _site_refusal(f"records[{index}].site_id", site, key)
-            if refused is not None:
-                return refused
+        if isinstance(site, str) and (refused := _site_refusal(f"records[{index}].site_id", site, key)):
+            return refused
     return None
-
-
-def _invalid_site() -> list[Message]:
-    return _field_refusal(422, "X-Site-Id", f"does not match {SITE_PATTERN}", "string_pattern_mismatch")
 
 
 def _too_large(limit: int) -> list[Message]:
@@ -436,10 +414,6 @@ DRAIN_LIMIT_BYTES = 128 * 1024 * 1024
 DRAIN_SECONDS = 30.0
 
 
-def _expects_continue(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
-
-
 async def _drain(receive: Receive, limit: int) -> None:
     """Read and discard the rest of a refused body, up to ``limit`` bytes and DRAIN_SECONDS."""
     import asyncio
@@ -452,10 +426,8 @@ async def _drain(receive: Receive, limit: int) -> None:
                 return
             drained += len(message.get("body", b""))
 
-    try:
+    with suppress(TimeoutError):
         await asyncio.wait_for(discard(), DRAIN_SECONDS)
-    except TimeoutError:
-        pass
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
@@ -482,23 +454,16 @@ async def _send_all(send: Send, messages: list[Message]) -> None:
         await send(message)
 
 
-def _add_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
-    for existing, _ in headers:
-        if existing.lower() == name:
-            return headers
-    return [*headers, (name, value)]
-
-
 def _stamping(send: Send, version: bytes, info: RequestInfo) -> Send:
     """Add X-Model-Version (unless the handler set it) and X-Request-Id; note the status for the access log."""
     request = info.request_id.encode()
 
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start":
-            headers = _add_header(list(message.get("headers", [])), _VERSION_HEADER, version)
-            message["headers"] = [(n, v) for n, v in headers if n.lower() != REQUEST_ID_HEADER] + [
-                (REQUEST_ID_HEADER, request)
-            ]
+            headers = [(n, v) for n, v in message.get("headers", []) if n.lower() != REQUEST_ID_HEADER]
+            if not any(name.lower() == _VERSION_HEADER for name, _ in headers):
+                headers.append((_VERSION_HEADER, version))
+            message["headers"] = [*headers, (REQUEST_ID_HEADER, request)]
             info.status = message["status"]
         await send(message)
 
@@ -515,11 +480,8 @@ def _shaping_errors(send: Send, refused: Callable[[list[dict[str, str]]], None] 
 
     async def sending(message: Message) -> None:
         nonlocal start
-        if message["type"] == "http.response.start":
-            if 400 <= message["status"] < 500 or message["status"] == 503:
-                start = dict(message)
-                return
-            await send(message)
+        if message["type"] == "http.response.start" and (400 <= message["status"] < 500 or message["status"] == 503):
+            start = dict(message)
             return
         if start is None or message["type"] != "http.response.body":
             await send(message)
