@@ -8,10 +8,8 @@ bearer token is hashed and compared (in constant time) with every stored hash.
 Scopes: ``predict`` (/predict), ``explain`` (/explain), ``feedback`` (/feedback); ``admin`` opens
 every route. /metadata, /model-card and the OpenAPI document need a valid key of any scope.
 
-A key bound to a site speaks only for that site: the middleware refuses (403, naming the field) an
-``X-Site-Id`` or a record's ``site_id`` naming another one, and fills ``X-Site-Id`` in for it.
-The smoke-test site (:data:`pipelines.prediction_log.SMOKE_TEST_SITE`, whose traffic monitoring
-leaves out) belongs to the rollout's own key, :func:`rollout_key`; no other key may claim it.
+A key bound to a site speaks only for that site (:mod:`serving.middleware` enforces it). The
+smoke-test site, whose traffic monitoring leaves out, belongs to the rollout's own key, :func:`rollout_key`.
 
 ``MEDOPS_API_KEYS`` (or the key generated on first run) keeps working as unscoped keys: every
 scope, no site. A running service picks up created and revoked keys without a restart: each worker
@@ -104,10 +102,6 @@ def _from_json(item: dict[str, Any]) -> ApiKey:
     )
 
 
-def _to_json(key: ApiKey) -> dict[str, Any]:
-    return asdict(key) | {"scopes": sorted(key.scopes)}
-
-
 def read_keys(settings: Settings) -> list[ApiKey]:
     """Every key in ``keys.json`` (revoked ones included), oldest first; [] when there is none."""
     try:
@@ -120,7 +114,7 @@ def read_keys(settings: Settings) -> list[ApiKey]:
 def _write_keys(settings: Settings, keys: list[ApiKey]) -> None:
     settings.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.secrets_dir.chmod(0o700)
-    document = {"keys": [_to_json(key) for key in keys]}
+    document = {"keys": [asdict(key) | {"scopes": sorted(key.scopes)} for key in keys]}
     write_atomically(settings.api_keys_file, json.dumps(document, indent=1) + "\n", mode=0o600)
 
 
@@ -199,15 +193,12 @@ def rollout_key(settings: Settings) -> str:
 
 def configured_keys(settings: Settings) -> list[ApiKey]:
     """``MEDOPS_API_KEYS`` (or the generated first-run key) as unscoped keys: every scope, no site."""
-    keys = []
     generated = not settings.api_keys
-    for secret in settings.service_api_keys():
-        digest = hash_key(secret)
-        key_id, name = (
-            ("generated", "generated on first run") if generated else (f"env-{digest[:8]}", "MEDOPS_API_KEYS")
-        )
-        keys.append(ApiKey(id=key_id, scopes=frozenset(SCOPES), name=name, sha256=digest))
-    return keys
+    name = "generated on first run" if generated else "MEDOPS_API_KEYS"
+    return [
+        ApiKey("generated" if generated else f"env-{digest[:8]}", frozenset(SCOPES), name=name, sha256=digest)
+        for digest in map(hash_key, settings.service_api_keys())
+    ]
 
 
 def has_deliberate_keys(settings: Settings) -> bool:
