@@ -4,13 +4,11 @@ request ids, version header and the access log.
 A plain ASGI middleware (no request/response objects) so the hot path pays for a few header
 comparisons only. It
 
-- answers 401 without a valid ``Authorization: Bearer <key>`` on every route except health and
-  metrics (:class:`serving.keys.KeyRing`: hashed keys compared in constant time, scoped keys from
-  ``keys.json`` picked up without a restart, ``MEDOPS_API_KEYS`` as unscoped keys);
-- answers 403 when the key lacks the route's scope (``predict``, ``explain``, ``feedback``), and
-  when it claims a site it may not speak for: a key bound to a site cannot name another one in
-  ``X-Site-Id`` or a record's ``site_id`` (the error names that field), and only the rollout's key
-  may claim the smoke-test site; a bound key's site is filled in as ``X-Site-Id``;
+- answers 401 without a valid ``Authorization: Bearer <key>`` on every route except health, metrics
+  and docs (:class:`serving.keys.KeyRing`);
+- answers 403 when the key lacks the route's scope, or claims (in ``X-Site-Id`` or a record's
+  ``site_id``, which the error names) a site it may not speak for: another one than it is bound to,
+  or the smoke-test site, the rollout key's own; a bound key's site is filled in as ``X-Site-Id``;
 - answers 429 with ``Retry-After`` over the key's rate or concurrency limit (:mod:`serving.access`);
 - answers 415 for any body that is not JSON, which also refuses BentoML's pickle content type;
 - answers 413 for bodies over ``settings.max_body_bytes``, from Content-Length before reading
@@ -94,11 +92,8 @@ def describe_validation_error(error: dict[str, Any]) -> dict[str, str]:
         reason = f"out of plausible range [{low}, {high}]"
     if kind == "missing" and name in FEATURES:
         reason = "missing feature"
-    return {
-        "field": field_path(loc),
-        "reason": f"{reason}: {message}" if reason and reason != message else message,
-        "type": kind,
-    }
+    text = f"{reason}: {message}" if reason and reason != message else message
+    return {"field": field_path(loc), "reason": text, "type": kind}
 
 
 def _reshape_error(status: int, body: bytes) -> tuple[int, bytes]:
@@ -203,9 +198,8 @@ class HttpContractMiddleware:
         headers = scope["headers"]
         key = self._key(headers)
         if key is None:
-            await _send_all(
-                send, _json_response(401, "missing or invalid bearer key", [(b"www-authenticate", b"Bearer")])
-            )
+            challenge = [(b"www-authenticate", b"Bearer")]
+            await _send_all(send, _json_response(401, "missing or invalid bearer key", challenge))
             return
         info.key_id = key.id
         needed = ROUTE_SCOPES.get(path)
@@ -253,8 +247,7 @@ class HttpContractMiddleware:
                         await _send_all(send, _field_refusal(422, "X-Site-Id", reason, "string_pattern_mismatch"))
                         return
                     site_header = value.decode()
-            refused = _site_refusal("X-Site-Id", site_header, key)
-            if refused is not None:
+            if (refused := _site_refusal("X-Site-Id", site_header, key)) is not None:
                 await _send_all(send, refused)
                 return
             info.site = site_header or key.site_id or DEFAULT_SITE
@@ -274,17 +267,16 @@ class HttpContractMiddleware:
                 if declared > self.max_body_bytes:
                     # a client that sent "Expect: 100-continue" waits for us and never sends the body
                     if not any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers):
-                        await _drain(receive, DRAIN_LIMIT_BYTES)
+                        await _drain(receive)
                     await _send_all(send, _too_large(self.max_body_bytes))
                     return
             body, complete = await _read_body(receive, self.max_body_bytes)
             if body is None:
                 if not complete:
-                    await _drain(receive, DRAIN_LIMIT_BYTES)
+                    await _drain(receive)
                 await _send_all(send, _too_large(self.max_body_bytes))
                 return
-            refused = _record_site_refusal(body, key)
-            if refused is not None:
+            if (refused := _record_site_refusal(body, key)) is not None:
                 await _send_all(send, refused)
                 return
 
@@ -297,14 +289,10 @@ class HttpContractMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        counting = None
-        if path == "/predict":
-            site = info.site
+        def counting(detail: list[dict[str, str]]) -> None:
+            self._count_refusal(refusal_lines(detail, body, info.site))
 
-            def counting(detail: list[dict[str, str]]) -> None:
-                self._count_refusal(refusal_lines(detail, body, site))
-
-        await self.app(scope, replay, _shaping_errors(send, counting))
+        await self.app(scope, replay, _shaping_errors(send, counting if path == "/predict" else None))
 
     def _count_refusal(self, lines: list[tuple[str, str, str, int, int]]) -> None:
         from pipelines.prediction_log import log_refusal
@@ -337,9 +325,8 @@ def refusal_lines(
 ) -> list[tuple[str, str, str, int, int]]:
     """``(site, field, reason kind, records naming it, records refused from that site)`` of one refused request.
 
-    A record's site is its own ``site_id``, else ``default_site`` (the ``X-Site-Id`` header, the
-    key's site or ``unknown``, as the service logs it); a body that is not a list of records counts
-    as one record of that default site. Only field names the schema could hold and counts: never a value sent.
+    A record's site is its own ``site_id``, else ``default_site`` (as the service logs it); a body that is
+    not a list of records counts as one record of that site. Field names and counts only, never a value sent.
     """
     default = default_site if default_site and _SITE.match(default_site.encode()) else DEFAULT_SITE
     try:
@@ -381,11 +368,8 @@ def _site_refusal(field: str, site: str | None, key: ApiKey) -> list[Message] | 
 
 
 def _record_site_refusal(body: bytes, key: ApiKey) -> list[Message] | None:
-    """A 403 for the first record whose ``site_id`` the key may not claim.
-
-    The body is parsed here only when it can name a site (``site_id`` in it, or a JSON escape that
-    could spell it); a body that does not parse is left to the service's 422.
-    """
+    """A 403 for the first record whose ``site_id`` the key may not claim. Parsed only when the body can
+    name a site (``site_id``, or a JSON escape that could spell it); one that does not parse gets the service's 422."""
     if b"site_id" not in body and b"\\u" not in body:
         return None
     import orjson
@@ -414,13 +398,13 @@ DRAIN_LIMIT_BYTES = 128 * 1024 * 1024
 DRAIN_SECONDS = 30.0
 
 
-async def _drain(receive: Receive, limit: int) -> None:
-    """Read and discard the rest of a refused body, up to ``limit`` bytes and DRAIN_SECONDS."""
+async def _drain(receive: Receive) -> None:
+    """Read and discard the rest of a refused body, up to DRAIN_LIMIT_BYTES and DRAIN_SECONDS."""
     import asyncio
 
     async def discard() -> None:
         drained = 0
-        while drained <= limit:
+        while drained <= DRAIN_LIMIT_BYTES:
             message = await receive()
             if message["type"] == "http.disconnect" or not message.get("more_body", False):
                 return
@@ -471,10 +455,8 @@ def _stamping(send: Send, version: bytes, info: RequestInfo) -> Send:
 
 
 def _shaping_errors(send: Send, refused: Callable[[list[dict[str, str]]], None] | None = None) -> Send:
-    """Pass successful responses through; buffer and reshape 4xx (and 503) ones.
-
-    ``refused`` is called with the detail of each 422 sent (monitoring counts refusals by it).
-    """
+    """Pass successful responses through; buffer and reshape 4xx (and 503) ones. ``refused`` is called
+    with the detail of each 422 sent (monitoring counts refusals by it)."""
     start: Message | None = None
     chunks: list[bytes] = []
 
@@ -492,11 +474,7 @@ def _shaping_errors(send: Send, refused: Callable[[list[dict[str, str]]], None] 
         status, body = _reshape_error(start["status"], b"".join(chunks))
         if status == 422 and refused is not None:
             refused(json.loads(body)["detail"])
-        headers = [
-            (name, value)
-            for name, value in start.get("headers", [])
-            if name.lower() not in (b"content-length", b"content-type")
-        ]
+        headers = [(n, v) for n, v in start.get("headers", []) if n.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
