@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     settings = get_settings()
-    result = {
-        "model": import_model(options.version, settings),
-        "bento": build_bento(options.version, settings),
-    }
+    result = {"model": import_model(options.version, settings), "bento": build_bento(options.version, settings)}
     print(json.dumps(result), flush=True)
     return 0
 

@@ -4,13 +4,12 @@
 
 1. import ``models:/<name>/<version>`` from the MLflow registry into BentoML and build the Bento
    ``<name>_service:<version>`` (a child process, see ``serving/bento_build.py``);
-2. start that Bento beside the running one, on a free loopback port, and smoke-test it:
-   readiness, then ``/predict`` on the version's stored hold-out rows must equal what the MLflow
-   model itself predicts (labels exactly, probabilities to 1e-9), ``/metadata`` must name it;
-3. switch the stable endpoint (``settings.serving_port``) to the version: the stable server's
-   workers load it from the BentoML store, check it and swap it in whole, while they keep
-   answering (see the Serving section of ``README.md`` for why this beats a process handoff); then the same
-   smoke test runs against the stable endpoint itself;
+2. start that Bento beside the running one, on a free loopback port, and smoke-test it: ``/predict``
+   on the version's stored hold-out rows must equal what the MLflow model itself predicts (labels
+   exactly, probabilities to 1e-9), ``/metadata`` must name it;
+3. switch the stable endpoint (``settings.serving_port``): its workers load the version from the
+   BentoML store, check it and swap it in whole while they keep answering (README, Serving: why this
+   beats a process handoff); the same smoke test then runs against the stable endpoint;
 4. stop the candidate server, point ``@champion`` at the version, record the deployment.
 
 If any step fails the stable endpoint keeps (or goes back to) the version it served, ``@champion``
@@ -157,9 +156,8 @@ def require_deployable(
 ) -> str | None:
     """Refuse to serve a version whose gate did not pass, unless a named person overrides it.
 
-    Returns None when the gate passed, else the person who overrode it (their override recorded
-    in the audit trail as ``override``). Without a named person and a reason,
-    raises :class:`DeployRefused` (recorded as ``refusal``) saying how to override.
+    Returns None when the gate passed, else the person who overrode it (audit entry ``override``).
+    Without a named person and a reason, raises :class:`DeployRefused` (``refusal``) saying how to override.
     """
     passed, why = _gate_status(version, settings)
     if passed:
@@ -240,7 +238,7 @@ def evaluation_rows(version: str, settings: Settings, n: int = SMOKE_ROWS):
     return holdout[list(FEATURES)].head(n).reset_index(drop=True)
 
 
-def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = None, timeout: float = 60) -> None:
+def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = None) -> None:
     """Check a server serves ``version`` and predicts what the registered model (``expected``, from
     :func:`expected_predictions`) predicts, through the clinical apps' client with the rollout's own key."""
     import numpy as np
@@ -251,8 +249,7 @@ def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = No
     rows, probabilities, labels = expected or expected_predictions(version, settings)
     key = rollout_key(settings)  # the only key that may speak for the smoke-test site
     records = [dict(row) | {"encounter_id": f"smoke-{i}"} for i, row in enumerate(rows.to_dict("records"))]
-    verify = processes.tls_verify(settings)
-    with MedopsClient(url, key, site_id=SMOKE_TEST_SITE, timeout=timeout, verify=verify) as client:
+    with MedopsClient(url, key, site_id=SMOKE_TEST_SITE, timeout=60, verify=processes.tls_verify(settings)) as client:
         if not client.ready():
             raise SmokeTestFailed(f"{url}/readyz is not ready")
         try:
@@ -415,10 +412,9 @@ def _deploy_lock(settings: Settings) -> BaseFileLock:
 def version_to_deploy(settings: Settings, requested: str | None = None, triggering_events: Any = None) -> str:
     """What deploy_model serves: the requested version, else @champion, else the promoting event's.
 
-    ``triggering_events`` is Airflow's ``triggering_asset_events`` (keyed by asset objects); the
-    ``medops/champion`` events carry ``{"model_version": ...}`` in their extra. @champion comes
-    before the event's version: when two trainings promoted one after the other, the first one's
-    event names a version already superseded, and serving it would point @champion back at it.
+    ``triggering_events`` is Airflow's ``triggering_asset_events``; ``medops/champion`` events carry
+    ``{"model_version": ...}``. @champion comes first: after two promotions in a row, the first event
+    names a superseded version, and serving it would point @champion back at it.
     """
     version = str(requested or "").strip() or _champion_version(settings) or ""
     if not version:
@@ -453,10 +449,9 @@ def deploy(
     is checked by :func:`require_deployable` unless ``gate_checked=False`` (a version served before,
     a rollback). The outcome goes to the audit trail as ``action`` (``deployment`` or ``rollback``).
 
-    ``@champion`` ends on ``version`` only if nobody moved it since the caller decided what to serve:
-    ``champion_seen`` is what it named then (deploy_model: the version it chose from the alias),
-    by default what it names when this call starts. A promotion in between is left alone: that
-    version's own deploy run serves it next.
+    ``@champion`` ends on ``version`` only if nobody moved it since the caller decided what to serve
+    (``champion_seen``: what it named then, by default when this call starts). A promotion in between
+    is left alone: that version's own deploy run serves it next.
     """
     version = str(version)
     started = time.monotonic()
@@ -511,11 +506,8 @@ def deploy(
             champion_back = _fall_back(stable if switched else None, version, previous, settings)
             message = f"deploying model version {version} failed: {error}"
             alias = f"back on v{previous}" if champion_back else f"unchanged (v{_champion_version(settings)})"
-            _raise_alert(
-                f"medops deploy of model version {version} failed",
-                f"{message}. Still serving: {previous or 'nothing'}; @champion {alias}.",
-                settings,
-            )
+            still = f"{message}. Still serving: {previous or 'nothing'}; @champion {alias}."
+            _raise_alert(f"medops deploy of model version {version} failed", still, settings)
             if previous is not None:
                 kept = f"automatic: {message[:300]}; v{previous} kept serving, @champion {alias}"
                 _audit("rollback", previous, SCHEDULER, kept, settings, failed_version=version)
@@ -574,11 +566,8 @@ def rollback(
     override_reason: str | None = None,
     actor: str = SCHEDULER,
 ) -> DeployResult:
-    """Serve the version deployed before the current one (or ``version``) and make it @champion.
-
-    A version served before (under a passing gate or a recorded override) needs no new override;
-    any other version is checked as :func:`deploy` checks it. Recorded as ``rollback``.
-    """
+    """Serve the version deployed before the current one (or ``version``) and make it @champion; one never
+    served before is gate-checked as :func:`deploy` checks it. Recorded as ``rollback``."""
     serving = stable_server(settings)
     current = serving.model_version if serving else _last_deployed(settings)
     if version is None:
@@ -607,10 +596,8 @@ def serve(
     override_reason: str | None = None,
     actor: str = SCHEDULER,
 ) -> ServerRecord:
-    """Start the stable server with the champion (or ``version``) if none is running; returns it.
-
-    A version that is neither ``@champion`` nor served before is checked as :func:`deploy` checks it.
-    """
+    """Start the stable server with the champion (or ``version``) if none is running; returns it. A version
+    neither ``@champion`` nor served before is gate-checked as :func:`deploy` checks it."""
     running = stable_server(settings)
     if running is not None:
         return running
