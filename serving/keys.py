@@ -1,9 +1,7 @@
 """API keys of the service: scoped, optionally bound to a site, stored as hashes, revocable live.
 
-``MEDOPS_HOME/secrets/keys.json`` (0600, replaced atomically under a lock) lists every key made
-with ``medops keys create``: an id, a name, scopes, an optional ``site_id``, when it was created and
-revoked, and the SHA-256 of the key. The key itself is printed once and never stored; a request's
-bearer token is hashed and compared (in constant time) with every stored hash.
+``MEDOPS_HOME/secrets/keys.json`` (0600, replaced atomically under a lock) lists every key made with
+``medops keys create`` with the SHA-256 of the key; the key itself is printed once and never stored.
 
 Scopes: ``predict`` (/predict), ``explain`` (/explain), ``feedback`` (/feedback); ``admin`` opens
 every route. /metadata, /model-card and the OpenAPI document need a valid key of any scope.
@@ -11,9 +9,8 @@ every route. /metadata, /model-card and the OpenAPI document need a valid key of
 A key bound to a site speaks only for that site (:mod:`serving.middleware` enforces it). The
 smoke-test site, whose traffic monitoring leaves out, belongs to the rollout's own key, :func:`rollout_key`.
 
-``MEDOPS_API_KEYS`` (or the key generated on first run) keeps working as unscoped keys: every
-scope, no site. A running service picks up created and revoked keys without a restart: each worker
-looks at ``keys.json``'s modification at most once a second (:class:`KeyRing`).
+``MEDOPS_API_KEYS`` (or the key generated on first run) are unscoped keys: every scope, no site. A
+running service picks up created and revoked keys within a second, without a restart (:class:`KeyRing`).
 """
 
 from __future__ import annotations
@@ -72,14 +69,8 @@ class ApiKey:
 
     def to_public(self) -> dict[str, Any]:
         """What ``medops keys list`` shows: everything but the hash."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "scopes": sorted(self.scopes),
-            "site_id": self.site_id,
-            "created_at": self.created_at,
-            "revoked_at": self.revoked_at,
-        }
+        public = asdict(self) | {"scopes": sorted(self.scopes)}
+        return {name: public[name] for name in ("id", "name", "scopes", "site_id", "created_at", "revoked_at")}
 
 
 def hash_key(key: str | bytes) -> str:
@@ -169,19 +160,14 @@ def revoke_key(settings: Settings, key_id: str) -> ApiKey:
 
 
 def rollout_key(settings: Settings) -> str:
-    """The key the rollout's smoke tests send, bound to the smoke-test site; made on first use.
-
-    Its secret lives in ``secrets/rollout_key`` (0600) because the rollout must send it; revoking
-    it (``medops keys revoke rollout``) makes the next rollout create a new one.
-    """
+    """The key the rollout's smoke tests send, bound to the smoke-test site; made on first use. Its secret
+    is kept in ``secrets/rollout_key`` (0600) because the rollout must send it; revoking it (``medops keys
+    revoke rollout``) makes the next rollout create a new one."""
     path = settings.secrets_dir / "rollout_key"
     with _lock(settings):
         keys = read_keys(settings)
         current = next((key for key in keys if key.id == ROLLOUT_KEY_ID and key.active), None)
-        try:
-            secret = path.read_text().strip()
-        except FileNotFoundError:
-            secret = ""
+        secret = path.read_text().strip() if path.exists() else ""
         if current is not None and secret and hmac.compare_digest(hash_key(secret), current.sha256):
             return secret
         record, secret = _new_key(ROLLOUT_KEY_ID, ROLLOUT_SCOPES, SMOKE_TEST_SITE, "rollout smoke tests")

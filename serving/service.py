@@ -195,12 +195,9 @@ class MedopsService:
         )
 
     def _cache_api_wrappers(self) -> None:
-        """Build BentoML's per-call wrapper of each API once instead of on every request.
-
-        BentoML 1.4 looks the API up on the instance per request, and its descriptor then rebuilds a
-        wrapper with ``inspect.signature`` (about a tenth of a 1-record /predict). The descriptor is a
-        non-data one, so the same wrapper stored on the instance is found first.
-        """
+        """Build BentoML's per-call wrapper of each API once: BentoML 1.4 looks the API up on the instance
+        per request, and its (non-data) descriptor rebuilds the wrapper with ``inspect.signature`` each time
+        (a tenth of a 1-record /predict); a wrapper stored on the instance is found first."""
         for name, method in type(self).__dict__.items():
             if isinstance(method, APIMethod):
                 setattr(self, name, method.__get__(self, type(self)))
@@ -342,7 +339,6 @@ class MedopsService:
         model = STATE.model
         assert model is not None
         info = model.metadata
-        metrics = info.get("metrics") or {}
         threshold = info.get("threshold", model.threshold)
         ctx.response.metadata[VERSION_HEADER] = model.version
         return ModelMetadata(
@@ -352,18 +348,15 @@ class MedopsService:
             threshold=float(threshold) if threshold not in (None, "") else None,
             trained_at=info.get("trained_at"),
             run_id=info.get("run_id"),
-            metrics={str(key): float(value) for key, value in metrics.items()},
+            metrics={str(key): float(value) for key, value in (info.get("metrics") or {}).items()},
             bento=os.environ.get("MEDOPS_SERVING_BENTO"),
             explain_method=model.explain_method,
         )
 
     @bentoml.api(route="/model-card", input_spec=MetadataRequest)
     def model_card(self, ctx: bentoml.Context) -> str:
-        """The served version's model card: Markdown, or HTML when the request accepts ``text/html``.
-
-        The card is the one its training run logged, carried in the Bento's model metadata
-        (``serving/bento_build.py``), so answering needs no MLflow.
-        """
+        """The served version's model card as its training run logged it (carried in the Bento's model
+        metadata, so no MLflow): Markdown, or HTML when the request accepts ``text/html``."""
         model = STATE.model
         assert model is not None
         wants_html = "text/html" in (ctx.request.headers.get("accept") or "").lower()
@@ -377,11 +370,8 @@ class MedopsService:
 
 
 def _docs_app() -> Any:
-    """``/docs`` (Swagger UI) and ``/docs.json`` (the OpenAPI document), open to browsers.
-
-    Mounted passively at the root: it answers only its own paths, before BentoML's ``/docs.json``,
-    whose document credits BentoML and lists responses the service never gives.
-    """
+    """``/docs`` (Swagger UI) and ``/docs.json`` (the OpenAPI document), open to browsers; mounted at the
+    root ahead of BentoML's own ``/docs.json``, which credits BentoML and lists responses never given."""
     from bentoml._internal import server as bentoml_server
     from starlette.applications import Starlette
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse
