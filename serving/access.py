@@ -133,8 +133,7 @@ class AccessLog:
         pid = os.getpid()
         if self._fd is None or self._pid != pid:  # a forked worker writes a file of its own
             self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / f"access-{pid}.log"
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = os.open(self.directory / f"access-{pid}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._pid = pid
         return self._fd
 

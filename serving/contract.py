@@ -96,11 +96,8 @@ class PredictResponse(BaseModel):
 
 
 class Explanation(BaseModel):
-    """How each feature moved one record's score away from the model's base value.
-
-    ``sum(contributions.values()) == score - base_value`` (up to rounding); ``score_kind`` says
-    whether ``score`` is the log-odds of malignancy (linear models, exact) or its probability (shap).
-    """
+    """How each feature moved one record's score from the base value: ``sum(contributions.values()) ==
+    score - base_value``; ``score`` is the log-odds of malignancy (linear, exact) or its probability (shap)."""
 
     encounter_id: str | None = None
     label: Diagnosis
@@ -174,10 +171,7 @@ _ERROR_SCHEMA = {
         "error": {"type": "string", "description": "What went wrong, in one line."},
         "detail": {
             "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {"field": {"type": "string"}, "reason": {"type": "string"}},
-            },
+            "items": {"type": "object", "properties": {"field": {"type": "string"}, "reason": {"type": "string"}}},
             "description": "Each field at fault and why (422).",
         },
     },

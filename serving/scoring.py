@@ -59,8 +59,7 @@ def _unwrap(estimator: Any) -> tuple[Any, float | None]:
             return estimator, None
         method = estimator.response_method
         if method == "predict_proba" or (method == "auto" and hasattr(inner, "predict_proba")):
-            threshold = 0.5 if estimator.threshold == "auto" else float(estimator.threshold)
-            return inner, threshold
+            return inner, 0.5 if estimator.threshold == "auto" else float(estimator.threshold)
     return estimator, None
 
 
@@ -194,12 +193,9 @@ class ServingModel:
 
 
 def _import_shap() -> Any:
-    """shap, imported on a thread of its own.
-
-    shap keeps the ImportError of every optional package it lacks (cv2, pyspark...) with its
-    traceback for good, and a traceback keeps the frames that called the import alive: imported
-    from a request, it would keep that request's model (estimator, explainer) for the worker's life.
-    """
+    """shap, imported on a thread of its own: shap keeps the ImportError of every optional package it lacks
+    (cv2, pyspark...) with its traceback for good, and imported from a request those frames would keep that
+    request's model (estimator, explainer) alive for the worker's life."""
 
     def load() -> Any:
         import shap
