@@ -125,11 +125,6 @@ def _gate_status(version: str, settings: Settings) -> tuple[bool, str]:
     return tags["gate_passed"] == "true", tags.get("gate_reason") or tags.get("gate_decision", "")
 
 
-def _anchor(entry: Any, version: str, settings: Settings) -> None:
-    """Keep a rollout entry's hash on the model version it concerns (MLflow tag ``audit.<seq>``)."""
-    governance.anchor(entry, settings, model_version=str(version))
-
-
 def _audit(action: str, version: str, actor: str, reason: str, settings: Settings, **details: Any) -> None:
     entry = governance.record(
         action,
@@ -140,8 +135,8 @@ def _audit(action: str, version: str, actor: str, reason: str, settings: Setting
         details=details,
         anchored=False,
     )
-    try:
-        _anchor(entry, version, settings)
+    try:  # the entry's hash also kept on the model version it concerns (MLflow tag ``audit.<seq>``)
+        governance.anchor(entry, settings, model_version=str(version))
     except Exception:  # the entry is in the log either way; a lost anchor only weakens one check
         logger.exception("could not anchor audit entry %s on model version %s", entry.seq, version)
 
