@@ -10,13 +10,11 @@ comparisons only. It
   ``site_id``, which the error names) a site it may not speak for: another one than it is bound to,
   or the smoke-test site, the rollout key's own; a bound key's site is filled in as ``X-Site-Id``;
 - answers 429 with ``Retry-After`` over the key's rate or concurrency limit (:mod:`serving.access`);
-- answers 415 for any body that is not JSON, which also refuses BentoML's pickle content type;
-- answers 413 for bodies over ``settings.max_body_bytes``, from Content-Length before reading
-  and by counting when the body is streamed;
-- turns BentoML's 400 for a pydantic validation failure into the contract's 422, each error
-  naming the field (``records[3].mean_radius``) and the reason, and gives every 4xx one shape
+- answers 415 for any body that is not JSON (BentoML's pickle content type included), and 413 for
+  bodies over ``settings.max_body_bytes``, from Content-Length before reading, else by counting;
+- answers 422 for an invalid ``X-Site-Id``, turns BentoML's 400 for a validation failure into 422
+  naming each field (``records[3].mean_radius``) and reason, and gives every 4xx one shape
   (``{"error": ..., "detail": [...]}``, see :class:`serving.contract.ErrorDetail`);
-- answers 422 for an ``X-Site-Id`` header that is not a valid site id;
 - counts every refused (422) ``/predict`` request per site and field for monitoring's
   data-quality signal (:func:`refusal_lines`, written by :func:`pipelines.prediction_log.log_refusal`);
 - adds ``X-Model-Version`` to every response (the handler sets it itself when it answered, so
