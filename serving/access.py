@@ -56,13 +56,11 @@ class RequestInfo:
     status: int | None = None
 
 
+@dataclass(slots=True)
 class _Bucket:
-    __slots__ = ("tokens", "stamp", "in_flight")
-
-    def __init__(self, burst: float, now: float) -> None:
-        self.tokens = burst
-        self.stamp = now
-        self.in_flight = 0
+    tokens: float
+    stamp: float
+    in_flight: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,10 +97,8 @@ class Limiter:
             bucket.tokens = min(max(limits.burst, 1), bucket.tokens + (now - bucket.stamp) * limits.rate)
             bucket.stamp = now
             if bucket.tokens < 1:
-                wait = math.ceil((1 - bucket.tokens) / limits.rate)
-                return f"more than {limits.rate:g} requests per second (burst {limits.burst}) for this key", max(
-                    wait, 1
-                )
+                why = f"more than {limits.rate:g} requests per second (burst {limits.burst}) for this key"
+                return why, max(math.ceil((1 - bucket.tokens) / limits.rate), 1)
             bucket.tokens -= 1
         bucket.in_flight += 1
         return None
@@ -137,8 +133,7 @@ class AccessLog:
         pid = os.getpid()
         if self._fd is None or self._pid != pid:  # a forked worker writes a file of its own
             self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / f"access-{pid}.log"
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = os.open(self.directory / f"access-{pid}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._pid = pid
         return self._fd
 

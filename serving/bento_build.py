@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,17 +31,11 @@ def bento_name(settings: Settings) -> str:
     return f"{settings.model_name}_service"
 
 
-def bento_tag(version: str, settings: Settings) -> str:
-    return f"{bento_name(settings)}:{version}"
-
-
-def model_tag(version: str, settings: Settings) -> str:
-    return f"{settings.model_name}:{version}"
-
-
 def registry_metadata(version: str, settings: Settings) -> dict[str, Any]:
     """What /metadata reports, read once from the MLflow registry (run metrics, tags, times)."""
     from mlflow import MlflowClient
+
+    from pipelines.model_card import stored_card
 
     client = MlflowClient()
     model_version = client.get_model_version(settings.model_name, str(version))
@@ -60,19 +55,10 @@ def registry_metadata(version: str, settings: Settings) -> dict[str, Any]:
         metadata["trained_at"] = _iso(run.info.end_time or run.info.start_time)
         metadata["git_sha"] = run.data.tags.get("mlflow.source.git.commit", "")
         metadata["airflow_run_id"] = run.data.tags.get("airflow_run_id", "")
-        metadata.update(_model_card(version, settings))
+        # The model card as the run logged it: GET /model-card answers without reaching MLflow.
+        if card := stored_card(str(version), settings):
+            metadata["model_card"], metadata["model_card_html"] = card
     return metadata
-
-
-def _model_card(version: str, settings: Settings) -> dict[str, str]:
-    """The version's model card (Markdown and HTML) as its run logged it, for ``GET /model-card``.
-
-    Carried in the Bento's model metadata so the service answers without reaching MLflow.
-    """
-    from pipelines.model_card import stored_card
-
-    card = stored_card(str(version), settings)
-    return {"model_card": card[0], "model_card_html": card[1]} if card else {}
 
 
 def _iso(millis: int | None) -> str:
@@ -84,12 +70,10 @@ def import_model(version: str, settings: Settings) -> str:
     import bentoml
     from bentoml.exceptions import NotFound
 
-    tag = model_tag(version, settings)
-    try:
+    tag = f"{settings.model_name}:{version}"
+    with suppress(NotFound):
         bentoml.models.get(tag)
         return tag
-    except NotFound:
-        pass
     configure_mlflow(settings)
     metadata = registry_metadata(version, settings)
     stored = bentoml.mlflow.import_model(
@@ -111,20 +95,15 @@ def import_model(version: str, settings: Settings) -> str:
     return tag
 
 
-def build_bento(version: str, settings: Settings, *, rebuild: bool = False) -> str:
+def build_bento(version: str, settings: Settings) -> str:
     """Build the Bento ``<model_name>_service:<version>`` declaring model ``<model_name>:<version>``."""
     import bentoml
     from bentoml.exceptions import NotFound
 
-    tag = bento_tag(version, settings)
-    try:
-        existing = bentoml.bentos.get(tag)
-    except NotFound:
-        existing = None
-    if existing is not None and not rebuild:
+    tag = f"{bento_name(settings)}:{version}"
+    with suppress(NotFound):
+        bentoml.bentos.get(tag)
         return tag
-    if existing is not None:
-        bentoml.bentos.delete(tag)
     bento = bentoml.bentos.build_bentofile(
         str(BENTOFILE),
         name=bento_name(settings),
@@ -139,14 +118,10 @@ def build_bento(version: str, settings: Settings, *, rebuild: bool = False) -> s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--version", required=True)
-    parser.add_argument("--rebuild", action="store_true")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     settings = get_settings()
-    result = {
-        "model": import_model(options.version, settings),
-        "bento": build_bento(options.version, settings, rebuild=options.rebuild),
-    }
+    result = {"model": import_model(options.version, settings), "bento": build_bento(options.version, settings)}
     print(json.dumps(result), flush=True)
     return 0
 

@@ -5,11 +5,9 @@
         result.predictions[0].label, result.predictions[0].probability_malignant
         client.last_model_version  # the X-Model-Version the answer carried
 
-Requests and responses are the pydantic models of :mod:`serving.contract`. A refused request
-raises :class:`ServiceError` with the HTTP status and the fields the service named. Connection
-failures before anything was sent are retried briefly (nothing can have been served or logged
-twice); nothing else is retried. The medops tools use it too: the rollout's smoke test, the
-simulated clinical app and the drift scenario.
+Requests and responses are the pydantic models of :mod:`serving.contract`; a refused request raises
+:class:`ServiceError`. Only connection failures before anything was sent are retried (nothing can
+have been served or logged twice). The rollout's smoke test and the simulated clinical app use it too.
 """
 
 from __future__ import annotations
@@ -39,11 +37,8 @@ ResponseModel = TypeVar("ResponseModel", bound=BaseModel)
 
 
 class ServiceError(RuntimeError):
-    """The service refused a request (4xx) or failed (5xx).
-
-    ``detail`` holds, for a 422, one :class:`~serving.contract.ErrorDetail` per field the service
-    named (``records[3].mean_radius``) with the reason.
-    """
+    """The service refused a request (4xx) or failed (5xx); for a 422, ``detail`` holds one
+    :class:`~serving.contract.ErrorDetail` per field the service named (``records[3].mean_radius``)."""
 
     def __init__(
         self,
@@ -95,11 +90,9 @@ def _error(response: httpx.Response, path: str) -> ServiceError:
 class MedopsClient:
     """Synchronous client of the medops diagnosis service (keep-alive connections, bearer auth).
 
-    ``site_id`` goes out as ``X-Site-Id`` with every request (records that name their own site keep
-    it). ``api_key`` may be omitted for the open health routes (:meth:`ready`). ``http`` lets a
-    caller send through an httpx client of its own, such as Starlette's ``TestClient`` around the
-    service's ASGI app; it is left open on :meth:`close`. ``verify`` is httpx's: an ``ssl.SSLContext``
-    or a CA file for a service whose certificate no public authority signed.
+    ``site_id`` goes out as ``X-Site-Id`` (records naming their own site keep it); ``api_key`` may be
+    omitted for the open health routes (:meth:`ready`); ``http`` is an httpx client of the caller's own
+    (Starlette's ``TestClient`` around the ASGI app), left open on :meth:`close`; ``verify`` is httpx's.
     """
 
     def __init__(

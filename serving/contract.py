@@ -96,11 +96,8 @@ class PredictResponse(BaseModel):
 
 
 class Explanation(BaseModel):
-    """How each feature moved one record's score away from the model's base value.
-
-    ``sum(contributions.values()) == score - base_value`` (up to rounding); ``score_kind`` says
-    whether ``score`` is the log-odds of malignancy (linear models, exact) or its probability (shap).
-    """
+    """How each feature moved one record's score from the base value: ``sum(contributions.values()) ==
+    score - base_value``; ``score`` is the log-odds of malignancy (linear, exact) or its probability (shap)."""
 
     encounter_id: str | None = None
     label: Diagnosis
@@ -155,16 +152,11 @@ class ModelMetadata(BaseModel):
 
 
 class ErrorDetail(BaseModel):
+    """One field at fault in an error body (``{"error": ..., "detail": [...]}``, every 4xx) and why."""
+
     field: str
     reason: str
     type: str
-
-
-class ErrorResponse(BaseModel):
-    """Body of every 4xx answer: what went wrong and, for 422, which field and why."""
-
-    error: str
-    detail: list[ErrorDetail] = Field(default_factory=list)
 
 
 # API docs for app developers ------------------------------------------------------------------------
@@ -179,10 +171,7 @@ _ERROR_SCHEMA = {
         "error": {"type": "string", "description": "What went wrong, in one line."},
         "detail": {
             "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {"field": {"type": "string"}, "reason": {"type": "string"}},
-            },
+            "items": {"type": "object", "properties": {"field": {"type": "string"}, "reason": {"type": "string"}}},
             "description": "Each field at fault and why (422).",
         },
     },
@@ -216,17 +205,14 @@ def openapi_document(spec: dict[str, Any], model_version: str) -> dict[str, Any]
     components["securitySchemes"] = {
         "bearerKey": {"type": "http", "scheme": "bearer", "description": "An API key from MEDOPS_API_KEYS."}
     }
-    schemas = dict(components.get("schemas") or {})
-    schemas["Error"] = _ERROR_SCHEMA
-    components["schemas"] = schemas
+    components["schemas"] = {**(components.get("schemas") or {}), "Error": _ERROR_SCHEMA}
     doc["components"] = components
     doc["security"] = [{"bearerKey": []}]
-    paths = {}
-    for path, operations in (doc.get("paths") or {}).items():
-        if path in DOCS_PATHS or path == "/":
-            continue
-        paths[path] = {method: _operation(path, dict(op)) for method, op in operations.items()}
-    doc["paths"] = paths
+    doc["paths"] = {
+        path: {method: _operation(path, dict(op)) for method, op in operations.items()}
+        for path, operations in (doc.get("paths") or {}).items()
+        if path not in DOCS_PATHS and path != "/"
+    }
     return doc
 
 

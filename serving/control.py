@@ -1,10 +1,9 @@
 """How the rollout tells a running stable server which model version to serve, and hears back.
 
-The rollout writes the requested version to ``<control dir>/model.json`` (atomically); every
-worker of the stable server polls that file, loads the version from the BentoML model store,
-checks it, swaps it in as a whole, and answers with ``ack-<pid>.json``. The rollout counts the
-acknowledgements of the server's live workers before it calls the switch done. A worker that
-(re)starts later reads the same file first, so all workers always converge on one version.
+The rollout writes the requested version to ``<control dir>/model.json`` (atomically); every worker
+of the stable server polls that file, loads the version from the BentoML store, checks it, swaps it
+in whole and answers with ``ack-<pid>.json``; the switch is done once every live worker answered. A
+worker that (re)starts later reads the same file first, so all workers converge on one version.
 """
 
 from __future__ import annotations
@@ -56,19 +55,11 @@ def read_acks(control_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 class ModelWatcher:
-    """A daemon thread in a serving worker that follows ``model.json``.
-
-    ``switch(version)`` must load, check and install the version, raising if it cannot; the
-    watcher acknowledges either way so the rollout never waits for a timeout on a known failure.
-    """
+    """A daemon thread in a serving worker that follows ``model.json``: ``switch(version)`` loads, checks
+    and installs the version or raises; acknowledged either way, so the rollout never waits for a timeout."""
 
     def __init__(
-        self,
-        control_dir: Path,
-        current: Callable[[], str],
-        switch: Callable[[str], None],
-        *,
-        interval: float = 0.2,
+        self, control_dir: Path, current: Callable[[], str], switch: Callable[[str], None], *, interval: float = 0.2
     ) -> None:
         self.control_dir = control_dir
         self.current = current
@@ -98,14 +89,12 @@ class ModelWatcher:
             wanted = requested_model(self.control_dir)
             if wanted is None:
                 continue
-            if wanted == self.current():
-                write_ack(self.control_dir, wanted)
-                continue
             try:
-                self.switch(wanted)
+                if wanted != self.current():
+                    self.switch(wanted)
+                    logger.info("now serving model version %s", wanted)
             except Exception as exc:  # reported to the rollout, which keeps the old version
                 logger.exception("could not switch to model version %s", wanted)
                 write_ack(self.control_dir, wanted, error=f"{type(exc).__name__}: {exc}")
             else:
-                logger.info("now serving model version %s", wanted)
                 write_ack(self.control_dir, wanted)

@@ -1,21 +1,16 @@
 """API keys of the service: scoped, optionally bound to a site, stored as hashes, revocable live.
 
-``MEDOPS_HOME/secrets/keys.json`` (0600, replaced atomically under a lock) lists every key made
-with ``medops keys create``: an id, a name, scopes, an optional ``site_id``, when it was created and
-revoked, and the SHA-256 of the key. The key itself is printed once and never stored; a request's
-bearer token is hashed and compared (in constant time) with every stored hash.
+``MEDOPS_HOME/secrets/keys.json`` (0600, replaced atomically under a lock) lists every key made with
+``medops keys create`` with the SHA-256 of the key; the key itself is printed once and never stored.
 
 Scopes: ``predict`` (/predict), ``explain`` (/explain), ``feedback`` (/feedback); ``admin`` opens
 every route. /metadata, /model-card and the OpenAPI document need a valid key of any scope.
 
-A key bound to a site speaks only for that site: the middleware refuses (403, naming the field) an
-``X-Site-Id`` or a record's ``site_id`` naming another one, and fills ``X-Site-Id`` in for it.
-The smoke-test site (:data:`pipelines.prediction_log.SMOKE_TEST_SITE`, whose traffic monitoring
-leaves out) belongs to the rollout's own key, :func:`rollout_key`; no other key may claim it.
+A key bound to a site speaks only for that site (:mod:`serving.middleware` enforces it). The
+smoke-test site, whose traffic monitoring leaves out, belongs to the rollout's own key, :func:`rollout_key`.
 
-``MEDOPS_API_KEYS`` (or the key generated on first run) keeps working as unscoped keys: every
-scope, no site. A running service picks up created and revoked keys without a restart: each worker
-looks at ``keys.json``'s modification at most once a second (:class:`KeyRing`).
+``MEDOPS_API_KEYS`` (or the key generated on first run) are unscoped keys: every scope, no site. A
+running service picks up created and revoked keys within a second, without a restart (:class:`KeyRing`).
 """
 
 from __future__ import annotations
@@ -23,8 +18,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -42,7 +40,8 @@ ROUTE_SCOPES = {"/predict": PREDICT, "/explain": EXPLAIN, "/feedback": FEEDBACK}
 ROLLOUT_KEY_ID = "rollout"
 ROLLOUT_SCOPES = (PREDICT, EXPLAIN)  # its smoke test: /predict, /explain and /metadata
 RELOAD_SECONDS = 1.0
-MEDOPS_API_KEYS = "MEDOPS_API_KEYS"
+
+logger = logging.getLogger("medops.serving")
 
 
 class KeyCommandError(ValueError):
@@ -70,14 +69,8 @@ class ApiKey:
 
     def to_public(self) -> dict[str, Any]:
         """What ``medops keys list`` shows: everything but the hash."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "scopes": sorted(self.scopes),
-            "site_id": self.site_id,
-            "created_at": self.created_at,
-            "revoked_at": self.revoked_at,
-        }
+        public = asdict(self) | {"scopes": sorted(self.scopes)}
+        return {name: public[name] for name in ("id", "name", "scopes", "site_id", "created_at", "revoked_at")}
 
 
 def hash_key(key: str | bytes) -> str:
@@ -100,10 +93,6 @@ def _from_json(item: dict[str, Any]) -> ApiKey:
     )
 
 
-def _to_json(key: ApiKey) -> dict[str, Any]:
-    return asdict(key) | {"scopes": sorted(key.scopes)}
-
-
 def read_keys(settings: Settings) -> list[ApiKey]:
     """Every key in ``keys.json`` (revoked ones included), oldest first; [] when there is none."""
     try:
@@ -116,19 +105,12 @@ def read_keys(settings: Settings) -> list[ApiKey]:
 def _write_keys(settings: Settings, keys: list[ApiKey]) -> None:
     settings.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.secrets_dir.chmod(0o700)
-    document = {"keys": [_to_json(key) for key in keys]}
+    document = {"keys": [asdict(key) | {"scopes": sorted(key.scopes)} for key in keys]}
     write_atomically(settings.api_keys_file, json.dumps(document, indent=1) + "\n", mode=0o600)
 
 
 def _lock(settings: Settings):
     return file_lock(settings.secrets_dir / ".keys.lock", timeout=30)
-
-
-def _check_site(site_id: str | None) -> None:
-    import re
-
-    if site_id is not None and not re.fullmatch(SITE_PATTERN, site_id):
-        raise KeyCommandError(f"site {site_id!r} does not match {SITE_PATTERN}")
 
 
 def create_key(
@@ -141,30 +123,25 @@ def create_key(
     unknown = [scope for scope in wanted if scope not in SCOPES]
     if unknown:
         raise KeyCommandError(f"unknown scope {', '.join(unknown)}; choose from {', '.join(SCOPES)}")
-    _check_site(site_id)
+    if site_id is not None and not re.fullmatch(SITE_PATTERN, site_id):
+        raise KeyCommandError(f"site {site_id!r} does not match {SITE_PATTERN}")
     if site_id == SMOKE_TEST_SITE:
         raise KeyCommandError(f"the site {SMOKE_TEST_SITE} is reserved for the rollout's own key")
-    return _add_key(settings, wanted, site_id, name)
-
-
-def _add_key(
-    settings: Settings, scopes: list[str], site_id: str | None, name: str, key_id: str = ""
-) -> tuple[ApiKey, str]:
-    secret = "mdk_" + secrets.token_urlsafe(32)
     with _lock(settings):
         keys = read_keys(settings)
         taken = {key.id for key in keys}
+        key_id = ""
         while not key_id or key_id in taken:
             key_id = "k" + secrets.token_hex(4)
-        record = ApiKey(
-            id=key_id,
-            scopes=frozenset(scopes),
-            site_id=site_id,
-            name=name,
-            created_at=_now(),
-            sha256=hash_key(secret),
-        )
+        record, secret = _new_key(key_id, wanted, site_id, name)
         _write_keys(settings, [*keys, record])
+    return record, secret
+
+
+def _new_key(key_id: str, scopes: Iterable[str], site_id: str | None, name: str) -> tuple[ApiKey, str]:
+    """A fresh secret and its record (only the secret's hash is kept)."""
+    secret = "mdk_" + secrets.token_urlsafe(32)
+    record = ApiKey(key_id, frozenset(scopes), site_id, name, created_at=_now(), sha256=hash_key(secret))
     return record, secret
 
 
@@ -183,47 +160,31 @@ def revoke_key(settings: Settings, key_id: str) -> ApiKey:
 
 
 def rollout_key(settings: Settings) -> str:
-    """The key the rollout's smoke tests send, bound to the smoke-test site; made on first use.
-
-    Its secret lives in ``secrets/rollout_key`` (0600) because the rollout must send it; revoking
-    it (``medops keys revoke rollout``) makes the next rollout create a new one.
-    """
+    """The key the rollout's smoke tests send, bound to the smoke-test site; made on first use. Its secret
+    is kept in ``secrets/rollout_key`` (0600) because the rollout must send it; revoking it (``medops keys
+    revoke rollout``) makes the next rollout create a new one."""
     path = settings.secrets_dir / "rollout_key"
     with _lock(settings):
         keys = read_keys(settings)
         current = next((key for key in keys if key.id == ROLLOUT_KEY_ID and key.active), None)
-        try:
-            secret = path.read_text().strip()
-        except FileNotFoundError:
-            secret = ""
+        secret = path.read_text().strip() if path.exists() else ""
         if current is not None and secret and hmac.compare_digest(hash_key(secret), current.sha256):
             return secret
-        secret = "mdk_" + secrets.token_urlsafe(32)
+        record, secret = _new_key(ROLLOUT_KEY_ID, ROLLOUT_SCOPES, SMOKE_TEST_SITE, "rollout smoke tests")
         settings.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomically(path, secret + "\n", mode=0o600)
-        record = ApiKey(
-            id=ROLLOUT_KEY_ID,
-            scopes=frozenset(ROLLOUT_SCOPES),
-            site_id=SMOKE_TEST_SITE,
-            name="rollout smoke tests",
-            created_at=_now(),
-            sha256=hash_key(secret),
-        )
         _write_keys(settings, [*(key for key in keys if key.id != ROLLOUT_KEY_ID), record])
     return secret
 
 
 def configured_keys(settings: Settings) -> list[ApiKey]:
     """``MEDOPS_API_KEYS`` (or the generated first-run key) as unscoped keys: every scope, no site."""
-    keys = []
     generated = not settings.api_keys
-    for secret in settings.service_api_keys():
-        digest = hash_key(secret)
-        key_id, name = (
-            ("generated", "generated on first run") if generated else (f"env-{digest[:8]}", "MEDOPS_API_KEYS")
-        )
-        keys.append(ApiKey(id=key_id, scopes=frozenset(SCOPES), name=name, sha256=digest))
-    return keys
+    name = "generated on first run" if generated else "MEDOPS_API_KEYS"
+    return [
+        ApiKey("generated" if generated else f"env-{digest[:8]}", frozenset(SCOPES), name=name, sha256=digest)
+        for digest in map(hash_key, settings.service_api_keys())
+    ]
 
 
 def has_deliberate_keys(settings: Settings) -> bool:
@@ -234,9 +195,8 @@ def has_deliberate_keys(settings: Settings) -> bool:
 class KeyRing:
     """The keys a serving worker accepts, re-read when ``keys.json`` changes (checked at most once a second)."""
 
-    def __init__(self, settings: Settings, *, clock=time.monotonic) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._clock = clock
         self._configured = configured_keys(settings)
         self._stored: list[ApiKey] = []
         self._stamp: tuple[int, int, int] | None = None
@@ -244,35 +204,27 @@ class KeyRing:
         self._digests: list[tuple[bytes, ApiKey]] = []
         self._reload(force=True)
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
+    def _reload(self, *, force: bool = False) -> None:
         try:
             status = self.settings.api_keys_file.stat()
+            stamp: tuple[int, int, int] | None = (status.st_mtime_ns, status.st_ino, status.st_size)
         except FileNotFoundError:
-            return None
-        return (status.st_mtime_ns, status.st_ino, status.st_size)
-
-    def _reload(self, *, force: bool = False) -> None:
-        stamp = self._file_stamp()
+            stamp = None
         if force or stamp != self._stamp:
             try:
                 stored = read_keys(self.settings)
             except (OSError, ValueError, KeyError) as error:  # keep the keys we had rather than none
-                import logging
-
-                logging.getLogger("medops.serving").error("cannot read %s: %s", self.settings.api_keys_file, error)
+                logger.error("cannot read %s: %s", self.settings.api_keys_file, error)
                 stored = self._stored
             self._stored, self._stamp = stored, stamp
             self._digests = [(bytes.fromhex(key.sha256), key) for key in [*self._configured, *stored] if key.active]
 
-    def refresh(self) -> None:
-        now = self._clock()
+    def authenticate(self, token: bytes) -> ApiKey | None:
+        """The key whose hash is the token's, or None; every stored hash is compared, in constant time."""
+        now = time.monotonic()
         if now - self._checked >= RELOAD_SECONDS:
             self._checked = now
             self._reload()
-
-    def authenticate(self, token: bytes) -> ApiKey | None:
-        """The key whose hash is the token's, or None; every stored hash is compared, in constant time."""
-        self.refresh()
         digest = hashlib.sha256(token).digest()
         found = None
         for stored, key in self._digests:

@@ -4,21 +4,17 @@ request ids, version header and the access log.
 A plain ASGI middleware (no request/response objects) so the hot path pays for a few header
 comparisons only. It
 
-- answers 401 without a valid ``Authorization: Bearer <key>`` on every route except health and
-  metrics (:class:`serving.keys.KeyRing`: hashed keys compared in constant time, scoped keys from
-  ``keys.json`` picked up without a restart, ``MEDOPS_API_KEYS`` as unscoped keys);
-- answers 403 when the key lacks the route's scope (``predict``, ``explain``, ``feedback``), and
-  when it claims a site it may not speak for: a key bound to a site cannot name another one in
-  ``X-Site-Id`` or a record's ``site_id`` (the error names that field), and only the rollout's key
-  may claim the smoke-test site; a bound key's site is filled in as ``X-Site-Id``;
+- answers 401 without a valid ``Authorization: Bearer <key>`` on every route except health, metrics
+  and docs (:class:`serving.keys.KeyRing`);
+- answers 403 when the key lacks the route's scope, or claims (in ``X-Site-Id`` or a record's
+  ``site_id``, which the error names) a site it may not speak for: another one than it is bound to,
+  or the smoke-test site, the rollout key's own; a bound key's site is filled in as ``X-Site-Id``;
 - answers 429 with ``Retry-After`` over the key's rate or concurrency limit (:mod:`serving.access`);
-- answers 415 for any body that is not JSON, which also refuses BentoML's pickle content type;
-- answers 413 for bodies over ``settings.max_body_bytes``, from Content-Length before reading
-  and by counting when the body is streamed;
-- turns BentoML's 400 for a pydantic validation failure into the contract's 422, each error
-  naming the field (``records[3].mean_radius``) and the reason, and gives every 4xx one shape
-  (:class:`serving.contract.ErrorResponse`);
-- answers 422 for an ``X-Site-Id`` header that is not a valid site id;
+- answers 415 for any body that is not JSON (BentoML's pickle content type included), and 413 for
+  bodies over ``settings.max_body_bytes``, from Content-Length before reading, else by counting;
+- answers 422 for an invalid ``X-Site-Id``, turns BentoML's 400 for a validation failure into 422
+  naming each field (``records[3].mean_radius``) and reason, and gives every 4xx one shape
+  (``{"error": ..., "detail": [...]}``, see :class:`serving.contract.ErrorDetail`);
 - counts every refused (422) ``/predict`` request per site and field for monitoring's
   data-quality signal (:func:`refusal_lines`, written by :func:`pipelines.prediction_log.log_refusal`);
 - adds ``X-Model-Version`` to every response (the handler sets it itself when it answered, so
@@ -35,7 +31,9 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import suppress
 from typing import Any
 
 from pipelines.prediction_log import SMOKE_TEST_SITE
@@ -77,13 +75,8 @@ _REASONS = {
 
 def field_path(loc: list[Any] | tuple[Any, ...]) -> str:
     """``["records", 3, "mean_radius"]`` -> ``"records[3].mean_radius"`` (``"body"`` for the root)."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path or "body"
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    return path.removeprefix(".") or "body"
 
 
 def describe_validation_error(error: dict[str, Any]) -> dict[str, str]:
@@ -97,11 +90,8 @@ def describe_validation_error(error: dict[str, Any]) -> dict[str, str]:
         reason = f"out of plausible range [{low}, {high}]"
     if kind == "missing" and name in FEATURES:
         reason = "missing feature"
-    return {
-        "field": field_path(loc),
-        "reason": f"{reason}: {message}" if reason and reason != message else message,
-        "type": kind,
-    }
+    text = f"{reason}: {message}" if reason and reason != message else message
+    return {"field": field_path(loc), "reason": text, "type": kind}
 
 
 def _reshape_error(status: int, body: bytes) -> tuple[int, bytes]:
@@ -116,8 +106,7 @@ def _reshape_error(status: int, body: bytes) -> tuple[int, bytes]:
         payload = {"error": str(payload)}
     errors = payload.get("detail") if isinstance(payload.get("detail"), list) else []
     detail = [describe_validation_error(error) for error in errors if isinstance(error, dict)]
-    if status == 400:
-        status = 422
+    status = 422 if status == 400 else status
     if status == 503:  # BentoML hides every 5xx message; the service's only 503 is an unlogged answer
         message = "prediction log unavailable: nothing was served or recorded; retry later"
         return status, json.dumps({"error": message, "detail": []}).encode()
@@ -128,10 +117,7 @@ def _reshape_error(status: int, body: bytes) -> tuple[int, bytes]:
 
 
 def _json_response(
-    status: int,
-    error: str,
-    extra: list[tuple[bytes, bytes]] = (),
-    detail: list[dict[str, str]] | None = None,
+    status: int, error: str, extra: list[tuple[bytes, bytes]] = (), detail: list[dict[str, str]] | None = None
 ) -> list[Message]:
     """A refusal in the contract's error shape (the version and request id headers are added on sending)."""
     body = json.dumps({"error": error, "detail": detail or []}).encode()
@@ -152,10 +138,7 @@ class HttpContractMiddleware:
     """The HTTP contract in front of every route; ``model_version`` returns the version served (for the header)."""
 
     def __init__(
-        self,
-        app: Callable[[Scope, Receive, Send], Awaitable[None]],
-        *,
-        model_version: Callable[[], str],
+        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *, model_version: Callable[[], str]
     ) -> None:
         self.app = app
         self.model_version = model_version
@@ -213,9 +196,8 @@ class HttpContractMiddleware:
         headers = scope["headers"]
         key = self._key(headers)
         if key is None:
-            await _send_all(
-                send, _json_response(401, "missing or invalid bearer key", [(b"www-authenticate", b"Bearer")])
-            )
+            challenge = [(b"www-authenticate", b"Bearer")]
+            await _send_all(send, _json_response(401, "missing or invalid bearer key", challenge))
             return
         info.key_id = key.id
         needed = ROUTE_SCOPES.get(path)
@@ -243,9 +225,8 @@ class HttpContractMiddleware:
             return
 
         if path in GET_PATHS and scope["method"] in ("GET", "HEAD"):
-            scope = dict(scope, method="POST")
-            headers = [(b"content-type", b"application/json"), *((n, v) for n, v in headers if n == b"accept")]
-            scope["headers"] = headers
+            accept = [(name, value) for name, value in headers if name == b"accept"]
+            scope = dict(scope, method="POST", headers=[(b"content-type", b"application/json"), *accept])
             body = b"{}"
         else:
             content_type = b""
@@ -260,11 +241,11 @@ class HttpContractMiddleware:
                     if _SITE.match(value) is None:
                         if path == "/predict":
                             self._count_refusal([(key.site_id or DEFAULT_SITE, "X-Site-Id", "bad_pattern", 1, 1)])
-                        await _send_all(send, _invalid_site())
+                        reason = f"does not match {SITE_PATTERN}"
+                        await _send_all(send, _field_refusal(422, "X-Site-Id", reason, "string_pattern_mismatch"))
                         return
                     site_header = value.decode()
-            refused = _site_refusal("X-Site-Id", site_header, key)
-            if refused is not None:
+            if (refused := _site_refusal("X-Site-Id", site_header, key)) is not None:
                 await _send_all(send, refused)
                 return
             info.site = site_header or key.site_id or DEFAULT_SITE
@@ -282,18 +263,18 @@ class HttpContractMiddleware:
                     await _send_all(send, _json_response(400, "invalid Content-Length"))
                     return
                 if declared > self.max_body_bytes:
-                    if not _expects_continue(headers):  # else the client waits and never sends the body
-                        await _drain(receive, DRAIN_LIMIT_BYTES)
+                    # a client that sent "Expect: 100-continue" waits for us and never sends the body
+                    if not any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers):
+                        await _drain(receive)
                     await _send_all(send, _too_large(self.max_body_bytes))
                     return
             body, complete = await _read_body(receive, self.max_body_bytes)
             if body is None:
                 if not complete:
-                    await _drain(receive, DRAIN_LIMIT_BYTES)
+                    await _drain(receive)
                 await _send_all(send, _too_large(self.max_body_bytes))
                 return
-            refused = _record_site_refusal(body, key)
-            if refused is not None:
+            if (refused := _record_site_refusal(body, key)) is not None:
                 await _send_all(send, refused)
                 return
 
@@ -306,14 +287,10 @@ class HttpContractMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        counting = None
-        if path == "/predict":
-            site = info.site
+        def counting(detail: list[dict[str, str]]) -> None:
+            self._count_refusal(refusal_lines(detail, body, info.site))
 
-            def counting(detail: list[dict[str, str]]) -> None:
-                self._count_refusal(refusal_lines(detail, body, site))
-
-        await self.app(scope, replay, _shaping_errors(send, counting))
+        await self.app(scope, replay, _shaping_errors(send, counting if path == "/predict" else None))
 
     def _count_refusal(self, lines: list[tuple[str, str, str, int, int]]) -> None:
         from pipelines.prediction_log import log_refusal
@@ -346,9 +323,8 @@ def refusal_lines(
 ) -> list[tuple[str, str, str, int, int]]:
     """``(site, field, reason kind, records naming it, records refused from that site)`` of one refused request.
 
-    A record's site is its own ``site_id``, else ``default_site`` (the ``X-Site-Id`` header, the
-    key's site or ``unknown``, as the service logs it); a body that is not a list of records counts
-    as one record of that default site. Only field names the schema could hold and counts: never a value sent.
+    A record's site is its own ``site_id``, else ``default_site`` (as the service logs it); a body that is
+    not a list of records counts as one record of that site. Field names and counts only, never a value sent.
     """
     default = default_site if default_site and _SITE.match(default_site.encode()) else DEFAULT_SITE
     try:
@@ -362,17 +338,12 @@ def refusal_lines(
         site = record.get("site_id") if isinstance(record, dict) else None
         return site if isinstance(site, str) and _SITE.match(site.encode()) else default
 
-    per_site = {}
-    for index in range(len(records)) or [None]:
-        site = site_of(index)
-        per_site[site] = per_site.get(site, 0) + 1
-    named: dict[tuple[str, str, str], int] = {}
+    per_site = Counter(site_of(index) for index in range(len(records)) or [None])
+    named: Counter[tuple[str, str, str]] = Counter()
     for item in detail:
         matched = _RECORD.match(item.get("field", ""))
         index, name = (int(matched.group(1)), matched.group(2)) if matched else (None, "body")
-        kind = _REASON_KINDS.get(item.get("type", ""), "invalid")
-        key = (site_of(index), name, kind)
-        named[key] = named.get(key, 0) + 1
+        named[(site_of(index), name, _REASON_KINDS.get(item.get("type", ""), "invalid"))] += 1
     lines, first = [], set()
     for (site, name, kind), count in sorted(named.items()):
         lines.append((site, name, kind, count, 0 if site in first else per_site.get(site, 0)))
@@ -395,11 +366,8 @@ def _site_refusal(field: str, site: str | None, key: ApiKey) -> list[Message] | 
 
 
 def _record_site_refusal(body: bytes, key: ApiKey) -> list[Message] | None:
-    """A 403 for the first record whose ``site_id`` the key may not claim.
-
-    The body is parsed here only when it can name a site (``site_id`` in it, or a JSON escape that
-    could spell it); a body that does not parse is left to the service's 422.
-    """
+    """A 403 for the first record whose ``site_id`` the key may not claim. Parsed only when the body can
+    name a site (``site_id``, or a JSON escape that could spell it); one that does not parse gets the service's 422."""
     if b"site_id" not in body and b"\\u" not in body:
         return None
     import orjson
@@ -409,19 +377,11 @@ def _record_site_refusal(body: bytes, key: ApiKey) -> list[Message] | None:
     except orjson.JSONDecodeError:
         return None
     records = document.get("records") if isinstance(document, dict) else None
-    if not isinstance(records, list):
-        return None
-    for index, record in enumerate(records):
+    for index, record in enumerate(records if isinstance(records, list) else []):
         site = record.get("site_id") if isinstance(record, dict) else None
-        if isinstance(site, str):
-            refused = _site_refusal(f"records[{index}].site_id", site, key)
-            if refused is not None:
-                return refused
+        if isinstance(site, str) and (refused := _site_refusal(f"records[{index}].site_id", site, key)):
+            return refused
     return None
-
-
-def _invalid_site() -> list[Message]:
-    return _field_refusal(422, "X-Site-Id", f"does not match {SITE_PATTERN}", "string_pattern_mismatch")
 
 
 def _too_large(limit: int) -> list[Message]:
@@ -436,26 +396,20 @@ DRAIN_LIMIT_BYTES = 128 * 1024 * 1024
 DRAIN_SECONDS = 30.0
 
 
-def _expects_continue(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
-
-
-async def _drain(receive: Receive, limit: int) -> None:
-    """Read and discard the rest of a refused body, up to ``limit`` bytes and DRAIN_SECONDS."""
+async def _drain(receive: Receive) -> None:
+    """Read and discard the rest of a refused body, up to DRAIN_LIMIT_BYTES and DRAIN_SECONDS."""
     import asyncio
 
     async def discard() -> None:
         drained = 0
-        while drained <= limit:
+        while drained <= DRAIN_LIMIT_BYTES:
             message = await receive()
             if message["type"] == "http.disconnect" or not message.get("more_body", False):
                 return
             drained += len(message.get("body", b""))
 
-    try:
+    with suppress(TimeoutError):
         await asyncio.wait_for(discard(), DRAIN_SECONDS)
-    except TimeoutError:
-        pass
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
@@ -482,23 +436,16 @@ async def _send_all(send: Send, messages: list[Message]) -> None:
         await send(message)
 
 
-def _add_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
-    for existing, _ in headers:
-        if existing.lower() == name:
-            return headers
-    return [*headers, (name, value)]
-
-
 def _stamping(send: Send, version: bytes, info: RequestInfo) -> Send:
     """Add X-Model-Version (unless the handler set it) and X-Request-Id; note the status for the access log."""
     request = info.request_id.encode()
 
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start":
-            headers = _add_header(list(message.get("headers", [])), _VERSION_HEADER, version)
-            message["headers"] = [(n, v) for n, v in headers if n.lower() != REQUEST_ID_HEADER] + [
-                (REQUEST_ID_HEADER, request)
-            ]
+            headers = [(n, v) for n, v in message.get("headers", []) if n.lower() != REQUEST_ID_HEADER]
+            if not any(name.lower() == _VERSION_HEADER for name, _ in headers):
+                headers.append((_VERSION_HEADER, version))
+            message["headers"] = [*headers, (REQUEST_ID_HEADER, request)]
             info.status = message["status"]
         await send(message)
 
@@ -506,20 +453,15 @@ def _stamping(send: Send, version: bytes, info: RequestInfo) -> Send:
 
 
 def _shaping_errors(send: Send, refused: Callable[[list[dict[str, str]]], None] | None = None) -> Send:
-    """Pass successful responses through; buffer and reshape 4xx (and 503) ones.
-
-    ``refused`` is called with the detail of each 422 sent (monitoring counts refusals by it).
-    """
+    """Pass successful responses through; buffer and reshape 4xx (and 503) ones. ``refused`` is called
+    with the detail of each 422 sent (monitoring counts refusals by it)."""
     start: Message | None = None
     chunks: list[bytes] = []
 
     async def sending(message: Message) -> None:
         nonlocal start
-        if message["type"] == "http.response.start":
-            if 400 <= message["status"] < 500 or message["status"] == 503:
-                start = dict(message)
-                return
-            await send(message)
+        if message["type"] == "http.response.start" and (400 <= message["status"] < 500 or message["status"] == 503):
+            start = dict(message)
             return
         if start is None or message["type"] != "http.response.body":
             await send(message)
@@ -530,11 +472,7 @@ def _shaping_errors(send: Send, refused: Callable[[list[dict[str, str]]], None] 
         status, body = _reshape_error(start["status"], b"".join(chunks))
         if status == 422 and refused is not None:
             refused(json.loads(body)["detail"])
-        headers = [
-            (name, value)
-            for name, value in start.get("headers", [])
-            if name.lower() not in (b"content-length", b"content-type")
-        ]
+        headers = [(n, v) for n, v in start.get("headers", []) if n.lower() not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,10 +1,9 @@
 """``bentoml serve`` servers, started and stopped by the core supervisor (``medops.core.processes``).
 
-What is BentoML's own lives here: the ``bentoml serve`` command line and its worker count, a
-server's record (role, port, Bento, model version, control folder), the startup failure a worker
-wrote to the log, readiness on ``/readyz``, and the worker pids whose acknowledgements the rollout
-counts. ``bentoml serve`` becomes a circus arbiter whose workers run in sessions of their own; the
-supervisor's stop (SIGTERM to the arbiter, then each worker it had, by pid) leaves none running.
+What is BentoML's own lives here: the ``bentoml serve`` command line, a server's record, the startup
+failure a worker logged, readiness on ``/readyz`` and the worker pids whose acknowledgements the rollout
+counts. ``bentoml serve`` is a circus arbiter whose workers run in sessions of their own; the supervisor's
+stop (SIGTERM to the arbiter, then each worker it had, by pid) leaves none running.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import logging
 import re
 import socket
 import sys
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,12 +66,8 @@ def connect_host(host: str) -> str:
 
 
 def check_exposure(settings: Settings) -> None:
-    """Refuse to serve beyond loopback unless TLS and authentication are both configured.
-
-    Authentication counts as configured when someone chose the keys: ``MEDOPS_API_KEYS``, or an
-    active key made with ``medops keys create`` (the first-run key and the rollout's own key do not
-    count: nobody handed them out on purpose).
-    """
+    """Refuse to serve beyond loopback unless TLS and authentication are both configured: keys someone
+    chose (``MEDOPS_API_KEYS`` or ``medops keys create``), not the first-run or rollout key nobody handed out."""
     from serving.keys import has_deliberate_keys
 
     if is_loopback(settings.host):
@@ -116,10 +110,6 @@ def _name(role: str) -> str:
     return f"serving-{role}"
 
 
-def record_path(settings: Settings, role: str) -> Path:
-    return supervisor.record_path(_name(role), settings)
-
-
 def write_record(settings: Settings, record: ServerRecord) -> None:
     supervisor.write_record(_name(record.role), record, settings)
 
@@ -133,13 +123,13 @@ def forget_record(settings: Settings, role: str) -> None:
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
 def port_is_free(host: str, port: int) -> bool:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -159,10 +149,7 @@ def start_server(
     workers: int | None = None,
 ) -> ServerRecord:
     """Start ``bentoml serve <bento>`` on ``settings.host``:``port`` in its own session; returns at once.
-
-    Refused (:class:`ExposureRefused`) for a host other than loopback without TLS and configured
-    keys; with MEDOPS_TLS_CERTFILE and MEDOPS_TLS_KEYFILE the server speaks HTTPS only.
-    """
+    Refused unless :func:`check_exposure` allows it; with TLS configured the server speaks HTTPS only."""
     check_exposure(settings)
     tls = tls_arguments(settings)
     extra = {

@@ -4,13 +4,12 @@
 
 1. import ``models:/<name>/<version>`` from the MLflow registry into BentoML and build the Bento
    ``<name>_service:<version>`` (a child process, see ``serving/bento_build.py``);
-2. start that Bento beside the running one, on a free loopback port, and smoke-test it:
-   readiness, then ``/predict`` on the version's stored hold-out rows must equal what the MLflow
-   model itself predicts (labels exactly, probabilities to 1e-9), ``/metadata`` must name it;
-3. switch the stable endpoint (``settings.serving_port``) to the version: the stable server's
-   workers load it from the BentoML store, check it and swap it in whole, while they keep
-   answering (see the Serving section of ``README.md`` for why this beats a process handoff); then the same
-   smoke test runs against the stable endpoint itself;
+2. start that Bento beside the running one, on a free loopback port, and smoke-test it: ``/predict``
+   on the version's stored hold-out rows must equal what the MLflow model itself predicts (labels
+   exactly, probabilities to 1e-9), ``/metadata`` must name it;
+3. switch the stable endpoint (``settings.serving_port``): its workers load the version from the
+   BentoML store, check it and swap it in whole while they keep answering (README, Serving: why this
+   beats a process handoff); the same smoke test then runs against the stable endpoint;
 4. stop the candidate server, point ``@champion`` at the version, record the deployment.
 
 If any step fails the stable endpoint keeps (or goes back to) the version it served, ``@champion``
@@ -18,10 +17,8 @@ points back to that version, an alert goes out, and :class:`DeployFailed` is rai
 stable server running (first deployment, or after ``medops serve-stop``), step 3 starts one from
 the new Bento instead.
 
-The modification protocol reserves serving a version whose gate did not pass (or that was never
-gated) for a named person: :func:`require_deployable` refuses it with :class:`DeployRefused` unless
-an override names who decided and why. Deployments, rollbacks, overrides and refusals are entries
-in the audit trail (:mod:`pipelines.governance`).
+A version whose gate did not pass is served only on a named person's override (:func:`require_deployable`).
+Deployments, rollbacks, overrides and refusals are entries in the audit trail (:mod:`pipelines.governance`).
 """
 
 from __future__ import annotations
@@ -118,12 +115,6 @@ def _set_champion(version: str, settings: Settings) -> None:
     set_champion(str(version), settings)
 
 
-def _load_registered_model(version: str, settings: Settings) -> Any:
-    from pipelines.model_registry import load_model
-
-    return load_model(str(version), settings)
-
-
 def _gate_status(version: str, settings: Settings) -> tuple[bool, str]:
     """(whether the version's gate passed, the recorded reason) from its registry tags."""
     from pipelines.model_registry import version_tags
@@ -132,11 +123,6 @@ def _gate_status(version: str, settings: Settings) -> tuple[bool, str]:
     if "gate_passed" not in tags:
         return False, "no gate decision recorded for it"
     return tags["gate_passed"] == "true", tags.get("gate_reason") or tags.get("gate_decision", "")
-
-
-def _anchor(entry: Any, version: str, settings: Settings) -> None:
-    """Keep a rollout entry's hash on the model version it concerns (MLflow tag ``audit.<seq>``)."""
-    governance.anchor(entry, settings, model_version=str(version))
 
 
 def _audit(action: str, version: str, actor: str, reason: str, settings: Settings, **details: Any) -> None:
@@ -149,8 +135,8 @@ def _audit(action: str, version: str, actor: str, reason: str, settings: Setting
         details=details,
         anchored=False,
     )
-    try:
-        _anchor(entry, version, settings)
+    try:  # the entry's hash also kept on the model version it concerns (MLflow tag ``audit.<seq>``)
+        governance.anchor(entry, settings, model_version=str(version))
     except Exception:  # the entry is in the log either way; a lost anchor only weakens one check
         logger.exception("could not anchor audit entry %s on model version %s", entry.seq, version)
 
@@ -162,13 +148,11 @@ def require_deployable(
     override_by: str | None = None,
     override_reason: str | None = None,
     actor: str = SCHEDULER,
-    record: bool = True,
 ) -> str | None:
     """Refuse to serve a version whose gate did not pass, unless a named person overrides it.
 
-    Returns None when the gate passed, else the person who overrode it (their override recorded
-    in the audit trail as ``override`` when ``record``). Without a named person and a reason,
-    raises :class:`DeployRefused` (recorded as ``refusal``) saying how to override.
+    Returns None when the gate passed, else the person who overrode it (audit entry ``override``).
+    Without a named person and a reason, raises :class:`DeployRefused` (``refusal``) saying how to override.
     """
     passed, why = _gate_status(version, settings)
     if passed:
@@ -189,20 +173,10 @@ def require_deployable(
             f"medops deploy --version {version} --override-by NAME --reason TEXT "
             "(deploy_model: params override_by and override_reason)"
         )
-        if record:
-            _audit("refusal", version, actor, f"deploy of v{version} refused: gate did not pass ({why})", settings)
+        _audit("refusal", version, actor, f"deploy of v{version} refused: gate did not pass ({why})", settings)
         raise DeployRefused(message)
-    if record:
-        _audit(
-            "override",
-            version,
-            person,
-            text,
-            settings,
-            overridden=f"gate did not pass: {why}",
-            protocol_version=protocol.version,
-            entered_by=actor,
-        )
+    details = {"overridden": f"gate did not pass: {why}", "protocol_version": protocol.version, "entered_by": actor}
+    _audit("override", version, person, text, settings, **details)
     return person
 
 
@@ -211,16 +185,7 @@ def _raise_alert(title: str, details: str, settings: Settings) -> None:
     from medops.core.alerts import send_alert
 
     logger.error("%s: %s", title, details)
-    send_alert(
-        title,
-        "failure",
-        [],
-        None,
-        None,
-        settings,
-        severity="error",
-        details=details,
-    )
+    send_alert(title, "failure", [], None, None, settings, severity="error", details=details)
 
 
 # steps ------------------------------------------------------------------------------------
@@ -241,21 +206,14 @@ def _built(version: str, settings: Settings) -> PreparedBento | None:
     return None
 
 
-def prepare_bento(version: str, settings: Settings, *, rebuild: bool = False, timeout: float = 600) -> PreparedBento:
+def prepare_bento(version: str, settings: Settings) -> PreparedBento:
     """Import the version into BentoML and build its Bento, in a child process (see bento_build)."""
-    if not rebuild and (built := _built(version, settings)) is not None:
+    if (built := _built(version, settings)) is not None:
         return built
     command = [sys.executable, "-m", "serving.bento_build", "--version", str(version)]
-    if rebuild:
-        command.append("--rebuild")
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     completed = subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        env=processes.child_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        command, cwd=REPO_ROOT, env=processes.child_env(settings), capture_output=True, text=True, timeout=600
     )
     (settings.run_dir / f"build-{version}.log").write_text(completed.stdout + completed.stderr)
     if completed.returncode != 0:
@@ -266,11 +224,8 @@ def prepare_bento(version: str, settings: Settings, *, rebuild: bool = False, ti
 
 
 def evaluation_rows(version: str, settings: Settings, n: int = SMOKE_ROWS):
-    """The first ``n`` hold-out rows the version's training run stored (features only).
-
-    Read from the run (``reference/holdout.csv``), not split again from today's settings; a
-    version whose run stored none raises :class:`pipelines.model_registry.MissingReference`.
-    """
+    """The first ``n`` hold-out rows (features only) the version's training run stored, not split again
+    from today's settings; raises :class:`pipelines.model_registry.MissingReference` if it stored none."""
     from pipelines.model_registry import stored_reference
     from pipelines.schema import FEATURES
 
@@ -278,13 +233,9 @@ def evaluation_rows(version: str, settings: Settings, n: int = SMOKE_ROWS):
     return holdout[list(FEATURES)].head(n).reset_index(drop=True)
 
 
-def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = None, timeout: float = 60) -> None:
-    """Check a server serves ``version`` and predicts what the registered model predicts.
-
-    ``expected`` is ``(rows, probabilities, labels)`` from the MLflow model (computed once per
-    deployment by :func:`expected_predictions`). The checks go through :class:`MedopsClient`, the
-    client clinical apps use, with the rollout's own key, bound to the smoke-test site.
-    """
+def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = None) -> None:
+    """Check a server serves ``version`` and predicts what the registered model (``expected``, from
+    :func:`expected_predictions`) predicts, through the clinical apps' client with the rollout's own key."""
     import numpy as np
     from pydantic import ValidationError
 
@@ -293,8 +244,7 @@ def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = No
     rows, probabilities, labels = expected or expected_predictions(version, settings)
     key = rollout_key(settings)  # the only key that may speak for the smoke-test site
     records = [dict(row) | {"encounter_id": f"smoke-{i}"} for i, row in enumerate(rows.to_dict("records"))]
-    verify = processes.tls_verify(settings)
-    with MedopsClient(url, key, site_id=SMOKE_TEST_SITE, timeout=timeout, verify=verify) as client:
+    with MedopsClient(url, key, site_id=SMOKE_TEST_SITE, timeout=60, verify=processes.tls_verify(settings)) as client:
         if not client.ready():
             raise SmokeTestFailed(f"{url}/readyz is not ready")
         try:
@@ -333,9 +283,10 @@ def smoke_test(url: str, version: str, settings: Settings, *, expected: Any = No
 def expected_predictions(version: str, settings: Settings):
     """(evaluation rows, probability_malignant, labels) as the MLflow model itself computes them."""
     from pipelines.metrics import probability_malignant
+    from pipelines.model_registry import load_model
 
     rows = evaluation_rows(version, settings)
-    model = _load_registered_model(version, settings)
+    model = load_model(str(version), settings)
     probabilities = probability_malignant(model, rows)
     labels = [str(label) for label in model.predict(rows)]
     return rows, probabilities, labels
@@ -372,12 +323,8 @@ def switch_stable(record: ServerRecord, version: str, settings: Settings, *, tim
 
 
 def _settle_switch(record: ServerRecord, settings: Settings, *, timeout: float) -> ServerRecord:
-    """Make the stable server's record name what it serves after a rollout killed mid-switch.
-
-    Such a rollout asked the workers for a version (the control file) but did not record it. If
-    every worker took that version, the record follows them; if one could not, all are asked
-    back to the recorded version.
-    """
+    """After a rollout killed mid-switch (it asked the workers for a version but did not record it):
+    the record follows the workers if all took that version, else all are asked back to the recorded one."""
     requested = control.requested_model(Path(record.control_dir or ""))
     if requested in (None, record.model_version):
         return record
@@ -390,9 +337,8 @@ def _settle_switch(record: ServerRecord, settings: Settings, *, timeout: float) 
     return record
 
 
-def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout: float | None = None) -> ServerRecord:
+def start_stable(bento: str, version: str, settings: Settings) -> ServerRecord:
     """Start the stable server on ``settings.serving_port`` from ``bento``, serving ``version``."""
-    ready_timeout = settings.serving_ready_timeout if ready_timeout is None else ready_timeout
     if not processes.port_is_free(settings.host, settings.serving_port):
         raise RuntimeError(
             f"port {settings.serving_port} is taken by a process medops does not know about; "
@@ -412,8 +358,8 @@ def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout:
     )
     crash_point("after_stable_start")
     try:
-        processes.wait_ready(record, timeout=ready_timeout)
-        _wait_for_workers(record, str(version), ready_timeout)
+        processes.wait_ready(record, timeout=settings.serving_ready_timeout)
+        _wait_for_workers(record, str(version), settings.serving_ready_timeout)
     except Exception:
         processes.stop_server(record, settings)
         raise
@@ -423,9 +369,7 @@ def start_stable(bento: str, version: str, settings: Settings, *, ready_timeout:
 def stable_server(settings: Settings) -> ServerRecord | None:
     """The running stable server, or None (a record of a dead one is forgotten)."""
     record = processes.read_record(settings, STABLE)
-    if record is None:
-        return None
-    if not processes.is_running(record):
+    if record is not None and not processes.is_running(record):
         processes.forget_record(settings, STABLE)
         return None
     return record
@@ -463,10 +407,9 @@ def _deploy_lock(settings: Settings) -> BaseFileLock:
 def version_to_deploy(settings: Settings, requested: str | None = None, triggering_events: Any = None) -> str:
     """What deploy_model serves: the requested version, else @champion, else the promoting event's.
 
-    ``triggering_events`` is Airflow's ``triggering_asset_events`` (keyed by asset objects); the
-    ``medops/champion`` events carry ``{"model_version": ...}`` in their extra. @champion comes
-    before the event's version: when two trainings promoted one after the other, the first one's
-    event names a version already superseded, and serving it would point @champion back at it.
+    ``triggering_events`` is Airflow's ``triggering_asset_events``; ``medops/champion`` events carry
+    ``{"model_version": ...}``. @champion comes first: after two promotions in a row, the first event
+    names a superseded version, and serving it would point @champion back at it.
     """
     version = str(requested or "").strip() or _champion_version(settings) or ""
     if not version:
@@ -487,8 +430,6 @@ def deploy(
     settings: Settings,
     *,
     bento: str | None = None,
-    ready_timeout: float | None = None,
-    switch_timeout: float | None = None,
     override_by: str | None = None,
     override_reason: str | None = None,
     actor: str = SCHEDULER,
@@ -499,23 +440,17 @@ def deploy(
 ) -> DeployResult:
     """Roll ``version`` out to the stable endpoint with a smoke-tested candidate; see module doc.
 
-    ``bento`` is the tag :func:`prepare_bento` returned, when the caller built it already. A
-    version whose gate did not pass is refused (:class:`DeployRefused`) unless ``override_by``
-    names the person who decided and ``override_reason`` says why (:func:`require_deployable`);
-    ``gate_checked=False`` skips that check for a version served before (a rollback). The outcome
-    goes to the audit trail as ``action`` (``deployment`` or ``rollback``) by ``actor``.
-    On failure the version served before keeps serving, ``@champion`` points back at it (recorded
-    as a ``rollback``), an alert is raised and :class:`DeployFailed` is raised.
+    ``bento`` is the tag :func:`prepare_bento` returned, when the caller built it already. The gate
+    is checked by :func:`require_deployable` unless ``gate_checked=False`` (a version served before,
+    a rollback). The outcome goes to the audit trail as ``action`` (``deployment`` or ``rollback``).
 
-    ``@champion`` ends on ``version`` only if nobody moved it since the caller decided what to serve:
-    ``champion_seen`` is what it named then (deploy_model: the version it chose from the alias),
-    by default what it names when this call starts. A promotion in between is left alone: that
-    version's own deploy run serves it next.
+    ``@champion`` ends on ``version`` only if nobody moved it since the caller decided what to serve
+    (``champion_seen``: what it named then, by default when this call starts). A promotion in between
+    is left alone: that version's own deploy run serves it next.
     """
     version = str(version)
     started = time.monotonic()
-    ready_timeout = settings.serving_ready_timeout if ready_timeout is None else ready_timeout
-    switch_timeout = settings.serving_ready_timeout if switch_timeout is None else switch_timeout
+    timeout = settings.serving_ready_timeout  # for a candidate to become ready, and for a switch
     overridden_by = (
         require_deployable(version, settings, override_by=override_by, override_reason=override_reason, actor=actor)
         if gate_checked
@@ -527,7 +462,7 @@ def deploy(
             processes.stop_server(leftover, settings)
         stable = stable_server(settings)
         if stable is not None:
-            stable = _settle_switch(stable, settings, timeout=switch_timeout)
+            stable = _settle_switch(stable, settings, timeout=timeout)
         previous = stable.model_version if stable is not None else _last_deployed(settings)
         champion_before = _champion_version(settings) if champion_seen is None else str(champion_seen)
         candidate: ServerRecord | None = None
@@ -542,23 +477,19 @@ def deploy(
             )
             crash_point("after_build")
             expected = expected_predictions(version, settings)
+            port = processes.find_free_port(settings.host)
             candidate = processes.start_server(
-                settings,
-                bento=prepared.bento,
-                model_version=version,
-                port=processes.find_free_port(settings.host),
-                role=CANDIDATE,
-                workers=1,
+                settings, bento=prepared.bento, model_version=version, port=port, role=CANDIDATE, workers=1
             )
             crash_point("after_candidate_start")
-            processes.wait_ready(candidate, timeout=ready_timeout)
+            processes.wait_ready(candidate, timeout=timeout)
             smoke_test(candidate.url, version, settings, expected=expected)
             if stable is not None:
                 switched = True
-                stable = switch_stable(stable, version, settings, timeout=switch_timeout)
+                stable = switch_stable(stable, version, settings, timeout=timeout)
                 mode = "swap"
             else:
-                stable = start_stable(prepared.bento, version, settings, ready_timeout=ready_timeout)
+                stable = start_stable(prepared.bento, version, settings)
                 mode = "start"
             crash_point("after_switch")
             smoke_test(stable.url, version, settings, expected=expected)
@@ -570,48 +501,24 @@ def deploy(
             champion_back = _fall_back(stable if switched else None, version, previous, settings)
             message = f"deploying model version {version} failed: {error}"
             alias = f"back on v{previous}" if champion_back else f"unchanged (v{_champion_version(settings)})"
-            _raise_alert(
-                f"medops deploy of model version {version} failed",
-                f"{message}. Still serving: {previous or 'nothing'}; @champion {alias}.",
-                settings,
-            )
+            still = f"{message}. Still serving: {previous or 'nothing'}; @champion {alias}."
+            _raise_alert(f"medops deploy of model version {version} failed", still, settings)
             if previous is not None:
-                _audit(
-                    "rollback",
-                    previous,
-                    SCHEDULER,
-                    f"automatic: {message[:300]}; v{previous} kept serving, @champion {alias}",
-                    settings,
-                    failed_version=version,
-                )
+                kept = f"automatic: {message[:300]}; v{previous} kept serving, @champion {alias}"
+                _audit("rollback", previous, SCHEDULER, kept, settings, failed_version=version)
             raise DeployFailed(message) from error
         finally:
             if candidate is not None:
                 processes.stop_server(candidate, settings)
         crash_point("after_candidate_stop")
-        result = DeployResult(
-            version=version,
-            previous=previous,
-            bento=prepared.bento,
-            url=stable.url,
-            switch=mode,
-            seconds=round(time.monotonic() - started, 1),
-        )
+        result = DeployResult(version, previous, prepared.bento, stable.url, mode, round(time.monotonic() - started, 1))
         _record_deployment(result, settings)
         crash_point("after_record")
-        _audit(
-            action,
-            version,
-            actor,
-            reason
-            or f"v{version} serving on {stable.url} (was {f'v{previous}' if previous else 'nothing'})"
-            + (f"; gate override by {overridden_by}" if overridden_by else ""),
-            settings,
-            previous=previous,
-            bento=prepared.bento,
-            switch=mode,
-            seconds=result.seconds,
-        )
+        override = f"; gate override by {overridden_by}" if overridden_by else ""
+        was = f"v{previous}" if previous else "nothing"
+        reason = reason or f"v{version} serving on {stable.url} (was {was}){override}"
+        details = {"previous": previous, "bento": prepared.bento, "switch": mode, "seconds": result.seconds}
+        _audit(action, version, actor, reason, settings, **details)
         logger.info("model version %s serving on %s (%s, %.1f s)", version, stable.url, mode, result.seconds)
         return result
 
@@ -654,16 +561,12 @@ def rollback(
     override_reason: str | None = None,
     actor: str = SCHEDULER,
 ) -> DeployResult:
-    """Serve the version deployed before the current one (or ``version``) and make it @champion.
-
-    A version served before (under a passing gate or a recorded override) needs no new override;
-    any other version is checked as :func:`deploy` checks it. Recorded as ``rollback``.
-    """
-    history = deployments(settings)
+    """Serve the version deployed before the current one (or ``version``) and make it @champion; one never
+    served before is gate-checked as :func:`deploy` checks it. Recorded as ``rollback``."""
     serving = stable_server(settings)
-    current = serving.model_version if serving else (str(history[-1]["version"]) if history else None)
+    current = serving.model_version if serving else _last_deployed(settings)
     if version is None:
-        earlier = [str(entry["version"]) for entry in history if str(entry["version"]) != current]
+        earlier = [str(entry["version"]) for entry in deployments(settings) if str(entry["version"]) != current]
         if not earlier:
             raise DeployFailed("no earlier deployment to roll back to")
         version = earlier[-1]
@@ -684,15 +587,12 @@ def serve(
     settings: Settings,
     version: str | None = None,
     *,
-    ready_timeout: float | None = None,
     override_by: str | None = None,
     override_reason: str | None = None,
     actor: str = SCHEDULER,
 ) -> ServerRecord:
-    """Start the stable server with the champion (or ``version``) if none is running; returns it.
-
-    A version that is neither ``@champion`` nor served before is checked as :func:`deploy` checks it.
-    """
+    """Start the stable server with the champion (or ``version``) if none is running; returns it. A version
+    neither ``@champion`` nor served before is gate-checked as :func:`deploy` checks it."""
     running = stable_server(settings)
     if running is not None:
         return running
@@ -706,7 +606,7 @@ def serve(
     with _deploy_lock(settings):
         rollout_key(settings)
         prepared = prepare_bento(version, settings)
-        record = start_stable(prepared.bento, version, settings, ready_timeout=ready_timeout)
+        record = start_stable(prepared.bento, version, settings)
         seconds = round(time.monotonic() - started, 1)
         _record_deployment(DeployResult(version, None, prepared.bento, record.url, "start", seconds), settings)
     _audit("deployment", version, actor, f"stable server started with v{version} on {record.url}", settings)

@@ -41,17 +41,6 @@ def reference_rows(n: int = 64, seed: int = 0) -> np.ndarray:
     return _LOW + rng.random((n, len(FEATURES))) * (_HIGH - _LOW) * rng.choice([0.05, 0.2, 1.0], (n, 1))
 
 
-def load_mlflow_sklearn(model_dir: Path, expected_digest: str | None, what: str) -> Any:
-    """Load the scikit-learn estimator of an MLflow ``sklearn`` flavor directory, if it is trusted.
-
-    Only skops, only medops' own list of types, and only the bytes whose SHA-256 was recorded at
-    registration (:mod:`pipelines.model_trust`); pickle and cloudpickle are refused. Done without
-    importing mlflow, which would add seconds to every serving worker's start; the rollout's smoke
-    test compares the served predictions with the registry's loading of the same version.
-    """
-    return load_trusted(model_dir, expected_digest, what)
-
-
 @dataclass(frozen=True)
 class _LinearForm:
     mean: np.ndarray
@@ -70,8 +59,7 @@ def _unwrap(estimator: Any) -> tuple[Any, float | None]:
             return estimator, None
         method = estimator.response_method
         if method == "predict_proba" or (method == "auto" and hasattr(inner, "predict_proba")):
-            threshold = 0.5 if estimator.threshold == "auto" else float(estimator.threshold)
-            return inner, threshold
+            return inner, 0.5 if estimator.threshold == "auto" else float(estimator.threshold)
     return estimator, None
 
 
@@ -90,9 +78,8 @@ def _linear_form(inner: Any) -> _LinearForm | None:
         return None
     if classifier.coef_.shape != (1, len(FEATURES)) or list(classifier.classes_) != list(CLASSES):
         return None
-    width = len(FEATURES)
-    mean = scaler.mean_ if scaler.with_mean else np.zeros(width)
-    scale = scaler.scale_ if scaler.with_std else np.ones(width)
+    mean = scaler.mean_ if scaler.with_mean else np.zeros(len(FEATURES))
+    scale = scaler.scale_ if scaler.with_std else np.ones(len(FEATURES))
     return _LinearForm(
         mean=np.asarray(mean, dtype=float),
         scale=np.asarray(scale, dtype=float),
@@ -134,14 +121,11 @@ class ServingModel:
         if names is not None and tuple(names) != FEATURES:
             raise IncompatibleModel(f"model {name}:{version} was trained on other features than the serving schema")
         inner, threshold = _unwrap(estimator)
-        model = cls(name=name, version=str(version), estimator=estimator, metadata=dict(metadata or {}))
-        model.threshold = threshold
         fast = _linear_form(inner) if threshold is not None else None
-        if fast is not None:
-            model.fast = fast
-            if not model._fast_path_agrees():
-                logger.warning("fast scoring of %s:%s disagrees with scikit-learn; not used", name, version)
-                model.fast = None
+        model = cls(name, str(version), estimator, dict(metadata or {}), threshold, fast)
+        if fast is not None and not model._fast_path_agrees():
+            logger.warning("fast scoring of %s:%s disagrees with scikit-learn; not used", name, version)
+            model.fast = None
         return model
 
     # scoring -------------------------------------------------------------------------------
@@ -209,12 +193,9 @@ class ServingModel:
 
 
 def _import_shap() -> Any:
-    """shap, imported on a thread of its own.
-
-    shap keeps the ImportError of every optional package it lacks (cv2, pyspark...) with its
-    traceback for good, and a traceback keeps the frames that called the import alive: imported
-    from a request, it would keep that request's model (estimator, explainer) for the worker's life.
-    """
+    """shap, imported on a thread of its own: shap keeps the ImportError of every optional package it lacks
+    (cv2, pyspark...) with its traceback for good, and imported from a request those frames would keep that
+    request's model (estimator, explainer) alive for the worker's life."""
 
     def load() -> Any:
         import shap
@@ -238,13 +219,17 @@ def model_from_store(name: str, version: str) -> ServingModel:
     """Load ``name:version`` from the BentoML model store (BENTOML_HOME) as a ServingModel."""
     import bentoml
 
-    stored = bentoml.models.get(f"{name}:{version}")
-    return model_from_stored(stored)
+    return model_from_stored(bentoml.models.get(f"{name}:{version}"))
 
 
 def model_from_stored(stored: Any) -> ServingModel:
-    """A BentoML store model as a ServingModel; its artifact must match the digest recorded at import."""
+    """A BentoML store model as a ServingModel; its artifact must match the digest recorded at import.
+
+    Only skops, only medops' own list of types, only the recorded bytes (:mod:`pipelines.model_trust`).
+    Loaded without importing mlflow, which would add seconds to every worker's start; the rollout's
+    smoke test compares the served predictions with the registry's loading of the same version.
+    """
     metadata = dict(stored.info.metadata)
     what = f"model version {stored.tag.version} of {stored.tag.name} (BentoML store)"
-    estimator = load_mlflow_sklearn(Path(stored.path_of(MLFLOW_MODEL_DIR)), metadata.get(DIGEST_KEY), what)
+    estimator = load_trusted(Path(stored.path_of(MLFLOW_MODEL_DIR)), metadata.get(DIGEST_KEY), what)
     return ServingModel.from_estimator(stored.tag.name, stored.tag.version, estimator, metadata)

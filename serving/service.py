@@ -127,15 +127,11 @@ STATE = ServingState()
 def _freeze_heap() -> None:
     """Exclude everything alive now (libraries, the model) from garbage collection.
 
-    A full collection walks every object scikit-learn, pandas and BentoML created at import: tens
-    of milliseconds that land on whichever request triggered it, i.e. the p99. Requests allocate
-    only short-lived objects, which the young generations still collect.
-
-    Unfrozen first, because frozen objects are never collected: a model swapped out that sits in a
-    reference cycle (its shap explainer calls back into it) is garbage only a collection can free,
-    and would otherwise stay in memory for good, one more at every swap (tests/test_model_swap.py).
-    The price is one full collection per swap: the watcher thread runs it, but it holds the GIL,
-    so the worker pauses for it (a fraction of a second) once per rollout rather than per request.
+    A full collection walks every object scikit-learn, pandas and BentoML created at import: tens of
+    milliseconds on whichever request triggered it (the p99). Unfrozen and collected first, because
+    frozen objects are never collected: a swapped-out model in a reference cycle (its shap explainer
+    calls back into it) would stay in memory for good (tests/test_model_swap.py). The price, one full
+    collection holding the GIL, is paid once per swap instead of per request.
     """
     gc.unfreeze()
     gc.collect()
@@ -154,27 +150,13 @@ def _request_info(ctx: bentoml.Context, records: int) -> RequestInfo:
     return info
 
 
-def _request_site(ctx: bentoml.Context) -> str:
-    return ctx.request.headers.get(SITE_HEADER) or DEFAULT_SITE
-
-
 def _not_answered(positions: list[int], site: str | None) -> Exception:
     """A validation error (422 through the middleware) naming each refused ``labels[i].encounter_id``."""
     from pydantic_core import PydanticCustomError, ValidationError
 
-    reason = (
-        f"no prediction was served for this encounter to site {site}"
-        if site
-        else "no prediction was served for this encounter"
-    )
-    errors = [
-        {
-            "type": PydanticCustomError("encounter_not_answered", reason),
-            "loc": ("labels", i, "encounter_id"),
-            "input": "",
-        }
-        for i in positions
-    ]
+    reason = "no prediction was served for this encounter" + (f" to site {site}" if site else "")
+    kind = PydanticCustomError("encounter_not_answered", reason)
+    errors = [{"type": kind, "loc": ("labels", i, "encounter_id"), "input": ""} for i in positions]
     return ValidationError.from_exception_data("FeedbackRequest", errors)
 
 
@@ -213,12 +195,9 @@ class MedopsService:
         )
 
     def _cache_api_wrappers(self) -> None:
-        """Build BentoML's per-call wrapper of each API once instead of on every request.
-
-        BentoML 1.4 looks the API up on the instance per request, and its descriptor then rebuilds a
-        wrapper with ``inspect.signature`` (about a tenth of a 1-record /predict). The descriptor is a
-        non-data one, so the same wrapper stored on the instance is found first.
-        """
+        """Build BentoML's per-call wrapper of each API once: BentoML 1.4 looks the API up on the instance
+        per request, and its (non-data) descriptor rebuilds the wrapper with ``inspect.signature`` each time
+        (a tenth of a 1-record /predict); a wrapper stored on the instance is found first."""
         for name, method in type(self).__dict__.items():
             if isinstance(method, APIMethod):
                 setattr(self, name, method.__get__(self, type(self)))
@@ -251,12 +230,6 @@ class MedopsService:
             raise RequestTooLarge(f"{len(records)} records, at most {self.max_records} per request")
         return np.array([_feature_values(record) for record in records], dtype=float)
 
-    def _sites(self, records: list[Any], ctx: bentoml.Context) -> list[str]:
-        # HttpContractMiddleware (serving.middleware) already refused an X-Site-Id that is not a valid
-        # site id or one the key may not claim, and set a site-bound key's own site as X-Site-Id
-        default = _request_site(ctx)
-        return [record.site_id or default for record in records]
-
     # APIs ---------------------------------------------------------------------------------
     @bentoml.api(input_spec=PredictRequest)
     async def predict(self, records: list[Record], ctx: bentoml.Context) -> PredictResponse:  # type: ignore[valid-type]
@@ -265,7 +238,10 @@ class MedopsService:
         assert model is not None
         info = _request_info(ctx, len(records))
         X = self._features(records)
-        sites = self._sites(records, ctx)
+        # HttpContractMiddleware (serving.middleware) already refused an X-Site-Id that is not a valid
+        # site id or one the key may not claim, and set a site-bound key's own site as X-Site-Id
+        default_site = ctx.request.headers.get(SITE_HEADER) or DEFAULT_SITE
+        sites = [record.site_id or default_site for record in records]
         if model.is_fast:
             probabilities = model.probability_malignant(X)
             labels = model.labels(X, probabilities)
@@ -337,12 +313,10 @@ class MedopsService:
     def feedback(self, labels: list[FeedbackLabel], ctx: bentoml.Context) -> FeedbackResponse:
         """Record ground-truth diagnoses for encounters answered for the same site (stored hashed).
 
-        Labels become training data, so a site may label only its own patients: a label for an
-        encounter no prediction was logged for, for the request's site (a bound key's, or the
-        ``X-Site-Id`` sent), is refused (422 naming ``labels[i].encounter_id``). A key bound to no
-        site and sending no ``X-Site-Id`` speaks for every site but the smoke-test one. Answered
-        for another site or never answered look the same, so a refusal tells nothing about other
-        sites' encounters.
+        Labels become training data, so a site may label only its own patients: a label for an encounter
+        not answered for the request's site is refused (422 naming ``labels[i].encounter_id``), the same
+        whether another site's or never answered, so a refusal tells nothing about other sites' encounters.
+        A key bound to no site, sending no ``X-Site-Id``, speaks for every site but the smoke-test one.
         """
         _request_info(ctx, len(labels))
         if len(labels) > self.max_records:
@@ -365,7 +339,6 @@ class MedopsService:
         model = STATE.model
         assert model is not None
         info = model.metadata
-        metrics = info.get("metrics") or {}
         threshold = info.get("threshold", model.threshold)
         ctx.response.metadata[VERSION_HEADER] = model.version
         return ModelMetadata(
@@ -375,18 +348,15 @@ class MedopsService:
             threshold=float(threshold) if threshold not in (None, "") else None,
             trained_at=info.get("trained_at"),
             run_id=info.get("run_id"),
-            metrics={str(key): float(value) for key, value in metrics.items()},
+            metrics={str(key): float(value) for key, value in (info.get("metrics") or {}).items()},
             bento=os.environ.get("MEDOPS_SERVING_BENTO"),
             explain_method=model.explain_method,
         )
 
     @bentoml.api(route="/model-card", input_spec=MetadataRequest)
     def model_card(self, ctx: bentoml.Context) -> str:
-        """The served version's model card: Markdown, or HTML when the request accepts ``text/html``.
-
-        The card is the one its training run logged, carried in the Bento's model metadata
-        (``serving/bento_build.py``), so answering needs no MLflow.
-        """
+        """The served version's model card as its training run logged it (carried in the Bento's model
+        metadata, so no MLflow): Markdown, or HTML when the request accepts ``text/html``."""
         model = STATE.model
         assert model is not None
         wants_html = "text/html" in (ctx.request.headers.get("accept") or "").lower()
@@ -395,18 +365,13 @@ class MedopsService:
         if not text:
             raise NoModelCard(f"model version {model.version} was built without a model card")
         # applied to the response after the API returns, replacing the text/plain of a str result
-        ctx.response.metadata["content-type"] = (
-            "text/html; charset=utf-8" if wants_html else "text/markdown; charset=utf-8"
-        )
+        ctx.response.metadata["content-type"] = f"text/{'html' if wants_html else 'markdown'}; charset=utf-8"
         return str(text)
 
 
 def _docs_app() -> Any:
-    """``/docs`` (Swagger UI) and ``/docs.json`` (the OpenAPI document), open to browsers.
-
-    Mounted passively at the root: it answers only its own paths, before BentoML's ``/docs.json``,
-    whose document credits BentoML and lists responses the service never gives.
-    """
+    """``/docs`` (Swagger UI) and ``/docs.json`` (the OpenAPI document), open to browsers; mounted at the
+    root ahead of BentoML's own ``/docs.json``, which credits BentoML and lists responses never given."""
     from bentoml._internal import server as bentoml_server
     from starlette.applications import Starlette
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse
@@ -414,16 +379,14 @@ def _docs_app() -> Any:
 
     assets = Path(bentoml_server.__file__).parent / "static_content"
 
-    def page(_: Any) -> HTMLResponse:
-        return HTMLResponse(_DOCS_PAGE)
-
     def document(_: Any) -> JSONResponse:
         return JSONResponse(openapi_document(MedopsService.openapi_spec.asdict(), STATE.version()))
 
     def asset(name: str) -> Route:
         return Route(f"/docs/{name}", lambda _: FileResponse(assets / name))
 
-    return Starlette(routes=[Route("/docs", page), Route("/docs.json", document), *map(asset, SWAGGER_ASSETS)])
+    routes = [Route("/docs", lambda _: HTMLResponse(_DOCS_PAGE)), Route("/docs.json", document)]
+    return Starlette(routes=[*routes, *map(asset, SWAGGER_ASSETS)])
 
 
 _DOCS_PAGE = """<!doctype html>

@@ -16,6 +16,7 @@ import pytest
 
 from medops.core.processes import poll_until
 from medops.core.settings import Settings
+from pipelines import governance
 from serving import control, processes, rollout
 from serving.processes import ServerRecord
 
@@ -58,7 +59,7 @@ class FakePlatform:
         patch(rollout, "_set_champion", self.step("champion", self._set_champion, key=lambda v, s: v))
         patch(rollout, "_raise_alert", lambda title, details, s: self.alerts.append(title))
         patch(rollout, "_gate_status", lambda v, s: (str(v) not in self.failed_gates, "sensitivity lower bound 0.80"))
-        patch(rollout, "_anchor", lambda entry, v, s: self.anchored.append((entry.seq, str(v))))
+        patch(governance, "anchor", lambda entry, s, model_version: self.anchored.append((entry.seq, model_version)))
         by_role = lambda record, *a, **k: record.role  # noqa: E731
         start = self.step("start_candidate", self._start_candidate, key=lambda s, **k: k["role"])
         patch(processes, "start_server", start)
@@ -473,7 +474,7 @@ def test_deploy_model_dag_refuses_a_failed_gate_unless_a_named_person_overrides(
 
     calls: list[str] = []
     monkeypatch.setattr(rollout, "_gate_status", lambda version, s: (False, "sensitivity lower bound 0.80 below 0.85"))
-    monkeypatch.setattr(rollout, "_anchor", lambda entry, version, s: None)
+    monkeypatch.setattr(governance, "anchor", lambda entry, s, model_version: None)
     monkeypatch.setattr(
         rollout, "prepare_bento", lambda v, s, **k: calls.append("build") or rollout.PreparedBento(v, "m", "b")
     )
