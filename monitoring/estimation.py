@@ -23,7 +23,7 @@ over-confident and would make every estimate look better than it is.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,9 +56,6 @@ class PerformanceEstimate:
             return None
         return max(0.0, value - Z_95 * error), min(1.0, value + Z_95 * error)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 class PerformanceEstimator:
     """Confidence-based performance estimation (CBPE) for the champion's operating point.
@@ -77,7 +74,7 @@ class PerformanceEstimator:
         self.seed = seed
 
     def fit(self, probabilities: Any, is_malignant: Any) -> PerformanceEstimator:
-        scores = _scores(probabilities, "probabilities")
+        scores = _scores(probabilities)
         truth = np.asarray(is_malignant, dtype=bool)
         if truth.shape != scores.shape:
             raise ValueError(f"is_malignant has {truth.size} values for {scores.size} probabilities")
@@ -92,15 +89,10 @@ class PerformanceEstimator:
                 continue
             maps.append(_isotonic(scores[picks], truth[picks]))
         self.bootstrap_maps_ = maps
-        self.n_calibration_rows_ = len(scores)
         return self
 
-    def calibrated(self, probabilities: Any) -> np.ndarray:
-        """The chance of malignancy of each case, as the calibration rows say."""
-        return _apply(self.map_, _scores(probabilities, "probabilities"))
-
     def estimate(self, probabilities: Any, flagged: Any | None = None) -> PerformanceEstimate:
-        scores = _scores(probabilities, "probabilities")
+        scores = _scores(probabilities)
         flagged = scores >= self.threshold if flagged is None else np.asarray(flagged, dtype=bool)
         if flagged.shape != scores.shape:
             raise ValueError(f"flagged has {flagged.size} values for {scores.size} probabilities")
@@ -134,12 +126,12 @@ class PerformanceEstimator:
         )
 
 
-def _scores(values: Any, name: str) -> np.ndarray:
-    scores = np.asarray(values, dtype="float64").ravel()
+def _scores(probabilities: Any) -> np.ndarray:
+    scores = np.asarray(probabilities, dtype="float64").ravel()
     if not np.isfinite(scores).all():
-        raise ValueError(f"{name} must be finite numbers (found NaN or infinity)")
+        raise ValueError("probabilities must be finite numbers (found NaN or infinity)")
     if scores.size and (scores.min() < 0 or scores.max() > 1):
-        raise ValueError(f"{name} must lie between 0 and 1")
+        raise ValueError("probabilities must lie between 0 and 1")
     return scores
 
 
