@@ -578,14 +578,7 @@ def _drift_snapshot(
     tags = ["drift", verdict]
     if judged is not None:
         metadata["severity"] = str(judged.severity or "none")
-        metadata["signals"] = (
-            "; ".join(
-                f"{signal.scope}: {signal.text}"
-                for scope in (judged.window, *judged.sites.values())
-                for signal in scope.fired
-            )
-            or "none fired"
-        )
+        metadata["signals"] = judged.fired_text()
         tags += [str(judged.severity)] if judged.severity else []
     # Only model inputs and outputs go to Evidently: no encounter hash or request id; site ids
     # (hospitals, not patients) only in the verdict's metadata.

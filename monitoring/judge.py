@@ -35,15 +35,15 @@ _WITHIN_SCOPE = (
     (Verdict.PERFORMANCE_DROP, Points.PERFORMANCE_DROP),
     (Verdict.DRIFT, Points.DRIFT),
 )
-# Across scopes: how grave a verdict is for the window's headline.
-_GRAVITY = {
+# Across scopes: how grave a verdict is for the window's headline (and its code on the dashboard).
+VERDICT_CODES = {
     Verdict.PERFORMANCE_DROP: 3,
     Verdict.DRIFT: 2,
     Verdict.DATA_QUALITY: 1,
     Verdict.NO_DRIFT: 0,
     Verdict.INSUFFICIENT_DATA: -1,
 }
-_SEVERITY = {None: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
+SEVERITY_CODES = {None: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,11 @@ class WindowVerdict:
     def alerting_sites(self) -> tuple[str, ...]:
         return tuple(site for site, found in self.sites.items() if found.fired)
 
+    def fired_text(self) -> str:
+        """Every fired signal with its scope, in one line for a report's metadata."""
+        fired = [signal for scope in (self.window, *self.sites.values()) for signal in scope.fired]
+        return "; ".join(f"{signal.scope}: {signal.text}" for signal in fired) or "none fired"
+
     def summary(self) -> dict[str, Any]:
         return plain(
             {
@@ -108,7 +113,7 @@ def judge_scope(signals: ScopeSignals) -> ScopeVerdict:
     for verdict, points in _WITHIN_SCOPE:
         chosen = [signal for signal in fired if signal.points_to == points]
         if chosen:
-            severity = max((signal.severity for signal in chosen), key=lambda s: _SEVERITY[s])
+            severity = max((signal.severity for signal in chosen), key=lambda s: SEVERITY_CODES[s])
             return ScopeVerdict(signals.scope, signals.n_rows, verdict, severity, fired, signals.signals)
     verdict = Verdict.NO_DRIFT if signals.tested else Verdict.INSUFFICIENT_DATA
     return ScopeVerdict(signals.scope, signals.n_rows, verdict, None, fired, signals.signals)
@@ -130,7 +135,7 @@ def judge_window(signals: WindowSignals) -> WindowVerdict:
 
 def _rank(found: ScopeVerdict) -> tuple[int, int, int]:
     # Ties go to the window-wide scope (it speaks for all rows).
-    return _SEVERITY[found.severity], _GRAVITY[found.verdict], int(found.scope == WINDOW)
+    return SEVERITY_CODES[found.severity], VERDICT_CODES[found.verdict], int(found.scope == WINDOW)
 
 
 def assess_window(

@@ -22,7 +22,6 @@ stay in the next window until there are enough.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,26 +37,16 @@ if TYPE_CHECKING:
     from monitoring.estimation import PerformanceEstimator
     from monitoring.judge import ScopeVerdict, WindowVerdict
 
-log = logging.getLogger(__name__)
-
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 
 
 @dataclass(frozen=True)
 class ReportFiles:
-    """Where one monitoring run's reports went on disk."""
+    """Where one monitoring run's reports went on disk (the drift report is the one people open)."""
 
     directory: Path
     summary: Path
     drift_html: Path | None = None
-    drift_json: Path | None = None
-    performance_html: Path | None = None
-    performance_json: Path | None = None
-    verdict_html: Path | None = None
-    verdict_json: Path | None = None
-
-    def files(self) -> list[Path]:
-        return [path for path in asdict(self).values() if isinstance(path, Path) and path.is_file()]
 
 
 @dataclass(frozen=True)
@@ -210,7 +199,9 @@ def run_monitoring(
     project_id, snapshots = add_to_workspace(settings, kinds, name=f"{stamp} v{champion}", sites=list(judged.sites))
     result.workspace_project_id, result.snapshot_ids = project_id, snapshots
     if snapshots:
-        result.report_url = evidently_url(settings, project_id, snapshots[0])
+        result.report_url = (
+            f"http://{settings.host}:{settings.evidently_port}/projects/{project_id}/reports/{snapshots[0]}"
+        )
     result.mlflow_run_id = log_to_mlflow(files, settings, model_version=champion, stamp=stamp, result=result)
     _save_window_state(settings, now, result, _next_baseline(state.get("traffic") or {}, traffic, result))
     if alert:
@@ -357,52 +348,35 @@ def write_reports(
     found: DriftResult,
     settings: Settings,
     *,
-    stamp: str | None = None,
-    context: dict[str, Any] | None = None,
-    judged: WindowVerdict | None = None,
-    verdict_snapshot: Any | None = None,
+    stamp: str,
+    context: dict[str, Any],
+    judged: WindowVerdict,
+    verdict_snapshot: Any,
 ) -> ReportFiles:
     """Write the Evidently HTML/JSON and ``summary.json`` under ``reports_dir/<stamp>/``.
 
     ``summary.json`` holds ``context`` (the :class:`MonitoringResult`), the column tests
-    (``drift``) and, with ``judged``, every signal of the window and of each site (``verdict``).
+    (``drift``) and every signal of the window and of each site (``verdict_signals``).
     """
-    stamp = stamp or datetime.now(UTC).strftime(STAMP_FORMAT)
     directory = settings.reports_dir / stamp
     suffix = 1
     while directory.exists():  # two runs in the same second keep both
         suffix += 1
         directory = settings.reports_dir / f"{stamp}-{suffix}"
     directory.mkdir(parents=True)
-    paths: dict[str, Path] = {}
     snapshots = (
         ("drift", found.drift_snapshot),
         ("performance", found.performance_snapshot),
         ("verdict", verdict_snapshot),
     )
     for name, snapshot in snapshots:
-        if snapshot is None:
-            continue
-        paths[f"{name}_html"] = directory / f"{name}.html"
-        paths[f"{name}_json"] = directory / f"{name}.json"
-        snapshot.save_html(str(paths[f"{name}_html"]))
-        snapshot.save_json(str(paths[f"{name}_json"]))
-    summary = {**(context or {}), "drift": found.summary()}
-    if judged is not None:
-        summary["verdict_signals"] = judged.summary()
+        if snapshot is not None:
+            snapshot.save_html(str(directory / f"{name}.html"))
+            snapshot.save_json(str(directory / f"{name}.json"))
+    summary = {**context, "drift": found.summary(), "verdict_signals": judged.summary()}
     summary_path = directory / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    return ReportFiles(directory=directory, summary=summary_path, **paths)
-
-
-VERDICT_CODES = {
-    Verdict.INSUFFICIENT_DATA: -1,
-    Verdict.NO_DRIFT: 0,
-    Verdict.DATA_QUALITY: 1,
-    Verdict.DRIFT: 2,
-    Verdict.PERFORMANCE_DROP: 3,
-}
-SEVERITY_CODES = {None: 0, "warning": 1, "critical": 2}
+    return ReportFiles(directory, summary_path, directory / "drift.html" if found.drift_snapshot is not None else None)
 
 
 def verdict_figures(judged: WindowVerdict, settings: Settings) -> dict[str, float]:
@@ -415,6 +389,7 @@ def verdict_figures(judged: WindowVerdict, settings: Settings) -> dict[str, floa
     a Wasserstein test instead of a p-value) is left out rather than charted as zero.
     """
     from monitoring.dashboard import site_figure
+    from monitoring.judge import SEVERITY_CODES, VERDICT_CODES
 
     def figure(scope: ScopeVerdict, signal_name: str, key: str) -> Any:
         signal = next((s for s in scope.signals if s.name == signal_name), None)
@@ -476,14 +451,13 @@ def verdict_snapshot(
     from evidently.metrics import MeanValue
 
     frame = pd.DataFrame([verdict_figures(judged, settings)])
-    fired = [signal for scope in (judged.window, *judged.sites.values()) for signal in scope.fired]
     metadata = {
         "verdict": str(judged.verdict),
         "severity": str(judged.severity or "none"),
         "retrain": str(judged.retrain).lower(),
         "scope": judged.scope,
         "sites": ", ".join(judged.alerting_sites) or "none",
-        "signals": "; ".join(f"{signal.scope}: {signal.text}" for signal in fired) or "none fired",
+        "signals": judged.fired_text(),
         **(versions or {}),
     }
     severity = [str(judged.severity)] if judged.severity else []
@@ -539,12 +513,8 @@ def add_to_workspace(
     return str(project.id), ids
 
 
-def evidently_url(settings: Settings, project_id: str | None, snapshot_id: str) -> str:
-    return f"http://{settings.host}:{settings.evidently_port}/projects/{project_id}/reports/{snapshot_id}"
-
-
 def log_to_mlflow(
-    files: ReportFiles, settings: Settings, *, model_version: str, stamp: str, result: MonitoringResult | None = None
+    files: ReportFiles, settings: Settings, *, model_version: str, stamp: str, result: MonitoringResult
 ) -> str:
     """Log the report folder to the model version's run under ``monitoring/<stamp>/`` and tag the version."""
     from pipelines import model_registry
@@ -554,16 +524,15 @@ def log_to_mlflow(
     if not version.run_id:
         raise RuntimeError(f"model version {model_version} has no MLflow run to log reports to")
     client.log_artifacts(version.run_id, str(files.directory), artifact_path=f"monitoring/{files.directory.name}")
-    if result is not None:
-        tags = {
-            "monitoring_last_verdict": result.verdict,
-            "monitoring_last_report": f"monitoring/{files.directory.name}",
-            "monitoring_last_run": stamp,
-        }
-        if result.report_url and result.report_url.startswith("http"):  # a link people can click in MLflow
-            tags["monitoring_last_report_url"] = result.report_url
-        for key, value in tags.items():
-            client.set_model_version_tag(settings.model_name, str(model_version), key, value)
+    tags = {
+        "monitoring_last_verdict": result.verdict,
+        "monitoring_last_report": f"monitoring/{files.directory.name}",
+        "monitoring_last_run": stamp,
+    }
+    if result.report_url and result.report_url.startswith("http"):  # a link people can click in MLflow
+        tags["monitoring_last_report_url"] = result.report_url
+    for key, value in tags.items():
+        client.set_model_version_tag(settings.model_name, str(model_version), key, value)
     return version.run_id
 
 
@@ -583,14 +552,14 @@ def _window_state(settings: Settings) -> dict[str, Any]:
 
 
 def _save_window_state(
-    settings: Settings, window_end: datetime, result: MonitoringResult, traffic: dict[str, Any] | None = None
+    settings: Settings, window_end: datetime, result: MonitoringResult, traffic: dict[str, Any]
 ) -> None:
     """Where the next window starts, and this window's per-site traffic: the next window's refusal baseline."""
     state = {
         "window_end": window_end.isoformat(),
         "last_report": result.report_dir,
         "verdict": result.verdict,
-        "traffic": traffic or {},
+        "traffic": traffic,
     }
     write_atomically(_state_path(settings), json.dumps(state, indent=1) + "\n")
 
