@@ -176,9 +176,7 @@ def detect_drift(
     *,
     reference_probabilities: Sequence[float] | np.ndarray | pd.Series | None = None,
     feedback: pd.DataFrame | None = None,
-    columns: Sequence[str] = FEATURES,
     report: bool = True,
-    report_rows: int = REPORT_ROWS,
     timestamp: datetime | None = None,
     judged: Any | None = None,
     metadata: Mapping[str, str] | None = None,
@@ -198,11 +196,7 @@ def detect_drift(
     fired signals in the drift report's metadata and tags, so the report says what the alert says;
     ``metadata`` (the model and data versions) goes in both reports' metadata.
     """
-    if reference.empty:
-        raise ValueError("the reference frame is empty: nothing to compare the prediction log with")
-    columns = [name for name in columns if name in current.columns and name in reference.columns]
-    if not columns:
-        raise ValueError("current and reference share none of the feature columns")
+    columns = shared_features(current, reference)
     if reference_probabilities is not None:
         reference = reference.assign(**{PROBABILITY: np.asarray(reference_probabilities, dtype="float64")})
     threshold = settings.drift_share_threshold
@@ -249,14 +243,24 @@ def detect_drift(
     if labelled is not None and len(labelled):
         result.performance = classification_performance(labelled)
     if report:
-        result.report_rows = min(n_current, report_rows)
-        sample = _report_sample(current, sites, report_rows, settings.seed)
+        result.report_rows = min(n_current, REPORT_ROWS)
+        sample = _report_sample(current, sites, REPORT_ROWS, settings.seed)
         result.drift_snapshot = _drift_snapshot(
             sample, reference, columns, with_prediction, result, timestamp, judged, metadata
         )
         if labelled is not None and len(labelled):
             result.performance_snapshot = _performance_snapshot(labelled, timestamp, metadata)
     return result
+
+
+def shared_features(current: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
+    """The features both frames have, refusing an empty reference or none in common."""
+    if reference.empty:
+        raise ValueError("the reference frame is empty: nothing to compare the prediction log with")
+    columns = [name for name in FEATURES if name in current.columns and name in reference.columns]
+    if not columns:
+        raise ValueError("current and reference share none of the feature columns")
+    return columns
 
 
 def _verdict(found: Iterable[ColumnDrift], threshold: float) -> tuple[Verdict, tuple[str, ...], float]:

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from monitoring.drift import PREDICTED_LABEL, PROBABILITY, ColumnDrift, plain
-from pipelines.schema import FEATURES, LABEL, POSITIVE, SITE
+from pipelines.schema import LABEL, POSITIVE, SITE
 
 if TYPE_CHECKING:
     from medops.core.settings import Settings
@@ -471,7 +471,6 @@ def compute_signals(
     labelled: pd.DataFrame | None = None,
     traffic: Iterable[SiteTraffic | Mapping[str, Any]] | Mapping[str, Any] | None = None,
     baseline_traffic: Mapping[str, SiteTraffic | Mapping[str, Any]] | None = None,
-    columns: Sequence[str] = FEATURES,
 ) -> WindowSignals:
     """Every signal for the window and each site.
 
@@ -487,14 +486,10 @@ def compute_signals(
     scored/refused counts (:class:`SiteTraffic` or dicts), ``baseline_traffic`` the same from an
     earlier period.
     """
-    from monitoring.drift import SiteGroups, label_predictions, run_column_tests
+    from monitoring.drift import SiteGroups, label_predictions, run_column_tests, shared_features
     from pipelines.metrics import normalised
 
-    if reference.empty:
-        raise ValueError("the reference frame is empty: nothing to compare the window with")
-    columns = [name for name in columns if name in current.columns and name in reference.columns]
-    if not columns:
-        raise ValueError("current and reference share none of the feature columns")
+    columns = shared_features(current, reference)
     weights = normalised({name: importance.get(name, 0.0) for name in columns})
     unknown = sorted(set(importance) - set(columns) - {PROBABILITY})
     if unknown:
