@@ -6,30 +6,18 @@ rows: never an alert), the per-column tests, prediction drift on ``probability_m
 classification performance where feedback labels exist, a per-``site_id`` breakdown and the
 Evidently snapshots people open as HTML/JSON.
 
-How it stays fast on large windows: the verdict does not come from Evidently's report. It runs
-*the tests Evidently would choose* (same selection rule, same thresholds, same scipy formulas)
-on whole columns with numpy, all sites at once, columns in parallel threads:
-
-- reference of at most 1,000 rows (the champion's training split is 455): two-sample
-  Kolmogorov-Smirnov. The statistic only needs, for each distinct reference value, how many
-  current values lie below it and how many equal it; one arithmetic binning pass per column and
-  one ``bincount`` over (site, bin) give those counts for the whole window and every site, with
-  no sort of the current values. The statistic is then the very float scipy's ``ks_2samp``
-  computes; the p-value follows scipy's own choice (``ks_2samp`` itself where it would be exact,
-  both samples at most 10,000 rows; Smirnov's ``kstwo`` distribution above, as ``ks_2samp`` does).
-- larger reference: Wasserstein distance normed by the reference's standard deviation, computed
-  like ``scipy.stats.wasserstein_distance`` on sorted values (one sort per site and column).
-- columns with five or fewer distinct values: Evidently's own test function (never the case for
-  the thirty continuous features; kept so the rule matches Evidently's everywhere).
-
-So scores, drifted columns and verdicts equal a plain Evidently run on all rows (up to float
-rounding; the tests check it). On 1,000,000 rows x 30 features the tests take about 0.6 s of CPU
-where Evidently's ``DataDriftPreset`` takes about a minute. What remains is the Evidently report
-people open, which costs about 2.5 s whatever the size (plotly figures per column), so it runs on
-a seeded sample, stratified by site, of at most ``report_rows`` (5,000) current rows: all rows of
-an ordinary hourly window. With a reference of a few hundred rows that changes little even for a
-huge window (the KS test's power is bounded by the smaller sample), and the report's metadata
-says so; the authoritative numbers are the result's, written as ``summary.json``.
+The verdict does not come from Evidently's report, which takes about a minute on 1,000,000 rows:
+it runs *the tests Evidently would choose* (same selection rule, thresholds and scipy formulas)
+with numpy on whole columns, all sites at once, columns in parallel threads (about 0.6 s). A
+reference of at most 1,000 rows gets the two-sample Kolmogorov-Smirnov test, from counts of
+current values below and at each distinct reference value (one binning pass and one
+``bincount`` over (site, bin), no sort), with scipy's own choice of exact or asymptotic p-value;
+a larger one the Wasserstein distance normed by the reference's standard deviation; columns
+with five or fewer distinct values Evidently's own test function. So scores and verdicts equal
+a plain Evidently run on all rows (up to float rounding; the tests check it). The Evidently
+report people open runs on a seeded sample, stratified by site, of at most ``REPORT_ROWS``
+current rows (its plotly figures cost about 2.5 s whatever the size); its metadata says so, and
+the authoritative numbers are the result's, written as ``summary.json``.
 """
 
 from __future__ import annotations
@@ -217,15 +205,13 @@ def detect_drift(
         }
         return result
 
-    tested = list(columns)
     # Prediction drift needs scores on both sides (run_monitoring blanks rows other versions served).
     with_prediction = (
         PROBABILITY in current.columns
         and PROBABILITY in reference.columns
         and int(np.isfinite(current[PROBABILITY].to_numpy(dtype="float64")).sum()) >= min_rows
     )
-    if with_prediction:
-        tested.append(PROBABILITY)
+    tested = [*columns, PROBABILITY] if with_prediction else columns
     overall, by_site = run_column_tests(current, reference, tested, sites)
 
     result.columns = {name: overall[name] for name in columns if name in overall}
@@ -239,8 +225,8 @@ def detect_drift(
         verdict, drifted, share = _verdict([found for found in site_columns if found], threshold)
         result.per_site[name] = SiteDrift(name, size, verdict, drifted, share)
 
-    labelled = label_predictions(current, feedback) if feedback is not None else None
-    if labelled is not None and len(labelled):
+    labelled = label_predictions(current, feedback)
+    if len(labelled):
         result.performance = classification_performance(labelled)
     if report:
         result.report_rows = min(n_current, REPORT_ROWS)
@@ -248,7 +234,7 @@ def detect_drift(
         result.drift_snapshot = _drift_snapshot(
             sample, reference, columns, with_prediction, result, timestamp, judged, metadata
         )
-        if labelled is not None and len(labelled):
+        if len(labelled):
             result.performance_snapshot = _performance_snapshot(labelled, timestamp, metadata)
     return result
 

@@ -246,11 +246,8 @@ def latest_labels(settings: Settings, feedback: pd.DataFrame, now: datetime, win
 def _next_baseline(baseline: dict[str, Any], traffic: dict[str, Any], result: MonitoringResult) -> dict[str, Any]:
     """This window's traffic per site as the next window's refusal baseline, except where it was a
     data-quality incident (an incident must not become the normal the next window is judged by)."""
-    kept = dict(baseline)
-    for site, counts in traffic.items():
-        if result.site_verdicts.get(site, {}).get("verdict") != Verdict.DATA_QUALITY:
-            kept[site] = counts
-    return kept
+    incidents = {site for site, found in result.site_verdicts.items() if found["verdict"] == Verdict.DATA_QUALITY}
+    return baseline | {site: counts for site, counts in traffic.items() if site not in incidents}
 
 
 def _no_verdict(window: dict[str, Any], rows: int, champion: str | None, note: str) -> MonitoringResult:
@@ -290,7 +287,6 @@ def _result(
     )
     estimated = next((s.figures for s in judged.window.signals if s.name == "estimated_performance"), None)
     realized = next((s.figures for s in judged.window.signals if s.name == "realized_performance"), None)
-    performance = asdict(found.performance) if found.performance else None
     return MonitoringResult(
         verdict=str(judged.verdict),
         severity=str(judged.severity) if judged.severity else None,
@@ -317,7 +313,7 @@ def _result(
         model_version=reference.model_version,
         data_version=reference.data_version,
         prediction_drift=found.prediction_drift.drifted if found.prediction_drift else None,
-        performance=performance,
+        performance=asdict(found.performance) if found.performance else None,
         **window,
     )
 

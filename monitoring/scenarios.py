@@ -9,8 +9,6 @@ are fresh draws from the same population (rows the champion never trained on), s
 champion as the service scores them, with the prediction log's columns, ``/feedback`` labels for
 a share of them and the per-site counts of scored and refused records. So, as in real traffic,
 every window is a new sample and only the reference carries its own (455-row) sampling noise.
-(Earlier, windows were resampled with 2 % noise from the same 114 hold-out rows, whose means sat
-0.1 to 0.19 sd from the training rows by chance: every calm window carried that one offset.)
 
 Why this generator: the marginals are the seed's own, so nothing about a feature's range, skew or
 zeros is invented; a per-class Gaussian copula keeps the strong monotone dependence between the
@@ -325,16 +323,12 @@ def generate_window(
             LABEL: np.where(truth[kept], POSITIVE, NEGATIVE)[labelled],
         }
     )
-    flagged = probability >= champion.threshold
-    site_truth = truth[kept][current[SITE].to_numpy() == AFFECTED_SITE]
-    site_flagged = flagged[current[SITE].to_numpy() == AFFECTED_SITE]
+    at_site = current[SITE].to_numpy() == AFFECTED_SITE
+    site_truth, site_flagged = truth[kept][at_site], (probability >= champion.threshold)[at_site]
     facts = {
-        "requests": rows,
         "scored": int(kept.sum()),
-        "affected_site": AFFECTED_SITE,
         "affected_sensitivity": float(site_flagged[site_truth].mean()) if site_truth.any() else None,
         "affected_flagged_rate": float(site_flagged.mean()) if len(site_flagged) else None,
-        "window_sensitivity": float(flagged[truth[kept]].mean()) if truth[kept].any() else None,
     }
     return Window(scenario.name, current, feedback, traffic, facts)
 

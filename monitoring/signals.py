@@ -495,17 +495,14 @@ def compute_signals(
     if unknown:
         raise ValueError(f"importance names columns the window does not have: {', '.join(unknown[:5])}")
 
-    min_rows, site_min = settings.drift_min_rows, settings.monitor_site_min_rows
     site_sizes = current[SITE].value_counts(sort=False).to_dict() if SITE in current.columns else {}
     site_sizes = {str(site): int(size) for site, size in site_sizes.items()}
-    tested_sites = [site for site, size in site_sizes.items() if size >= site_min]
-    window_tested = len(current) >= min_rows
+    tested_sites = [site for site, size in site_sizes.items() if size >= settings.monitor_site_min_rows]
+    window_tested = len(current) >= settings.drift_min_rows
     site_of = current[SITE].astype(str).to_numpy() if SITE in current.columns else np.full(len(current), "")
 
-    tested = list(columns)
     scores_ok = PROBABILITY in current.columns and PROBABILITY in reference.columns
-    if scores_ok:
-        tested.append(PROBABILITY)
+    tested = [*columns, PROBABILITY] if scores_ok else columns
     overall: dict[str, ColumnDrift] = {}
     by_site: dict[str, dict[str, ColumnDrift]] = {}
     distances: dict[str, dict[str, float]] = {}
@@ -514,15 +511,15 @@ def compute_signals(
         rest = "\x00rest"
         grouped = np.where(np.isin(site_of, tested_sites), site_of, rest)
         groups = SiteGroups.of(pd.DataFrame({SITE: grouped})) if tested_sites else SiteGroups((), None)
-        found, per_site = run_column_tests(current, reference, tested, groups)
-        overall = found
+        overall, per_site = run_column_tests(current, reference, tested, groups)
         for index, site in enumerate(groups.names):
             if site != rest:
                 by_site[site] = {name: tests[index] for name, tests in per_site.items() if tests[index] is not None}
         # Distances only where a test found drift: they decide whether the drift is material.
-        wanted = {_WHOLE: [name for name, test in overall.items() if test.drifted or name == PROBABILITY]}
-        for site, tests in by_site.items():
-            wanted[site] = [name for name, test in tests.items() if test.drifted or name == PROBABILITY]
+        wanted = {
+            scope: [name for name, test in tests.items() if test.drifted or name == PROBABILITY]
+            for scope, tests in {_WHOLE: overall, **by_site}.items()
+        }
         distances = _distances(current, reference, wanted, grouped)
 
     if labelled is None and feedback is not None:
@@ -547,12 +544,9 @@ def compute_signals(
         signals: list[Signal] = []
         if drift_tested:
             feature_tests = {name: tests[name] for name in columns if name in tests}
-            signals.append(
-                prediction_drift_signal(
-                    tests.get(PROBABILITY), distances.get(key, {}).get(PROBABILITY), scope, settings
-                )
-            )
-            signals.extend(feature_drift_signals(feature_tests, distances.get(key, {}), weights, scope, settings))
+            moved = distances.get(key, {})
+            signals.append(prediction_drift_signal(tests.get(PROBABILITY), moved.get(PROBABILITY), scope, settings))
+            signals.extend(feature_drift_signals(feature_tests, moved, weights, scope, settings))
             rows_top = top_current if key == _WHOLE else top_current[site_of == key]
             rows_top = rows_top[np.isfinite(rows_top).all(axis=1)]
             signals.append(top_feature_mean_shift_signal(rows_top, top_reference, top, scope, settings))
