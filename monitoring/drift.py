@@ -171,18 +171,14 @@ def detect_drift(
 ) -> DriftResult:
     """Compare a prediction-log window (``current``) with the champion's training rows (``reference``).
 
-    ``current`` has the prediction log's columns (the 30 features, ``site_id``,
-    ``probability_malignant``, ``label``, ``encounter_hash``...); ``reference`` has the features
-    and, optionally, ``probability_malignant`` from scoring its rows with the champion (or pass
-    ``reference_probabilities``). ``feedback`` (``encounter_hash``, ``diagnosis``) is joined to
-    the predictions for performance. The verdict is ``drift`` when the share of drifted feature
-    columns reaches ``settings.drift_share_threshold`` (Evidently's dataset-drift rule); below
-    ``settings.drift_min_rows`` current rows it is ``insufficient_data`` and nothing is tested.
-    Each site with at least ``drift_min_rows`` rows gets its own verdict the same way.
-    ``timestamp`` (the window's end) dates the Evidently snapshots; ``report=False`` skips them.
-    ``judged`` (a :class:`monitoring.judge.WindowVerdict`) puts the judge's verdict, severity and
-    fired signals in the drift report's metadata and tags, so the report says what the alert says;
-    ``metadata`` (the model and data versions) goes in both reports' metadata.
+    ``reference`` may carry the champion's ``probability_malignant`` on its rows (or pass
+    ``reference_probabilities``); ``feedback`` (``encounter_hash``, ``diagnosis``) is joined to the
+    predictions for performance. The verdict is ``drift`` when the share of drifted feature columns
+    reaches ``settings.drift_share_threshold`` (Evidently's dataset-drift rule), for the window and
+    for each site of at least ``drift_min_rows`` rows. ``timestamp`` dates the Evidently snapshots
+    (``report=False`` skips them); ``judged`` (a :class:`monitoring.judge.WindowVerdict`) puts the
+    judge's verdict and fired signals in the drift report, so it says what the alert says;
+    ``metadata`` (the model and data versions) goes in both reports.
     """
     columns = shared_features(current, reference)
     if reference_probabilities is not None:

@@ -18,7 +18,7 @@ has a data-quality incident (its drift may be that site's broken inputs).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from monitoring.drift import Verdict, plain
@@ -61,18 +61,6 @@ class ScopeVerdict:
     def retrains(self) -> bool:
         return self.verdict in RETRAINING_VERDICTS and self.severity == Severity.CRITICAL
 
-    def summary(self) -> dict[str, Any]:
-        return plain(
-            {
-                "scope": self.scope,
-                "n_rows": self.n_rows,
-                "verdict": self.verdict,
-                "severity": self.severity,
-                "fired": [signal.to_dict() for signal in self.fired],
-                "signals": [signal.to_dict() for signal in self.signals],
-            }
-        )
-
 
 @dataclass(frozen=True)
 class WindowVerdict:
@@ -95,16 +83,7 @@ class WindowVerdict:
         return "; ".join(f"{signal.scope}: {signal.text}" for signal in fired) or "none fired"
 
     def summary(self) -> dict[str, Any]:
-        return plain(
-            {
-                "verdict": self.verdict,
-                "severity": self.severity,
-                "scope": self.scope,
-                "retrain": self.retrain,
-                "window": self.window.summary(),
-                "sites": {site: found.summary() for site, found in self.sites.items()},
-            }
-        )
+        return plain(asdict(self))
 
 
 def judge_scope(signals: ScopeSignals) -> ScopeVerdict:

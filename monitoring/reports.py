@@ -41,15 +41,6 @@ STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 
 
 @dataclass(frozen=True)
-class ReportFiles:
-    """Where one monitoring run's reports went on disk (the drift report is the one people open)."""
-
-    directory: Path
-    summary: Path
-    drift_html: Path | None = None
-
-
-@dataclass(frozen=True)
 class Reference:
     """What the champion's training run stored: training rows and hold-out rows with its scores,
     each feature's importance, and its operating threshold on ``probability_malignant``."""
@@ -190,19 +181,18 @@ def run_monitoring(
 
     stamp = now.strftime(STAMP_FORMAT)
     verdict = verdict_snapshot(judged, settings, now, versions)
-    files = write_reports(
-        found, settings, stamp=stamp, context=result.to_dict(), judged=judged, verdict_snapshot=verdict
-    )
-    result.report_dir, result.report = str(files.directory), str(files.drift_html or files.summary)
-    result.report_url = files.drift_html.as_uri() if files.drift_html else None
     kinds = [("drift", found.drift_snapshot), ("performance", found.performance_snapshot), ("verdict", verdict)]
+    directory = write_reports(found, settings, kinds, stamp=stamp, context=result.to_dict(), judged=judged)
+    drift_html = directory / "drift.html" if found.drift_snapshot is not None else None
+    result.report_dir, result.report = str(directory), str(drift_html or directory / "summary.json")
+    result.report_url = drift_html.as_uri() if drift_html else None
     project_id, snapshots = add_to_workspace(settings, kinds, name=f"{stamp} v{champion}", sites=list(judged.sites))
     result.workspace_project_id, result.snapshot_ids = project_id, snapshots
     if snapshots:
         result.report_url = (
             f"http://{settings.host}:{settings.evidently_port}/projects/{project_id}/reports/{snapshots[0]}"
         )
-    result.mlflow_run_id = log_to_mlflow(files, settings, model_version=champion, stamp=stamp, result=result)
+    result.mlflow_run_id = log_to_mlflow(directory, settings, model_version=champion, stamp=stamp, result=result)
     _save_window_state(settings, now, result, _next_baseline(state.get("traffic") or {}, traffic, result))
     if alert:
         result.alert = alert_for_result(result, settings)
@@ -343,36 +333,28 @@ def load_reference(settings: Settings, model_version: str) -> Reference:
 def write_reports(
     found: DriftResult,
     settings: Settings,
+    snapshots: list[tuple[str, Any]],
     *,
     stamp: str,
     context: dict[str, Any],
     judged: WindowVerdict,
-    verdict_snapshot: Any,
-) -> ReportFiles:
-    """Write the Evidently HTML/JSON and ``summary.json`` under ``reports_dir/<stamp>/``.
-
-    ``summary.json`` holds ``context`` (the :class:`MonitoringResult`), the column tests
-    (``drift``) and every signal of the window and of each site (``verdict_signals``).
-    """
+) -> Path:
+    """Write each snapshot (``(kind, snapshot)``, None skipped) as ``<kind>.html``/``.json`` in a new
+    folder ``reports_dir/<stamp>/`` (returned), and ``summary.json``: ``context`` (the :class:`MonitoringResult`), the
+    column tests (``drift``) and every signal of the window and of each site (``verdict_signals``)."""
     directory = settings.reports_dir / stamp
     suffix = 1
     while directory.exists():  # two runs in the same second keep both
         suffix += 1
         directory = settings.reports_dir / f"{stamp}-{suffix}"
     directory.mkdir(parents=True)
-    snapshots = (
-        ("drift", found.drift_snapshot),
-        ("performance", found.performance_snapshot),
-        ("verdict", verdict_snapshot),
-    )
     for name, snapshot in snapshots:
         if snapshot is not None:
             snapshot.save_html(str(directory / f"{name}.html"))
             snapshot.save_json(str(directory / f"{name}.json"))
     summary = {**context, "drift": found.summary(), "verdict_signals": judged.summary()}
-    summary_path = directory / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    return ReportFiles(directory, summary_path, directory / "drift.html" if found.drift_snapshot is not None else None)
+    (directory / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return directory
 
 
 def verdict_figures(judged: WindowVerdict, settings: Settings) -> dict[str, float]:
@@ -480,10 +462,7 @@ def add_to_workspace(
 ) -> tuple[str | None, list[str]]:
     """Add a window's snapshots (``(kind, snapshot)``, None skipped) to the Evidently workspace
     project of ``settings.model_name``, created when missing, and write its dashboard with a tab
-    for each of ``sites`` and every site seen before (:func:`monitoring.dashboard.save_dashboard`).
-
-    Returns the project id and the snapshot ids, in the order given.
-    """
+    for each of ``sites`` and every site seen before. Returns the project id and the snapshot ids."""
     present = [(kind, snapshot) for kind, snapshot in snapshots if snapshot is not None]
     if not present:
         return None, []
@@ -510,7 +489,7 @@ def add_to_workspace(
 
 
 def log_to_mlflow(
-    files: ReportFiles, settings: Settings, *, model_version: str, stamp: str, result: MonitoringResult
+    directory: Path, settings: Settings, *, model_version: str, stamp: str, result: MonitoringResult
 ) -> str:
     """Log the report folder to the model version's run under ``monitoring/<stamp>/`` and tag the version."""
     from pipelines import model_registry
@@ -519,10 +498,10 @@ def log_to_mlflow(
     version = client.get_model_version(settings.model_name, str(model_version))
     if not version.run_id:
         raise RuntimeError(f"model version {model_version} has no MLflow run to log reports to")
-    client.log_artifacts(version.run_id, str(files.directory), artifact_path=f"monitoring/{files.directory.name}")
+    client.log_artifacts(version.run_id, str(directory), artifact_path=f"monitoring/{directory.name}")
     tags = {
         "monitoring_last_verdict": result.verdict,
-        "monitoring_last_report": f"monitoring/{files.directory.name}",
+        "monitoring_last_report": f"monitoring/{directory.name}",
         "monitoring_last_run": stamp,
     }
     if result.report_url and result.report_url.startswith("http"):  # a link people can click in MLflow

@@ -474,17 +474,12 @@ def compute_signals(
 ) -> WindowSignals:
     """Every signal for the window and each site.
 
-    ``current``: prediction-log rows (features, ``site_id``, ``probability_malignant``, ``label``,
-    ``encounter_hash``), blanked scores where another version served. ``reference``: the
-    champion's reference rows with ``probability_malignant`` (its scores on them).
-    ``importance``: feature -> weight from the training run. ``estimator``: a fitted
-    :class:`~monitoring.estimation.PerformanceEstimator`. ``feedback``: ``encounter_hash``,
-    ``diagnosis``. ``labelled``: labelled predictions, oldest first (``probability_malignant``,
-    ``label``, ``diagnosis``, ``site_id``), the window's and earlier ones; default: the window's
-    predictions joined with ``feedback``. Realized performance is judged on the latest
-    ``monitor_label_window`` of them overall and of each site. ``traffic``: per-site
-    scored/refused counts (:class:`SiteTraffic` or dicts), ``baseline_traffic`` the same from an
-    earlier period.
+    ``current``: prediction-log rows, scores blanked where another version served; ``reference``:
+    the champion's reference rows with its scores on them; ``importance``: feature -> weight from
+    the training run. ``labelled``: labelled predictions, oldest first, the window's and earlier
+    ones (default: the window's joined with ``feedback``); realized performance is judged on the
+    latest ``monitor_label_window`` of them overall and of each site. ``traffic``: per-site
+    scored/refused counts (:class:`SiteTraffic` or dicts), ``baseline_traffic`` the same from before.
     """
     from monitoring.drift import SiteGroups, label_predictions, run_column_tests, shared_features
     from pipelines.metrics import normalised
