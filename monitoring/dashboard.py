@@ -2,14 +2,10 @@
 their thresholds, sensitivity, and a tab per site.
 
 Every series is a ``MeanValue`` of the ``verdict`` snapshots (:func:`monitoring.reports.
-verdict_figures`), picked by its column. Evidently's line plots draw no horizontal line, so each
-threshold is a figure of the same snapshot, plotted as its panel's series "threshold (...)". A
-series is keyed by metric and column only (Evidently merges series that differ by tags alone), so
-a site's figures are columns of their own, ``<figure>@<site>``.
-
-The dashboard is medops': :func:`save_dashboard` writes it whole, for the sites seen (the ``Site``
-tabs already there and the window's), with ids derived from titles, so writing it again for the
-same sites leaves it as it was.
+verdict_figures`), picked by its column; thresholds are figures too (line plots draw no
+horizontal line). Evidently merges series that differ by tags alone, so a site's figures are
+columns of their own, ``<figure>@<site>``. :func:`save_dashboard` writes the dashboard whole,
+with ids derived from titles, so writing it again for the same sites leaves it as it was.
 """
 
 from __future__ import annotations

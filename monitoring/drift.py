@@ -323,7 +323,6 @@ def _column_tests(
     from evidently.legacy.calculations.stattests import ks_stat_test, wasserstein_stat_test
 
     n_ref = len(ref_sorted)
-    groups: list[np.ndarray] | None = None
     if n_ref == 0:
         overall, per_site = None, [None] * column.n_sites
     elif len(np.unique(ref_sorted)) <= _FEW_VALUES:  # rare: let Evidently pick and run the test itself

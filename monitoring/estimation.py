@@ -7,14 +7,11 @@ specificity and PPV: NannyML's CBPE. NannyML itself is not used: 0.13.1 requires
 ``python-dateutil<3`` where the lock holds 4.0.0 (Airflow's stack), and it would bring XGBoost,
 LightGBM, cloud file systems and a telemetry client for about sixty lines of arithmetic.
 
-Two things make an estimate differ from the sensitivity the labels will later show, and the
-stated error holds both: the window's cases are random draws given their probabilities (the
-variance of a sum of Bernoulli trials, through the delta method), and the calibration map was
-learnt from a few hundred rows (the spread of the estimate under calibration maps refitted on
-bootstrap resamples of those rows). The estimate is only as good as the assumption behind CBPE:
-the chance of malignancy at a given score is the same as on the calibration rows. A shift in
-measurement (a site's calibration) breaks that, which is why prediction and feature drift are
-separate signals.
+The stated error holds both sources of difference from what the labels will later show: the
+window's cases are random draws given their probabilities (delta method), and the calibration
+map was learnt from a few hundred rows (bootstrap refits). CBPE assumes the chance of
+malignancy at a given score is the same as on the calibration rows; a shift in measurement (a
+site's calibration) breaks that, which is why prediction and feature drift are separate signals.
 
 Calibrate on rows the champion did not train on: its hold-out rows, or the out-of-fold
 probabilities training computes to choose the operating threshold. In-sample scores are
@@ -60,12 +57,10 @@ class PerformanceEstimate:
 class PerformanceEstimator:
     """Confidence-based performance estimation (CBPE) for the champion's operating point.
 
-    Follows the scikit-learn estimator contract: ``fit(probabilities, is_malignant)`` learns an
-    isotonic calibration map (and ``n_bootstrap`` maps on resamples, for the calibration part of
-    the error) from rows with known diagnosis; ``estimate(probabilities, flagged=None)`` returns
-    a :class:`PerformanceEstimate` for a window. ``threshold`` is the champion's operating
-    threshold on ``probability_malignant`` (cases at or above it are flagged malignant, as
-    ``FixedThresholdClassifier`` does); pass ``flagged`` to use the labels actually served.
+    ``fit(probabilities, is_malignant)`` learns an isotonic calibration map (and ``n_bootstrap``
+    maps on resamples) from rows with known diagnosis; ``estimate(probabilities, flagged=None)``
+    returns a window's :class:`PerformanceEstimate`. Cases at or above ``threshold`` count as
+    flagged malignant, as ``FixedThresholdClassifier`` does; ``flagged`` gives the labels served.
     """
 
     def __init__(self, threshold: float = 0.5, n_bootstrap: int = 50, seed: int = 0):

@@ -22,19 +22,15 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from monitoring.drift import Verdict, plain
-from monitoring.signals import WINDOW, Points, ScopeSignals, Severity, Signal, WindowSignals
+from monitoring.signals import WINDOW, ScopeSignals, Severity, Signal, WindowSignals
 
 if TYPE_CHECKING:
     from medops.core.settings import Settings
 
 
 RETRAINING_VERDICTS = (Verdict.DRIFT, Verdict.PERFORMANCE_DROP)
-# Within a scope: the first verdict with a fired signal wins.
-_WITHIN_SCOPE = (
-    (Verdict.DATA_QUALITY, Points.DATA_QUALITY),
-    (Verdict.PERFORMANCE_DROP, Points.PERFORMANCE_DROP),
-    (Verdict.DRIFT, Points.DRIFT),
-)
+# Within a scope: the first verdict with a fired signal wins (a signal points to the verdict of its name).
+_WITHIN_SCOPE = (Verdict.DATA_QUALITY, Verdict.PERFORMANCE_DROP, Verdict.DRIFT)
 # Across scopes: how grave a verdict is for the window's headline (and its code on the dashboard).
 VERDICT_CODES = {
     Verdict.PERFORMANCE_DROP: 3,
@@ -89,8 +85,8 @@ class WindowVerdict:
 def judge_scope(signals: ScopeSignals) -> ScopeVerdict:
     """The verdict for one scope: data_quality, then performance_drop, then drift (see the module)."""
     fired = signals.fired
-    for verdict, points in _WITHIN_SCOPE:
-        chosen = [signal for signal in fired if signal.points_to == points]
+    for verdict in _WITHIN_SCOPE:
+        chosen = [signal for signal in fired if signal.points_to == verdict]
         if chosen:
             severity = max((signal.severity for signal in chosen), key=lambda s: SEVERITY_CODES[s])
             return ScopeVerdict(signals.scope, signals.n_rows, verdict, severity, fired, signals.signals)

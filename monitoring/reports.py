@@ -57,12 +57,10 @@ class Reference:
 class MonitoringResult:
     """One monitoring run, JSON-able (``to_dict``) so DAG tasks can pass it on.
 
-    ``verdict``/``severity`` are the judge's (:mod:`monitoring.judge`) for the window, led by the
-    gravest scope (the whole window or one site); ``retrain`` says whether ``medops/drift`` is due.
-    ``sites`` are the sites whose own verdict is not ``no_drift``; ``site_verdicts`` holds every
-    site's verdict, severity and fired signals; ``signals`` every fired signal with its scope and
-    figures. ``drifted_columns`` are the features the fired drift signals name (the window's or
-    the alerting sites'); ``share`` and ``column_verdict`` are the plain column-count rule's.
+    ``verdict``/``severity`` are the judge's for the window, led by the gravest scope;
+    ``retrain`` says whether ``medops/drift`` is due. ``sites`` are the sites whose own verdict is
+    not ``no_drift``; ``signals`` every fired signal; ``drifted_columns`` the features the fired
+    drift signals name; ``share`` and ``column_verdict`` are the plain column-count rule's.
     """
 
     verdict: str
@@ -124,12 +122,10 @@ def run_monitoring(
     """Monitor the prediction log window since the last report: signals, verdict, reports, and an alert.
 
     ``since`` overrides where the window starts (default: where the last report's window ended,
-    or the beginning of the log); the window ends at ``now``. The verdict is the judge's
-    (:func:`monitoring.judge.judge_window`) on the signals of :func:`monitoring.signals.
-    compute_signals`, fed with what the champion's training run stored (reference rows with
-    scores, importance, hold-out rows for the performance estimator), the latest feedback labels
-    per site and the service's per-site scored and refused counts. With ``alert=False`` the caller
-    alerts (the DAG does it in its own task, with :func:`alert_for_result`).
+    or the beginning of the log); the window ends at ``now``. The signals are fed with what the
+    champion's training run stored, the latest feedback labels per site and the service's
+    per-site scored and refused counts. With ``alert=False`` the caller alerts (the DAG does it in
+    its own task, with :func:`alert_for_result`).
     """
     import pandas as pd
 
@@ -473,13 +469,8 @@ def add_to_workspace(
     settings.evidently_workspace.mkdir(parents=True, exist_ok=True)
     workspace = Workspace(str(settings.evidently_workspace))
     found = workspace.search_project(settings.model_name)
-    project = (
-        found[0]
-        if found
-        else workspace.create_project(
-            settings.model_name, description=f"Drift and performance of the served model {settings.model_name}"
-        )
-    )
+    description = f"Drift and performance of the served model {settings.model_name}"
+    project = found[0] if found else workspace.create_project(settings.model_name, description=description)
     save_dashboard(workspace, project.id, sites)
     ids = [
         str(workspace.add_run(project.id, snapshot, include_data=False, name=f"{kind} {name}").id)
@@ -539,7 +530,12 @@ def _save_window_state(
     write_atomically(_state_path(settings), json.dumps(state, indent=1) + "\n")
 
 
-ALERTING = (Verdict.DRIFT, Verdict.PERFORMANCE_DROP, Verdict.DATA_QUALITY)
+# The verdicts that alert, and how their alert's title starts.
+ALERT_TITLES = {
+    Verdict.DRIFT: "Drift in what",
+    Verdict.PERFORMANCE_DROP: "Performance drop of",
+    Verdict.DATA_QUALITY: "Data-quality incident in what",
+}
 
 
 def next_step(data: dict[str, Any], settings: Settings) -> str:
@@ -578,15 +574,11 @@ def alert_for_result(result: MonitoringResult | dict[str, Any], settings: Settin
     from medops.core.alerts import send_alert
 
     data = result.to_dict() if isinstance(result, MonitoringResult) else result
-    if data["verdict"] not in ALERTING:
+    if data["verdict"] not in ALERT_TITLES:
         return None
     sites = data.get("sites") or []
     where = f"at {', '.join(sites)}" if sites else "across sites"
-    what = {
-        Verdict.DRIFT: "Drift in what",
-        Verdict.PERFORMANCE_DROP: "Performance drop of",
-        Verdict.DATA_QUALITY: "Data-quality incident in what",
-    }[Verdict(data["verdict"])]
+    what = ALERT_TITLES[data["verdict"]]
     receives = "" if data["verdict"] == Verdict.PERFORMANCE_DROP else " receives"
     title = f"{what} {settings.model_name} v{data.get('model_version')}{receives} {where}"
     fired = data.get("signals") or []

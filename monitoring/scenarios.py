@@ -130,12 +130,10 @@ SCENARIO_HOLDOUT_SHARE = 0.2
 class Population:
     """The seed's population, per class: a Gaussian copula with the seed's own marginals.
 
-    For each class, every feature keeps the seed's empirical distribution (its sorted values, the
-    quantile function interpolated linearly between them at plotting positions ``(i + 0.5) / n``,
-    so draws stay inside the seed's range and every zero concavity stays possible), and the
-    features' dependence is the correlation of their normal scores (rank -> ``Phi^-1``). A draw
-    picks the class by the prevalence asked, a correlated normal vector, and maps each coordinate
-    through its marginal's quantile function.
+    For each class, every feature keeps the seed's empirical distribution (the quantile function
+    interpolated between its sorted values at ``(i + 0.5) / n``, so draws stay inside the seed's
+    range and every zero concavity stays possible); the dependence is the correlation of the
+    features' normal scores (rank -> ``Phi^-1``).
     """
 
     prevalence: float
@@ -167,8 +165,6 @@ class Population:
         values = np.empty((len(malignant), len(FEATURES)))
         for label in (True, False):
             mine = np.flatnonzero(malignant == label)
-            if not len(mine):
-                continue
             uniform = norm.cdf(rng.standard_normal((len(mine), len(FEATURES))) @ self.cholesky[label].T)
             table = self.sorted_values[label]
             positions = (np.arange(len(table)) + 0.5) / len(table)
@@ -203,12 +199,10 @@ def reference_split(frame: pd.DataFrame, settings: Settings) -> tuple[pd.DataFra
 def fit_champion(settings: Settings, frame: pd.DataFrame | None = None, sample_seed: int | None = None) -> Champion:
     """Logistic regression fitted as training fits one, on rows drawn from the population of ``frame``.
 
-    ``frame`` is the seed by default. Its :class:`Population` gives the champion's training rows
-    (the reference: as many of each class as the seed's stratified training split has, 455) and a
-    hold-out of the split's size (114), both fresh draws of ``sample_seed`` (``settings.seed`` by
-    default); windows are drawn from the same population later, rows the champion never saw.
-    The performance estimator is calibrated on the out-of-fold probabilities of the training rows,
-    the ones training computes to choose its threshold (never on in-sample scores).
+    ``frame`` (the seed by default) gives, through its :class:`Population`, the champion's training
+    rows (the reference, 455, as many of each class as the seed's stratified training split) and a
+    hold-out (114), fresh draws of ``sample_seed`` (default ``settings.seed``). The performance
+    estimator is calibrated on the training rows' out-of-fold probabilities, never in-sample scores.
     """
     from pipelines.data import seed_frame
 

@@ -1,9 +1,8 @@
 """The signals a monitoring verdict is built from, for the whole window and for each site.
 
-Each signal is a :class:`Signal`: its name, the verdict it points to (``drift``,
-``performance_drop`` or ``data_quality``), whether it fired, at which severity, the figures
-that decided it and one line for people. :func:`compute_signals` computes all of them for a
-prediction-log window; :mod:`monitoring.judge` turns them into verdicts.
+:func:`compute_signals` computes every :class:`Signal` of a prediction-log window (the verdict
+it points to, whether it fired, at which severity, its figures and one line for people);
+:mod:`monitoring.judge` turns them into verdicts.
 
 - ``prediction_drift``: the champion's ``probability_malignant`` in the window vs its scores on
   the reference rows (Evidently's K-S test, strict threshold). Enough on its own for ``drift``.
@@ -22,13 +21,11 @@ prediction-log window; :mod:`monitoring.judge` turns them into verdicts.
   relies on from features it ignores.
 - ``estimated_performance``: CBPE (:mod:`monitoring.estimation`); estimated sensitivity below
   the gate's ``min_sensitivity`` is a ``performance_drop`` (``critical`` when confidently below).
-- ``realized_performance``: sensitivity and specificity from the latest ``monitor_label_window``
-  labelled predictions (``/feedback``, the window's and earlier ones) with 95 % Wilson
-  intervals; an upper bound of sensitivity below the gate's minimum is ``critical``.
+- ``realized_performance``: sensitivity and specificity of the latest ``monitor_label_window``
+  labelled predictions, Wilson intervals; an upper bound below the gate's minimum is ``critical``.
 - ``refusal_rate``: records the service refused (422) per site; a jump above the site's baseline
   is ``data_quality``, naming the fields.
 
-The column tests are :mod:`monitoring.drift`'s (Evidently's tests, all sites in one pass).
 Sites below ``monitor_site_min_rows`` scored rows get no drift or estimate signals of their own
 (they still count in the window's), but their refusals and labels are judged.
 """
@@ -108,9 +105,6 @@ class SiteTraffic:
     @property
     def refusal_rate(self) -> float:
         return self.refused / self.requests if self.requests else 0.0
-
-    def field_counts(self) -> dict[str, int]:
-        return {name: int(sum(reasons.values())) for name, reasons in self.by_field.items()}
 
     @classmethod
     def of(cls, value: SiteTraffic | Mapping[str, Any], site: str | None = None) -> SiteTraffic:
@@ -398,7 +392,8 @@ def refusal_signal(
     ceiling = (
         float(proportion_confint(baseline_refused, baseline_requests, method="wilson")[1]) if baseline_requests else 0.0
     )
-    fields = sorted(traffic.field_counts().items(), key=lambda item: (-item[1], item[0]))
+    counts = {name: int(sum(reasons.values())) for name, reasons in traffic.by_field.items()}
+    fields = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     figures = {
         "requests": traffic.requests,
         "refused": traffic.refused,
@@ -455,8 +450,7 @@ def _traffic_by_site(
 ) -> dict[str, SiteTraffic]:
     if isinstance(traffic, Mapping):
         return {str(site): SiteTraffic.of(value, str(site)) for site, value in traffic.items()}
-    counted = [SiteTraffic.of(value) for value in traffic]
-    return {counts.site: counts for counts in counted}
+    return {counts.site: counts for counts in map(SiteTraffic.of, traffic)}
 
 
 # All signals of a window -----------------------------------------------------------------------------
