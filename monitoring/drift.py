@@ -138,10 +138,8 @@ class DriftResult:
     def summary(self) -> dict[str, Any]:
         # asdict deep-copies whatever is not a dataclass: leave the snapshots out first.
         data = asdict(replace(self, drift_snapshot=None, performance_snapshot=None))
-        for name in ("drift_snapshot", "performance_snapshot"):
-            data.pop(name)
-        data["drifted_sites"] = list(self.drifted_sites)
-        return plain(data)
+        del data["drift_snapshot"], data["performance_snapshot"]
+        return plain(data | {"drifted_sites": list(self.drifted_sites)})
 
 
 def plain(value: Any) -> Any:
@@ -218,8 +216,7 @@ def detect_drift(
             result.per_site[name] = SiteDrift(name, size, Verdict.INSUFFICIENT_DATA)
             continue
         site_columns = [by_site[column][index] for column in columns if column in by_site]
-        verdict, drifted, share = _verdict([found for found in site_columns if found], threshold)
-        result.per_site[name] = SiteDrift(name, size, verdict, drifted, share)
+        result.per_site[name] = SiteDrift(name, size, *_verdict([found for found in site_columns if found], threshold))
 
     labelled = label_predictions(current, feedback)
     if len(labelled):
@@ -315,11 +312,8 @@ def run_column_tests(
 def _column_tests(
     name: str, ref_sorted: np.ndarray, column: _Column
 ) -> tuple[ColumnDrift | None, list[ColumnDrift | None]]:
-    """The test Evidently picks for a numerical column, on all rows and on each site's rows.
-
-    Returns the overall result and one per site (the overall one again when there are no sites);
-    None where a side has no values (Evidently refuses empty columns).
-    """
+    """The test Evidently picks for a numerical column: the overall result and one per site (the
+    overall one again when there are no sites); None where a side has no values, as Evidently refuses."""
     from evidently.legacy.calculations.stattests import ks_stat_test, wasserstein_stat_test
 
     n_ref = len(ref_sorted)
@@ -362,11 +356,9 @@ def _evidently_test(name: str, ref: np.ndarray, cur: np.ndarray) -> ColumnDrift:
 def _ks_p_values(ref_sorted: np.ndarray, column: _Column) -> list[float | None]:
     """p-values of scipy's two-sided ``ks_2samp(reference, current)``: all rows first, then each site.
 
-    The empirical CDFs are step functions, so the statistic only needs, for every distinct
-    reference value, how many current values lie below it and how many equal it: one binning
-    pass and one ``bincount`` over (site, bin) give that for all rows and every site at once,
-    with no sort of the current values. Where scipy would compute the exact p-value (both samples
-    of at most 10,000 rows) scipy is called on the values themselves.
+    The empirical CDFs are step functions, so counts of current values below and at each distinct
+    reference value suffice (see the module). Where scipy would compute the exact p-value (both
+    samples of at most 10,000 rows) scipy is called on the values themselves.
     """
     from scipy import stats
 
@@ -374,11 +366,11 @@ def _ks_p_values(ref_sorted: np.ndarray, column: _Column) -> list[float | None]:
     m, n1 = len(points), len(ref_sorted)
     ref_le = np.searchsorted(ref_sorted, points, side="right")
     bins, equal = _bin_right(column.values, points)
-    sites = column.n_sites if column.codes is not None else 1
     if column.codes is None:
         below_bins = np.bincount(bins, minlength=m + 1)[None, :]
         at_points = np.bincount(bins[equal] - 1, minlength=m)[None, :]
     else:
+        sites = column.n_sites
         below_bins = np.bincount(column.codes * (m + 1) + bins, minlength=sites * (m + 1)).reshape(sites, m + 1)
         at_points = np.bincount(column.codes[equal] * m + bins[equal] - 1, minlength=sites * m).reshape(sites, m)
     counts = [(below_bins.sum(axis=0), at_points.sum(axis=0))] + list(zip(below_bins, at_points, strict=True))

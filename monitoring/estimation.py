@@ -77,13 +77,12 @@ class PerformanceEstimator:
             raise ValueError("calibration needs malignant and benign rows with known diagnosis")
         self.map_ = _isotonic(scores, truth)
         rng = np.random.default_rng(self.seed)
-        maps = []
-        for _ in range(self.n_bootstrap):
-            picks = rng.integers(0, len(scores), len(scores))
-            if truth[picks].all() or not truth[picks].any():
-                continue
-            maps.append(_isotonic(scores[picks], truth[picks]))
-        self.bootstrap_maps_ = maps
+        resamples = (rng.integers(0, len(scores), len(scores)) for _ in range(self.n_bootstrap))
+        self.bootstrap_maps_ = [
+            _isotonic(scores[picks], truth[picks])
+            for picks in resamples
+            if truth[picks].any() and not truth[picks].all()
+        ]
         return self
 
     def estimate(self, probabilities: Any, flagged: Any | None = None) -> PerformanceEstimate:

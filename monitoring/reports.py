@@ -356,11 +356,9 @@ def write_reports(
 def verdict_figures(judged: WindowVerdict, settings: Settings) -> dict[str, float]:
     """The verdict, the figures behind it and their thresholds, as numbers the dashboard charts.
 
-    Each becomes ``MeanValue(column=<name>)`` in the ``verdict`` snapshot. Evidently's line plots
-    draw no horizontal line, so each threshold is a figure too (``threshold_*``, and the gate's
-    ``gate_min_sensitivity``), the second series of its panel. Per-site figures are named
-    ``<figure>@<site>``. A figure that does not exist this window (no labels yet, too few rows,
-    a Wasserstein test instead of a p-value) is left out rather than charted as zero.
+    Each becomes ``MeanValue(column=<name>)`` in the ``verdict`` snapshot; thresholds are figures
+    too (see :mod:`monitoring.dashboard`). A figure that does not exist this window (no labels
+    yet, too few rows, a Wasserstein test instead of a p-value) is left out rather than charted as zero.
     """
     from monitoring.dashboard import site_figure
     from monitoring.judge import SEVERITY_CODES, VERDICT_CODES

@@ -55,6 +55,7 @@ import pandas as pd
 
 from monitoring.drift import ENCOUNTER_HASH, PREDICTED_LABEL, PROBABILITY
 from monitoring.signals import SiteTraffic
+from pipelines.metrics import probability_malignant
 from pipelines.schema import FEATURE_RANGES, FEATURES, LABEL, NEGATIVE, POSITIVE, SITE
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ def fit_on(train: pd.DataFrame, holdout: pd.DataFrame, settings: Settings, popul
     from threadpoolctl import threadpool_limits
 
     from monitoring.estimation import PerformanceEstimator
-    from pipelines.metrics import feature_importance, probability_malignant
+    from pipelines.metrics import feature_importance
     from pipelines.train import choose_threshold, fit_final, search_best
 
     with threadpool_limits(limits=1):
@@ -302,9 +303,7 @@ def generate_window(
     kept = ~refused
     current = pd.DataFrame(values[kept], columns=list(FEATURES))
     current[SITE] = sites[kept]
-    probability = champion.model.predict_proba(current[list(FEATURES)])[
-        :, list(champion.model.classes_).index(POSITIVE)
-    ]
+    probability = probability_malignant(champion.model, current)
     current[PROBABILITY] = probability
     current[PREDICTED_LABEL] = np.where(probability >= champion.threshold, POSITIVE, NEGATIVE)
     current[ENCOUNTER_HASH] = [f"e{i:06d}" for i in range(len(current))]
@@ -358,11 +357,9 @@ def scenario_effect(
     """
     from scipy.stats import ks_2samp
 
-    scenario = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
-    changed = generate_window(
-        scenario, rows, champion, rng, affected_share=1.0, feedback_share=0.0, baseline_refusal=0.0
-    )
-    calm = generate_window("calm", rows, champion, rng, affected_share=1.0, feedback_share=0.0, baseline_refusal=0.0)
+    # The affected site only, without feedback labels or baseline refusals.
+    alone = dict(affected_share=1.0, feedback_share=0.0, baseline_refusal=0.0)
+    changed, calm = (generate_window(name, rows, champion, rng, **alone) for name in (scenario, "calm"))
     shift = (
         float(ks_2samp(changed.current[PROBABILITY], calm.current[PROBABILITY]).statistic)
         if len(changed.current)

@@ -169,10 +169,8 @@ def prediction_drift_signal(test: ColumnDrift | None, distance: float | None, sc
     if test.test == "ks":
         fired, rule = test.score <= limit, f"p <= {limit:g}"
     else:  # reference above 1,000 rows: Evidently's normed Wasserstein distance
-        fired, rule = (
-            test.score >= settings.monitor_strong_drift_distance,
-            (f"distance >= {settings.monitor_strong_drift_distance:g}"),
-        )
+        strong = settings.monitor_strong_drift_distance
+        fired, rule = test.score >= strong, f"distance >= {strong:g}"
     figures = {"test": test.test, "score": test.score, "rule": rule, "distance": distance}
     text = (
         f"probability_malignant shifted ({test.test} {test.score:.2g}, {rule}; moved {distance or 0:.2f} sd)"
