@@ -91,11 +91,8 @@ class SiteDrift:
 
 @dataclass(frozen=True)
 class Performance:
-    """Classification quality on predictions whose true diagnosis came back through /feedback.
-
-    The metrics are :func:`pipelines.metrics.clinical_metrics`' (the ones training and the gate
-    use); ``None`` where undefined, e.g. sensitivity when no labelled case was malignant.
-    """
+    """Classification quality on predictions whose true diagnosis came back through /feedback: the
+    metrics training and the gate use (:func:`pipelines.metrics.clinical_metrics`), ``None`` where undefined."""
 
     n_labelled: int
     n_malignant: int
@@ -181,8 +178,7 @@ def detect_drift(
     columns = shared_features(current, reference)
     if reference_probabilities is not None:
         reference = reference.assign(**{PROBABILITY: np.asarray(reference_probabilities, dtype="float64")})
-    threshold = settings.drift_share_threshold
-    min_rows = settings.drift_min_rows
+    threshold, min_rows = settings.drift_share_threshold, settings.drift_min_rows
     n_current = len(current)
     result = DriftResult(
         verdict=Verdict.INSUFFICIENT_DATA,

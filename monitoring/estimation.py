@@ -30,11 +30,8 @@ Z_95 = 1.959963984540054
 
 @dataclass(frozen=True)
 class PerformanceEstimate:
-    """Expected performance of one window's predictions, each metric with its standard error.
-
-    ``None`` where a metric is undefined (no expected malignant case, nothing flagged...).
-    ``*_error`` is one standard error; the 95 % interval is ``estimate +- 1.96 * error``.
-    """
+    """Expected performance of one window's predictions, each metric with one standard error
+    (``*_error``); ``None`` where a metric is undefined (no expected malignant case, nothing flagged...)."""
 
     n_rows: int
     expected_malignant: float
@@ -138,8 +135,7 @@ def _isotonic(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _apply(calibration: tuple[np.ndarray, np.ndarray], scores: np.ndarray) -> np.ndarray:
-    x, y = calibration
-    return np.interp(scores, x, y)
+    return np.interp(scores, *calibration)
 
 
 def _expected(chance: np.ndarray, flagged: np.ndarray) -> dict[str, np.ndarray]:

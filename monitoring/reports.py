@@ -305,12 +305,9 @@ def _result(
 
 
 def load_reference(settings: Settings, model_version: str) -> Reference:
-    """The champion's training rows with its own scores, as its training run stored them.
-
-    Read from the run (``reference/train.csv``: the exact rows and ``probability_malignant``),
-    never split again from today's settings, so prediction drift compares like with like. A
-    version whose run stored none raises :class:`pipelines.model_registry.MissingReference`.
-    """
+    """The champion's training rows with its own scores, as its training run stored them (never split
+    again from today's settings, so prediction drift compares like with like); a version whose run
+    stored none raises :class:`pipelines.model_registry.MissingReference`."""
     from pipelines.model_registry import stored_reference, version_tags
 
     stored = stored_reference(model_version, settings)

@@ -83,11 +83,8 @@ class Signal:
 
 @dataclass(frozen=True)
 class SiteTraffic:
-    """What the service counted for one site in the window: records scored, records refused (422), and why.
-
-    ``by_field`` maps each field a refusal named to ``{reason: records}`` (``out_of_range``,
-    ``missing``, ``not_a_number``...); one refused record may name several fields.
-    """
+    """What the service counted for one site in the window: records scored, records refused (422), and
+    why: ``by_field`` maps each field a refusal named to ``{reason: records}`` (a record may name several)."""
 
     site: str
     scored: int
@@ -548,11 +545,10 @@ def compute_signals(
     latest = settings.monitor_label_window
     window_labels = labelled.tail(latest) if labelled is not None and len(labelled) else None
     window = scope_signals(WINDOW, _WHOLE, len(current), window_tested, overall, window_labels)
+    label_sites = labelled[SITE].astype(str) if window_labels is not None and SITE in labelled.columns else None
     sites: dict[str, ScopeSignals] = {}
     for site in sorted(set(site_sizes) | set(refusals)):
-        rows = None
-        if window_labels is not None and SITE in labelled.columns:
-            rows = labelled[labelled[SITE].astype(str) == site].tail(latest)
+        rows = None if label_sites is None else labelled[label_sites == site].tail(latest)
         sites[site] = scope_signals(site, site, site_sizes.get(site, 0), site in by_site, by_site.get(site, {}), rows)
     prediction = overall.get(PROBABILITY) if window_tested else None
     window_columns = {name: overall[name] for name in columns if name in overall} if window_tested else {}
