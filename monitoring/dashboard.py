@@ -2,14 +2,10 @@
 their thresholds, sensitivity, and a tab per site.
 
 Every series is a ``MeanValue`` of the ``verdict`` snapshots (:func:`monitoring.reports.
-verdict_figures`), picked by its column. Evidently's line plots draw no horizontal line, so each
-threshold is a figure of the same snapshot, plotted as its panel's series "threshold (...)". A
-series is keyed by metric and column only (Evidently merges series that differ by tags alone), so
-a site's figures are columns of their own, ``<figure>@<site>``.
-
-The dashboard is medops': :func:`save_dashboard` writes it whole, for the sites seen (the ``Site``
-tabs already there and the window's), with ids derived from titles, so writing it again for the
-same sites leaves it as it was.
+verdict_figures`), picked by its column; thresholds are figures too (line plots draw no
+horizontal line). Evidently merges series that differ by tags alone, so a site's figures are
+columns of their own, ``<figure>@<site>``. :func:`save_dashboard` writes the dashboard whole,
+with ids derived from titles, so writing it again for the same sites leaves it as it was.
 """
 
 from __future__ import annotations
@@ -45,6 +41,9 @@ def panels(sites: Iterable[str]) -> list[tuple[str, DashboardPanelPlot]]:
     """Every panel with its tab: verdict, signals, sensitivity, then one tab per site."""
     from evidently.sdk.panels import bar_plot_panel, counter_panel, line_plot_panel
 
+    def line(tab: str, title: str, *columns: tuple[str, str], size: str = "half") -> tuple[str, DashboardPanelPlot]:
+        return tab, line_plot_panel(title, _series(*columns), size=size)
+
     found = [
         (
             "Verdict",
@@ -63,86 +62,62 @@ def panels(sites: Iterable[str]) -> list[tuple[str, DashboardPanelPlot]]:
                 _series(("verdict_code", "verdict code"), ("severity_code", f"severity ({SEVERITY_LEGEND})")),
             ),
         ),
-        (
+        line(
             "Signals",
-            line_plot_panel(
-                "Prediction drift: KS p-value of probability_malignant",
-                _series(("prediction_drift_p_value", "p-value"), P_VALUE_THRESHOLD),
-                size="half",
-            ),
+            "Prediction drift: KS p-value of probability_malignant",
+            ("prediction_drift_p_value", "p-value"),
+            P_VALUE_THRESHOLD,
         ),
-        (
+        line(
             "Signals",
-            line_plot_panel(
-                "Share of the model's weight in drifted features",
-                _series(
-                    ("importance_weighted_share", "weighted share"),
-                    ("threshold_importance_share", "threshold (weighted share: drift at or above)"),
-                ),
-                size="half",
-            ),
+            "Share of the model's weight in drifted features",
+            ("importance_weighted_share", "weighted share"),
+            ("threshold_importance_share", "threshold (weighted share: drift at or above)"),
         ),
-        (
+        line(
             "Signals",
-            line_plot_panel(
-                "Share of features drifted materially",
-                _series(("column_share", "share"), ("threshold_column_share", "threshold (share: drift at or above)")),
-                size="half",
-            ),
+            "Share of features drifted materially",
+            ("column_share", "share"),
+            ("threshold_column_share", "threshold (share: drift at or above)"),
         ),
-        (
+        line(
             "Signals",
-            line_plot_panel(
-                "Highest refusal rate of a site",
-                _series(
-                    ("max_site_refusal_rate", "refusal rate"),
-                    ("threshold_refusal_critical_rate", "threshold (refusal rate: critical at or above)"),
-                ),
-                size="half",
-            ),
+            "Highest refusal rate of a site",
+            ("max_site_refusal_rate", "refusal rate"),
+            ("threshold_refusal_critical_rate", "threshold (refusal rate: critical at or above)"),
         ),
-        (
+        line(
             "Sensitivity",
-            line_plot_panel(
-                "Sensitivity: estimated (CBPE, 95 % interval) and realized (feedback labels)",
-                _series(
-                    ("estimated_sensitivity", "estimated"),
-                    ("estimated_sensitivity_low", "estimated, 95 % low"),
-                    ("estimated_sensitivity_high", "estimated, 95 % high"),
-                    ("realized_sensitivity", "realized"),
-                    SENSITIVITY_GATE,
-                ),
-            ),
+            "Sensitivity: estimated (CBPE, 95 % interval) and realized (feedback labels)",
+            ("estimated_sensitivity", "estimated"),
+            ("estimated_sensitivity_low", "estimated, 95 % low"),
+            ("estimated_sensitivity_high", "estimated, 95 % high"),
+            ("realized_sensitivity", "realized"),
+            SENSITIVITY_GATE,
+            size="full",
         ),
     ]
     for site in sorted(set(sites)):
         tab = f"{SITE_TAB}{site}"
         found += [
-            (
+            line(
                 tab,
-                line_plot_panel(
-                    f"{site}: prediction drift p-value",
-                    _series((site_figure("prediction_drift_p_value", site), "p-value"), P_VALUE_THRESHOLD),
-                    size="half",
-                ),
+                f"{site}: prediction drift p-value",
+                (site_figure("prediction_drift_p_value", site), "p-value"),
+                P_VALUE_THRESHOLD,
             ),
-            (
+            line(
                 tab,
-                line_plot_panel(
-                    f"{site}: refusal rate",
-                    _series(
-                        (site_figure("refusal_rate", site), "refusal rate"),
-                        (site_figure("refusal_rate_threshold", site), "threshold (site's baseline bound + jump)"),
-                    ),
-                    size="half",
-                ),
+                f"{site}: refusal rate",
+                (site_figure("refusal_rate", site), "refusal rate"),
+                (site_figure("refusal_rate_threshold", site), "threshold (site's baseline bound + jump)"),
             ),
-            (
+            line(
                 tab,
-                line_plot_panel(
-                    f"{site}: estimated sensitivity",
-                    _series((site_figure("estimated_sensitivity", site), "estimated"), SENSITIVITY_GATE),
-                ),
+                f"{site}: estimated sensitivity",
+                (site_figure("estimated_sensitivity", site), "estimated"),
+                SENSITIVITY_GATE,
+                size="full",
             ),
         ]
     return found

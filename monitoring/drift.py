@@ -6,30 +6,18 @@ rows: never an alert), the per-column tests, prediction drift on ``probability_m
 classification performance where feedback labels exist, a per-``site_id`` breakdown and the
 Evidently snapshots people open as HTML/JSON.
 
-How it stays fast on large windows: the verdict does not come from Evidently's report. It runs
-*the tests Evidently would choose* (same selection rule, same thresholds, same scipy formulas)
-on whole columns with numpy, all sites at once, columns in parallel threads:
-
-- reference of at most 1,000 rows (the champion's training split is 455): two-sample
-  Kolmogorov-Smirnov. The statistic only needs, for each distinct reference value, how many
-  current values lie below it and how many equal it; one arithmetic binning pass per column and
-  one ``bincount`` over (site, bin) give those counts for the whole window and every site, with
-  no sort of the current values. The statistic is then the very float scipy's ``ks_2samp``
-  computes; the p-value follows scipy's own choice (``ks_2samp`` itself where it would be exact,
-  both samples at most 10,000 rows; Smirnov's ``kstwo`` distribution above, as ``ks_2samp`` does).
-- larger reference: Wasserstein distance normed by the reference's standard deviation, computed
-  like ``scipy.stats.wasserstein_distance`` on sorted values (one sort per site and column).
-- columns with five or fewer distinct values: Evidently's own test function (never the case for
-  the thirty continuous features; kept so the rule matches Evidently's everywhere).
-
-So scores, drifted columns and verdicts equal a plain Evidently run on all rows (up to float
-rounding; the tests check it). On 1,000,000 rows x 30 features the tests take about 0.6 s of CPU
-where Evidently's ``DataDriftPreset`` takes about a minute. What remains is the Evidently report
-people open, which costs about 2.5 s whatever the size (plotly figures per column), so it runs on
-a seeded sample, stratified by site, of at most ``report_rows`` (5,000) current rows: all rows of
-an ordinary hourly window. With a reference of a few hundred rows that changes little even for a
-huge window (the KS test's power is bounded by the smaller sample), and the report's metadata
-says so; the authoritative numbers are the result's, written as ``summary.json``.
+The verdict does not come from Evidently's report, which takes about a minute on 1,000,000 rows:
+it runs *the tests Evidently would choose* (same selection rule, thresholds and scipy formulas)
+with numpy on whole columns, all sites at once, columns in parallel threads (about 0.6 s). A
+reference of at most 1,000 rows gets the two-sample Kolmogorov-Smirnov test, from counts of
+current values below and at each distinct reference value (one binning pass and one
+``bincount`` over (site, bin), no sort), with scipy's own choice of exact or asymptotic p-value;
+a larger one the Wasserstein distance normed by the reference's standard deviation; columns
+with five or fewer distinct values Evidently's own test function. So scores and verdicts equal
+a plain Evidently run on all rows (up to float rounding; the tests check it). The Evidently
+report people open runs on a seeded sample, stratified by site, of at most ``REPORT_ROWS``
+current rows (its plotly figures cost about 2.5 s whatever the size); its metadata says so, and
+the authoritative numbers are the result's, written as ``summary.json``.
 """
 
 from __future__ import annotations
@@ -103,11 +91,8 @@ class SiteDrift:
 
 @dataclass(frozen=True)
 class Performance:
-    """Classification quality on predictions whose true diagnosis came back through /feedback.
-
-    The metrics are :func:`pipelines.metrics.clinical_metrics`' (the ones training and the gate
-    use); ``None`` where undefined, e.g. sensitivity when no labelled case was malignant.
-    """
+    """Classification quality on predictions whose true diagnosis came back through /feedback: the
+    metrics training and the gate use (:func:`pipelines.metrics.clinical_metrics`), ``None`` where undefined."""
 
     n_labelled: int
     n_malignant: int
@@ -150,10 +135,8 @@ class DriftResult:
     def summary(self) -> dict[str, Any]:
         # asdict deep-copies whatever is not a dataclass: leave the snapshots out first.
         data = asdict(replace(self, drift_snapshot=None, performance_snapshot=None))
-        for name in ("drift_snapshot", "performance_snapshot"):
-            data.pop(name)
-        data["drifted_sites"] = list(self.drifted_sites)
-        return plain(data)
+        del data["drift_snapshot"], data["performance_snapshot"]
+        return plain(data | {"drifted_sites": list(self.drifted_sites)})
 
 
 def plain(value: Any) -> Any:
@@ -176,37 +159,26 @@ def detect_drift(
     *,
     reference_probabilities: Sequence[float] | np.ndarray | pd.Series | None = None,
     feedback: pd.DataFrame | None = None,
-    columns: Sequence[str] = FEATURES,
     report: bool = True,
-    report_rows: int = REPORT_ROWS,
     timestamp: datetime | None = None,
     judged: Any | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> DriftResult:
     """Compare a prediction-log window (``current``) with the champion's training rows (``reference``).
 
-    ``current`` has the prediction log's columns (the 30 features, ``site_id``,
-    ``probability_malignant``, ``label``, ``encounter_hash``...); ``reference`` has the features
-    and, optionally, ``probability_malignant`` from scoring its rows with the champion (or pass
-    ``reference_probabilities``). ``feedback`` (``encounter_hash``, ``diagnosis``) is joined to
-    the predictions for performance. The verdict is ``drift`` when the share of drifted feature
-    columns reaches ``settings.drift_share_threshold`` (Evidently's dataset-drift rule); below
-    ``settings.drift_min_rows`` current rows it is ``insufficient_data`` and nothing is tested.
-    Each site with at least ``drift_min_rows`` rows gets its own verdict the same way.
-    ``timestamp`` (the window's end) dates the Evidently snapshots; ``report=False`` skips them.
-    ``judged`` (a :class:`monitoring.judge.WindowVerdict`) puts the judge's verdict, severity and
-    fired signals in the drift report's metadata and tags, so the report says what the alert says;
-    ``metadata`` (the model and data versions) goes in both reports' metadata.
+    ``reference`` may carry the champion's ``probability_malignant`` on its rows (or pass
+    ``reference_probabilities``); ``feedback`` (``encounter_hash``, ``diagnosis``) is joined to the
+    predictions for performance. The verdict is ``drift`` when the share of drifted feature columns
+    reaches ``settings.drift_share_threshold`` (Evidently's dataset-drift rule), for the window and
+    for each site of at least ``drift_min_rows`` rows. ``timestamp`` dates the Evidently snapshots
+    (``report=False`` skips them); ``judged`` (a :class:`monitoring.judge.WindowVerdict`) puts the
+    judge's verdict and fired signals in the drift report, so it says what the alert says;
+    ``metadata`` (the model and data versions) goes in both reports.
     """
-    if reference.empty:
-        raise ValueError("the reference frame is empty: nothing to compare the prediction log with")
-    columns = [name for name in columns if name in current.columns and name in reference.columns]
-    if not columns:
-        raise ValueError("current and reference share none of the feature columns")
+    columns = shared_features(current, reference)
     if reference_probabilities is not None:
         reference = reference.assign(**{PROBABILITY: np.asarray(reference_probabilities, dtype="float64")})
-    threshold = settings.drift_share_threshold
-    min_rows = settings.drift_min_rows
+    threshold, min_rows = settings.drift_share_threshold, settings.drift_min_rows
     n_current = len(current)
     result = DriftResult(
         verdict=Verdict.INSUFFICIENT_DATA,
@@ -223,15 +195,13 @@ def detect_drift(
         }
         return result
 
-    tested = list(columns)
     # Prediction drift needs scores on both sides (run_monitoring blanks rows other versions served).
     with_prediction = (
         PROBABILITY in current.columns
         and PROBABILITY in reference.columns
         and int(np.isfinite(current[PROBABILITY].to_numpy(dtype="float64")).sum()) >= min_rows
     )
-    if with_prediction:
-        tested.append(PROBABILITY)
+    tested = [*columns, PROBABILITY] if with_prediction else columns
     overall, by_site = run_column_tests(current, reference, tested, sites)
 
     result.columns = {name: overall[name] for name in columns if name in overall}
@@ -242,21 +212,30 @@ def detect_drift(
             result.per_site[name] = SiteDrift(name, size, Verdict.INSUFFICIENT_DATA)
             continue
         site_columns = [by_site[column][index] for column in columns if column in by_site]
-        verdict, drifted, share = _verdict([found for found in site_columns if found], threshold)
-        result.per_site[name] = SiteDrift(name, size, verdict, drifted, share)
+        result.per_site[name] = SiteDrift(name, size, *_verdict([found for found in site_columns if found], threshold))
 
-    labelled = label_predictions(current, feedback) if feedback is not None else None
-    if labelled is not None and len(labelled):
+    labelled = label_predictions(current, feedback)
+    if len(labelled):
         result.performance = classification_performance(labelled)
     if report:
-        result.report_rows = min(n_current, report_rows)
-        sample = _report_sample(current, sites, report_rows, settings.seed)
+        result.report_rows = min(n_current, REPORT_ROWS)
+        sample = _report_sample(current, sites, REPORT_ROWS, settings.seed)
         result.drift_snapshot = _drift_snapshot(
             sample, reference, columns, with_prediction, result, timestamp, judged, metadata
         )
-        if labelled is not None and len(labelled):
+        if len(labelled):
             result.performance_snapshot = _performance_snapshot(labelled, timestamp, metadata)
     return result
+
+
+def shared_features(current: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
+    """The features both frames have, refusing an empty reference or none in common."""
+    if reference.empty:
+        raise ValueError("the reference frame is empty: nothing to compare the prediction log with")
+    columns = [name for name in FEATURES if name in current.columns and name in reference.columns]
+    if not columns:
+        raise ValueError("current and reference share none of the feature columns")
+    return columns
 
 
 def _verdict(found: Iterable[ColumnDrift], threshold: float) -> tuple[Verdict, tuple[str, ...], float]:
@@ -329,15 +308,11 @@ def run_column_tests(
 def _column_tests(
     name: str, ref_sorted: np.ndarray, column: _Column
 ) -> tuple[ColumnDrift | None, list[ColumnDrift | None]]:
-    """The test Evidently picks for a numerical column, on all rows and on each site's rows.
-
-    Returns the overall result and one per site (the overall one again when there are no sites);
-    None where a side has no values (Evidently refuses empty columns).
-    """
+    """The test Evidently picks for a numerical column: the overall result and one per site (the
+    overall one again when there are no sites); None where a side has no values, as Evidently refuses."""
     from evidently.legacy.calculations.stattests import ks_stat_test, wasserstein_stat_test
 
     n_ref = len(ref_sorted)
-    groups: list[np.ndarray] | None = None
     if n_ref == 0:
         overall, per_site = None, [None] * column.n_sites
     elif len(np.unique(ref_sorted)) <= _FEW_VALUES:  # rare: let Evidently pick and run the test itself
@@ -377,11 +352,9 @@ def _evidently_test(name: str, ref: np.ndarray, cur: np.ndarray) -> ColumnDrift:
 def _ks_p_values(ref_sorted: np.ndarray, column: _Column) -> list[float | None]:
     """p-values of scipy's two-sided ``ks_2samp(reference, current)``: all rows first, then each site.
 
-    The empirical CDFs are step functions, so the statistic only needs, for every distinct
-    reference value, how many current values lie below it and how many equal it: one binning
-    pass and one ``bincount`` over (site, bin) give that for all rows and every site at once,
-    with no sort of the current values. Where scipy would compute the exact p-value (both samples
-    of at most 10,000 rows) scipy is called on the values themselves.
+    The empirical CDFs are step functions, so counts of current values below and at each distinct
+    reference value suffice (see the module). Where scipy would compute the exact p-value (both
+    samples of at most 10,000 rows) scipy is called on the values themselves.
     """
     from scipy import stats
 
@@ -389,11 +362,11 @@ def _ks_p_values(ref_sorted: np.ndarray, column: _Column) -> list[float | None]:
     m, n1 = len(points), len(ref_sorted)
     ref_le = np.searchsorted(ref_sorted, points, side="right")
     bins, equal = _bin_right(column.values, points)
-    sites = column.n_sites if column.codes is not None else 1
     if column.codes is None:
         below_bins = np.bincount(bins, minlength=m + 1)[None, :]
         at_points = np.bincount(bins[equal] - 1, minlength=m)[None, :]
     else:
+        sites = column.n_sites
         below_bins = np.bincount(column.codes * (m + 1) + bins, minlength=sites * (m + 1)).reshape(sites, m + 1)
         at_points = np.bincount(column.codes[equal] * m + bins[equal] - 1, minlength=sites * m).reshape(sites, m)
     counts = [(below_bins.sum(axis=0), at_points.sum(axis=0))] + list(zip(below_bins, at_points, strict=True))
@@ -578,14 +551,7 @@ def _drift_snapshot(
     tags = ["drift", verdict]
     if judged is not None:
         metadata["severity"] = str(judged.severity or "none")
-        metadata["signals"] = (
-            "; ".join(
-                f"{signal.scope}: {signal.text}"
-                for scope in (judged.window, *judged.sites.values())
-                for signal in scope.fired
-            )
-            or "none fired"
-        )
+        metadata["signals"] = judged.fired_text()
         tags += [str(judged.severity)] if judged.severity else []
     # Only model inputs and outputs go to Evidently: no encounter hash or request id; site ids
     # (hospitals, not patients) only in the verdict's metadata.

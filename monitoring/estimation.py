@@ -7,14 +7,11 @@ specificity and PPV: NannyML's CBPE. NannyML itself is not used: 0.13.1 requires
 ``python-dateutil<3`` where the lock holds 4.0.0 (Airflow's stack), and it would bring XGBoost,
 LightGBM, cloud file systems and a telemetry client for about sixty lines of arithmetic.
 
-Two things make an estimate differ from the sensitivity the labels will later show, and the
-stated error holds both: the window's cases are random draws given their probabilities (the
-variance of a sum of Bernoulli trials, through the delta method), and the calibration map was
-learnt from a few hundred rows (the spread of the estimate under calibration maps refitted on
-bootstrap resamples of those rows). The estimate is only as good as the assumption behind CBPE:
-the chance of malignancy at a given score is the same as on the calibration rows. A shift in
-measurement (a site's calibration) breaks that, which is why prediction and feature drift are
-separate signals.
+The stated error holds both sources of difference from what the labels will later show: the
+window's cases are random draws given their probabilities (delta method), and the calibration
+map was learnt from a few hundred rows (bootstrap refits). CBPE assumes the chance of
+malignancy at a given score is the same as on the calibration rows; a shift in measurement (a
+site's calibration) breaks that, which is why prediction and feature drift are separate signals.
 
 Calibrate on rows the champion did not train on: its hold-out rows, or the out-of-fold
 probabilities training computes to choose the operating threshold. In-sample scores are
@@ -23,7 +20,7 @@ over-confident and would make every estimate look better than it is.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,11 +30,8 @@ Z_95 = 1.959963984540054
 
 @dataclass(frozen=True)
 class PerformanceEstimate:
-    """Expected performance of one window's predictions, each metric with its standard error.
-
-    ``None`` where a metric is undefined (no expected malignant case, nothing flagged...).
-    ``*_error`` is one standard error; the 95 % interval is ``estimate +- 1.96 * error``.
-    """
+    """Expected performance of one window's predictions, each metric with one standard error
+    (``*_error``); ``None`` where a metric is undefined (no expected malignant case, nothing flagged...)."""
 
     n_rows: int
     expected_malignant: float
@@ -56,19 +50,14 @@ class PerformanceEstimate:
             return None
         return max(0.0, value - Z_95 * error), min(1.0, value + Z_95 * error)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 class PerformanceEstimator:
     """Confidence-based performance estimation (CBPE) for the champion's operating point.
 
-    Follows the scikit-learn estimator contract: ``fit(probabilities, is_malignant)`` learns an
-    isotonic calibration map (and ``n_bootstrap`` maps on resamples, for the calibration part of
-    the error) from rows with known diagnosis; ``estimate(probabilities, flagged=None)`` returns
-    a :class:`PerformanceEstimate` for a window. ``threshold`` is the champion's operating
-    threshold on ``probability_malignant`` (cases at or above it are flagged malignant, as
-    ``FixedThresholdClassifier`` does); pass ``flagged`` to use the labels actually served.
+    ``fit(probabilities, is_malignant)`` learns an isotonic calibration map (and ``n_bootstrap``
+    maps on resamples) from rows with known diagnosis; ``estimate(probabilities, flagged=None)``
+    returns a window's :class:`PerformanceEstimate`. Cases at or above ``threshold`` count as
+    flagged malignant, as ``FixedThresholdClassifier`` does; ``flagged`` gives the labels served.
     """
 
     def __init__(self, threshold: float = 0.5, n_bootstrap: int = 50, seed: int = 0):
@@ -77,7 +66,7 @@ class PerformanceEstimator:
         self.seed = seed
 
     def fit(self, probabilities: Any, is_malignant: Any) -> PerformanceEstimator:
-        scores = _scores(probabilities, "probabilities")
+        scores = _scores(probabilities)
         truth = np.asarray(is_malignant, dtype=bool)
         if truth.shape != scores.shape:
             raise ValueError(f"is_malignant has {truth.size} values for {scores.size} probabilities")
@@ -85,22 +74,16 @@ class PerformanceEstimator:
             raise ValueError("calibration needs malignant and benign rows with known diagnosis")
         self.map_ = _isotonic(scores, truth)
         rng = np.random.default_rng(self.seed)
-        maps = []
-        for _ in range(self.n_bootstrap):
-            picks = rng.integers(0, len(scores), len(scores))
-            if truth[picks].all() or not truth[picks].any():
-                continue
-            maps.append(_isotonic(scores[picks], truth[picks]))
-        self.bootstrap_maps_ = maps
-        self.n_calibration_rows_ = len(scores)
+        resamples = (rng.integers(0, len(scores), len(scores)) for _ in range(self.n_bootstrap))
+        self.bootstrap_maps_ = [
+            _isotonic(scores[picks], truth[picks])
+            for picks in resamples
+            if truth[picks].any() and not truth[picks].all()
+        ]
         return self
 
-    def calibrated(self, probabilities: Any) -> np.ndarray:
-        """The chance of malignancy of each case, as the calibration rows say."""
-        return _apply(self.map_, _scores(probabilities, "probabilities"))
-
     def estimate(self, probabilities: Any, flagged: Any | None = None) -> PerformanceEstimate:
-        scores = _scores(probabilities, "probabilities")
+        scores = _scores(probabilities)
         flagged = scores >= self.threshold if flagged is None else np.asarray(flagged, dtype=bool)
         if flagged.shape != scores.shape:
             raise ValueError(f"flagged has {flagged.size} values for {scores.size} probabilities")
@@ -134,12 +117,12 @@ class PerformanceEstimator:
         )
 
 
-def _scores(values: Any, name: str) -> np.ndarray:
-    scores = np.asarray(values, dtype="float64").ravel()
+def _scores(probabilities: Any) -> np.ndarray:
+    scores = np.asarray(probabilities, dtype="float64").ravel()
     if not np.isfinite(scores).all():
-        raise ValueError(f"{name} must be finite numbers (found NaN or infinity)")
+        raise ValueError("probabilities must be finite numbers (found NaN or infinity)")
     if scores.size and (scores.min() < 0 or scores.max() > 1):
-        raise ValueError(f"{name} must lie between 0 and 1")
+        raise ValueError("probabilities must lie between 0 and 1")
     return scores
 
 
@@ -152,8 +135,7 @@ def _isotonic(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _apply(calibration: tuple[np.ndarray, np.ndarray], scores: np.ndarray) -> np.ndarray:
-    x, y = calibration
-    return np.interp(scores, x, y)
+    return np.interp(scores, *calibration)
 
 
 def _expected(chance: np.ndarray, flagged: np.ndarray) -> dict[str, np.ndarray]:

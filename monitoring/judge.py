@@ -18,32 +18,28 @@ has a data-quality incident (its drift may be that site's broken inputs).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from monitoring.drift import Verdict, plain
-from monitoring.signals import WINDOW, Points, ScopeSignals, Severity, Signal, WindowSignals
+from monitoring.signals import WINDOW, ScopeSignals, Severity, Signal, WindowSignals
 
 if TYPE_CHECKING:
     from medops.core.settings import Settings
 
 
 RETRAINING_VERDICTS = (Verdict.DRIFT, Verdict.PERFORMANCE_DROP)
-# Within a scope: the first verdict with a fired signal wins.
-_WITHIN_SCOPE = (
-    (Verdict.DATA_QUALITY, Points.DATA_QUALITY),
-    (Verdict.PERFORMANCE_DROP, Points.PERFORMANCE_DROP),
-    (Verdict.DRIFT, Points.DRIFT),
-)
-# Across scopes: how grave a verdict is for the window's headline.
-_GRAVITY = {
+# Within a scope: the first verdict with a fired signal wins (a signal points to the verdict of its name).
+_WITHIN_SCOPE = (Verdict.DATA_QUALITY, Verdict.PERFORMANCE_DROP, Verdict.DRIFT)
+# Across scopes: how grave a verdict is for the window's headline (and its code on the dashboard).
+VERDICT_CODES = {
     Verdict.PERFORMANCE_DROP: 3,
     Verdict.DRIFT: 2,
     Verdict.DATA_QUALITY: 1,
     Verdict.NO_DRIFT: 0,
     Verdict.INSUFFICIENT_DATA: -1,
 }
-_SEVERITY = {None: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
+SEVERITY_CODES = {None: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 
 
 @dataclass(frozen=True)
@@ -61,18 +57,6 @@ class ScopeVerdict:
     def retrains(self) -> bool:
         return self.verdict in RETRAINING_VERDICTS and self.severity == Severity.CRITICAL
 
-    def summary(self) -> dict[str, Any]:
-        return plain(
-            {
-                "scope": self.scope,
-                "n_rows": self.n_rows,
-                "verdict": self.verdict,
-                "severity": self.severity,
-                "fired": [signal.to_dict() for signal in self.fired],
-                "signals": [signal.to_dict() for signal in self.signals],
-            }
-        )
-
 
 @dataclass(frozen=True)
 class WindowVerdict:
@@ -89,26 +73,22 @@ class WindowVerdict:
     def alerting_sites(self) -> tuple[str, ...]:
         return tuple(site for site, found in self.sites.items() if found.fired)
 
+    def fired_text(self) -> str:
+        """Every fired signal with its scope, in one line for a report's metadata."""
+        fired = [signal for scope in (self.window, *self.sites.values()) for signal in scope.fired]
+        return "; ".join(f"{signal.scope}: {signal.text}" for signal in fired) or "none fired"
+
     def summary(self) -> dict[str, Any]:
-        return plain(
-            {
-                "verdict": self.verdict,
-                "severity": self.severity,
-                "scope": self.scope,
-                "retrain": self.retrain,
-                "window": self.window.summary(),
-                "sites": {site: found.summary() for site, found in self.sites.items()},
-            }
-        )
+        return plain(asdict(self))
 
 
 def judge_scope(signals: ScopeSignals) -> ScopeVerdict:
     """The verdict for one scope: data_quality, then performance_drop, then drift (see the module)."""
     fired = signals.fired
-    for verdict, points in _WITHIN_SCOPE:
-        chosen = [signal for signal in fired if signal.points_to == points]
+    for verdict in _WITHIN_SCOPE:
+        chosen = [signal for signal in fired if signal.points_to == verdict]
         if chosen:
-            severity = max((signal.severity for signal in chosen), key=lambda s: _SEVERITY[s])
+            severity = max((signal.severity for signal in chosen), key=lambda s: SEVERITY_CODES[s])
             return ScopeVerdict(signals.scope, signals.n_rows, verdict, severity, fired, signals.signals)
     verdict = Verdict.NO_DRIFT if signals.tested else Verdict.INSUFFICIENT_DATA
     return ScopeVerdict(signals.scope, signals.n_rows, verdict, None, fired, signals.signals)
@@ -130,7 +110,7 @@ def judge_window(signals: WindowSignals) -> WindowVerdict:
 
 def _rank(found: ScopeVerdict) -> tuple[int, int, int]:
     # Ties go to the window-wide scope (it speaks for all rows).
-    return _SEVERITY[found.severity], _GRAVITY[found.verdict], int(found.scope == WINDOW)
+    return SEVERITY_CODES[found.severity], VERDICT_CODES[found.verdict], int(found.scope == WINDOW)
 
 
 def assess_window(

@@ -22,7 +22,6 @@ stay in the next window until there are enough.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,26 +37,7 @@ if TYPE_CHECKING:
     from monitoring.estimation import PerformanceEstimator
     from monitoring.judge import ScopeVerdict, WindowVerdict
 
-log = logging.getLogger(__name__)
-
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
-
-
-@dataclass(frozen=True)
-class ReportFiles:
-    """Where one monitoring run's reports went on disk."""
-
-    directory: Path
-    summary: Path
-    drift_html: Path | None = None
-    drift_json: Path | None = None
-    performance_html: Path | None = None
-    performance_json: Path | None = None
-    verdict_html: Path | None = None
-    verdict_json: Path | None = None
-
-    def files(self) -> list[Path]:
-        return [path for path in asdict(self).values() if isinstance(path, Path) and path.is_file()]
 
 
 @dataclass(frozen=True)
@@ -77,12 +57,10 @@ class Reference:
 class MonitoringResult:
     """One monitoring run, JSON-able (``to_dict``) so DAG tasks can pass it on.
 
-    ``verdict``/``severity`` are the judge's (:mod:`monitoring.judge`) for the window, led by the
-    gravest scope (the whole window or one site); ``retrain`` says whether ``medops/drift`` is due.
-    ``sites`` are the sites whose own verdict is not ``no_drift``; ``site_verdicts`` holds every
-    site's verdict, severity and fired signals; ``signals`` every fired signal with its scope and
-    figures. ``drifted_columns`` are the features the fired drift signals name (the window's or
-    the alerting sites'); ``share`` and ``column_verdict`` are the plain column-count rule's.
+    ``verdict``/``severity`` are the judge's for the window, led by the gravest scope;
+    ``retrain`` says whether ``medops/drift`` is due. ``sites`` are the sites whose own verdict is
+    not ``no_drift``; ``signals`` every fired signal; ``drifted_columns`` the features the fired
+    drift signals name; ``share`` and ``column_verdict`` are the plain column-count rule's.
     """
 
     verdict: str
@@ -144,12 +122,10 @@ def run_monitoring(
     """Monitor the prediction log window since the last report: signals, verdict, reports, and an alert.
 
     ``since`` overrides where the window starts (default: where the last report's window ended,
-    or the beginning of the log); the window ends at ``now``. The verdict is the judge's
-    (:func:`monitoring.judge.judge_window`) on the signals of :func:`monitoring.signals.
-    compute_signals`, fed with what the champion's training run stored (reference rows with
-    scores, importance, hold-out rows for the performance estimator), the latest feedback labels
-    per site and the service's per-site scored and refused counts. With ``alert=False`` the caller
-    alerts (the DAG does it in its own task, with :func:`alert_for_result`).
+    or the beginning of the log); the window ends at ``now``. The signals are fed with what the
+    champion's training run stored, the latest feedback labels per site and the service's
+    per-site scored and refused counts. With ``alert=False`` the caller alerts (the DAG does it in
+    its own task, with :func:`alert_for_result`).
     """
     import pandas as pd
 
@@ -201,17 +177,18 @@ def run_monitoring(
 
     stamp = now.strftime(STAMP_FORMAT)
     verdict = verdict_snapshot(judged, settings, now, versions)
-    files = write_reports(
-        found, settings, stamp=stamp, context=result.to_dict(), judged=judged, verdict_snapshot=verdict
-    )
-    result.report_dir, result.report = str(files.directory), str(files.drift_html or files.summary)
-    result.report_url = files.drift_html.as_uri() if files.drift_html else None
     kinds = [("drift", found.drift_snapshot), ("performance", found.performance_snapshot), ("verdict", verdict)]
+    directory = write_reports(found, settings, kinds, stamp=stamp, context=result.to_dict(), judged=judged)
+    drift_html = directory / "drift.html" if found.drift_snapshot is not None else None
+    result.report_dir, result.report = str(directory), str(drift_html or directory / "summary.json")
+    result.report_url = drift_html.as_uri() if drift_html else None
     project_id, snapshots = add_to_workspace(settings, kinds, name=f"{stamp} v{champion}", sites=list(judged.sites))
     result.workspace_project_id, result.snapshot_ids = project_id, snapshots
     if snapshots:
-        result.report_url = evidently_url(settings, project_id, snapshots[0])
-    result.mlflow_run_id = log_to_mlflow(files, settings, model_version=champion, stamp=stamp, result=result)
+        result.report_url = (
+            f"http://{settings.host}:{settings.evidently_port}/projects/{project_id}/reports/{snapshots[0]}"
+        )
+    result.mlflow_run_id = log_to_mlflow(directory, settings, model_version=champion, stamp=stamp, result=result)
     _save_window_state(settings, now, result, _next_baseline(state.get("traffic") or {}, traffic, result))
     if alert:
         result.alert = alert_for_result(result, settings)
@@ -255,11 +232,8 @@ def latest_labels(settings: Settings, feedback: pd.DataFrame, now: datetime, win
 def _next_baseline(baseline: dict[str, Any], traffic: dict[str, Any], result: MonitoringResult) -> dict[str, Any]:
     """This window's traffic per site as the next window's refusal baseline, except where it was a
     data-quality incident (an incident must not become the normal the next window is judged by)."""
-    kept = dict(baseline)
-    for site, counts in traffic.items():
-        if result.site_verdicts.get(site, {}).get("verdict") != Verdict.DATA_QUALITY:
-            kept[site] = counts
-    return kept
+    incidents = {site for site, found in result.site_verdicts.items() if found["verdict"] == Verdict.DATA_QUALITY}
+    return baseline | {site: counts for site, counts in traffic.items() if site not in incidents}
 
 
 def _no_verdict(window: dict[str, Any], rows: int, champion: str | None, note: str) -> MonitoringResult:
@@ -299,7 +273,6 @@ def _result(
     )
     estimated = next((s.figures for s in judged.window.signals if s.name == "estimated_performance"), None)
     realized = next((s.figures for s in judged.window.signals if s.name == "realized_performance"), None)
-    performance = asdict(found.performance) if found.performance else None
     return MonitoringResult(
         verdict=str(judged.verdict),
         severity=str(judged.severity) if judged.severity else None,
@@ -326,18 +299,15 @@ def _result(
         model_version=reference.model_version,
         data_version=reference.data_version,
         prediction_drift=found.prediction_drift.drifted if found.prediction_drift else None,
-        performance=performance,
+        performance=asdict(found.performance) if found.performance else None,
         **window,
     )
 
 
 def load_reference(settings: Settings, model_version: str) -> Reference:
-    """The champion's training rows with its own scores, as its training run stored them.
-
-    Read from the run (``reference/train.csv``: the exact rows and ``probability_malignant``),
-    never split again from today's settings, so prediction drift compares like with like. A
-    version whose run stored none raises :class:`pipelines.model_registry.MissingReference`.
-    """
+    """The champion's training rows with its own scores, as its training run stored them (never split
+    again from today's settings, so prediction drift compares like with like); a version whose run
+    stored none raises :class:`pipelines.model_registry.MissingReference`."""
     from pipelines.model_registry import stored_reference, version_tags
 
     stored = stored_reference(model_version, settings)
@@ -356,65 +326,39 @@ def load_reference(settings: Settings, model_version: str) -> Reference:
 def write_reports(
     found: DriftResult,
     settings: Settings,
+    snapshots: list[tuple[str, Any]],
     *,
-    stamp: str | None = None,
-    context: dict[str, Any] | None = None,
-    judged: WindowVerdict | None = None,
-    verdict_snapshot: Any | None = None,
-) -> ReportFiles:
-    """Write the Evidently HTML/JSON and ``summary.json`` under ``reports_dir/<stamp>/``.
-
-    ``summary.json`` holds ``context`` (the :class:`MonitoringResult`), the column tests
-    (``drift``) and, with ``judged``, every signal of the window and of each site (``verdict``).
-    """
-    stamp = stamp or datetime.now(UTC).strftime(STAMP_FORMAT)
+    stamp: str,
+    context: dict[str, Any],
+    judged: WindowVerdict,
+) -> Path:
+    """Write each snapshot (``(kind, snapshot)``, None skipped) as ``<kind>.html``/``.json`` in a new
+    folder ``reports_dir/<stamp>/`` (returned), and ``summary.json``: ``context`` (the :class:`MonitoringResult`), the
+    column tests (``drift``) and every signal of the window and of each site (``verdict_signals``)."""
     directory = settings.reports_dir / stamp
     suffix = 1
     while directory.exists():  # two runs in the same second keep both
         suffix += 1
         directory = settings.reports_dir / f"{stamp}-{suffix}"
     directory.mkdir(parents=True)
-    paths: dict[str, Path] = {}
-    snapshots = (
-        ("drift", found.drift_snapshot),
-        ("performance", found.performance_snapshot),
-        ("verdict", verdict_snapshot),
-    )
     for name, snapshot in snapshots:
-        if snapshot is None:
-            continue
-        paths[f"{name}_html"] = directory / f"{name}.html"
-        paths[f"{name}_json"] = directory / f"{name}.json"
-        snapshot.save_html(str(paths[f"{name}_html"]))
-        snapshot.save_json(str(paths[f"{name}_json"]))
-    summary = {**(context or {}), "drift": found.summary()}
-    if judged is not None:
-        summary["verdict_signals"] = judged.summary()
-    summary_path = directory / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    return ReportFiles(directory=directory, summary=summary_path, **paths)
-
-
-VERDICT_CODES = {
-    Verdict.INSUFFICIENT_DATA: -1,
-    Verdict.NO_DRIFT: 0,
-    Verdict.DATA_QUALITY: 1,
-    Verdict.DRIFT: 2,
-    Verdict.PERFORMANCE_DROP: 3,
-}
-SEVERITY_CODES = {None: 0, "warning": 1, "critical": 2}
+        if snapshot is not None:
+            snapshot.save_html(str(directory / f"{name}.html"))
+            snapshot.save_json(str(directory / f"{name}.json"))
+    summary = {**context, "drift": found.summary(), "verdict_signals": judged.summary()}
+    (directory / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return directory
 
 
 def verdict_figures(judged: WindowVerdict, settings: Settings) -> dict[str, float]:
     """The verdict, the figures behind it and their thresholds, as numbers the dashboard charts.
 
-    Each becomes ``MeanValue(column=<name>)`` in the ``verdict`` snapshot. Evidently's line plots
-    draw no horizontal line, so each threshold is a figure too (``threshold_*``, and the gate's
-    ``gate_min_sensitivity``), the second series of its panel. Per-site figures are named
-    ``<figure>@<site>``. A figure that does not exist this window (no labels yet, too few rows,
-    a Wasserstein test instead of a p-value) is left out rather than charted as zero.
+    Each becomes ``MeanValue(column=<name>)`` in the ``verdict`` snapshot; thresholds are figures
+    too (see :mod:`monitoring.dashboard`). A figure that does not exist this window (no labels
+    yet, too few rows, a Wasserstein test instead of a p-value) is left out rather than charted as zero.
     """
     from monitoring.dashboard import site_figure
+    from monitoring.judge import SEVERITY_CODES, VERDICT_CODES
 
     def figure(scope: ScopeVerdict, signal_name: str, key: str) -> Any:
         signal = next((s for s in scope.signals if s.name == signal_name), None)
@@ -476,14 +420,13 @@ def verdict_snapshot(
     from evidently.metrics import MeanValue
 
     frame = pd.DataFrame([verdict_figures(judged, settings)])
-    fired = [signal for scope in (judged.window, *judged.sites.values()) for signal in scope.fired]
     metadata = {
         "verdict": str(judged.verdict),
         "severity": str(judged.severity or "none"),
         "retrain": str(judged.retrain).lower(),
         "scope": judged.scope,
         "sites": ", ".join(judged.alerting_sites) or "none",
-        "signals": "; ".join(f"{signal.scope}: {signal.text}" for signal in fired) or "none fired",
+        "signals": judged.fired_text(),
         **(versions or {}),
     }
     severity = [str(judged.severity)] if judged.severity else []
@@ -510,10 +453,7 @@ def add_to_workspace(
 ) -> tuple[str | None, list[str]]:
     """Add a window's snapshots (``(kind, snapshot)``, None skipped) to the Evidently workspace
     project of ``settings.model_name``, created when missing, and write its dashboard with a tab
-    for each of ``sites`` and every site seen before (:func:`monitoring.dashboard.save_dashboard`).
-
-    Returns the project id and the snapshot ids, in the order given.
-    """
+    for each of ``sites`` and every site seen before. Returns the project id and the snapshot ids."""
     present = [(kind, snapshot) for kind, snapshot in snapshots if snapshot is not None]
     if not present:
         return None, []
@@ -524,13 +464,8 @@ def add_to_workspace(
     settings.evidently_workspace.mkdir(parents=True, exist_ok=True)
     workspace = Workspace(str(settings.evidently_workspace))
     found = workspace.search_project(settings.model_name)
-    project = (
-        found[0]
-        if found
-        else workspace.create_project(
-            settings.model_name, description=f"Drift and performance of the served model {settings.model_name}"
-        )
-    )
+    description = f"Drift and performance of the served model {settings.model_name}"
+    project = found[0] if found else workspace.create_project(settings.model_name, description=description)
     save_dashboard(workspace, project.id, sites)
     ids = [
         str(workspace.add_run(project.id, snapshot, include_data=False, name=f"{kind} {name}").id)
@@ -539,12 +474,8 @@ def add_to_workspace(
     return str(project.id), ids
 
 
-def evidently_url(settings: Settings, project_id: str | None, snapshot_id: str) -> str:
-    return f"http://{settings.host}:{settings.evidently_port}/projects/{project_id}/reports/{snapshot_id}"
-
-
 def log_to_mlflow(
-    files: ReportFiles, settings: Settings, *, model_version: str, stamp: str, result: MonitoringResult | None = None
+    directory: Path, settings: Settings, *, model_version: str, stamp: str, result: MonitoringResult
 ) -> str:
     """Log the report folder to the model version's run under ``monitoring/<stamp>/`` and tag the version."""
     from pipelines import model_registry
@@ -553,17 +484,16 @@ def log_to_mlflow(
     version = client.get_model_version(settings.model_name, str(model_version))
     if not version.run_id:
         raise RuntimeError(f"model version {model_version} has no MLflow run to log reports to")
-    client.log_artifacts(version.run_id, str(files.directory), artifact_path=f"monitoring/{files.directory.name}")
-    if result is not None:
-        tags = {
-            "monitoring_last_verdict": result.verdict,
-            "monitoring_last_report": f"monitoring/{files.directory.name}",
-            "monitoring_last_run": stamp,
-        }
-        if result.report_url and result.report_url.startswith("http"):  # a link people can click in MLflow
-            tags["monitoring_last_report_url"] = result.report_url
-        for key, value in tags.items():
-            client.set_model_version_tag(settings.model_name, str(model_version), key, value)
+    client.log_artifacts(version.run_id, str(directory), artifact_path=f"monitoring/{directory.name}")
+    tags = {
+        "monitoring_last_verdict": result.verdict,
+        "monitoring_last_report": f"monitoring/{directory.name}",
+        "monitoring_last_run": stamp,
+    }
+    if result.report_url and result.report_url.startswith("http"):  # a link people can click in MLflow
+        tags["monitoring_last_report_url"] = result.report_url
+    for key, value in tags.items():
+        client.set_model_version_tag(settings.model_name, str(model_version), key, value)
     return version.run_id
 
 
@@ -583,19 +513,24 @@ def _window_state(settings: Settings) -> dict[str, Any]:
 
 
 def _save_window_state(
-    settings: Settings, window_end: datetime, result: MonitoringResult, traffic: dict[str, Any] | None = None
+    settings: Settings, window_end: datetime, result: MonitoringResult, traffic: dict[str, Any]
 ) -> None:
     """Where the next window starts, and this window's per-site traffic: the next window's refusal baseline."""
     state = {
         "window_end": window_end.isoformat(),
         "last_report": result.report_dir,
         "verdict": result.verdict,
-        "traffic": traffic or {},
+        "traffic": traffic,
     }
     write_atomically(_state_path(settings), json.dumps(state, indent=1) + "\n")
 
 
-ALERTING = (Verdict.DRIFT, Verdict.PERFORMANCE_DROP, Verdict.DATA_QUALITY)
+# The verdicts that alert, and how their alert's title starts.
+ALERT_TITLES = {
+    Verdict.DRIFT: "Drift in what",
+    Verdict.PERFORMANCE_DROP: "Performance drop of",
+    Verdict.DATA_QUALITY: "Data-quality incident in what",
+}
 
 
 def next_step(data: dict[str, Any], settings: Settings) -> str:
@@ -634,15 +569,11 @@ def alert_for_result(result: MonitoringResult | dict[str, Any], settings: Settin
     from medops.core.alerts import send_alert
 
     data = result.to_dict() if isinstance(result, MonitoringResult) else result
-    if data["verdict"] not in ALERTING:
+    if data["verdict"] not in ALERT_TITLES:
         return None
     sites = data.get("sites") or []
     where = f"at {', '.join(sites)}" if sites else "across sites"
-    what = {
-        Verdict.DRIFT: "Drift in what",
-        Verdict.PERFORMANCE_DROP: "Performance drop of",
-        Verdict.DATA_QUALITY: "Data-quality incident in what",
-    }[Verdict(data["verdict"])]
+    what = ALERT_TITLES[data["verdict"]]
     receives = "" if data["verdict"] == Verdict.PERFORMANCE_DROP else " receives"
     title = f"{what} {settings.model_name} v{data.get('model_version')}{receives} {where}"
     fired = data.get("signals") or []

@@ -9,13 +9,11 @@ are fresh draws from the same population (rows the champion never trained on), s
 champion as the service scores them, with the prediction log's columns, ``/feedback`` labels for
 a share of them and the per-site counts of scored and refused records. So, as in real traffic,
 every window is a new sample and only the reference carries its own (455-row) sampling noise.
-(Earlier, windows were resampled with 2 % noise from the same 114 hold-out rows, whose means sat
-0.1 to 0.19 sd from the training rows by chance: every calm window carried that one offset.)
 
 Why this generator: the marginals are the seed's own, so nothing about a feature's range, skew or
 zeros is invented; a per-class Gaussian copula keeps the strong monotone dependence between the
 features (radius, perimeter and area are nearly one quantity) that a model and Hotelling's T²
-see, and the class mixture keeps the bimodality. How faithful (:func:`faithfulness`, seed 1):
+see, and the class mixture keeps the bimodality. How faithful (measured with seed 1):
 
 - marginals: a two-sample K-S test of each of the 30 features, per class, generated vs the seed's
   rows of that class, rejects none of the 60 at 5 % (smallest p 0.17) with as many generated rows
@@ -31,8 +29,8 @@ see, and the class mixture keeps the bimodality. How faithful (:func:`faithfulne
 Generated cases are slightly harder than real ones (specificity 1.5 to 2 points lower: under
 one standard error on 72 real benign rows, about two on 357); a likely cause is that a Gaussian
 copula has no tail dependence, so a few benign draws combine extreme values less consistently
-than real tumours do. Windows get no extra measurement noise by default (``noise``): the seed's
-values carry theirs already, and noise on the windows only would be a calm difference of its own.
+than real tumours do. Windows get no extra measurement noise: the seed's values carry theirs
+already, and noise on the windows only would be a calm difference of its own.
 
 Every window mixes four sites: ``site-d`` sends ``affected_share`` of the records (half by
 default: a busy new site, as in the issue) and is the one a scenario changes; ``site-a`` to
@@ -57,6 +55,7 @@ import pandas as pd
 
 from monitoring.drift import ENCOUNTER_HASH, PREDICTED_LABEL, PROBABILITY
 from monitoring.signals import SiteTraffic
+from pipelines.metrics import probability_malignant
 from pipelines.schema import FEATURE_RANGES, FEATURES, LABEL, NEGATIVE, POSITIVE, SITE
 
 if TYPE_CHECKING:
@@ -76,7 +75,6 @@ class Scenario:
     """What a scenario changes at the affected site, and the verdicts that count as catching it."""
 
     name: str
-    description: str
     caught_by: tuple[str, ...] = ()
     shift: str | None = None  # "top" (most important features) or "ignored"
     factor: float = 1.0
@@ -85,40 +83,19 @@ class Scenario:
     concept_share: float = 0.0
 
 
+_CHANGES_THE_MODEL = ("drift", "performance_drop")
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in (
-        Scenario("calm", "fresh rows of the seed's population, nothing changed"),
+        Scenario("calm"),
         *(
-            Scenario(
-                f"important_x{factor:g}",
-                f"3 most important features x{factor:g} at site-d",
-                ("drift", "performance_drop"),
-                shift="top",
-                factor=factor,
-            )
+            Scenario(f"important_x{factor:g}", _CHANGES_THE_MODEL, shift="top", factor=factor)
             for factor in (1.1, 1.25, 1.5)
         ),
-        Scenario(
-            "ignored_x1.25",
-            "features with <= 5 % of the weight x1.25 at site-d",
-            ("drift", "performance_drop"),
-            shift="ignored",
-            factor=1.25,
-        ),
-        Scenario("prevalence_80", "site-d at 80 % malignant", ("drift", "performance_drop"), prevalence=0.8),
-        Scenario(
-            "wrong_unit",
-            "half of site-d's radius/perimeter values x10 (refused)",
-            ("data_quality",),
-            wrong_unit_share=0.5,
-        ),
-        Scenario(
-            "concept_shift",
-            "15 % of site-d's benign cases malignant (labels only)",
-            ("performance_drop",),
-            concept_share=0.15,
-        ),
+        Scenario("ignored_x1.25", _CHANGES_THE_MODEL, shift="ignored", factor=1.25),
+        Scenario("prevalence_80", _CHANGES_THE_MODEL, prevalence=0.8),
+        Scenario("wrong_unit", ("data_quality",), wrong_unit_share=0.5),  # refused as out of range
+        Scenario("concept_shift", ("performance_drop",), concept_share=0.15),  # seen in the labels only
     )
 }
 
@@ -154,12 +131,10 @@ SCENARIO_HOLDOUT_SHARE = 0.2
 class Population:
     """The seed's population, per class: a Gaussian copula with the seed's own marginals.
 
-    For each class, every feature keeps the seed's empirical distribution (its sorted values, the
-    quantile function interpolated linearly between them at plotting positions ``(i + 0.5) / n``,
-    so draws stay inside the seed's range and every zero concavity stays possible), and the
-    features' dependence is the correlation of their normal scores (rank -> ``Phi^-1``). A draw
-    picks the class by the prevalence asked, a correlated normal vector, and maps each coordinate
-    through its marginal's quantile function.
+    For each class, every feature keeps the seed's empirical distribution (the quantile function
+    interpolated between its sorted values at ``(i + 0.5) / n``, so draws stay inside the seed's
+    range and every zero concavity stays possible); the dependence is the correlation of the
+    features' normal scores (rank -> ``Phi^-1``).
     """
 
     prevalence: float
@@ -191,8 +166,6 @@ class Population:
         values = np.empty((len(malignant), len(FEATURES)))
         for label in (True, False):
             mine = np.flatnonzero(malignant == label)
-            if not len(mine):
-                continue
             uniform = norm.cdf(rng.standard_normal((len(mine), len(FEATURES))) @ self.cholesky[label].T)
             table = self.sorted_values[label]
             positions = (np.arange(len(table)) + 0.5) / len(table)
@@ -227,12 +200,10 @@ def reference_split(frame: pd.DataFrame, settings: Settings) -> tuple[pd.DataFra
 def fit_champion(settings: Settings, frame: pd.DataFrame | None = None, sample_seed: int | None = None) -> Champion:
     """Logistic regression fitted as training fits one, on rows drawn from the population of ``frame``.
 
-    ``frame`` is the seed by default. Its :class:`Population` gives the champion's training rows
-    (the reference: as many of each class as the seed's stratified training split has, 455) and a
-    hold-out of the split's size (114), both fresh draws of ``sample_seed`` (``settings.seed`` by
-    default); windows are drawn from the same population later, rows the champion never saw.
-    The performance estimator is calibrated on the out-of-fold probabilities of the training rows,
-    the ones training computes to choose its threshold (never on in-sample scores).
+    ``frame`` (the seed by default) gives, through its :class:`Population`, the champion's training
+    rows (the reference, 455, as many of each class as the seed's stratified training split) and a
+    hold-out (114), fresh draws of ``sample_seed`` (default ``settings.seed``). The performance
+    estimator is calibrated on the training rows' out-of-fold probabilities, never in-sample scores.
     """
     from pipelines.data import seed_frame
 
@@ -254,7 +225,7 @@ def fit_on(train: pd.DataFrame, holdout: pd.DataFrame, settings: Settings, popul
     from threadpoolctl import threadpool_limits
 
     from monitoring.estimation import PerformanceEstimator
-    from pipelines.metrics import feature_importance, probability_malignant
+    from pipelines.metrics import feature_importance
     from pipelines.train import choose_threshold, fit_final, search_best
 
     with threadpool_limits(limits=1):
@@ -294,7 +265,6 @@ def generate_window(
     rng: np.random.Generator,
     *,
     affected_share: float = 0.5,
-    noise: float = 0.0,
     feedback_share: float = 0.6,
     baseline_refusal: float = 0.01,
 ) -> Window:
@@ -317,8 +287,6 @@ def generate_window(
         prevalence[affected] = scenario.prevalence
     truth = rng.random(rows) < prevalence
     values = champion.population.features(truth, rng)
-    if noise:
-        values *= 1.0 + rng.normal(0.0, noise, (rows, len(FEATURES)))
 
     for name in shifted_features(scenario, champion.importance):
         values[affected, FEATURES.index(name)] *= scenario.factor
@@ -335,9 +303,7 @@ def generate_window(
     kept = ~refused
     current = pd.DataFrame(values[kept], columns=list(FEATURES))
     current[SITE] = sites[kept]
-    probability = champion.model.predict_proba(current[list(FEATURES)])[
-        :, list(champion.model.classes_).index(POSITIVE)
-    ]
+    probability = probability_malignant(champion.model, current)
     current[PROBABILITY] = probability
     current[PREDICTED_LABEL] = np.where(probability >= champion.threshold, POSITIVE, NEGATIVE)
     current[ENCOUNTER_HASH] = [f"e{i:06d}" for i in range(len(current))]
@@ -350,16 +316,12 @@ def generate_window(
             LABEL: np.where(truth[kept], POSITIVE, NEGATIVE)[labelled],
         }
     )
-    flagged = probability >= champion.threshold
-    site_truth = truth[kept][current[SITE].to_numpy() == AFFECTED_SITE]
-    site_flagged = flagged[current[SITE].to_numpy() == AFFECTED_SITE]
+    at_site = current[SITE].to_numpy() == AFFECTED_SITE
+    site_truth, site_flagged = truth[kept][at_site], (probability >= champion.threshold)[at_site]
     facts = {
-        "requests": rows,
         "scored": int(kept.sum()),
-        "affected_site": AFFECTED_SITE,
         "affected_sensitivity": float(site_flagged[site_truth].mean()) if site_truth.any() else None,
         "affected_flagged_rate": float(site_flagged.mean()) if len(site_flagged) else None,
-        "window_sensitivity": float(flagged[truth[kept]].mean()) if truth[kept].any() else None,
     }
     return Window(scenario.name, current, feedback, traffic, facts)
 
@@ -395,11 +357,9 @@ def scenario_effect(
     """
     from scipy.stats import ks_2samp
 
-    scenario = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
-    changed = generate_window(
-        scenario, rows, champion, rng, affected_share=1.0, feedback_share=0.0, baseline_refusal=0.0
-    )
-    calm = generate_window("calm", rows, champion, rng, affected_share=1.0, feedback_share=0.0, baseline_refusal=0.0)
+    # The affected site only, without feedback labels or baseline refusals.
+    alone = dict(affected_share=1.0, feedback_share=0.0, baseline_refusal=0.0)
+    changed, calm = (generate_window(name, rows, champion, rng, **alone) for name in (scenario, "calm"))
     shift = (
         float(ks_2samp(changed.current[PROBABILITY], calm.current[PROBABILITY]).statistic)
         if len(changed.current)
@@ -411,71 +371,4 @@ def scenario_effect(
         "flagged_rate": changed.truth["affected_flagged_rate"],
         "calm_flagged_rate": calm.truth["affected_flagged_rate"],
         "refused_share": round(1 - changed.truth["scored"] / rows, 4),
-    }
-
-
-def faithfulness(settings: Settings, rows: int = 20_000, seed: int = 1) -> dict[str, Any]:
-    """How close generated rows are to the seed's real ones (the figures in the module docstring).
-
-    - ``marginals``: per class and feature, a two-sample K-S test of ``n`` generated rows against
-      the seed's rows of that class, at n = the class's seed size and at 5,000; how many of the 60
-      tests reject at 5 % and the smallest p-value;
-    - ``real_champion``: the champion fitted on the seed's real training split, on its 114 real
-      hold-out rows and on ``rows`` generated ones: AUC, sensitivity and specificity at its
-      threshold, and the K-S distance between its scores on the two;
-    - ``generated_champion``: the scenarios' champion (trained on generated rows) on all 569 real
-      seed rows (it saw none of them) and on ``rows`` fresh generated ones, the same figures.
-    """
-    from scipy.stats import ks_2samp
-    from sklearn.metrics import roc_auc_score
-    from threadpoolctl import threadpool_limits
-
-    from pipelines.data import seed_frame
-    from pipelines.train import choose_threshold, fit_final, search_best
-
-    frame = seed_frame()
-    population = Population.of(frame)
-    rng = np.random.default_rng(seed)
-    marginals: dict[str, Any] = {}
-    for size in ("seed", 5_000):
-        rejected, lowest = 0, 1.0
-        for label in (True, False):
-            real = frame[(frame[LABEL] == POSITIVE) == label][list(FEATURES)].to_numpy()
-            n = len(real) if size == "seed" else size
-            drawn = population.features(np.full(n, label), rng)
-            for column in range(len(FEATURES)):
-                p = float(ks_2samp(drawn[:, column], real[:, column]).pvalue)
-                rejected += p < 0.05
-                lowest = min(lowest, p)
-        marginals[str(size)] = {"tests": 2 * len(FEATURES), "rejected_at_5pct": int(rejected), "lowest_p": lowest}
-
-    def figures(model: Any, threshold: float, rows_: pd.DataFrame) -> dict[str, float]:
-        score = model.predict_proba(rows_[list(FEATURES)])[:, list(model.classes_).index(POSITIVE)]
-        truth = (rows_[LABEL] == POSITIVE).to_numpy()
-        flagged = score >= threshold
-        return {
-            "auc": round(float(roc_auc_score(truth, score)), 4),
-            "sensitivity": round(float(flagged[truth].mean()), 4),
-            "specificity": round(float((~flagged[~truth]).mean()), 4),
-            "flagged_rate": round(float(flagged.mean()), 4),
-            "scores": score,
-        }
-
-    def compare(model: Any, threshold: float, real: pd.DataFrame) -> dict[str, Any]:
-        count = int(round(rows * population.prevalence))
-        drawn = population.draw((count, rows - count), rng)
-        on_real, on_drawn = figures(model, threshold, real), figures(model, threshold, drawn)
-        distance = float(ks_2samp(on_real.pop("scores"), on_drawn.pop("scores")).statistic)
-        return {"real": on_real, "generated": on_drawn, "score_ks_distance": round(distance, 4)}
-
-    train, holdout = reference_split(frame, settings)
-    with threadpool_limits(limits=1):
-        _, estimator, _ = search_best(train, ["logistic_regression"], settings)
-        threshold = choose_threshold(estimator, train, settings.sensitivity_target, settings)
-        real_model = fit_final(estimator, threshold, train)
-    champion = fit_champion(settings, frame)
-    return {
-        "marginals": marginals,
-        "real_champion": compare(real_model, threshold, holdout),
-        "generated_champion": compare(champion.model, champion.threshold, frame),
     }

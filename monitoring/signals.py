@@ -1,9 +1,8 @@
 """The signals a monitoring verdict is built from, for the whole window and for each site.
 
-Each signal is a :class:`Signal`: its name, the verdict it points to (``drift``,
-``performance_drop`` or ``data_quality``), whether it fired, at which severity, the figures
-that decided it and one line for people. :func:`compute_signals` computes all of them for a
-prediction-log window; :mod:`monitoring.judge` turns them into verdicts.
+:func:`compute_signals` computes every :class:`Signal` of a prediction-log window (the verdict
+it points to, whether it fired, at which severity, its figures and one line for people);
+:mod:`monitoring.judge` turns them into verdicts.
 
 - ``prediction_drift``: the champion's ``probability_malignant`` in the window vs its scores on
   the reference rows (Evidently's K-S test, strict threshold). Enough on its own for ``drift``.
@@ -22,13 +21,11 @@ prediction-log window; :mod:`monitoring.judge` turns them into verdicts.
   relies on from features it ignores.
 - ``estimated_performance``: CBPE (:mod:`monitoring.estimation`); estimated sensitivity below
   the gate's ``min_sensitivity`` is a ``performance_drop`` (``critical`` when confidently below).
-- ``realized_performance``: sensitivity and specificity from the latest ``monitor_label_window``
-  labelled predictions (``/feedback``, the window's and earlier ones) with 95 % Wilson
-  intervals; an upper bound of sensitivity below the gate's minimum is ``critical``.
+- ``realized_performance``: sensitivity and specificity of the latest ``monitor_label_window``
+  labelled predictions, Wilson intervals; an upper bound below the gate's minimum is ``critical``.
 - ``refusal_rate``: records the service refused (422) per site; a jump above the site's baseline
   is ``data_quality``, naming the fields.
 
-The column tests are :mod:`monitoring.drift`'s (Evidently's tests, all sites in one pass).
 Sites below ``monitor_site_min_rows`` scored rows get no drift or estimate signals of their own
 (they still count in the window's), but their refusals and labels are judged.
 """
@@ -44,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from monitoring.drift import PREDICTED_LABEL, PROBABILITY, ColumnDrift, plain
-from pipelines.schema import FEATURES, LABEL, POSITIVE, SITE
+from pipelines.schema import LABEL, POSITIVE, SITE
 
 if TYPE_CHECKING:
     from medops.core.settings import Settings
@@ -86,11 +83,8 @@ class Signal:
 
 @dataclass(frozen=True)
 class SiteTraffic:
-    """What the service counted for one site in the window: records scored, records refused (422), and why.
-
-    ``by_field`` maps each field a refusal named to ``{reason: records}`` (``out_of_range``,
-    ``missing``, ``not_a_number``...); one refused record may name several fields.
-    """
+    """What the service counted for one site in the window: records scored, records refused (422), and
+    why: ``by_field`` maps each field a refusal named to ``{reason: records}`` (a record may name several)."""
 
     site: str
     scored: int
@@ -108,9 +102,6 @@ class SiteTraffic:
     @property
     def refusal_rate(self) -> float:
         return self.refused / self.requests if self.requests else 0.0
-
-    def field_counts(self) -> dict[str, int]:
-        return {name: int(sum(reasons.values())) for name, reasons in self.by_field.items()}
 
     @classmethod
     def of(cls, value: SiteTraffic | Mapping[str, Any], site: str | None = None) -> SiteTraffic:
@@ -175,10 +166,8 @@ def prediction_drift_signal(test: ColumnDrift | None, distance: float | None, sc
     if test.test == "ks":
         fired, rule = test.score <= limit, f"p <= {limit:g}"
     else:  # reference above 1,000 rows: Evidently's normed Wasserstein distance
-        fired, rule = (
-            test.score >= settings.monitor_strong_drift_distance,
-            (f"distance >= {settings.monitor_strong_drift_distance:g}"),
-        )
+        strong = settings.monitor_strong_drift_distance
+        fired, rule = test.score >= strong, f"distance >= {strong:g}"
     figures = {"test": test.test, "score": test.score, "rule": rule, "distance": distance}
     text = (
         f"probability_malignant shifted ({test.test} {test.score:.2g}, {rule}; moved {distance or 0:.2f} sd)"
@@ -398,7 +387,8 @@ def refusal_signal(
     ceiling = (
         float(proportion_confint(baseline_refused, baseline_requests, method="wilson")[1]) if baseline_requests else 0.0
     )
-    fields = sorted(traffic.field_counts().items(), key=lambda item: (-item[1], item[0]))
+    counts = {name: int(sum(reasons.values())) for name, reasons in traffic.by_field.items()}
+    fields = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     figures = {
         "requests": traffic.requests,
         "refused": traffic.refused,
@@ -455,8 +445,7 @@ def _traffic_by_site(
 ) -> dict[str, SiteTraffic]:
     if isinstance(traffic, Mapping):
         return {str(site): SiteTraffic.of(value, str(site)) for site, value in traffic.items()}
-    counted = [SiteTraffic.of(value) for value in traffic]
-    return {counts.site: counts for counts in counted}
+    return {counts.site: counts for counts in map(SiteTraffic.of, traffic)}
 
 
 # All signals of a window -----------------------------------------------------------------------------
@@ -471,46 +460,33 @@ def compute_signals(
     labelled: pd.DataFrame | None = None,
     traffic: Iterable[SiteTraffic | Mapping[str, Any]] | Mapping[str, Any] | None = None,
     baseline_traffic: Mapping[str, SiteTraffic | Mapping[str, Any]] | None = None,
-    columns: Sequence[str] = FEATURES,
 ) -> WindowSignals:
     """Every signal for the window and each site.
 
-    ``current``: prediction-log rows (features, ``site_id``, ``probability_malignant``, ``label``,
-    ``encounter_hash``), blanked scores where another version served. ``reference``: the
-    champion's reference rows with ``probability_malignant`` (its scores on them).
-    ``importance``: feature -> weight from the training run. ``estimator``: a fitted
-    :class:`~monitoring.estimation.PerformanceEstimator`. ``feedback``: ``encounter_hash``,
-    ``diagnosis``. ``labelled``: labelled predictions, oldest first (``probability_malignant``,
-    ``label``, ``diagnosis``, ``site_id``), the window's and earlier ones; default: the window's
-    predictions joined with ``feedback``. Realized performance is judged on the latest
-    ``monitor_label_window`` of them overall and of each site. ``traffic``: per-site
-    scored/refused counts (:class:`SiteTraffic` or dicts), ``baseline_traffic`` the same from an
-    earlier period.
+    ``current``: prediction-log rows, scores blanked where another version served; ``reference``:
+    the champion's reference rows with its scores on them; ``importance``: feature -> weight from
+    the training run. ``labelled``: labelled predictions, oldest first, the window's and earlier
+    ones (default: the window's joined with ``feedback``); realized performance is judged on the
+    latest ``monitor_label_window`` of them overall and of each site. ``traffic``: per-site
+    scored/refused counts (:class:`SiteTraffic` or dicts), ``baseline_traffic`` the same from before.
     """
-    from monitoring.drift import SiteGroups, label_predictions, run_column_tests
+    from monitoring.drift import SiteGroups, label_predictions, run_column_tests, shared_features
     from pipelines.metrics import normalised
 
-    if reference.empty:
-        raise ValueError("the reference frame is empty: nothing to compare the window with")
-    columns = [name for name in columns if name in current.columns and name in reference.columns]
-    if not columns:
-        raise ValueError("current and reference share none of the feature columns")
+    columns = shared_features(current, reference)
     weights = normalised({name: importance.get(name, 0.0) for name in columns})
     unknown = sorted(set(importance) - set(columns) - {PROBABILITY})
     if unknown:
         raise ValueError(f"importance names columns the window does not have: {', '.join(unknown[:5])}")
 
-    min_rows, site_min = settings.drift_min_rows, settings.monitor_site_min_rows
     site_sizes = current[SITE].value_counts(sort=False).to_dict() if SITE in current.columns else {}
     site_sizes = {str(site): int(size) for site, size in site_sizes.items()}
-    tested_sites = [site for site, size in site_sizes.items() if size >= site_min]
-    window_tested = len(current) >= min_rows
+    tested_sites = [site for site, size in site_sizes.items() if size >= settings.monitor_site_min_rows]
+    window_tested = len(current) >= settings.drift_min_rows
     site_of = current[SITE].astype(str).to_numpy() if SITE in current.columns else np.full(len(current), "")
 
-    tested = list(columns)
     scores_ok = PROBABILITY in current.columns and PROBABILITY in reference.columns
-    if scores_ok:
-        tested.append(PROBABILITY)
+    tested = [*columns, PROBABILITY] if scores_ok else columns
     overall: dict[str, ColumnDrift] = {}
     by_site: dict[str, dict[str, ColumnDrift]] = {}
     distances: dict[str, dict[str, float]] = {}
@@ -519,15 +495,15 @@ def compute_signals(
         rest = "\x00rest"
         grouped = np.where(np.isin(site_of, tested_sites), site_of, rest)
         groups = SiteGroups.of(pd.DataFrame({SITE: grouped})) if tested_sites else SiteGroups((), None)
-        found, per_site = run_column_tests(current, reference, tested, groups)
-        overall = found
+        overall, per_site = run_column_tests(current, reference, tested, groups)
         for index, site in enumerate(groups.names):
             if site != rest:
                 by_site[site] = {name: tests[index] for name, tests in per_site.items() if tests[index] is not None}
         # Distances only where a test found drift: they decide whether the drift is material.
-        wanted = {_WHOLE: [name for name, test in overall.items() if test.drifted or name == PROBABILITY]}
-        for site, tests in by_site.items():
-            wanted[site] = [name for name, test in tests.items() if test.drifted or name == PROBABILITY]
+        wanted = {
+            scope: [name for name, test in tests.items() if test.drifted or name == PROBABILITY]
+            for scope, tests in {_WHOLE: overall, **by_site}.items()
+        }
         distances = _distances(current, reference, wanted, grouped)
 
     if labelled is None and feedback is not None:
@@ -552,12 +528,9 @@ def compute_signals(
         signals: list[Signal] = []
         if drift_tested:
             feature_tests = {name: tests[name] for name in columns if name in tests}
-            signals.append(
-                prediction_drift_signal(
-                    tests.get(PROBABILITY), distances.get(key, {}).get(PROBABILITY), scope, settings
-                )
-            )
-            signals.extend(feature_drift_signals(feature_tests, distances.get(key, {}), weights, scope, settings))
+            moved = distances.get(key, {})
+            signals.append(prediction_drift_signal(tests.get(PROBABILITY), moved.get(PROBABILITY), scope, settings))
+            signals.extend(feature_drift_signals(feature_tests, moved, weights, scope, settings))
             rows_top = top_current if key == _WHOLE else top_current[site_of == key]
             rows_top = rows_top[np.isfinite(rows_top).all(axis=1)]
             signals.append(top_feature_mean_shift_signal(rows_top, top_reference, top, scope, settings))
@@ -572,11 +545,10 @@ def compute_signals(
     latest = settings.monitor_label_window
     window_labels = labelled.tail(latest) if labelled is not None and len(labelled) else None
     window = scope_signals(WINDOW, _WHOLE, len(current), window_tested, overall, window_labels)
+    label_sites = labelled[SITE].astype(str) if window_labels is not None and SITE in labelled.columns else None
     sites: dict[str, ScopeSignals] = {}
     for site in sorted(set(site_sizes) | set(refusals)):
-        rows = None
-        if window_labels is not None and SITE in labelled.columns:
-            rows = labelled[labelled[SITE].astype(str) == site].tail(latest)
+        rows = None if label_sites is None else labelled[label_sites == site].tail(latest)
         sites[site] = scope_signals(site, site, site_sizes.get(site, 0), site in by_site, by_site.get(site, {}), rows)
     prediction = overall.get(PROBABILITY) if window_tested else None
     window_columns = {name: overall[name] for name in columns if name in overall} if window_tested else {}
