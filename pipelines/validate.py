@@ -105,8 +105,7 @@ def check_columns(raw: pd.DataFrame, site_id: str | None) -> None:
             f"unknown column(s) {', '.join(unknown)}: not part of the data contract; the batch is kept "
             "whole in quarantine because such columns may carry patient identifiers"
         )
-    required = [c for c in DATA_COLUMNS if c != SITE or site_id is None]
-    missing = [c for c in required if c not in columns]
+    missing = [c for c in DATA_COLUMNS if c not in columns and (c != SITE or site_id is None)]
     if missing:
         raise BatchRejected(f"missing required column(s): {', '.join(missing)}")
     if len(raw) == 0:
@@ -163,13 +162,6 @@ class _Failures:
         return ["; ".join(parts) for parts in texts]
 
 
-def _as_objects(column: pd.Series) -> pd.Series:
-    """A text-ish column as Python objects, so that numbers parse and anything else can be named."""
-    if column.dtype.kind == "b":
-        return column.astype(str).astype(object)
-    return column.astype(object)
-
-
 def _features(raw: pd.DataFrame, failures: _Failures) -> np.ndarray:
     """The features as one float block, shape (feature, row); NaN where a value failed its type."""
     block = np.empty((len(FEATURES), len(raw)), dtype="float64")
@@ -179,7 +171,8 @@ def _features(raw: pd.DataFrame, failures: _Failures) -> np.ndarray:
             block[i] = column.to_numpy(dtype="float64")
             failures.add(np.isnan(block[i]), f"{name}: missing value")
         else:
-            objects = _as_objects(column)
+            # as Python objects, so that numbers parse and anything else can be named
+            objects = (column.astype(str) if column.dtype.kind == "b" else column).astype(object)
             block[i] = pd.to_numeric(objects, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
             unparsed = np.flatnonzero(np.isnan(block[i]))
             if unparsed.size:  # only these rows need their text looked at
@@ -222,11 +215,8 @@ def _normalised_text(column: pd.Series | None, n_rows: int, lower: bool, fill: s
             else pd.Categorical([None] * n_rows)
         )
     codes, distinct = pd.factorize(column, use_na_sentinel=True)
-    cleaned = []
-    for value in distinct:
-        text = str(value).strip()
-        cleaned.append((text.lower() if lower else text) or fill)
-    cleaned.append(fill)  # what a missing value (code -1) becomes
+    texts = [str(value).strip() for value in distinct]
+    cleaned = [(text.lower() if lower else text) or fill for text in texts] + [fill]  # last: a missing value (code -1)
     new_codes, categories = pd.factorize(pd.Series(cleaned, dtype=object), use_na_sentinel=True)
     return pd.Categorical.from_codes(new_codes[codes], categories)
 
@@ -251,9 +241,7 @@ def _describe_failure(column: str, value: object) -> str:
         return f"{column}: out of plausible range [{low:g}, {high:g}] (got {value})"
     if column == LABEL:
         return f"{LABEL}: must be '{POSITIVE}' or '{NEGATIVE}' (got '{str(value)[:40]}')"
-    if column == SITE:
-        return f"{SITE}: not a valid site id (got '{str(value)[:40]}')"
-    return f"{column}: failed the schema"
+    return f"{SITE}: not a valid site id (got '{str(value)[:40]}')"
 
 
 def row_keys(frame: pd.DataFrame) -> np.ndarray:
