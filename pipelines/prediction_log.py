@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import os
 import threading
 import time
@@ -35,17 +34,8 @@ if TYPE_CHECKING:
 
     from medops.core.settings import Settings
 
-PREDICTION_COLUMNS: tuple[str, ...] = (
-    "logged_at",
-    "request_id",
-    "model_name",
-    "model_version",
-    SITE,
-    "encounter_hash",
-    *FEATURES,
-    "probability_malignant",
-    "label",
-)
+_ID_COLUMNS = ("request_id", "model_name", "model_version", SITE, "encounter_hash")
+PREDICTION_COLUMNS: tuple[str, ...] = ("logged_at", *_ID_COLUMNS, *FEATURES, "probability_malignant", "label")
 FEEDBACK_COLUMNS: tuple[str, ...] = ("logged_at", "encounter_hash", LABEL)
 REFUSAL_COLUMNS: tuple[str, ...] = ("logged_at", SITE, "field", "reason", "count", "records")
 """One line per (site, field, reason) of a refused /predict request: ``count`` records named that
@@ -53,7 +43,6 @@ field for that reason; ``records`` is how many records the request brought from 
 site's first line only, 0 on the others, so summing it counts each refused record once)."""
 # site_id of the requests serving.rollout sends to check a new version before and after the switch
 SMOKE_TEST_SITE = "medops-smoke-test"
-_ID_COLUMNS = ("request_id", "model_name", "model_version", SITE, "encounter_hash")
 
 
 def predictions_log_dir(settings: Settings) -> Path:
@@ -96,25 +85,15 @@ class _DailyAppendFile:
         self.prefix = prefix
         self.header = (",".join(header) + "\n").encode()
         self.fd: int | None = None
-        self.day = ""
-        self.path: Path | None = None
         self.day_ends = 0.0
 
     def fd_for(self, now: float) -> int:
-        if self.fd is None or now >= self.day_ends:
-            self._open(_utc_day(now))
-            self.day_ends = (now // 86400 + 1) * 86400  # next UTC midnight
-        assert self.fd is not None
-        return self.fd
-
-    def _open(self, day: str) -> None:
-        if self.fd is not None and day == self.day:
-            return
-        if self.fd is not None:
-            os.fsync(self.fd)
-            os.close(self.fd)
+        """The descriptor of ``now``'s day file; the previous day's is fsynced and closed first."""
+        if self.fd is not None and now < self.day_ends:
+            return self.fd
+        self.close()
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{self.prefix}-{day}-{os.getpid()}.csv"
+        path = self.directory / f"{self.prefix}-{_utc_day(now)}-{os.getpid()}.csv"
         repair_torn_tail(path)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         if os.fstat(fd).st_size == 0:
@@ -126,7 +105,9 @@ class _DailyAppendFile:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        self.fd, self.day, self.path = fd, day, path
+        self.fd = fd
+        self.day_ends = (now // 86400 + 1) * 86400  # next UTC midnight
+        return fd
 
     def close(self) -> None:
         if self.fd is not None:
@@ -140,11 +121,8 @@ class PredictionLogFailed(OSError):
 
 
 def repair_torn_tail(path: Path) -> int:
-    """Cut a torn last line (no newline: its writer died mid-write) off ``path`` into ``path.torn``.
-
-    Such a row was never answered (answers wait for the fsync), so it is not a prediction anyone
-    received; it is kept aside for forensics, not deleted. Returns the bytes moved.
-    """
+    """Cut a torn last line (its writer died mid-write) off ``path`` into ``path.torn``; returns the bytes
+    moved. Such a row was never answered (answers wait for the fsync): kept for forensics, not deleted."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -186,18 +164,15 @@ class PredictionLogWriter:
         self._feedback = _DailyAppendFile(feedback_dir(settings), "feedback", FEEDBACK_COLUMNS)
         self._hash = encounter_hasher(settings.encounter_hash_key())
         self.served = ServedEncounters(settings.served_index_size)
-        self._log_dir = predictions_log_dir(settings)
         self._lookback_days = settings.feedback_lookback_days
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._closed = False
-        self.rows_written = 0
         self._written = 0  # tickets handed out
         self._durable = 0  # tickets covered by a finished fsync
         self._waiters: list[tuple[int, Any, Any]] = []  # (ticket, event loop, future)
         self.failure: OSError | None = None
-        self._committer = threading.Thread(target=self._commit_loop, name="prediction-log-commit", daemon=True)
-        self._committer.start()
+        threading.Thread(target=self._commit_loop, name="prediction-log-commit", daemon=True).start()
 
     @property
     def healthy(self) -> bool:
@@ -221,9 +196,8 @@ class PredictionLogWriter:
     ) -> int:
         """Append one row per record of a served request (all rows in one write); returns its ticket.
 
-        Numbers are formatted by orjson (shortest round-trip text, as ``repr`` would give, about
-        ten times faster for a 100-record request); ids and labels are plain tokens (site ids
-        match ``SITE_PATTERN``, hashes are hex), so no CSV quoting is ever needed.
+        orjson formats the numbers (shortest round-trip text, ten times faster than ``repr`` for 100
+        records); ids and labels are plain tokens (``SITE_PATTERN``, hex), so nothing needs quoting.
         """
         import numpy as np
         import orjson
@@ -232,33 +206,31 @@ class PredictionLogWriter:
         lead = f"{datetime.fromtimestamp(now, UTC).isoformat()},{request_id},{model_name},{model_version},"
         numbers = orjson.dumps(np.column_stack((features, probabilities)), option=orjson.OPT_SERIALIZE_NUMPY)
         rows = numbers[2:-2].split(b"],[")  # "[[f1,..,f30,p],[...]]" -> "f1,..,f30,p" per record
-        hash_encounter = self._hash
-        hashes = [hash_encounter(encounter) for encounter in encounter_ids]
+        hashes = [self._hash(encounter) for encounter in encounter_ids]
         data = b"".join(
             [
                 f"{lead}{site},{encounter_hash},".encode() + row + f",{label}\n".encode()
                 for site, encounter_hash, row, label in zip(site_ids, hashes, rows, labels, strict=True)
             ]
         )
-        ticket = self._append(self._predictions, data, now, len(rows))
+        with self._lock:
+            self._write(self._predictions, data, now)
+            self._written += 1
+            ticket = self._written
+        self._dirty.set()
         self.served.remember(site_ids, hashes)
         return ticket
 
     def unanswered(self, site: str | None, encounter_hashes: Sequence[str]) -> list[int]:
-        """Positions of the encounters no prediction was logged for to ``site`` (within the lookback).
-
-        ``site`` None stands for any site but the smoke-test one (a key that speaks for every site).
-
-        This worker's own answers are found in memory (:class:`ServedEncounters`); the rest are
-        looked up in every worker's log files of the last ``feedback_lookback_days`` days, a read
-        of those files that costs in proportion to their size (see the README's Serving section).
-        """
+        """Positions of the encounters no prediction was logged for to ``site`` (None: any site but the
+        smoke-test one) within the lookback: this worker's answers from memory, the rest from every
+        worker's log files of the last ``feedback_lookback_days`` days (a read costing their size)."""
         missing = [i for i, digest in enumerate(encounter_hashes) if not self.served.answered(site, digest)]
         if not missing:
             return []
         wanted = {encounter_hashes[i] for i in missing if encounter_hashes[i]}
         since = datetime.fromtimestamp(time.time() - self._lookback_days * 86400, UTC)
-        found = answered_in_log(self._log_dir, site, wanted, since) if wanted else {}
+        found = answered_in_log(self._predictions.directory, site, wanted, since) if wanted else {}
         self.served.remember([found[digest] for digest in found], list(found))
         return [i for i in missing if encounter_hashes[i] not in found]
 
@@ -268,14 +240,7 @@ class PredictionLogWriter:
         logged_at = datetime.fromtimestamp(now, UTC).isoformat()
         lines = [f"{logged_at},{self._hash(encounter)},{diagnosis}\n" for encounter, diagnosis in labels]
         with self._lock:
-            self._raise_if_failed()
-            try:
-                fd = self._feedback.fd_for(now)
-                os.write(fd, "".join(lines).encode())
-                os.fsync(fd)
-            except OSError as error:
-                self._fail(error)
-                raise PredictionLogFailed(f"feedback store write failed: {error}") from error
+            self._write(self._feedback, "".join(lines).encode(), now, fsync=True)
         return len(lines)
 
     def _raise_if_failed(self) -> None:
@@ -284,23 +249,20 @@ class PredictionLogWriter:
         if self.failure is not None:
             raise PredictionLogFailed(f"prediction log failed earlier: {self.failure}")
 
-    def _append(self, target: _DailyAppendFile, data: bytes, now: float, rows: int) -> int:
-        with self._lock:
-            self._raise_if_failed()
-            try:
-                fd = target.fd_for(now)
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-            except OSError as error:
-                self._fail(error)
-                raise PredictionLogFailed(f"prediction log write failed: {error}") from error
-            self.rows_written += rows
-            self._written += 1
-            ticket = self._written
-        self._dirty.set()
-        return ticket
+    def _write(self, target: _DailyAppendFile, data: bytes, now: float, *, fsync: bool = False) -> None:
+        """Write ``data`` whole (the caller holds the lock); a failure fails the writer for good."""
+        self._raise_if_failed()
+        try:
+            fd = target.fd_for(now)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        except OSError as error:
+            self._fail(error)
+            store = "feedback store" if target is self._feedback else "prediction log"
+            raise PredictionLogFailed(f"{store} write failed: {error}") from error
 
     async def wait_durable(self, ticket: int, timeout: float = 10.0) -> None:
         """Return once the rows of ``ticket`` are fsynced; raise PredictionLogFailed if they cannot be."""
@@ -446,11 +408,14 @@ def _log_files(directory: Path, prefix: str, since: datetime | None) -> list[Pat
     return [path for path in files if path.name.split("-")[1] >= first_day]
 
 
-def _read_csv_files(files: list[Path], columns: tuple[str, ...], string_columns: tuple[str, ...]):
+def _read_log(
+    directory: Path, prefix: str, since: datetime | None, columns: tuple[str, ...], string_columns: tuple[str, ...]
+) -> pd.DataFrame:
+    """The rows of one log's files (of ``since``'s day or later), ``logged_at`` parsed as UTC, oldest first."""
     import pandas as pd
 
     frames = []
-    for path in files:
+    for path in _log_files(directory, prefix, since):
         # a crash mid-write can leave a torn last line: skip it rather than fail the whole read
         frame = pd.read_csv(
             path,
@@ -463,10 +428,12 @@ def _read_csv_files(files: list[Path], columns: tuple[str, ...], string_columns:
         if tuple(frame.columns) != columns:
             raise ValueError(f"{path} has columns {list(frame.columns)}, expected {list(columns)}")
         frames.append(frame)
-    if not frames:
-        return pd.DataFrame({name: pd.Series(dtype=str if name in string_columns else float) for name in columns})
-    frame = pd.concat(frames, ignore_index=True)
-    return frame
+    if frames:
+        frame = pd.concat(frames, ignore_index=True)
+    else:
+        frame = pd.DataFrame({name: pd.Series(dtype=str if name in string_columns else float) for name in columns})
+    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
+    return frame.sort_values("logged_at", kind="stable")
 
 
 def read_predictions(
@@ -481,11 +448,7 @@ def read_predictions(
     """
     import pandas as pd
 
-    string_columns = (*_ID_COLUMNS, "label")
-    frame = _read_csv_files(
-        _log_files(predictions_log_dir(settings), "predictions", since), PREDICTION_COLUMNS, string_columns
-    )
-    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
+    frame = _read_log(predictions_log_dir(settings), "predictions", since, PREDICTION_COLUMNS, (*_ID_COLUMNS, "label"))
     frame = frame.dropna(subset=["probability_malignant"])  # torn rows
     if not include_smoke_tests:
         frame = frame[frame[SITE] != SMOKE_TEST_SITE]
@@ -493,18 +456,13 @@ def read_predictions(
         since_utc = pd.Timestamp(since)
         since_utc = since_utc.tz_localize(UTC) if since_utc.tzinfo is None else since_utc.tz_convert(UTC)
         frame = frame[frame["logged_at"] >= since_utc]
-    return frame.sort_values("logged_at", kind="stable").reset_index(drop=True)
+    return frame.reset_index(drop=True)
 
 
 def read_feedback(settings: Settings) -> pd.DataFrame:
     """Every feedback label: ``logged_at`` (UTC), ``encounter_hash``, ``diagnosis``."""
-    import pandas as pd
-
-    frame = _read_csv_files(
-        _log_files(feedback_dir(settings), "feedback", None), FEEDBACK_COLUMNS, ("encounter_hash", LABEL)
-    )
-    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
-    return frame.sort_values("logged_at", kind="stable").reset_index(drop=True)
+    frame = _read_log(feedback_dir(settings), "feedback", None, FEEDBACK_COLUMNS, ("encounter_hash", LABEL))
+    return frame.reset_index(drop=True)
 
 
 def label_predictions(predictions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
@@ -534,31 +492,6 @@ def label_predictions(predictions: pd.DataFrame, feedback: pd.DataFrame) -> pd.D
     labels = latest(feedback)[[hash_column, LABEL]]
     scored = latest(predictions.drop(columns=[LABEL], errors="ignore"))
     return scored.merge(labels, on=hash_column, how="inner").reset_index(drop=True)
-
-
-def append_predictions(settings: Settings, frame: pd.DataFrame) -> Path:
-    """Append rows given as a frame with :data:`PREDICTION_COLUMNS` (for tests and benchmarks).
-
-    The service writes through :class:`PredictionLogWriter`; this is for simulating served traffic
-    (``logged_at`` may be strings or timestamps, ``encounter_hash`` must already be hashed).
-    """
-    missing = [name for name in PREDICTION_COLUMNS if name not in frame.columns]
-    if missing:
-        raise ValueError(f"missing prediction log columns: {missing}")
-    directory = predictions_log_dir(settings)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"predictions-{_utc_day(time.time())}-{os.getpid()}.csv"
-    rows = frame.loc[:, list(PREDICTION_COLUMNS)].copy()
-    rows["logged_at"] = [
-        value.isoformat() if hasattr(value, "isoformat") else str(value) for value in rows["logged_at"]
-    ]
-    buffer = io.StringIO()
-    rows.to_csv(buffer, header=not path.exists() or path.stat().st_size == 0, index=False)
-    with path.open("a") as handle:
-        handle.write(buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
-    return path
 
 
 # Refused requests (422) and per-site traffic -------------------------------------------------------
@@ -593,23 +526,17 @@ def read_refusals(settings: Settings, since: datetime | None = None, until: date
     """Every refusal line (:data:`REFUSAL_COLUMNS`) logged in ``[since, until)``, oldest first."""
     import pandas as pd
 
-    frame = _read_csv_files(
-        _log_files(refusals_dir(settings), "refusals", since), REFUSAL_COLUMNS, (SITE, "field", "reason")
-    )
-    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
+    frame = _read_log(refusals_dir(settings), "refusals", since, REFUSAL_COLUMNS, (SITE, "field", "reason"))
     frame = frame.dropna(subset=["count", "records"])  # torn rows
     if since is not None:
         frame = frame[frame["logged_at"] >= pd.Timestamp(since)]
     if until is not None:
         frame = frame[frame["logged_at"] < pd.Timestamp(until)]
-    return frame.sort_values("logged_at", kind="stable").reset_index(drop=True)
+    return frame.reset_index(drop=True)
 
 
 def site_traffic(predictions: pd.DataFrame, refusals: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """Per site: records scored (rows of ``predictions``), records refused and ``{field: {reason: records}}``.
-
-    The dicts are what :class:`monitoring.signals.SiteTraffic` is built from (``SiteTraffic.of``).
-    """
+    """Per site: records scored, records refused and ``{field: {reason: records}}`` (for ``SiteTraffic.of``)."""
     found: dict[str, dict[str, Any]] = {}
 
     def entry(site: str) -> dict[str, Any]:
