@@ -162,7 +162,7 @@ class PredictionLogWriter:
     def __init__(self, settings: Settings) -> None:
         self._predictions = _DailyAppendFile(predictions_log_dir(settings), "predictions", PREDICTION_COLUMNS)
         self._feedback = _DailyAppendFile(feedback_dir(settings), "feedback", FEEDBACK_COLUMNS)
-        self._hash = encounter_hasher(settings.encounter_hash_key())
+        self.hash_encounter = encounter_hasher(settings.encounter_hash_key())
         self.served = ServedEncounters(settings.served_index_size)
         self._lookback_days = settings.feedback_lookback_days
         self._lock = threading.Lock()
@@ -178,9 +178,6 @@ class PredictionLogWriter:
     def healthy(self) -> bool:
         """False once a write or fsync failed: the service then reports not ready."""
         return self.failure is None and not self._closed
-
-    def hash_encounter(self, encounter_id: str | None) -> str:
-        return self._hash(encounter_id)
 
     def log_predictions(
         self,
@@ -206,7 +203,7 @@ class PredictionLogWriter:
         lead = f"{datetime.fromtimestamp(now, UTC).isoformat()},{request_id},{model_name},{model_version},"
         numbers = orjson.dumps(np.column_stack((features, probabilities)), option=orjson.OPT_SERIALIZE_NUMPY)
         rows = numbers[2:-2].split(b"],[")  # "[[f1,..,f30,p],[...]]" -> "f1,..,f30,p" per record
-        hashes = [self._hash(encounter) for encounter in encounter_ids]
+        hashes = [self.hash_encounter(encounter) for encounter in encounter_ids]
         data = b"".join(
             [
                 f"{lead}{site},{encounter_hash},".encode() + row + f",{label}\n".encode()
@@ -238,7 +235,7 @@ class PredictionLogWriter:
         """Append ``(encounter_id, diagnosis)`` pairs as hashed feedback rows, fsynced before return."""
         now = time.time()
         logged_at = datetime.fromtimestamp(now, UTC).isoformat()
-        lines = [f"{logged_at},{self._hash(encounter)},{diagnosis}\n" for encounter, diagnosis in labels]
+        lines = [f"{logged_at},{self.hash_encounter(encounter)},{diagnosis}\n" for encounter, diagnosis in labels]
         with self._lock:
             self._write(self._feedback, "".join(lines).encode(), now, fsync=True)
         return len(lines)
@@ -335,12 +332,8 @@ class PredictionLogWriter:
 
 
 class ServedEncounters:
-    """The (encounter hash -> site) of predictions this process logged, the latest ``capacity`` of them.
-
-    /feedback accepts a label only for an encounter answered for the site that sends it; this
-    spares reading the log files for the common case (feedback reaching the worker that answered).
-    Written from the event loop and request threads under a lock; a lookup is one dict read.
-    """
+    """The (encounter hash -> site) of the latest ``capacity`` predictions this process logged, so that
+    /feedback reaching the worker that answered need not read the log files. Guarded by a lock."""
 
     def __init__(self, capacity: int) -> None:
         from collections import OrderedDict
@@ -352,14 +345,13 @@ class ServedEncounters:
     def remember(self, site_ids: Sequence[str], encounter_hashes: Sequence[str]) -> None:
         if not self.capacity:
             return
-        sites = self._sites
         with self._lock:
             for site, digest in zip(site_ids, encounter_hashes, strict=True):
                 if digest:
-                    sites[digest] = site
-                    sites.move_to_end(digest)
-            while len(sites) > self.capacity:
-                sites.popitem(last=False)
+                    self._sites[digest] = site
+                    self._sites.move_to_end(digest)
+            while len(self._sites) > self.capacity:
+                self._sites.popitem(last=False)
 
     def answered(self, site: str | None, encounter_hash: str) -> bool:
         """Whether ``encounter_hash`` was answered for ``site`` (None: for any site but the smoke-test one)."""
@@ -441,10 +433,9 @@ def read_predictions(
 ) -> pd.DataFrame:
     """Every logged prediction (optionally those logged at or after ``since``), oldest first.
 
-    Columns are :data:`PREDICTION_COLUMNS`; ``logged_at`` is a tz-aware UTC timestamp, ids and
-    labels are strings (``encounter_hash`` is ``""`` where no encounter id was sent), features and
-    ``probability_malignant`` are floats. The rollout's own smoke-test requests (``site_id`` ==
-    :data:`SMOKE_TEST_SITE`) are left out unless ``include_smoke_tests``: they are not patients.
+    Columns are :data:`PREDICTION_COLUMNS`: ``logged_at`` in UTC, ids and labels as strings
+    (``encounter_hash`` ``""`` without an encounter id), numbers as floats. The rollout's smoke-test
+    requests (:data:`SMOKE_TEST_SITE`) are left out unless ``include_smoke_tests``: they are not patients.
     """
     import pandas as pd
 
@@ -498,10 +489,9 @@ def label_predictions(predictions: pd.DataFrame, feedback: pd.DataFrame) -> pd.D
 def log_refusal(settings: Settings, lines: Iterable[tuple[str, str, str, int, int]], now: float | None = None) -> None:
     """Append one refused request's ``(site, field, reason, count, records)`` lines to today's refusal file.
 
-    One ``write`` on an ``O_APPEND`` descriptor of a file of this process: lines of one request stay
-    together and never interleave with another process's. Names and counts only, never a value the
-    client sent. Not fsynced: a lost refusal count costs a little monitoring sensitivity, while the
-    client already has its 422.
+    One ``write`` on an ``O_APPEND`` descriptor: a request's lines never interleave with another's.
+    Names and counts only, never a value sent. Not fsynced: a lost count costs a little monitoring
+    sensitivity, and the client already has its 422.
     """
     now = time.time() if now is None else now
     stamp = datetime.fromtimestamp(now, UTC).isoformat()

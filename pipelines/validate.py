@@ -54,11 +54,8 @@ class ValidationResult:
 
 
 def read_batch(path: Path) -> pd.DataFrame:
-    """Read a landed file, or raise :class:`BatchRejected` saying why it is unusable.
-
-    Numeric columns parse as floats on the fast path; a column holding anything that is not a
-    number stays text, so that the offending value can be named in the row's reason.
-    """
+    """Read a landed file, or raise :class:`BatchRejected` saying why it is unusable. A numeric column
+    holding anything but numbers stays text, so that the offending value can be named in the reason."""
     if not path.exists():
         raise BatchRejected(f"file not found: {path.name}")
     with path.open("rb") as handle:
@@ -67,7 +64,6 @@ def read_batch(path: Path) -> pd.DataFrame:
         raise BatchRejected("empty file: no header and no rows")
     if b"\x00" in head:
         raise BatchRejected("not a CSV file: binary content")
-    text_columns = {LABEL: str, SITE: str, ENCOUNTER: str}
     try:
         with warnings.catch_warnings():
             # a column read in chunks may hold floats and text side by side: _features handles both
@@ -76,7 +72,7 @@ def read_batch(path: Path) -> pd.DataFrame:
             warnings.simplefilter("error", pd.errors.ParserWarning)
             raw = pd.read_csv(
                 path,
-                dtype=text_columns,
+                dtype={LABEL: str, SITE: str, ENCOUNTER: str},
                 keep_default_na=False,
                 na_values=[""],
                 encoding="utf-8",
@@ -114,11 +110,10 @@ def check_columns(raw: pd.DataFrame, site_id: str | None) -> None:
 
 @cache
 def pandera_schema():
-    """The typed-row contract as a pandera schema: plausible ranges, known labels, well-formed sites.
+    """The typed-row contract as a pandera schema, for a notebook or another pipeline.
 
-    :func:`validate_batch` checks exactly these rules with numpy on whole columns (pandera's own
-    pass cost a third of the time on a 1M-row batch); the tests hold the two to the same verdicts.
-    Use it to check a typed frame in a notebook or another pipeline.
+    :func:`validate_batch` checks exactly these rules with numpy (pandera's own pass cost a third of
+    the time on a 1M-row batch); the tests hold the two to the same verdicts.
     """
     import pandera.pandas as pa
 
@@ -204,10 +199,8 @@ def _range_failures(block: np.ndarray, failures: _Failures) -> None:
 
 
 def _normalised_text(column: pd.Series | None, n_rows: int, lower: bool, fill: str | None = None) -> pd.Categorical:
-    """Stripped (and lower-cased) text per row, missing where absent or blank unless ``fill`` is given.
-
-    The work is done once per distinct value: a batch holds a handful of labels and sites.
-    """
+    """Stripped (and lower-cased) text per row, missing where absent or blank unless ``fill`` is given;
+    worked out once per distinct value (a batch holds a handful of labels and sites)."""
     if column is None:
         return (
             pd.Categorical.from_codes(np.zeros(n_rows, dtype="int8"), [fill])
@@ -255,12 +248,9 @@ def validate_batch(
 ) -> ValidationResult:
     """Split a raw text batch into typed accepted rows and rejected rows with every reason.
 
-    ``site_id`` fills rows that name no site; ``existing_keys`` (from :func:`row_keys` of the
-    current data version) turns rows already in the registry into rejects rather than repeats.
-    Raises :class:`BatchRejected` when the batch's columns make every row unusable.
-
-    Every check runs on whole columns; text is built only for the rows that failed, so a clean
-    1M-row batch costs a few column passes (see ``make bench``).
+    ``site_id`` fills rows that name no site; rows whose :func:`row_keys` are in ``existing_keys`` (the
+    current data version's) are rejected as repeats. Raises :class:`BatchRejected` when the columns make
+    every row unusable. Text is built only for the rows that failed (see ``make bench``).
     """
     check_columns(raw, site_id)
     n_rows = len(raw)
