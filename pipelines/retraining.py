@@ -1,8 +1,7 @@
 """Why and on what a training runs: data announcements, drift (with cooldown), or a person.
 
-A drift-triggered retraining first turns the hospitals' feedback labels, joined with the
-features the service logged, into a labelled batch that goes through the same validation into a
-new data version, so the new model learns from the drifted site's cases.
+A drift-triggered retraining first versions the hospitals' feedback labels, joined with the features
+the service logged and validated as any batch, so the new model learns from the drifted site's cases.
 """
 
 from __future__ import annotations
@@ -105,14 +104,10 @@ def plan_training(
         trained_by = {e.extra["trained_by"] for e in events[assets.DATA]}
         print(f"data announced by retraining run(s) {', '.join(sorted(trained_by))}, which trained on it: skipped")
         return None
-    if fresh:
-        events[assets.DATA] = fresh
-    else:
-        events.pop(assets.DATA, None)
     feedback_version = None
-    if assets.DATA in events:
+    if fresh:
         trigger = "data"
-        announced = [e.extra.get("data_version") for e in events[assets.DATA] if getattr(e, "extra", None)]
+        announced = [e.extra.get("data_version") for e in fresh if getattr(e, "extra", None)]
         data_version = data_version or next((v for v in reversed(announced) if v), None)
     elif assets.DRIFT in events:
         trigger = "drift"
