@@ -1,12 +1,9 @@
 """Lineage in one call: from a served prediction back to the exact rows its model learnt from.
 
-prediction log row (found by the keyed hash of its encounter id, never the id itself) -> model
-version (MLflow registry) -> training run (tags, params, code sha, Airflow run id) -> gate decision
-(``gate/decision.json``) and the approvals and decisions about the version (audit trail) -> data
-versions (registry tags, DVC hashes) -> the rows. :func:`restore_rows` writes the training and
-hold-out rows the run stored, in the data registry's own CSV format, and proves them: the same
-data version restored from the DVC remote, split by the hold-out rule the run recorded, must give
-the same bytes, and the hold-out the fingerprint the version was tagged with.
+prediction log row (found by its encounter id's keyed hash) -> model version (MLflow registry) ->
+training run (tags, params, code sha, Airflow run id) -> gate decision and the audit trail's
+approvals and decisions -> data versions (registry tags, DVC hashes) -> the rows, which
+:func:`restore_rows` writes and proves against the data version restored from the DVC remote.
 """
 
 from __future__ import annotations

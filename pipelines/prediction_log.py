@@ -21,6 +21,7 @@ import hmac
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,10 +124,7 @@ class PredictionLogFailed(OSError):
 def repair_torn_tail(path: Path) -> int:
     """Cut a torn last line (its writer died mid-write) off ``path`` into ``path.torn``; returns the bytes
     moved. Such a row was never answered (answers wait for the fsync): kept for forensics, not deleted."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    size = path.stat().st_size if path.exists() else 0
     if size == 0:
         return 0
     with path.open("r+b") as handle:
@@ -152,11 +150,10 @@ def repair_torn_tail(path: Path) -> int:
 class PredictionLogWriter:
     """Appends prediction rows for one serving process; fsyncs them in group commits.
 
-    ``log_predictions`` writes the request's rows with a single ``write`` (whole lines, so rows of
-    concurrent requests never interleave) and returns a ticket; ``await wait_durable(ticket)``
-    returns once a group commit covering it is done. A background thread fsyncs whenever there is
-    unsynced data; rows written while an fsync runs join the next one, so commits grow with the load
-    and a lone request waits for one fsync, not a timer. ``close`` flushes and fsyncs the rest.
+    ``log_predictions`` writes a request's rows in one ``write`` (whole lines: concurrent requests never
+    interleave) and returns a ticket; ``await wait_durable(ticket)`` returns once a commit covers it. A
+    background thread fsyncs whenever there is unsynced data, so commits grow with the load and a lone
+    request waits for one fsync, not a timer.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -305,7 +302,7 @@ class PredictionLogWriter:
                 if self._predictions.fd == fd:
                     self._fail(error)
                     return
-            # the day rolled over in between: _open fsynced and closed that file itself
+            # the day rolled over in between: fd_for fsynced and closed that file itself
         with self._lock:
             self._durable = max(self._durable, ticket)
             ready = [w for w in self._waiters if w[0] <= ticket]
@@ -336,8 +333,6 @@ class ServedEncounters:
     /feedback reaching the worker that answered need not read the log files. Guarded by a lock."""
 
     def __init__(self, capacity: int) -> None:
-        from collections import OrderedDict
-
         self.capacity = max(capacity, 0)
         self._sites: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
@@ -459,11 +454,9 @@ def read_feedback(settings: Settings) -> pd.DataFrame:
 def label_predictions(predictions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
     """Logged predictions whose true diagnosis came back through /feedback, joined on the encounter hash.
 
-    The latest prediction per encounter counts (scored again, the last answer is what the clinic
-    saw) and the latest label per encounter (a correction replaces the first answer); predictions
-    sent without an encounter id (hash ``""``) cannot be labelled. Returns the predictions' columns
-    and ``diagnosis`` (the label), one row per labelled encounter, oldest prediction first. The
-    hash stays in: callers that write reports drop it.
+    The latest prediction per encounter counts (the last answer is what the clinic saw) and the latest
+    label (a correction replaces the first); predictions without an encounter id cannot be labelled.
+    One row per labelled encounter, oldest prediction first, with ``diagnosis``; the hash stays in.
     """
     hash_column = "encounter_hash"
     for name, frame, needed in (
