@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,8 +26,7 @@ def seed_frame() -> pd.DataFrame:
     from sklearn.datasets import load_breast_cancer
 
     bunch = load_breast_cancer(as_frame=True)
-    frame = bunch.data.rename(columns=lambda name: name.replace(" ", "_"))
-    frame = frame[list(FEATURES)].astype("float64")
+    frame = bunch.data.rename(columns=lambda name: name.replace(" ", "_"))[list(FEATURES)].astype("float64")
     frame[LABEL] = [POSITIVE if code == 0 else NEGATIVE for code in bunch.target]
     frame[SITE] = [SEED_SITES[i % len(SEED_SITES)] for i in range(len(frame))]
     return frame[list(DATA_COLUMNS)]
@@ -35,11 +35,9 @@ def seed_frame() -> pd.DataFrame:
 def write_frame(frame: pd.DataFrame, path: Path) -> Path:
     """Write data rows in the registry's canonical CSV format, atomically.
 
-    The bytes are what ``to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\\n")``
-    writes (a test holds them equal), ten times faster or more on large batches: pandas formats
-    every float with a Python ``%``; here pyarrow writes each float's shortest form, which is
-    ``FLOAT_FORMAT``'s text whenever it has at most ten digits and no exponent (almost every
-    measurement), and Python's ``%`` formats only the rest.
+    The bytes are ``to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\\n")``'s (a test
+    holds them equal), ten times faster: pyarrow writes each float's shortest form, which is
+    ``FLOAT_FORMAT``'s text whenever it has at most ten digits and no exponent, and ``%`` the rest.
     """
     table, needs_quotes = _text_table(frame)
     with atomic_writer(path) as handle:
@@ -110,8 +108,6 @@ def _ten_digits_at_most(magnitude: np.ndarray) -> np.ndarray:
 
 
 def _write_with_csv_module(table, handle) -> None:
-    import io
-
     text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(DATA_COLUMNS)
