@@ -55,17 +55,13 @@ class IngestResult:
     quarantine_path: str | None = None
     reason: str | None = None
 
-    @property
-    def label(self) -> str:
-        """How logs and the registry name the batch: by its checksum, never by its file name."""
-        return f"batch {self.sha256[:12]}"
-
     def summary(self) -> str:
+        label = f"batch {self.sha256[:12]}"  # by its checksum, never by its file name
         if self.status == "already_ingested":
-            return f"{self.label}: already ingested ({self.reason}); no new version"
+            return f"{label}: already ingested ({self.reason}); no new version"
         if self.status == "rejected_whole":
-            return f"{self.label}: quarantined whole: {self.reason} -> {self.quarantine_path}"
-        line = f"{self.label}: received {self.received}, accepted {self.accepted}, quarantined {self.quarantined}"
+            return f"{label}: quarantined whole: {self.reason} -> {self.quarantine_path}"
+        line = f"{label}: received {self.received}, accepted {self.accepted}, quarantined {self.quarantined}"
         return line + (f" -> {self.version}" if self.version else " -> no new version")
 
     def to_dict(self) -> dict:
@@ -117,13 +113,8 @@ def quarantine_batch(
     _private_folder(folder)
     write_atomically(folder / "rows.csv", rejected.to_csv(index=False), mode=0o600)
     reasons = rejected[REASON].str.split("; ").explode().str.split(":").str[0].value_counts()
-    summary = {
-        "file": name,
-        "sha256": sha256,
-        "received": received,
-        "quarantined": len(rejected),
-        "rows_by_reason": {str(k): int(v) for k, v in reasons.items()},
-    }
+    by_reason = {str(k): int(v) for k, v in reasons.items()}
+    summary = dict(file=name, sha256=sha256, received=received, quarantined=len(rejected), rows_by_reason=by_reason)
     write_atomically(folder / "summary.json", json.dumps(summary, indent=1) + "\n", mode=0o600)
     data_registry.crash_point("after_quarantine")
     return folder
@@ -275,8 +266,7 @@ def ingest_file(path: Path, settings: Settings, site_id: str | None = None, *, a
 
 def archive_landed(path: Path, settings: Settings) -> None:
     """Move an ingested file out of the landing folder into ``processed/`` until its retention ends."""
-    relative = path.relative_to(settings.landing_dir)
-    target = settings.landing_dir / PROCESSED / relative
+    target = settings.landing_dir / PROCESSED / path.relative_to(settings.landing_dir)
     _private_folder(target.parent)
     if target.exists():
         target = target.with_name(f"{target.stem}.{os.getpid()}.{datetime.now(UTC):%Y%m%d%H%M%S%f}{target.suffix}")
