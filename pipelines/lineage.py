@@ -84,7 +84,6 @@ def trace_version(version: str, settings: Settings) -> Lineage:
     run = client.get_run(run_id)
     run_tags, params = dict(run.data.tags), dict(run.data.params)
     decision = stored_decision(run_id, settings)
-    entries = governance.entries_about(str(version), settings)
     return Lineage(
         model={
             "name": settings.model_name,
@@ -104,7 +103,7 @@ def trace_version(version: str, settings: Settings) -> Lineage:
         gate=decision_summary(decision) | {"reasons": decision.reasons} if decision is not None else None,
         decisions=[
             {key: entry.model_dump()[key] for key in ("seq", "time", "action", "actor", "reason", "hash")}
-            for entry in entries
+            for entry in governance.entries_about(str(version), settings)
         ],
         data_versions=data_versions(run_tags.get("data_versions_seen") or run_tags.get("data_version", ""), settings),
         holdout={

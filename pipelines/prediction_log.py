@@ -1,21 +1,19 @@
 """The append-only prediction log and the feedback labels: written by the service, read by monitoring.
 
 Every served prediction is one CSV row in ``predictions_dir/log/predictions-YYYYMMDD-<pid>.csv``
-(one file per serving process and UTC day, so processes never share a file and rows never
-interleave); ground-truth labels sent to ``/feedback`` go to ``predictions_dir/feedback/``.
-Encounter ids never reach the disk: only their keyed hash (HMAC-SHA256 with the settings' key).
+(one file per serving process and UTC day, so rows never interleave); ``/feedback`` labels go to
+``predictions_dir/feedback/``. Encounter ids never reach the disk: only their keyed hash.
 
-Durability: a request's rows are written with one ``write`` and fsynced by a group commit a few
-milliseconds later (one ``fsync`` covers every request of that window instead of one per record);
-the service answers only once the commit that covers its rows is done (:meth:`PredictionLogWriter.
-wait_durable`). A failed write or fsync marks the writer failed: every waiting and later request
-is refused (the service answers 503 and reports not ready) rather than answered unlogged. A row
-torn by a crash (the process died mid-write, so it was never answered) is moved to a ``.torn``
-file beside the log when the file is next opened, so later rows never run into it.
+Durability: a request's rows are written with one ``write`` and fsynced by a group commit (one
+``fsync`` covers every request of a few milliseconds); the service answers only once the commit
+covering its rows is done. A failed write or fsync fails the writer: every waiting and later request
+is refused (503, not ready) rather than answered unlogged. A row torn by a crash (never answered) is
+moved to a ``.torn`` file beside the log when the file is next opened, so later rows never run into it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -58,20 +56,13 @@ def refusals_dir(settings: Settings) -> Path:
     return settings.predictions_dir / "refusals"
 
 
-def encounter_hasher(key: bytes):
-    """A function mapping an encounter id to its HMAC-SHA256 hex digest ('' for no id)."""
-
-    def hash_encounter(encounter_id: str | None) -> str:
-        if not encounter_id:
-            return ""
-        return hmac.digest(key, encounter_id.encode(), hashlib.sha256).hex()
-
-    return hash_encounter
+def _keyed_hash(key: bytes, encounter_id: str | None) -> str:
+    return hmac.digest(key, encounter_id.encode(), hashlib.sha256).hex() if encounter_id else ""
 
 
 def hash_encounter_id(encounter_id: str | None, settings: Settings) -> str:
-    """The keyed hash that stands for ``encounter_id`` in the log (join feedback on it)."""
-    return encounter_hasher(settings.encounter_hash_key())(encounter_id)
+    """The keyed hash (HMAC-SHA256, '' for no id) that stands for ``encounter_id`` in the log."""
+    return _keyed_hash(settings.encounter_hash_key(), encounter_id)
 
 
 def _utc_day(now: float) -> str:
@@ -159,7 +150,7 @@ class PredictionLogWriter:
     def __init__(self, settings: Settings) -> None:
         self._predictions = _DailyAppendFile(predictions_log_dir(settings), "predictions", PREDICTION_COLUMNS)
         self._feedback = _DailyAppendFile(feedback_dir(settings), "feedback", FEEDBACK_COLUMNS)
-        self.hash_encounter = encounter_hasher(settings.encounter_hash_key())
+        self.hash_encounter = functools.partial(_keyed_hash, settings.encounter_hash_key())
         self.served = ServedEncounters(settings.served_index_size)
         self._lookback_days = settings.feedback_lookback_days
         self._lock = threading.Lock()
@@ -276,8 +267,7 @@ class PredictionLogWriter:
 
     def _fail(self, error: OSError) -> None:
         """Remember the failure (caller holds the lock) and release every waiter with it."""
-        if self.failure is None:
-            self.failure = error
+        self.failure = self.failure or error
         waiters, self._waiters = self._waiters, []
         failure = PredictionLogFailed(f"prediction log fsync failed: {error}")
         for _, loop, future in waiters:
