@@ -164,8 +164,7 @@ def _settle(entry: dict, settings: Settings) -> str:
     if record is not None:
         tag = record.get("version")
         if tag and tag not in list_versions(settings):
-            message = entry.get("message") or f"{tag}: batch {entry['sha256'][:12]}"
-            _git(repo, "tag", "-a", tag, "-m", message, "HEAD")
+            _git(repo, "tag", "-a", tag, "-m", entry.get("message") or f"{tag}: batch {entry['sha256'][:12]}", "HEAD")
         if tag:
             _record_version(
                 describe_version(tag, settings),

@@ -45,8 +45,7 @@ def in_cooldown(settings: Settings, now: datetime | None = None) -> timedelta | 
     last = _load_state(settings).get("last_drift_retraining")
     if not last:
         return None
-    now = now or datetime.now(UTC)
-    left = datetime.fromisoformat(last) + timedelta(hours=settings.retrain_cooldown_hours) - now
+    left = datetime.fromisoformat(last) + timedelta(hours=settings.retrain_cooldown_hours) - (now or datetime.now(UTC))
     return left if left > timedelta(0) else None
 
 
@@ -60,8 +59,7 @@ def labelled_feedback_batch(settings: Settings, since: datetime | None = None) -
         feedback = feedback[pd.to_datetime(feedback["logged_at"], utc=True) > since]
     if feedback.empty:
         return pd.DataFrame(columns=list(DATA_COLUMNS))
-    joined = label_predictions(read_predictions(settings), feedback)
-    return joined[list(DATA_COLUMNS)].reset_index(drop=True)
+    return label_predictions(read_predictions(settings), feedback)[list(DATA_COLUMNS)].reset_index(drop=True)
 
 
 def version_feedback(settings: Settings) -> str | None:
@@ -79,9 +77,7 @@ def version_feedback(settings: Settings) -> str | None:
         _save_state(state, settings)
         return None
     raw = batch.astype({name: "string" for name in ("diagnosis", "site_id")})
-    scratch = settings.home / "state" / "feedback-batch.csv"
-    write_frame(batch, scratch)
-    sha256 = sha256_file(scratch)
+    sha256 = sha256_file(write_frame(batch, settings.home / "state" / "feedback-batch.csv"))
     name = f"feedback-{now:%Y%m%dT%H%M%S}.csv"
     # Checked against the registry's rows and recorded under one lock and journal, as an ingest is.
     with data_registry.locked_registry(settings):
