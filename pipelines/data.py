@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,16 +21,12 @@ FLOAT_FORMAT = "%.10g"
 
 
 def seed_frame() -> pd.DataFrame:
-    """The Wisconsin diagnostic breast cancer data as medops stores it.
-
-    scikit-learn codes malignant as 0 and benign as 1; here the label is spelled out, columns are
-    snake_case, and each row gets a ``site_id`` round-robin over three seed hospitals.
-    """
+    """The Wisconsin diagnostic breast cancer data as medops stores it: the label spelled out (sklearn
+    codes malignant as 0), snake_case columns, a ``site_id`` round-robin over three seed hospitals."""
     from sklearn.datasets import load_breast_cancer
 
     bunch = load_breast_cancer(as_frame=True)
-    frame = bunch.data.rename(columns=lambda name: name.replace(" ", "_"))
-    frame = frame[list(FEATURES)].astype("float64")
+    frame = bunch.data.rename(columns=lambda name: name.replace(" ", "_"))[list(FEATURES)].astype("float64")
     frame[LABEL] = [POSITIVE if code == 0 else NEGATIVE for code in bunch.target]
     frame[SITE] = [SEED_SITES[i % len(SEED_SITES)] for i in range(len(frame))]
     return frame[list(DATA_COLUMNS)]
@@ -38,11 +35,9 @@ def seed_frame() -> pd.DataFrame:
 def write_frame(frame: pd.DataFrame, path: Path) -> Path:
     """Write data rows in the registry's canonical CSV format, atomically.
 
-    The bytes are what ``to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\\n")``
-    writes (a test holds them equal), ten times faster or more on large batches: pandas formats
-    every float with a Python ``%``; here pyarrow writes each float's shortest form, which is
-    ``FLOAT_FORMAT``'s text whenever it has at most ten digits and no exponent (almost every
-    measurement), and Python's ``%`` formats only the rest.
+    The bytes are ``to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\\n")``'s (a test
+    holds them equal), ten times faster: pyarrow writes each float's shortest form, which is
+    ``FLOAT_FORMAT``'s text whenever it has at most ten digits and no exponent, and ``%`` the rest.
     """
     table, needs_quotes = _text_table(frame)
     with atomic_writer(path) as handle:
@@ -65,21 +60,18 @@ def _text_table(frame: pd.DataFrame):
     # pyarrow and numpy release the GIL: float columns format in parallel on every core
     with ThreadPoolExecutor(max_workers=min(len(floats) or 1, os.cpu_count() or 1)) as pool:
         formatted = pool.map(_float_texts, [frame[name].to_numpy(dtype="float64") for name in floats])
-        texts_of = dict(zip(floats, formatted, strict=True))
-    columns = {}
+        columns = dict(zip(floats, formatted, strict=True))
     needs_quotes = False
     for name in DATA_COLUMNS:
-        column = frame[name]
-        if name in texts_of:
-            columns[name] = texts_of[name]
+        if name in columns:
             continue
         try:
-            texts = pa.array(column.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
+            texts = pa.array(frame[name].to_numpy(dtype=object), type=pa.string(), from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # not all text: write what str() gives, as pandas does
-            texts = pa.array([None if pd.isna(v) else str(v) for v in column.tolist()], type=pa.string())
+            texts = pa.array([None if pd.isna(v) else str(v) for v in frame[name].tolist()], type=pa.string())
         needs_quotes = needs_quotes or pc.any(pc.match_substring_regex(texts, '[,"\r\n]')).as_py()
         columns[name] = texts
-    return pa.table(columns), needs_quotes
+    return pa.table({name: columns[name] for name in DATA_COLUMNS}), needs_quotes
 
 
 def _float_texts(values: np.ndarray):
@@ -92,14 +84,12 @@ def _float_texts(values: np.ndarray):
     positional = (magnitude >= 1e-4) & (magnitude < 1e10)  # where %g writes no exponent
     same = (magnitude == 0) | (positional & _ten_digits_at_most(magnitude))
     same &= ~pc.fill_null(pc.match_substring(texts, "e"), False).to_numpy(zero_copy_only=False)
-    redo = np.flatnonzero(~same & ~np.isnan(values))
-    if redo.size == 0:
+    redo = ~same & ~np.isnan(values)
+    if not redo.any():
         return texts
     replacement = np.full(len(values), None, dtype=object)
     replacement[redo] = [FLOAT_FORMAT % value for value in values[redo].tolist()]
-    mask = np.zeros(len(values), dtype=bool)
-    mask[redo] = True
-    return pc.if_else(pa.array(mask), pa.array(replacement, type=pa.string()), texts)
+    return pc.if_else(pa.array(redo), pa.array(replacement, type=pa.string()), texts)
 
 
 def _ten_digits_at_most(magnitude: np.ndarray) -> np.ndarray:
@@ -118,8 +108,6 @@ def _ten_digits_at_most(magnitude: np.ndarray) -> np.ndarray:
 
 
 def _write_with_csv_module(table, handle) -> None:
-    import io
-
     text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(DATA_COLUMNS)

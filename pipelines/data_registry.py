@@ -6,19 +6,15 @@ records every landed file's checksum and counts, so the same file never makes a 
 Restore any version with ``medops data restore data-vN`` (``dvc get`` underneath).
 
 Nothing is lost or counted twice at any crash point. One writer at a time holds the registry lock
-(:func:`locked_registry`) for a whole ingest, duplicate checks included. Before an ingest touches
-anything it writes a journal entry (``MEDOPS_HOME/state/ingest-journal/<sha256>.json``) and then
-notes each thing it is about to create. The steps run in this order: quarantine, batch file,
-manifest, ``dvc add``, ``dvc push``, one git commit of ``data.dvc`` and the manifest together, the
-tag. The manifest in the working tree gets its record before the push, but only the committed
-manifest counts, and a record naming a version counts only once its tag exists. Whoever takes the
-lock next (an ingest, ``medops init``, the DAG's task) first settles what a crash left: an ingest
-that committed gets its tag; any other is rolled back (uncommitted changes to ``data.dvc``, the
-manifest and ``.gitignore`` reset to the last commit, the batch file removed, the quarantine put
-back), so the retry ends with every received row exactly once in a version or in quarantine.
-
-Every data version is an entry in the audit trail (:mod:`pipelines.governance`), written once its
-tag exists; an ingest finished after a crash gets its entry then, by the actor its journal noted.
+(:func:`locked_registry`) for a whole ingest, duplicate checks included. An ingest first writes a
+journal entry (``MEDOPS_HOME/state/ingest-journal/<sha256>.json``), notes each thing before creating
+it, and runs: quarantine, batch file, manifest, ``dvc add``, ``dvc push``, one git commit of
+``data.dvc`` and the manifest, the tag. Only the committed manifest counts, and a record naming a
+version only once its tag exists. Whoever takes the lock next first settles what a crash left: an
+ingest that committed gets its tag (and its audit entry, by the actor its journal noted); any other
+is rolled back (``data.dvc``, the manifest and ``.gitignore`` reset to the last commit, the batch
+file removed, the quarantine put back), so every received row ends exactly once in a version or in
+quarantine. Every data version is an entry in the audit trail, written once its tag exists.
 """
 
 from __future__ import annotations
@@ -92,7 +88,7 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def _lock(settings: Settings) -> BaseFileLock:
-    # Reentrant: an ingest holds it throughout and calls record_batch, which takes it again.
+    # Reentrant: an ingest holds it throughout and its journal (journaled) takes it again.
     return file_lock(settings.home / ".registry.lock", timeout=600, reentrant=True)
 
 
@@ -123,11 +119,8 @@ class IngestJournal:
 
 @contextlib.contextmanager
 def journaled(sha256: str, settings: Settings) -> Iterator[IngestJournal]:
-    """Journal the ingest of one batch under the registry lock.
-
-    An error rolls back what the ingest created (or, once it committed, finishes it) and is raised
-    again; a crash leaves the entry for the next holder of the lock to settle; success removes it.
-    """
+    """Journal the ingest of one batch under the registry lock: an error rolls back what it created (or,
+    once committed, finishes it) and is raised again; a crash leaves the entry for the next lock holder."""
     with locked_registry(settings):
         folder = settings.ingest_journal_dir
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -147,15 +140,11 @@ def journaled(sha256: str, settings: Settings) -> Iterator[IngestJournal]:
         journal.path.unlink(missing_ok=True)
 
 
-def recover_interrupted(settings: Settings) -> list[str]:
-    """Finish or roll back every ingest a crash interrupted; returns what became of each.
-
-    Call with the registry lock held (:func:`locked_registry` does): nobody else can be writing.
-    """
+def recover_interrupted(settings: Settings) -> None:
+    """Finish or roll back every ingest a crash interrupted (call with the registry lock held)."""
     folder = settings.ingest_journal_dir
     if not folder.is_dir() or not (settings.registry_dir / ".git").exists():
-        return []
-    outcomes = []
+        return
     for path in sorted(folder.glob("*.json")):
         if path in _open_journals:
             continue
@@ -163,8 +152,6 @@ def recover_interrupted(settings: Settings) -> list[str]:
         outcome = _settle(entry, settings)
         path.unlink()
         log.warning("an interrupted ingest of batch %s was %s", entry["sha256"][:12], outcome)
-        outcomes.append(f"{entry['sha256'][:12]} {outcome}")
-    return outcomes
 
 
 def _settle(entry: dict, settings: Settings) -> str:
@@ -177,8 +164,7 @@ def _settle(entry: dict, settings: Settings) -> str:
     if record is not None:
         tag = record.get("version")
         if tag and tag not in list_versions(settings):
-            message = entry.get("message") or f"{tag}: batch {entry['sha256'][:12]}"
-            _git(repo, "tag", "-a", tag, "-m", message, "HEAD")
+            _git(repo, "tag", "-a", tag, "-m", entry.get("message") or f"{tag}: batch {entry['sha256'][:12]}", "HEAD")
         if tag:
             _record_version(
                 describe_version(tag, settings),
@@ -258,10 +244,9 @@ def describe_version(tag: str, settings: Settings) -> DataVersion:
     """The DVC hash, row count and commit a tag stands for, read from the registry's history."""
     repo = registry_repo(settings)
     pointer = yaml.safe_load(_git(repo, "show", f"{tag}:data.dvc"))
-    out = pointer["outs"][0]
     manifest = json.loads(_git(repo, "show", f"{tag}:{MANIFEST}"))
     rows = sum(batch["accepted"] for batch in manifest["batches"])
-    return DataVersion(tag=tag, dvc_md5=out["md5"], rows=rows, commit=_git(repo, "rev-list", "-n1", tag))
+    return DataVersion(tag=tag, dvc_md5=pointer["outs"][0]["md5"], rows=rows, commit=_git(repo, "rev-list", "-n1", tag))
 
 
 @contextlib.contextmanager
@@ -291,16 +276,8 @@ def _dvc_push(repo: Path) -> None:
         dvc.push()
 
 
-def _dvc_add_and_push(repo: Path) -> None:
-    _dvc_add(repo)
-    _dvc_push(repo)
-
-
 def init_registry(settings: Settings, *, actor: str = SCHEDULER) -> DataVersion:
-    """Create the registry with the seed as ``data-v1`` (idempotent: an existing registry is kept).
-
-    Creating it is recorded in the audit trail as the first data version, by ``actor``.
-    """
+    """Create the registry with the seed as ``data-v1``, audited by ``actor``; an existing one is kept."""
     repo = settings.registry_dir
     with locked_registry(settings):  # settles an ingest a crash interrupted, at every start
         if latest_version(settings):
@@ -321,7 +298,8 @@ def init_registry(settings: Settings, *, actor: str = SCHEDULER) -> DataVersion:
         seed = write_seed(repo / "data")
         manifest = {"batches": [_batch_record(seed.name, sha256_file(seed), len(read_data_dir(repo / "data")), 0)]}
         write_atomically(repo / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        _dvc_add_and_push(repo)
+        _dvc_add(repo)
+        _dvc_push(repo)
         _git(repo, "add", "data.dvc", ".gitignore", MANIFEST, ".dvc/config", ".dvc/.gitignore")
         _git(repo, "commit", "-q", "-m", "data-v1: seed (Wisconsin diagnostic breast cancer data)")
         _git(repo, "tag", "-a", f"{TAG_PREFIX}1", "-m", "seed")
@@ -331,18 +309,8 @@ def init_registry(settings: Settings, *, actor: str = SCHEDULER) -> DataVersion:
 
 
 def _batch_record(source: str, sha256: str, accepted: int, quarantined: int, **extra: object) -> dict:
-    return {
-        "source": source,
-        "sha256": sha256,
-        "accepted": accepted,
-        "quarantined": quarantined,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **extra,
-    }
-
-
-def _manifest(settings: Settings) -> dict:
-    return json.loads((settings.registry_dir / MANIFEST).read_text())
+    at = datetime.now(UTC).isoformat(timespec="seconds")
+    return {"source": source, "sha256": sha256, "accepted": accepted, "quarantined": quarantined, "at": at, **extra}
 
 
 def _committed_record(sha256: str, settings: Settings) -> dict | None:
@@ -380,65 +348,52 @@ def record_batch(
     sha256: str,
     quarantined: int,
     settings: Settings,
+    journal: IngestJournal,
     origin: str = "landing",
-    journal: IngestJournal | None = None,
     actor: str = SCHEDULER,
 ) -> DataVersion | None:
-    """Append accepted rows as a new immutable batch file and tag the next data version.
+    """Append accepted rows as a new immutable batch file and tag the next data version (audited by ``actor``).
 
-    Returns the new version, or None when there were no accepted rows (the file is still
-    recorded in the manifest so it is not taken again). ``source_name`` goes into the manifest
-    and the commit message, so it must name no one: ingest passes the checksum's prefix and the
-    site, never a landed file's name (which can carry a patient's). Pass the ``journal`` of an
-    ingest already in progress (:func:`journaled`); without one, this opens its own. A new version
-    is recorded in the audit trail, by ``actor``.
+    Returns the new version, or None when no row was accepted (the file is still recorded in the
+    manifest so it is not taken again). ``source_name`` goes into the manifest and the commit message,
+    so it must name no one: ingest passes the checksum's prefix and the site, never a landed file's name.
     """
     repo = settings.registry_dir
-    with contextlib.ExitStack() as stack:
-        if journal is None:
-            journal = stack.enter_context(journaled(sha256, settings))
-        manifest = _manifest(settings)
-        if any(record["sha256"] == sha256 for record in manifest["batches"]):
-            return None
-        tag = f"{TAG_PREFIX}{version_number(latest_version(settings) or 'data-v0') + 1}"
-        record = _batch_record(source_name, sha256, len(accepted), quarantined, origin=origin)
-        if len(accepted):
-            record["version"] = tag
-            record["data_file"] = f"batch-{sha256[:16]}.csv"
-            message = f"{tag}: {len(accepted)} rows from {source_name} (sites {_sites(accepted)}; {origin})"
-            journal.note(tag=tag, data_file=record["data_file"], message=message, actor=actor)
-            write_frame(accepted, repo / "data" / record["data_file"])
-            crash_point("after_write")
-        manifest["batches"].append(record)
-        write_atomically(repo / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        crash_point("after_manifest")
-        if not len(accepted):
-            _git(repo, "add", MANIFEST)
-            _git(repo, "commit", "-q", "-m", f"record {source_name}: every row quarantined, no new version")
-            crash_point("after_commit")
-            return None
-        _dvc_add(repo)
-        crash_point("after_dvc_add")
-        _dvc_push(repo)
-        crash_point("after_push")
-        # data.dvc and the manifest in one commit: the pointer and the record agree in every commit.
-        _git(repo, "add", "data.dvc", MANIFEST)
-        _git(repo, "commit", "-q", "-m", message)
+    manifest = json.loads((repo / MANIFEST).read_text())
+    if any(record["sha256"] == sha256 for record in manifest["batches"]):
+        return None
+    tag = f"{TAG_PREFIX}{version_number(latest_version(settings) or 'data-v0') + 1}"
+    record = _batch_record(source_name, sha256, len(accepted), quarantined, origin=origin)
+    if len(accepted):
+        record["version"] = tag
+        record["data_file"] = f"batch-{sha256[:16]}.csv"
+        message = f"{tag}: {len(accepted)} rows from {source_name} (sites {_sites(accepted)}; {origin})"
+        journal.note(tag=tag, data_file=record["data_file"], message=message, actor=actor)
+        write_frame(accepted, repo / "data" / record["data_file"])
+        crash_point("after_write")
+    manifest["batches"].append(record)
+    write_atomically(repo / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    crash_point("after_manifest")
+    if not len(accepted):
+        _git(repo, "add", MANIFEST)
+        _git(repo, "commit", "-q", "-m", f"record {source_name}: every row quarantined, no new version")
         crash_point("after_commit")
-        _git(repo, "tag", "-a", tag, "-m", message)
-        crash_point("after_tag")
-        version = describe_version(tag, settings)
-        _record_version(
-            version,
-            actor,
-            message,
-            settings,
-            sha256=sha256,
-            accepted=len(accepted),
-            quarantined=quarantined,
-            origin=origin,
-        )
-        return version
+        return None
+    _dvc_add(repo)
+    crash_point("after_dvc_add")
+    _dvc_push(repo)
+    crash_point("after_push")
+    # data.dvc and the manifest in one commit: the pointer and the record agree in every commit.
+    _git(repo, "add", "data.dvc", MANIFEST)
+    _git(repo, "commit", "-q", "-m", message)
+    crash_point("after_commit")
+    _git(repo, "tag", "-a", tag, "-m", message)
+    crash_point("after_tag")
+    version = describe_version(tag, settings)
+    _record_version(
+        version, actor, message, settings, sha256=sha256, accepted=len(accepted), quarantined=quarantined, origin=origin
+    )
+    return version
 
 
 def _record_version(version: DataVersion, actor: str, reason: str, settings: Settings, **details: object) -> None:
@@ -467,7 +422,6 @@ def restore_version(tag: str, dest: Path, settings: Settings) -> Path:
     version_number(tag)
     if tag not in list_versions(settings):
         raise ValueError(f"unknown data version {tag}; known: {', '.join(list_versions(settings)) or 'none'}")
-    dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -490,8 +444,6 @@ def load_version_frame(tag: str, settings: Settings) -> pd.DataFrame:
             if not cache.exists():
                 partial = cache.with_name(f".{tag}.partial")
                 if partial.exists():
-                    import shutil
-
                     shutil.rmtree(partial)
                 restore_version(tag, partial, settings)
                 partial.rename(cache)

@@ -1,19 +1,17 @@
 """Ingest: validate a landed batch, quarantine what fails, version what passes.
 
 Nothing a hospital sends is dropped: every row ends in a data version or in quarantine with its
-reason, and ``accepted + quarantined == received`` for every file. A file that is not usable at
-all is kept whole in quarantine with the reason. The same file landing twice is recognised by
-its checksum and makes no second version. Each file is ingested under the registry lock and a
-journal (:mod:`pipelines.data_registry`), so a crash at any step is finished or rolled back.
+reason (``accepted + quarantined == received`` per file); an unusable file is kept whole in
+quarantine. A file landing twice is recognised by its checksum. Each file is ingested under the
+registry lock and a journal (:mod:`pipelines.data_registry`), so a crash at any step is finished or
+rolled back.
 
 Landed files can carry patient identifiers, in a column or in their name. A landed file refused
-whole leaves the landing folder: it is moved (not copied) into quarantine and stored under its
-SHA-256. Its original name is kept only in that quarantine's ``summary.json``: whoever reviews the
-quarantine needs it to tell the sending site which file was refused, and there it sits readable by
-medops' user only (0600 in a 0700 folder), next to the file's content, which is the more sensitive
-of the two. Git commit messages, the manifest, task results and logs name a batch by its
-checksum's prefix and its site. Accepted files are archived in ``landing/processed/`` and deleted
-after ``MEDOPS_LANDING_RETENTION_DAYS``.
+whole is moved (not copied) into quarantine under its SHA-256; its original name is kept only in
+that quarantine's ``summary.json``, for the reviewer to tell the site which file was refused,
+readable by medops' user only (0600 in a 0700 folder) beside the more sensitive content. Commit
+messages, the manifest, task results and logs name a batch by its checksum's prefix and its site.
+Accepted files are archived in ``landing/processed/`` and deleted after ``MEDOPS_LANDING_RETENTION_DAYS``.
 """
 
 from __future__ import annotations
@@ -57,17 +55,13 @@ class IngestResult:
     quarantine_path: str | None = None
     reason: str | None = None
 
-    @property
-    def label(self) -> str:
-        """How logs and the registry name the batch: by its checksum, never by its file name."""
-        return f"batch {self.sha256[:12]}"
-
     def summary(self) -> str:
+        label = f"batch {self.sha256[:12]}"  # by its checksum, never by its file name
         if self.status == "already_ingested":
-            return f"{self.label}: already ingested ({self.reason}); no new version"
+            return f"{label}: already ingested ({self.reason}); no new version"
         if self.status == "rejected_whole":
-            return f"{self.label}: quarantined whole: {self.reason} -> {self.quarantine_path}"
-        line = f"{self.label}: received {self.received}, accepted {self.accepted}, quarantined {self.quarantined}"
+            return f"{label}: quarantined whole: {self.reason} -> {self.quarantine_path}"
+        line = f"{label}: received {self.received}, accepted {self.accepted}, quarantined {self.quarantined}"
         return line + (f" -> {self.version}" if self.version else " -> no new version")
 
     def to_dict(self) -> dict:
@@ -80,10 +74,8 @@ def _waiting(folder: Path) -> list[Path]:
 
 
 def landing_files(settings: Settings) -> list[Path]:
-    """Files waiting in the landing folder or in a per-site subfolder ``landing/<site_id>/``.
-
-    Hidden files and partially written ones (``.part``, ``.tmp``) are left alone until renamed.
-    """
+    """Files waiting in the landing folder or a per-site ``landing/<site_id>/``; hidden and partial
+    ones (``.part``, ``.tmp``) wait until renamed."""
     root = settings.landing_dir
     if not root.exists():
         return []
@@ -94,22 +86,16 @@ def landing_files(settings: Settings) -> list[Path]:
     return sorted(files)
 
 
-def landing_site(path: Path, settings: Settings) -> str | None:
-    """The site a file was dropped for: its subfolder's name, None for the landing root."""
-    return path.parent.name if path.parent != settings.landing_dir else None
-
-
 def _quarantine_folder(sha256: str, settings: Settings) -> Path:
     """Where a batch's quarantine goes: named by time and checksum, never by the file's name."""
     return settings.quarantine_dir / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{sha256[:12]}"
 
 
-def _private_folder(folder: Path) -> Path:
-    """``folder`` and its parent, readable by medops' user only (mkdir's mode is cut by the umask)."""
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` and its parent readable by medops' user only (mkdir's mode is cut by the umask)."""
     for level in (folder.parent, folder):
         level.mkdir(parents=True, exist_ok=True)
         level.chmod(0o700)
-    return folder
 
 
 def quarantine_batch(
@@ -119,22 +105,16 @@ def quarantine_batch(
     sha256: str,
     received: int,
     settings: Settings,
-    journal: data_registry.IngestJournal | None = None,
+    journal: data_registry.IngestJournal,
 ) -> Path:
     """Write rejected rows (as received, with row number and reason) and a summary of reasons."""
     folder = _quarantine_folder(sha256, settings)
-    if journal is not None:
-        journal.note(quarantine=str(folder))
+    journal.note(quarantine=str(folder))
     _private_folder(folder)
     write_atomically(folder / "rows.csv", rejected.to_csv(index=False), mode=0o600)
     reasons = rejected[REASON].str.split("; ").explode().str.split(":").str[0].value_counts()
-    summary = {
-        "file": name,
-        "sha256": sha256,
-        "received": received,
-        "quarantined": len(rejected),
-        "rows_by_reason": {str(k): int(v) for k, v in reasons.items()},
-    }
+    by_reason = {str(k): int(v) for k, v in reasons.items()}
+    summary = dict(file=name, sha256=sha256, received=received, quarantined=len(rejected), rows_by_reason=by_reason)
     write_atomically(folder / "summary.json", json.dumps(summary, indent=1) + "\n", mode=0o600)
     data_registry.crash_point("after_quarantine")
     return folder
@@ -156,9 +136,8 @@ def quarantine_file(
 ) -> Path:
     """Keep an unusable file whole, byte for byte and named by its SHA-256, next to why it was refused.
 
-    ``move`` takes the file away from where it was received (a landed file: nothing of it stays
-    readable in the landing folder); without it the file is copied (a path given at the terminal
-    stays the operator's).
+    ``move`` takes a landed file away so nothing of it stays readable in the landing folder; without
+    it the file is copied (a path given at the terminal stays the operator's).
     """
     folder = _quarantine_folder(sha256, settings)
     stored = folder / _stored_name(path, sha256)
@@ -178,10 +157,6 @@ def quarantine_file(
     return folder
 
 
-def _is_landed(path: Path, settings: Settings) -> bool:
-    return settings.landing_dir.resolve() in path.resolve().parents
-
-
 def _ingest(path: Path, settings: Settings, site_id: str | None, *, archive: bool, actor: str) -> IngestResult:
     """Ingest one file holding the registry lock throughout, checks included; archive it if asked."""
     data_registry.init_registry(settings, actor=actor)
@@ -195,27 +170,19 @@ def _ingest(path: Path, settings: Settings, site_id: str | None, *, archive: boo
 
 
 def _ingest_locked(path: Path, settings: Settings, site_id: str | None, *, actor: str) -> IngestResult:
-    landed = _is_landed(path, settings)
+    landed = settings.landing_dir.resolve() in path.resolve().parents
     sha256 = sha256_file(path)  # the key that makes ingest idempotent
     label = f"batch {sha256[:12]}" + (f" for {site_id}" if site_id else "")
     previous = data_registry.find_batch(sha256, settings)
     if previous is not None:
         where = previous.get("version") or "no version: every row was quarantined"
-        folder = None
+        quarantine_path = None
         if landed and not previous["accepted"] and not previous["quarantined"]:
             # A resent copy of a file refused whole (perhaps for identifiers) must not be archived.
             where = f"already quarantined whole on {previous['at']}"
-            folder = quarantine_file(path, sha256=sha256, reason=where, settings=settings, move=True)
+            quarantine_path = str(quarantine_file(path, sha256=sha256, reason=where, settings=settings, move=True))
         return IngestResult(
-            path.name,
-            sha256,
-            "already_ingested",
-            0,
-            0,
-            0,
-            previous.get("version"),
-            quarantine_path=str(folder) if folder else None,
-            reason=where,
+            path.name, sha256, "already_ingested", 0, 0, 0, previous.get("version"), quarantine_path, where
         )
     try:
         raw = read_batch(path)
@@ -240,7 +207,6 @@ def _ingest_locked(path: Path, settings: Settings, site_id: str | None, *, actor
     version, folder = record_validated(
         result, name=path.name, label=label, sha256=sha256, settings=settings, actor=actor
     )
-    assert len(result.accepted) + len(result.rejected) == result.received
     return IngestResult(
         file=path.name,
         sha256=sha256,
@@ -265,9 +231,8 @@ def record_validated(
 ) -> tuple[data_registry.DataVersion | None, Path | None]:
     """Quarantine a validated batch's rejected rows and version its accepted rows, under one journal.
 
-    The caller holds the registry lock (the batch was validated against the registry's rows under
-    it). Returns the new data version (None when no row was accepted, else audited by ``actor``)
-    and the quarantine folder.
+    The caller holds the registry lock (the batch was validated against the registry's rows under it).
+    Returns the new data version (None when no row was accepted) and the quarantine folder.
     """
     folder = None
     with data_registry.journaled(sha256, settings) as journal:
@@ -289,28 +254,25 @@ def record_validated(
 
 
 def ingest_file(path: Path, settings: Settings, site_id: str | None = None, *, actor: str = SCHEDULER) -> IngestResult:
-    """Validate one file and record its rows: accepted into a new data version, the rest quarantined.
+    """Validate one file: accepted rows into a new data version (audited by ``actor``), the rest quarantined.
 
-    A file under the landing folder that is refused whole is moved into quarantine; a path
-    elsewhere is left where it is. Archived landed files past their retention are purged after.
-    A new data version is recorded in the audit trail by ``actor``.
+    A landed file refused whole is moved into quarantine, a path elsewhere left where it is; archived
+    landed files past their retention are purged after.
     """
-    result = _ingest(Path(path), settings, site_id, archive=False, actor=actor)
+    result = _ingest(path, settings, site_id, archive=False, actor=actor)
     purge_landing(settings)
     return result
 
 
-def archive_landed(path: Path, settings: Settings) -> Path:
+def archive_landed(path: Path, settings: Settings) -> None:
     """Move an ingested file out of the landing folder into ``processed/`` until its retention ends."""
-    relative = path.relative_to(settings.landing_dir)
-    target = settings.landing_dir / PROCESSED / relative
+    target = settings.landing_dir / PROCESSED / path.relative_to(settings.landing_dir)
     _private_folder(target.parent)
     if target.exists():
         target = target.with_name(f"{target.stem}.{os.getpid()}.{datetime.now(UTC):%Y%m%d%H%M%S%f}{target.suffix}")
     shutil.move(str(path), target)
     os.utime(target)  # retention counts from the ingest, not from when the hospital wrote the file
     _release_claim(path, settings)
-    return target
 
 
 def _release_claim(path: Path, settings: Settings) -> None:
@@ -319,16 +281,15 @@ def _release_claim(path: Path, settings: Settings) -> None:
 
 
 def ingest_landing(settings: Settings, site_id: str | None = None, *, actor: str = SCHEDULER) -> list[IngestResult]:
-    """Ingest every file waiting in the landing folder, oldest name first, archiving each after.
-
-    A file that a concurrent ingest (``medops ingest``, another run) took meanwhile is skipped.
-    """
+    """Ingest every file waiting in the landing folder, oldest name first, archiving each after;
+    one a concurrent ingest (``medops ingest``, another run) took meanwhile is skipped."""
     # Settled first: a rolled-back ingest puts its file back into the landing folder.
     data_registry.init_registry(settings, actor=actor)
     results = []
     for path in landing_files(settings):
+        site = site_id or (path.parent.name if path.parent != settings.landing_dir else None)  # its subfolder's
         try:
-            results.append(_ingest(path, settings, site_id or landing_site(path, settings), archive=True, actor=actor))
+            results.append(_ingest(path, settings, site, archive=True, actor=actor))
         except FileNotFoundError:
             log.info("a landed file was taken by a concurrent ingest; skipped")
         if not path.exists():
@@ -346,17 +307,15 @@ class PurgeResult:
     retention_days: float
 
 
-def purge_landing(settings: Settings, now: float | None = None) -> PurgeResult:
-    """Delete files archived in ``landing/processed/`` longer ago than ``MEDOPS_LANDING_RETENTION_DAYS``.
-
-    Their rows are in a data version or in quarantine by then, and the raw file (whose name or
-    content can identify a patient) has no reason to outlive the retention. Logged with counts only.
-    """
+def purge_landing(settings: Settings) -> PurgeResult:
+    """Delete files archived in ``landing/processed/`` longer ago than ``MEDOPS_LANDING_RETENTION_DAYS``:
+    their rows are versioned or quarantined, and a raw file (whose name or content can identify a
+    patient) has no reason to outlive that. Logged with counts only."""
     days = settings.landing_retention_days
     folder = settings.landing_dir / PROCESSED
     if not folder.is_dir():
         return PurgeResult(0, 0, days)
-    cutoff = (time.time() if now is None else now) - days * 86400
+    cutoff = time.time() - days * 86400
     purged = kept = 0
     with data_registry.locked_registry(settings):  # an ingest archiving into a folder is not undercut
         for path in sorted(folder.rglob("*"), reverse=True):  # a folder's files come before the folder

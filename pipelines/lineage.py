@@ -1,12 +1,9 @@
 """Lineage in one call: from a served prediction back to the exact rows its model learnt from.
 
-prediction log row (found by the keyed hash of its encounter id, never the id itself) -> model
-version (MLflow registry) -> training run (tags, params, code sha, Airflow run id) -> gate decision
-(``gate/decision.json``) and the approvals and decisions about the version (audit trail) -> data
-versions (registry tags, DVC hashes) -> the rows. :func:`restore_rows` writes the training and
-hold-out rows the run stored, in the data registry's own CSV format, and proves them: the same
-data version restored from the DVC remote, split by the hold-out rule the run recorded, must give
-the same bytes, and the hold-out the fingerprint the version was tagged with.
+prediction log row (found by its encounter id's keyed hash) -> model version (MLflow registry) ->
+training run (tags, params, code sha, Airflow run id) -> gate decision and the audit trail's
+approvals and decisions -> data versions (registry tags, DVC hashes) -> the rows, which
+:func:`restore_rows` writes and proves against the data version restored from the DVC remote.
 """
 
 from __future__ import annotations
@@ -62,11 +59,7 @@ def trace_encounter(encounter_id: str, settings: Settings) -> Lineage:
     lineage = trace_version(str(latest["model_version"]), settings)
     lineage.prediction = {
         "logged_at": latest["logged_at"].isoformat(),
-        "request_id": str(latest["request_id"]),
-        "encounter_hash": digest,
-        "site_id": str(latest[SITE]),
-        "model_name": str(latest["model_name"]),
-        "model_version": str(latest["model_version"]),
+        **{key: str(latest[key]) for key in ("request_id", "encounter_hash", SITE, "model_name", "model_version")},
         "probability_malignant": float(latest["probability_malignant"]),
         "label": str(latest["label"]),
         "predictions_for_encounter": len(found),
@@ -91,7 +84,6 @@ def trace_version(version: str, settings: Settings) -> Lineage:
     run = client.get_run(run_id)
     run_tags, params = dict(run.data.tags), dict(run.data.params)
     decision = stored_decision(run_id, settings)
-    entries = governance.entries_about(str(version), settings)
     return Lineage(
         model={
             "name": settings.model_name,
@@ -105,16 +97,13 @@ def trace_version(version: str, settings: Settings) -> Lineage:
         run={
             "run_id": run_id,
             "url": model_registry.run_url(run_id, settings, run.info.experiment_id),
-            "trigger": run_tags.get("trigger"),
-            "actor": run_tags.get("actor"),
-            "airflow_run_id": run_tags.get("airflow_run_id"),
-            "code_git_sha": run_tags.get("code_git_sha"),
+            **{key: run_tags.get(key) for key in ("trigger", "actor", "airflow_run_id", "code_git_sha")},
             "started": run.info.start_time,
         },
         gate=decision_summary(decision) | {"reasons": decision.reasons} if decision is not None else None,
         decisions=[
             {key: entry.model_dump()[key] for key in ("seq", "time", "action", "actor", "reason", "hash")}
-            for entry in entries
+            for entry in governance.entries_about(str(version), settings)
         ],
         data_versions=data_versions(run_tags.get("data_versions_seen") or run_tags.get("data_version", ""), settings),
         holdout={
@@ -130,14 +119,12 @@ def trace_version(version: str, settings: Settings) -> Lineage:
 
 
 def restore_rows(version: str, dest: Path, settings: Settings, *, lineage: Lineage | None = None) -> dict[str, Any]:
-    """Write the version's exact training and hold-out rows into ``dest`` and prove them.
+    """Write the version's exact training and hold-out rows into ``dest`` and prove them; returns the record.
 
-    ``dest/train.csv`` and ``dest/holdout.csv`` are the rows the training run stored, in the
-    registry's CSV format; ``dest/<data-vN>/`` is the data version restored from the DVC remote.
-    Splitting that data version by the run's hold-out rule must give byte-identical files and the
-    hold-out fingerprint the run recorded, else :class:`LineageError` says which file differs.
-    ``dest/lineage.json`` records the chain (``lineage``, when the caller traced it already, say
-    from a prediction) and the files' SHA-256. Returns that record.
+    ``dest/train.csv`` and ``dest/holdout.csv`` are the rows the run stored; ``dest/<data-vN>/`` is the
+    data version restored from the DVC remote, which split by the run's hold-out rule must give the
+    same bytes and hold-out fingerprint (else :class:`LineageError`). ``dest/lineage.json`` records the
+    chain (``lineage``, when the caller traced it already) and the files' SHA-256.
     """
     import tempfile
 
@@ -145,7 +132,6 @@ def restore_rows(version: str, dest: Path, settings: Settings, *, lineage: Linea
     from pipelines.data import read_data_dir, write_frame
     from pipelines.holdout import holdout_fingerprint, split_by_row_key
 
-    dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} is not empty")
     lineage = lineage if lineage is not None else trace_version(version, settings)

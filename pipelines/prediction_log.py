@@ -1,27 +1,25 @@
 """The append-only prediction log and the feedback labels: written by the service, read by monitoring.
 
 Every served prediction is one CSV row in ``predictions_dir/log/predictions-YYYYMMDD-<pid>.csv``
-(one file per serving process and UTC day, so processes never share a file and rows never
-interleave); ground-truth labels sent to ``/feedback`` go to ``predictions_dir/feedback/``.
-Encounter ids never reach the disk: only their keyed hash (HMAC-SHA256 with the settings' key).
+(one file per serving process and UTC day, so rows never interleave); ``/feedback`` labels go to
+``predictions_dir/feedback/``. Encounter ids never reach the disk: only their keyed hash.
 
-Durability: a request's rows are written with one ``write`` and fsynced by a group commit a few
-milliseconds later (one ``fsync`` covers every request of that window instead of one per record);
-the service answers only once the commit that covers its rows is done (:meth:`PredictionLogWriter.
-wait_durable`). A failed write or fsync marks the writer failed: every waiting and later request
-is refused (the service answers 503 and reports not ready) rather than answered unlogged. A row
-torn by a crash (the process died mid-write, so it was never answered) is moved to a ``.torn``
-file beside the log when the file is next opened, so later rows never run into it.
+Durability: a request's rows are written with one ``write`` and fsynced by a group commit (one
+``fsync`` covers every request of a few milliseconds); the service answers only once the commit
+covering its rows is done. A failed write or fsync fails the writer: every waiting and later request
+is refused (503, not ready) rather than answered unlogged. A row torn by a crash (never answered) is
+moved to a ``.torn`` file beside the log when the file is next opened, so later rows never run into it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
-import io
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,17 +33,8 @@ if TYPE_CHECKING:
 
     from medops.core.settings import Settings
 
-PREDICTION_COLUMNS: tuple[str, ...] = (
-    "logged_at",
-    "request_id",
-    "model_name",
-    "model_version",
-    SITE,
-    "encounter_hash",
-    *FEATURES,
-    "probability_malignant",
-    "label",
-)
+_ID_COLUMNS = ("request_id", "model_name", "model_version", SITE, "encounter_hash")
+PREDICTION_COLUMNS: tuple[str, ...] = ("logged_at", *_ID_COLUMNS, *FEATURES, "probability_malignant", "label")
 FEEDBACK_COLUMNS: tuple[str, ...] = ("logged_at", "encounter_hash", LABEL)
 REFUSAL_COLUMNS: tuple[str, ...] = ("logged_at", SITE, "field", "reason", "count", "records")
 """One line per (site, field, reason) of a refused /predict request: ``count`` records named that
@@ -53,7 +42,6 @@ field for that reason; ``records`` is how many records the request brought from 
 site's first line only, 0 on the others, so summing it counts each refused record once)."""
 # site_id of the requests serving.rollout sends to check a new version before and after the switch
 SMOKE_TEST_SITE = "medops-smoke-test"
-_ID_COLUMNS = ("request_id", "model_name", "model_version", SITE, "encounter_hash")
 
 
 def predictions_log_dir(settings: Settings) -> Path:
@@ -68,20 +56,13 @@ def refusals_dir(settings: Settings) -> Path:
     return settings.predictions_dir / "refusals"
 
 
-def encounter_hasher(key: bytes):
-    """A function mapping an encounter id to its HMAC-SHA256 hex digest ('' for no id)."""
-
-    def hash_encounter(encounter_id: str | None) -> str:
-        if not encounter_id:
-            return ""
-        return hmac.digest(key, encounter_id.encode(), hashlib.sha256).hex()
-
-    return hash_encounter
+def _keyed_hash(key: bytes, encounter_id: str | None) -> str:
+    return hmac.digest(key, encounter_id.encode(), hashlib.sha256).hex() if encounter_id else ""
 
 
 def hash_encounter_id(encounter_id: str | None, settings: Settings) -> str:
-    """The keyed hash that stands for ``encounter_id`` in the log (join feedback on it)."""
-    return encounter_hasher(settings.encounter_hash_key())(encounter_id)
+    """The keyed hash (HMAC-SHA256, '' for no id) that stands for ``encounter_id`` in the log."""
+    return _keyed_hash(settings.encounter_hash_key(), encounter_id)
 
 
 def _utc_day(now: float) -> str:
@@ -96,25 +77,15 @@ class _DailyAppendFile:
         self.prefix = prefix
         self.header = (",".join(header) + "\n").encode()
         self.fd: int | None = None
-        self.day = ""
-        self.path: Path | None = None
         self.day_ends = 0.0
 
     def fd_for(self, now: float) -> int:
-        if self.fd is None or now >= self.day_ends:
-            self._open(_utc_day(now))
-            self.day_ends = (now // 86400 + 1) * 86400  # next UTC midnight
-        assert self.fd is not None
-        return self.fd
-
-    def _open(self, day: str) -> None:
-        if self.fd is not None and day == self.day:
-            return
-        if self.fd is not None:
-            os.fsync(self.fd)
-            os.close(self.fd)
+        """The descriptor of ``now``'s day file; the previous day's is fsynced and closed first."""
+        if self.fd is not None and now < self.day_ends:
+            return self.fd
+        self.close()
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{self.prefix}-{day}-{os.getpid()}.csv"
+        path = self.directory / f"{self.prefix}-{_utc_day(now)}-{os.getpid()}.csv"
         repair_torn_tail(path)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         if os.fstat(fd).st_size == 0:
@@ -126,7 +97,9 @@ class _DailyAppendFile:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        self.fd, self.day, self.path = fd, day, path
+        self.fd = fd
+        self.day_ends = (now // 86400 + 1) * 86400  # next UTC midnight
+        return fd
 
     def close(self) -> None:
         if self.fd is not None:
@@ -140,15 +113,9 @@ class PredictionLogFailed(OSError):
 
 
 def repair_torn_tail(path: Path) -> int:
-    """Cut a torn last line (no newline: its writer died mid-write) off ``path`` into ``path.torn``.
-
-    Such a row was never answered (answers wait for the fsync), so it is not a prediction anyone
-    received; it is kept aside for forensics, not deleted. Returns the bytes moved.
-    """
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    """Cut a torn last line (its writer died mid-write) off ``path`` into ``path.torn``; returns the bytes
+    moved. Such a row was never answered (answers wait for the fsync): kept for forensics, not deleted."""
+    size = path.stat().st_size if path.exists() else 0
     if size == 0:
         return 0
     with path.open("r+b") as handle:
@@ -174,38 +141,31 @@ def repair_torn_tail(path: Path) -> int:
 class PredictionLogWriter:
     """Appends prediction rows for one serving process; fsyncs them in group commits.
 
-    ``log_predictions`` writes the request's rows with a single ``write`` (whole lines, so rows of
-    concurrent requests never interleave) and returns a ticket; ``await wait_durable(ticket)``
-    returns once a group commit covering it is done. A background thread fsyncs whenever there is
-    unsynced data; rows written while an fsync runs join the next one, so commits grow with the load
-    and a lone request waits for one fsync, not a timer. ``close`` flushes and fsyncs the rest.
+    ``log_predictions`` writes a request's rows in one ``write`` (whole lines: concurrent requests never
+    interleave) and returns a ticket; ``await wait_durable(ticket)`` returns once a commit covers it. A
+    background thread fsyncs whenever there is unsynced data, so commits grow with the load and a lone
+    request waits for one fsync, not a timer.
     """
 
     def __init__(self, settings: Settings) -> None:
         self._predictions = _DailyAppendFile(predictions_log_dir(settings), "predictions", PREDICTION_COLUMNS)
         self._feedback = _DailyAppendFile(feedback_dir(settings), "feedback", FEEDBACK_COLUMNS)
-        self._hash = encounter_hasher(settings.encounter_hash_key())
+        self.hash_encounter = functools.partial(_keyed_hash, settings.encounter_hash_key())
         self.served = ServedEncounters(settings.served_index_size)
-        self._log_dir = predictions_log_dir(settings)
         self._lookback_days = settings.feedback_lookback_days
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._closed = False
-        self.rows_written = 0
         self._written = 0  # tickets handed out
         self._durable = 0  # tickets covered by a finished fsync
         self._waiters: list[tuple[int, Any, Any]] = []  # (ticket, event loop, future)
         self.failure: OSError | None = None
-        self._committer = threading.Thread(target=self._commit_loop, name="prediction-log-commit", daemon=True)
-        self._committer.start()
+        threading.Thread(target=self._commit_loop, name="prediction-log-commit", daemon=True).start()
 
     @property
     def healthy(self) -> bool:
         """False once a write or fsync failed: the service then reports not ready."""
         return self.failure is None and not self._closed
-
-    def hash_encounter(self, encounter_id: str | None) -> str:
-        return self._hash(encounter_id)
 
     def log_predictions(
         self,
@@ -221,9 +181,8 @@ class PredictionLogWriter:
     ) -> int:
         """Append one row per record of a served request (all rows in one write); returns its ticket.
 
-        Numbers are formatted by orjson (shortest round-trip text, as ``repr`` would give, about
-        ten times faster for a 100-record request); ids and labels are plain tokens (site ids
-        match ``SITE_PATTERN``, hashes are hex), so no CSV quoting is ever needed.
+        orjson formats the numbers (shortest round-trip text, ten times faster than ``repr`` for 100
+        records); ids and labels are plain tokens (``SITE_PATTERN``, hex), so nothing needs quoting.
         """
         import numpy as np
         import orjson
@@ -232,33 +191,31 @@ class PredictionLogWriter:
         lead = f"{datetime.fromtimestamp(now, UTC).isoformat()},{request_id},{model_name},{model_version},"
         numbers = orjson.dumps(np.column_stack((features, probabilities)), option=orjson.OPT_SERIALIZE_NUMPY)
         rows = numbers[2:-2].split(b"],[")  # "[[f1,..,f30,p],[...]]" -> "f1,..,f30,p" per record
-        hash_encounter = self._hash
-        hashes = [hash_encounter(encounter) for encounter in encounter_ids]
+        hashes = [self.hash_encounter(encounter) for encounter in encounter_ids]
         data = b"".join(
             [
                 f"{lead}{site},{encounter_hash},".encode() + row + f",{label}\n".encode()
                 for site, encounter_hash, row, label in zip(site_ids, hashes, rows, labels, strict=True)
             ]
         )
-        ticket = self._append(self._predictions, data, now, len(rows))
+        with self._lock:
+            self._write(self._predictions, data, now)
+            self._written += 1
+            ticket = self._written
+        self._dirty.set()
         self.served.remember(site_ids, hashes)
         return ticket
 
     def unanswered(self, site: str | None, encounter_hashes: Sequence[str]) -> list[int]:
-        """Positions of the encounters no prediction was logged for to ``site`` (within the lookback).
-
-        ``site`` None stands for any site but the smoke-test one (a key that speaks for every site).
-
-        This worker's own answers are found in memory (:class:`ServedEncounters`); the rest are
-        looked up in every worker's log files of the last ``feedback_lookback_days`` days, a read
-        of those files that costs in proportion to their size (see the README's Serving section).
-        """
+        """Positions of the encounters no prediction was logged for to ``site`` (None: any site but the
+        smoke-test one) within the lookback: this worker's answers from memory, the rest from every
+        worker's log files of the last ``feedback_lookback_days`` days (a read costing their size)."""
         missing = [i for i, digest in enumerate(encounter_hashes) if not self.served.answered(site, digest)]
         if not missing:
             return []
         wanted = {encounter_hashes[i] for i in missing if encounter_hashes[i]}
         since = datetime.fromtimestamp(time.time() - self._lookback_days * 86400, UTC)
-        found = answered_in_log(self._log_dir, site, wanted, since) if wanted else {}
+        found = answered_in_log(self._predictions.directory, site, wanted, since) if wanted else {}
         self.served.remember([found[digest] for digest in found], list(found))
         return [i for i in missing if encounter_hashes[i] not in found]
 
@@ -266,16 +223,9 @@ class PredictionLogWriter:
         """Append ``(encounter_id, diagnosis)`` pairs as hashed feedback rows, fsynced before return."""
         now = time.time()
         logged_at = datetime.fromtimestamp(now, UTC).isoformat()
-        lines = [f"{logged_at},{self._hash(encounter)},{diagnosis}\n" for encounter, diagnosis in labels]
+        lines = [f"{logged_at},{self.hash_encounter(encounter)},{diagnosis}\n" for encounter, diagnosis in labels]
         with self._lock:
-            self._raise_if_failed()
-            try:
-                fd = self._feedback.fd_for(now)
-                os.write(fd, "".join(lines).encode())
-                os.fsync(fd)
-            except OSError as error:
-                self._fail(error)
-                raise PredictionLogFailed(f"feedback store write failed: {error}") from error
+            self._write(self._feedback, "".join(lines).encode(), now, fsync=True)
         return len(lines)
 
     def _raise_if_failed(self) -> None:
@@ -284,23 +234,20 @@ class PredictionLogWriter:
         if self.failure is not None:
             raise PredictionLogFailed(f"prediction log failed earlier: {self.failure}")
 
-    def _append(self, target: _DailyAppendFile, data: bytes, now: float, rows: int) -> int:
-        with self._lock:
-            self._raise_if_failed()
-            try:
-                fd = target.fd_for(now)
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-            except OSError as error:
-                self._fail(error)
-                raise PredictionLogFailed(f"prediction log write failed: {error}") from error
-            self.rows_written += rows
-            self._written += 1
-            ticket = self._written
-        self._dirty.set()
-        return ticket
+    def _write(self, target: _DailyAppendFile, data: bytes, now: float, *, fsync: bool = False) -> None:
+        """Write ``data`` whole (the caller holds the lock); a failure fails the writer for good."""
+        self._raise_if_failed()
+        try:
+            fd = target.fd_for(now)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        except OSError as error:
+            self._fail(error)
+            store = "feedback store" if target is self._feedback else "prediction log"
+            raise PredictionLogFailed(f"{store} write failed: {error}") from error
 
     async def wait_durable(self, ticket: int, timeout: float = 10.0) -> None:
         """Return once the rows of ``ticket`` are fsynced; raise PredictionLogFailed if they cannot be."""
@@ -320,8 +267,7 @@ class PredictionLogWriter:
 
     def _fail(self, error: OSError) -> None:
         """Remember the failure (caller holds the lock) and release every waiter with it."""
-        if self.failure is None:
-            self.failure = error
+        self.failure = self.failure or error
         waiters, self._waiters = self._waiters, []
         failure = PredictionLogFailed(f"prediction log fsync failed: {error}")
         for _, loop, future in waiters:
@@ -346,7 +292,7 @@ class PredictionLogWriter:
                 if self._predictions.fd == fd:
                     self._fail(error)
                     return
-            # the day rolled over in between: _open fsynced and closed that file itself
+            # the day rolled over in between: fd_for fsynced and closed that file itself
         with self._lock:
             self._durable = max(self._durable, ticket)
             ready = [w for w in self._waiters if w[0] <= ticket]
@@ -373,16 +319,10 @@ class PredictionLogWriter:
 
 
 class ServedEncounters:
-    """The (encounter hash -> site) of predictions this process logged, the latest ``capacity`` of them.
-
-    /feedback accepts a label only for an encounter answered for the site that sends it; this
-    spares reading the log files for the common case (feedback reaching the worker that answered).
-    Written from the event loop and request threads under a lock; a lookup is one dict read.
-    """
+    """The (encounter hash -> site) of the latest ``capacity`` predictions this process logged, so that
+    /feedback reaching the worker that answered need not read the log files. Guarded by a lock."""
 
     def __init__(self, capacity: int) -> None:
-        from collections import OrderedDict
-
         self.capacity = max(capacity, 0)
         self._sites: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
@@ -390,14 +330,13 @@ class ServedEncounters:
     def remember(self, site_ids: Sequence[str], encounter_hashes: Sequence[str]) -> None:
         if not self.capacity:
             return
-        sites = self._sites
         with self._lock:
             for site, digest in zip(site_ids, encounter_hashes, strict=True):
                 if digest:
-                    sites[digest] = site
-                    sites.move_to_end(digest)
-            while len(sites) > self.capacity:
-                sites.popitem(last=False)
+                    self._sites[digest] = site
+                    self._sites.move_to_end(digest)
+            while len(self._sites) > self.capacity:
+                self._sites.popitem(last=False)
 
     def answered(self, site: str | None, encounter_hash: str) -> bool:
         """Whether ``encounter_hash`` was answered for ``site`` (None: for any site but the smoke-test one)."""
@@ -446,11 +385,14 @@ def _log_files(directory: Path, prefix: str, since: datetime | None) -> list[Pat
     return [path for path in files if path.name.split("-")[1] >= first_day]
 
 
-def _read_csv_files(files: list[Path], columns: tuple[str, ...], string_columns: tuple[str, ...]):
+def _read_log(
+    directory: Path, prefix: str, since: datetime | None, columns: tuple[str, ...], string_columns: tuple[str, ...]
+) -> pd.DataFrame:
+    """The rows of one log's files (of ``since``'s day or later), ``logged_at`` parsed as UTC, oldest first."""
     import pandas as pd
 
     frames = []
-    for path in files:
+    for path in _log_files(directory, prefix, since):
         # a crash mid-write can leave a torn last line: skip it rather than fail the whole read
         frame = pd.read_csv(
             path,
@@ -463,10 +405,12 @@ def _read_csv_files(files: list[Path], columns: tuple[str, ...], string_columns:
         if tuple(frame.columns) != columns:
             raise ValueError(f"{path} has columns {list(frame.columns)}, expected {list(columns)}")
         frames.append(frame)
-    if not frames:
-        return pd.DataFrame({name: pd.Series(dtype=str if name in string_columns else float) for name in columns})
-    frame = pd.concat(frames, ignore_index=True)
-    return frame
+    if frames:
+        frame = pd.concat(frames, ignore_index=True)
+    else:
+        frame = pd.DataFrame({name: pd.Series(dtype=str if name in string_columns else float) for name in columns})
+    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
+    return frame.sort_values("logged_at", kind="stable")
 
 
 def read_predictions(
@@ -474,18 +418,13 @@ def read_predictions(
 ) -> pd.DataFrame:
     """Every logged prediction (optionally those logged at or after ``since``), oldest first.
 
-    Columns are :data:`PREDICTION_COLUMNS`; ``logged_at`` is a tz-aware UTC timestamp, ids and
-    labels are strings (``encounter_hash`` is ``""`` where no encounter id was sent), features and
-    ``probability_malignant`` are floats. The rollout's own smoke-test requests (``site_id`` ==
-    :data:`SMOKE_TEST_SITE`) are left out unless ``include_smoke_tests``: they are not patients.
+    Columns are :data:`PREDICTION_COLUMNS`: ``logged_at`` in UTC, ids and labels as strings
+    (``encounter_hash`` ``""`` without an encounter id), numbers as floats. The rollout's smoke-test
+    requests (:data:`SMOKE_TEST_SITE`) are left out unless ``include_smoke_tests``: they are not patients.
     """
     import pandas as pd
 
-    string_columns = (*_ID_COLUMNS, "label")
-    frame = _read_csv_files(
-        _log_files(predictions_log_dir(settings), "predictions", since), PREDICTION_COLUMNS, string_columns
-    )
-    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
+    frame = _read_log(predictions_log_dir(settings), "predictions", since, PREDICTION_COLUMNS, (*_ID_COLUMNS, "label"))
     frame = frame.dropna(subset=["probability_malignant"])  # torn rows
     if not include_smoke_tests:
         frame = frame[frame[SITE] != SMOKE_TEST_SITE]
@@ -493,28 +432,21 @@ def read_predictions(
         since_utc = pd.Timestamp(since)
         since_utc = since_utc.tz_localize(UTC) if since_utc.tzinfo is None else since_utc.tz_convert(UTC)
         frame = frame[frame["logged_at"] >= since_utc]
-    return frame.sort_values("logged_at", kind="stable").reset_index(drop=True)
+    return frame.reset_index(drop=True)
 
 
 def read_feedback(settings: Settings) -> pd.DataFrame:
     """Every feedback label: ``logged_at`` (UTC), ``encounter_hash``, ``diagnosis``."""
-    import pandas as pd
-
-    frame = _read_csv_files(
-        _log_files(feedback_dir(settings), "feedback", None), FEEDBACK_COLUMNS, ("encounter_hash", LABEL)
-    )
-    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
-    return frame.sort_values("logged_at", kind="stable").reset_index(drop=True)
+    frame = _read_log(feedback_dir(settings), "feedback", None, FEEDBACK_COLUMNS, ("encounter_hash", LABEL))
+    return frame.reset_index(drop=True)
 
 
 def label_predictions(predictions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
     """Logged predictions whose true diagnosis came back through /feedback, joined on the encounter hash.
 
-    The latest prediction per encounter counts (scored again, the last answer is what the clinic
-    saw) and the latest label per encounter (a correction replaces the first answer); predictions
-    sent without an encounter id (hash ``""``) cannot be labelled. Returns the predictions' columns
-    and ``diagnosis`` (the label), one row per labelled encounter, oldest prediction first. The
-    hash stays in: callers that write reports drop it.
+    The latest prediction per encounter counts (the last answer is what the clinic saw) and the latest
+    label (a correction replaces the first); predictions without an encounter id cannot be labelled.
+    One row per labelled encounter, oldest prediction first, with ``diagnosis``; the hash stays in.
     """
     hash_column = "encounter_hash"
     for name, frame, needed in (
@@ -536,39 +468,13 @@ def label_predictions(predictions: pd.DataFrame, feedback: pd.DataFrame) -> pd.D
     return scored.merge(labels, on=hash_column, how="inner").reset_index(drop=True)
 
 
-def append_predictions(settings: Settings, frame: pd.DataFrame) -> Path:
-    """Append rows given as a frame with :data:`PREDICTION_COLUMNS` (for tests and benchmarks).
-
-    The service writes through :class:`PredictionLogWriter`; this is for simulating served traffic
-    (``logged_at`` may be strings or timestamps, ``encounter_hash`` must already be hashed).
-    """
-    missing = [name for name in PREDICTION_COLUMNS if name not in frame.columns]
-    if missing:
-        raise ValueError(f"missing prediction log columns: {missing}")
-    directory = predictions_log_dir(settings)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"predictions-{_utc_day(time.time())}-{os.getpid()}.csv"
-    rows = frame.loc[:, list(PREDICTION_COLUMNS)].copy()
-    rows["logged_at"] = [
-        value.isoformat() if hasattr(value, "isoformat") else str(value) for value in rows["logged_at"]
-    ]
-    buffer = io.StringIO()
-    rows.to_csv(buffer, header=not path.exists() or path.stat().st_size == 0, index=False)
-    with path.open("a") as handle:
-        handle.write(buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
-    return path
-
-
 # Refused requests (422) and per-site traffic -------------------------------------------------------
 def log_refusal(settings: Settings, lines: Iterable[tuple[str, str, str, int, int]], now: float | None = None) -> None:
     """Append one refused request's ``(site, field, reason, count, records)`` lines to today's refusal file.
 
-    One ``write`` on an ``O_APPEND`` descriptor of a file of this process: lines of one request stay
-    together and never interleave with another process's. Names and counts only, never a value the
-    client sent. Not fsynced: a lost refusal count costs a little monitoring sensitivity, while the
-    client already has its 422.
+    One ``write`` on an ``O_APPEND`` descriptor: a request's lines never interleave with another's.
+    Names and counts only, never a value sent. Not fsynced: a lost count costs a little monitoring
+    sensitivity, and the client already has its 422.
     """
     now = time.time() if now is None else now
     stamp = datetime.fromtimestamp(now, UTC).isoformat()
@@ -593,23 +499,17 @@ def read_refusals(settings: Settings, since: datetime | None = None, until: date
     """Every refusal line (:data:`REFUSAL_COLUMNS`) logged in ``[since, until)``, oldest first."""
     import pandas as pd
 
-    frame = _read_csv_files(
-        _log_files(refusals_dir(settings), "refusals", since), REFUSAL_COLUMNS, (SITE, "field", "reason")
-    )
-    frame["logged_at"] = pd.to_datetime(frame["logged_at"], utc=True, format="ISO8601")
+    frame = _read_log(refusals_dir(settings), "refusals", since, REFUSAL_COLUMNS, (SITE, "field", "reason"))
     frame = frame.dropna(subset=["count", "records"])  # torn rows
     if since is not None:
         frame = frame[frame["logged_at"] >= pd.Timestamp(since)]
     if until is not None:
         frame = frame[frame["logged_at"] < pd.Timestamp(until)]
-    return frame.sort_values("logged_at", kind="stable").reset_index(drop=True)
+    return frame.reset_index(drop=True)
 
 
 def site_traffic(predictions: pd.DataFrame, refusals: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """Per site: records scored (rows of ``predictions``), records refused and ``{field: {reason: records}}``.
-
-    The dicts are what :class:`monitoring.signals.SiteTraffic` is built from (``SiteTraffic.of``).
-    """
+    """Per site: records scored, records refused and ``{field: {reason: records}}`` (for ``SiteTraffic.of``)."""
     found: dict[str, dict[str, Any]] = {}
 
     def entry(site: str) -> dict[str, Any]:

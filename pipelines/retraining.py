@@ -1,8 +1,7 @@
 """Why and on what a training runs: data announcements, drift (with cooldown), or a person.
 
-A drift-triggered retraining first turns the hospitals' feedback labels, joined with the
-features the service logged, into a labelled batch that goes through the same validation into a
-new data version, so the new model learns from the drifted site's cases.
+A drift-triggered retraining first versions the hospitals' feedback labels, joined with the features
+the service logged and validated as any batch, so the new model learns from the drifted site's cases.
 """
 
 from __future__ import annotations
@@ -46,8 +45,7 @@ def in_cooldown(settings: Settings, now: datetime | None = None) -> timedelta | 
     last = _load_state(settings).get("last_drift_retraining")
     if not last:
         return None
-    now = now or datetime.now(UTC)
-    left = datetime.fromisoformat(last) + timedelta(hours=settings.retrain_cooldown_hours) - now
+    left = datetime.fromisoformat(last) + timedelta(hours=settings.retrain_cooldown_hours) - (now or datetime.now(UTC))
     return left if left > timedelta(0) else None
 
 
@@ -61,8 +59,7 @@ def labelled_feedback_batch(settings: Settings, since: datetime | None = None) -
         feedback = feedback[pd.to_datetime(feedback["logged_at"], utc=True) > since]
     if feedback.empty:
         return pd.DataFrame(columns=list(DATA_COLUMNS))
-    joined = label_predictions(read_predictions(settings), feedback)
-    return joined[list(DATA_COLUMNS)].reset_index(drop=True)
+    return label_predictions(read_predictions(settings), feedback)[list(DATA_COLUMNS)].reset_index(drop=True)
 
 
 def version_feedback(settings: Settings) -> str | None:
@@ -80,9 +77,7 @@ def version_feedback(settings: Settings) -> str | None:
         _save_state(state, settings)
         return None
     raw = batch.astype({name: "string" for name in ("diagnosis", "site_id")})
-    scratch = settings.home / "state" / "feedback-batch.csv"
-    write_frame(batch, scratch)
-    sha256 = sha256_file(scratch)
+    sha256 = sha256_file(write_frame(batch, settings.home / "state" / "feedback-batch.csv"))
     name = f"feedback-{now:%Y%m%dT%H%M%S}.csv"
     # Checked against the registry's rows and recorded under one lock and journal, as an ingest is.
     with data_registry.locked_registry(settings):
@@ -105,14 +100,10 @@ def plan_training(
         trained_by = {e.extra["trained_by"] for e in events[assets.DATA]}
         print(f"data announced by retraining run(s) {', '.join(sorted(trained_by))}, which trained on it: skipped")
         return None
-    if fresh:
-        events[assets.DATA] = fresh
-    else:
-        events.pop(assets.DATA, None)
     feedback_version = None
-    if assets.DATA in events:
+    if fresh:
         trigger = "data"
-        announced = [e.extra.get("data_version") for e in events[assets.DATA] if getattr(e, "extra", None)]
+        announced = [e.extra.get("data_version") for e in fresh if getattr(e, "extra", None)]
         data_version = data_version or next((v for v in reversed(announced) if v), None)
     elif assets.DRIFT in events:
         trigger = "drift"

@@ -106,7 +106,7 @@ def log_traffic(
 ) -> pd.DataFrame:
     """Append served predictions (scored by the champion) to the log, and feedback for the first rows."""
     from pipelines.data import seed_frame
-    from pipelines.prediction_log import append_predictions, feedback_dir, hash_encounter_id
+    from pipelines.prediction_log import PREDICTION_COLUMNS, feedback_dir, hash_encounter_id, predictions_log_dir
 
     settings = platform.settings
     cases = seed_frame().sample(rows, replace=True, random_state=seed).reset_index(drop=True)
@@ -125,7 +125,10 @@ def log_traffic(
         probability_malignant=probability,
         label=np.where(probability >= THRESHOLD, "malignant", "benign"),
     )
-    append_predictions(settings, log)
+    path = predictions_log_dir(settings) / f"predictions-{datetime.now(UTC):%Y%m%d}-{os.getpid()}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = log[list(PREDICTION_COLUMNS)].assign(logged_at=[stamp.isoformat() for stamp in log["logged_at"]])
+    rows.to_csv(path, mode="a", header=not path.exists(), index=False)
     if feedback:
         folder = feedback_dir(settings)
         folder.mkdir(parents=True, exist_ok=True)
