@@ -16,13 +16,11 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from medops.core.settings import Settings
 from pipelines import governance, model_registry
-
-if TYPE_CHECKING:
-    from pipelines.gate import GateDecision, GroupFigures
+from pipelines.gate import GateDecision, interval_text
 
 CARD_DIR = "model_card"
 CARD_MARKDOWN = f"{CARD_DIR}/model_card.md"
@@ -128,13 +126,6 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _interval(figure: Any, digits: int = 3) -> str:
-    if figure is None:
-        return "n/a"
-    counts = f" ({figure.successes}/{figure.total})" if hasattr(figure, "successes") else ""
-    return f"{figure.value:.{digits}f} [{figure.lower:.{digits}f}, {figure.upper:.{digits}f}]{counts}"
-
-
 def _status(status: str) -> str:
     return {"passed": "passed", "failed": "**FAILED**", "not_enough_evidence": "not enough evidence"}[status]
 
@@ -145,12 +136,11 @@ def _figures_table(decision: GateDecision) -> list[str]:
         "| ROC AUC [95 % CI] | status |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    groups: list[tuple[str, GroupFigures]] = [("overall", decision.overall), *decision.sites.items()]
-    for scope, group in groups:
+    for scope, group in [("overall", decision.overall), *decision.sites.items()]:
         figures = group.candidate
         lines.append(
-            f"| {_cell(scope)} | {group.rows} | {group.malignant} | {_interval(figures.sensitivity)} "
-            f"| {_interval(figures.specificity)} | {_interval(figures.roc_auc, 4)} | {_status(group.status)} |"
+            f"| {_cell(scope)} | {group.rows} | {group.malignant} | {interval_text(figures.sensitivity)} "
+            f"| {interval_text(figures.specificity)} | {interval_text(figures.roc_auc, 4)} | {_status(group.status)} |"
         )
     return lines
 
@@ -162,16 +152,13 @@ def _champion_lines(decision: GateDecision) -> list[str]:
     lines += ["| rows | champion sensitivity | champion specificity | AUC candidate − champion [95 % CI] |"]
     lines += ["| --- | --- | --- | --- |"]
     for scope, group in [("overall", decision.overall), *decision.sites.items()]:
-        theirs = group.champion
-        difference = group.auc_difference
-        diff_text = (
-            f"{difference.value:+.4f} [{difference.lower:+.4f}, {difference.upper:+.4f}]"
-            if difference is not None
-            else "n/a"
-        )
+        theirs, difference = group.champion, group.auc_difference
+        diff_text = "n/a"
+        if difference is not None:
+            diff_text = f"{difference.value:+.4f} [{difference.lower:+.4f}, {difference.upper:+.4f}]"
         lines.append(
-            f"| {_cell(scope)} | {_interval(theirs.sensitivity) if theirs else 'n/a'} "
-            f"| {_interval(theirs.specificity) if theirs else 'n/a'} | {diff_text} |"
+            f"| {_cell(scope)} | {interval_text(theirs.sensitivity) if theirs else 'n/a'} "
+            f"| {interval_text(theirs.specificity) if theirs else 'n/a'} | {diff_text} |"
         )
     return lines
 
