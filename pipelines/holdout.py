@@ -86,8 +86,6 @@ def holdout_mask(keys: np.ndarray, share: float = DEFAULT_SHARE) -> np.ndarray:
     """Which keys are held out: the key's first 16 hex digits, as a fraction of 2**64, below ``share``."""
     if not 0.0 < share < 1.0:
         raise ValueError(f"share: the hold-out share must lie strictly between 0 and 1, got {share!r}")
-    if len(keys) == 0:
-        return np.zeros(0, dtype=bool)
     buckets = np.array([int(key[:16], 16) for key in keys], dtype=np.uint64)
     return buckets < np.uint64(int(share * 2**64))
 
@@ -98,9 +96,7 @@ def split_by_row_key(frame: pd.DataFrame, share: float = DEFAULT_SHARE) -> tuple
     Row order within each side is the frame's, and each side's index is reset.
     """
     held_out = holdout_mask(row_keys(frame), share)
-    train = frame.loc[~held_out].reset_index(drop=True)
-    holdout = frame.loc[held_out].reset_index(drop=True)
-    return train, holdout
+    return frame.loc[~held_out].reset_index(drop=True), frame.loc[held_out].reset_index(drop=True)
 
 
 def holdout_fingerprint(holdout: pd.DataFrame) -> HoldoutFingerprint:

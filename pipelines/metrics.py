@@ -23,9 +23,6 @@ from pipelines.schema import FEATURES, LABEL, POSITIVE
 if TYPE_CHECKING:
     import pandas as pd
 
-METRIC_NAMES = ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "accuracy")
-COUNT_NAMES = ("tp", "fn", "tn", "fp", "n")
-
 
 def probability_malignant(model: Any, rows: pd.DataFrame | np.ndarray) -> np.ndarray:
     """The model's probability of malignancy for each row (a frame with the features, or an array in FEATURES order)."""
