@@ -1,14 +1,11 @@
 """The promotion gate: judge a candidate by the lower bounds of its hold-out figures, overall and per site.
 
 A candidate is promoted only when, on the stable hold-out, the lower ends of the 95 % intervals of
-its sensitivity and specificity (Wilson or exact) and of its ROC AUC (DeLong) reach the modification
-protocol's floors, when it is non-inferior to the champion scored on the same rows (lower bound of
-the paired DeLong difference AUC(candidate) - AUC(champion) >= -margin), and when every site with
-enough malignant (benign) hold-out rows meets the site floor for sensitivity (specificity). Sites
-with fewer rows are reported as "not enough evidence", never passed silently. The decision carries
-every figure, overall and per site, for the candidate and the champion side by side, and a list of
-reasons a reviewer can read; it is plain JSON (:meth:`GateDecision.to_dict`) for the run, the
-version's tags and the model card.
+its sensitivity, specificity and ROC AUC reach the modification protocol's floors, when it is
+non-inferior to the champion scored on the same rows (lower bound of the paired DeLong difference
+AUC(candidate) - AUC(champion) >= -margin), and when every site with enough malignant (benign)
+hold-out rows meets the site floor for sensitivity (specificity). Sites with fewer rows are
+reported as "not enough evidence", never passed silently.
 """
 
 from __future__ import annotations
@@ -327,9 +324,7 @@ def _scores(scores: ModelScores | tuple[np.ndarray, np.ndarray, np.ndarray], nam
         is_malignant, probability, predicted = scores
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected (is_malignant, probability, predicted) arrays") from None
-    truth = np.asarray(is_malignant)
-    predicted = np.asarray(predicted)
-    probability = np.asarray(probability, dtype="float64")
+    truth, predicted, probability = np.asarray(is_malignant), np.asarray(predicted), np.asarray(probability, "float64")
     for field, values in (("is_malignant", truth), ("predicted", predicted)):
         if values.dtype != bool and not np.isin(values, [0, 1]).all():
             raise ValueError(f"{name}.{field}: expected booleans (malignant = True)")

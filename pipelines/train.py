@@ -21,7 +21,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,11 +50,7 @@ SHORT_REASON_CHARS = 500
 
 
 def plan_gate(
-    settings: Settings,
-    *,
-    families: Sequence[str] | None,
-    form: Mapping[str, float | None] | None,
-    trigger: str,
+    settings: Settings, *, families: Sequence[str] | None, form: Mapping[str, float | None] | None, trigger: str
 ) -> dict[str, Any]:
     """The thresholds a person set (blank ones dropped) and why promoting needs a person, if it does.
 
@@ -103,8 +99,7 @@ class TrainResult:
     holdout: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        result = {item.name: getattr(self, item.name) for item in fields(self)}
-        return result | {"gate": self.gate.to_dict()}
+        return vars(self) | {"gate": self.gate.to_dict()}
 
 
 def candidate_estimators(seed: int) -> dict[str, tuple[Any, dict[str, list]]]:
@@ -116,19 +111,17 @@ def candidate_estimators(seed: int) -> dict[str, tuple[Any, dict[str, list]]]:
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
+    def scaled(model: Any) -> Pipeline:
+        return Pipeline([("scale", StandardScaler()), ("model", model)])
+
     return {
-        "logistic_regression": (
-            Pipeline([("scale", StandardScaler()), ("model", LogisticRegression(max_iter=5000))]),
-            {"model__C": [0.1, 1.0, 10.0]},
-        ),
+        "logistic_regression": (scaled(LogisticRegression(max_iter=5000)), {"model__C": [0.1, 1.0, 10.0]}),
         "svm": (
-            Pipeline(
-                [("scale", StandardScaler()), ("model", CalibratedClassifierCV(SVC(random_state=seed), ensemble=False))]
-            ),
+            scaled(CalibratedClassifierCV(SVC(random_state=seed), ensemble=False)),
             {"model__estimator__C": [1.0, 10.0]},
         ),
         "gradient_boosting": (
-            Pipeline([("scale", StandardScaler()), ("model", HistGradientBoostingClassifier(random_state=seed))]),
+            scaled(HistGradientBoostingClassifier(random_state=seed)),
             {"model__learning_rate": [0.05, 0.1], "model__max_depth": [3, None]},
         ),
     }
@@ -154,8 +147,6 @@ def _best_family(scores: dict[str, float]) -> str:
 def search_best(train: pd.DataFrame, families: list[str], settings: Settings) -> tuple[str, Any, dict[str, float]]:
     """Cross-validated ROC AUC search over the families; returns (family, best pipeline, CV scores)."""
     searched = {name: _grid_search(train, name, settings) for name in FAMILIES if name in families}
-    if not searched:
-        raise ValueError(f"no known model family in {families}; choose from {', '.join(FAMILIES)}")
     scores = {name: score for name, (score, _) in searched.items()}
     family = _best_family(scores)
     return family, candidate_estimators(settings.seed)[family][0].set_params(**searched[family][1]), scores
@@ -303,8 +294,7 @@ def fit_candidate(
     if chosen is not None and chosen["data_version"] != data_version:
         raise ValueError(f"the search ran on {chosen['data_version']}, not on {data_version}")
     data = data_registry.describe_version(data_version, settings)
-    frame = data_registry.load_version_frame(data_version, settings)
-    train, holdout = training_rows(frame)
+    train, holdout = training_rows(data_registry.load_version_frame(data_version, settings))
     if holdout.empty or train.empty:
         raise ValueError(f"{data_version}: the hash split left {len(train)} training and {len(holdout)} hold-out rows")
     work = Path(work_dir) if work_dir is not None else training_work_dir(settings)
@@ -482,11 +472,7 @@ def record_training_run(
         actor=actor,
         reason=f"{trigger} training: {fit.family} on {fit.data_version}",
         settings=settings,
-        links={
-            "data_version": fit.data_version,
-            "data_dvc_md5": fit.data["dvc_md5"],
-            "airflow_run_id": airflow_run_id,
-        },
+        links={"data_version": fit.data_version, "data_dvc_md5": fit.data["dvc_md5"], "airflow_run_id": airflow_run_id},
         details={
             "family": fit.family,
             "families_compared": fit.families or list(fit.cv_roc_auc),
@@ -503,11 +489,7 @@ def record_training_run(
 
 def _holdout_tags(holdout: Mapping[str, Any]) -> dict[str, str]:
     """The hold-out's size, malignant count and fingerprint, as tags for the run and the version."""
-    return {
-        "holdout_rows": str(holdout.get("rows", "")),
-        "holdout_malignant": str(holdout.get("malignant", "")),
-        "holdout_sha256": str(holdout.get("sha256", "")),
-    }
+    return {f"holdout_{key}": str(holdout.get(key, "")) for key in ("rows", "malignant", "sha256")}
 
 
 def judge_version(
@@ -605,16 +587,14 @@ def decision_summary(decision: GateDecision) -> dict[str, Any]:
 
 def stored_decision(run_id: str, settings: Settings) -> GateDecision | None:
     """The gate decision a training run stored (``gate/decision.json``), or None when it has none."""
-    import tempfile
+    import mlflow.artifacts
 
     from pipelines.gate import GateDecision
 
-    client = model_registry.client(settings)
+    client = model_registry.client(settings)  # also points mlflow.artifacts at the medops store
     if not any(item.path == DECISION_ARTIFACT for item in client.list_artifacts(run_id, "gate")):
         return None
-    with tempfile.TemporaryDirectory(prefix="medops-gate-") as tmp:
-        path = Path(client.download_artifacts(run_id, DECISION_ARTIFACT, tmp))
-        return GateDecision.model_validate(json.loads(path.read_text()))
+    return GateDecision.model_validate(mlflow.artifacts.load_dict(f"runs:/{run_id}/{DECISION_ARTIFACT}"))
 
 
 def register_version(
@@ -674,12 +654,9 @@ def register_version(
             "family": fit.family,
             "roc_auc": _figure(fit.metrics["roc_auc"], 4),
             "sensitivity": _figure(fit.metrics["sensitivity"], 4),
-            "gate_passed": str(decision.passed).lower(),
-            "gate_decision": "passed" if decision.passed else "rejected",
-            "gate_reason": reason,
+            **_verdict_tags(decision, reason, decision.champion_version),
             "protocol_version": str(decision.protocol_version),
             "protocol_sha256": decision.protocol_sha256,
-            "champion_compared": decision.champion_version or "",
             **{
                 f"{name}_lower": f"{getattr(decision.overall.candidate, name).lower:.4f}"
                 for name in ("sensitivity", "specificity", "roc_auc")
@@ -729,6 +706,16 @@ def _figure(value: float | int | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _verdict_tags(decision: GateDecision, reason: str, champion: str | None) -> dict[str, str]:
+    """The gate's verdict as version tags, against ``champion`` (the reason cut to a tag's length)."""
+    return {
+        "champion_compared": champion or "",
+        "gate_passed": str(decision.passed).lower(),
+        "gate_decision": "passed" if decision.passed else "rejected",
+        "gate_reason": reason[:SHORT_REASON_CHARS],
+    }
+
+
 def record_approval(
     version: str,
     approved_by: str,
@@ -743,8 +730,7 @@ def record_approval(
     text = (reason or "").strip()
     if not text:
         raise ValueError("approval reason: say why the change is acceptable (--reason TEXT)")
-    already = governance.entries_about(version, settings, ("approval",))
-    if any(entry.actor == person for entry in already):
+    if any(entry.actor == person for entry in governance.entries_about(version, settings, ("approval",))):
         return
     run_id = model_registry.client(settings).get_model_version(settings.model_name, str(version)).run_id
     governance.record(
@@ -799,15 +785,8 @@ def train_model(
     fit = fit_candidate(settings, data_version, families)
     steps = {"thresholds": thresholds, "trigger": trigger, "airflow_run_id": airflow_run_id, "actor": actor}
     run_id = log_run(fit, settings, **steps)
-    result = register_version(
-        run_id,
-        fit,
-        settings,
-        **steps,
-        approval_reasons=reasons,
-        approved_by=approved_by,
-        approval_reason=approval_reason,
-    )
+    approval = {"approval_reasons": reasons, "approved_by": approved_by, "approval_reason": approval_reason}
+    result = register_version(run_id, fit, settings, **steps, **approval)
     shutil.rmtree(fit.work_dir, ignore_errors=True)  # the run and the version hold copies of everything
     return result
 
@@ -821,16 +800,7 @@ def _passes_against(version: str, champion: str | None, settings: Settings, *, a
     stored = stored_decision(run_id, settings)
     decision = judge_version(version, settings, load_protocol(), stored.thresholds if stored else None)
     reason = f"judged again: @champion moved to v{champion} since this version's gate. {short_reason(decision)}"
-    model_registry.tag_version(
-        version,
-        {
-            "champion_compared": champion or "",
-            "gate_passed": str(decision.passed).lower(),
-            "gate_decision": "passed" if decision.passed else "rejected",
-            "gate_reason": reason[:SHORT_REASON_CHARS],
-        },
-        settings,
-    )
+    model_registry.tag_version(version, _verdict_tags(decision, reason, champion), settings)
     governance.record(
         "gate_decision",
         actor=actor,
@@ -872,14 +842,8 @@ def promote(
         )
     person = governance.named_person(approved_by, "approved_by") if approved_by else None
     if person is not None:
-        record_approval(
-            version,
-            person,
-            approval_reason or f"approved the promotion of model version {version}",
-            settings,
-            reasons=[needed] if needed else [],
-            entered_by=actor,
-        )
+        reason = approval_reason or f"approved the promotion of model version {version}"
+        record_approval(version, person, reason, settings, reasons=[needed] if needed else [], entered_by=actor)
     # Two trainings may reach here at once: the champion is read, judged against, moved and the move
     # audited by one at a time, so the audit trail's promotions are in the order the alias moved.
     with model_registry.champion_lock(settings):
@@ -888,15 +852,8 @@ def promote(
         if previous not in (compared, version) and not _passes_against(version, previous, settings, actor=actor):
             return False
         model_registry.set_champion(version, settings)
-        model_registry.tag_version(
-            version,
-            {
-                "gate_decision": "promoted",
-                "previous_champion": previous or "",
-                **({"approved_by": person} if person else {}),
-            },
-            settings,
-        )
+        promoted = {"gate_decision": "promoted", "previous_champion": previous or ""}
+        model_registry.tag_version(version, promoted | ({"approved_by": person} if person else {}), settings)
         run_id = model_registry.client(settings).get_model_version(settings.model_name, version).run_id
         governance.record(
             "promotion",
