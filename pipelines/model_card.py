@@ -1,14 +1,10 @@
 """The model card of a model version, in Markdown and HTML, built from what was stored about it.
 
-Everything in the card is read back from the registry, the run, the gate's stored decision
-(``gate/decision.json``), the data registry and the audit trail, never recomputed: intended and
-out-of-scope use, the data versions trained on (with DVC hashes), the hold-out (size, malignant
-count, fingerprint), metrics with 95 % intervals overall and per site, the operating threshold and
-why, known limitations, and the approvals and decisions about the version. :func:`publish` logs
-it to the version's run (``model_card/model_card.md`` and ``.html``) and its description;
-``serving/bento_build.py`` copies both into the Bento so the service answers ``GET /model-card``
-without MLflow. The HTML is rendered by markdown-it-py (in the lock through rich) with raw HTML
-disabled, so text from tags or reasons cannot inject markup.
+Everything in the card is read back from the registry, the run, the gate's stored decision, the
+data registry and the audit trail, never recomputed. :func:`publish` logs it to the version's run
+(``model_card/``) and its description; ``serving/bento_build.py`` copies it into the Bento so the
+service answers ``GET /model-card`` without MLflow. The HTML is rendered by markdown-it-py (in the
+lock through rich) with raw HTML disabled, so text from tags or reasons cannot inject markup.
 """
 
 from __future__ import annotations
@@ -44,7 +40,6 @@ def build(version: str, settings: Settings) -> ModelCard:
     client = model_registry.client(settings)
     model_version = client.get_model_version(settings.model_name, str(version))
     run = client.get_run(model_version.run_id)
-    decision = stored_decision(model_version.run_id, settings)
     markdown = render(
         settings.model_name,
         str(version),
@@ -53,7 +48,7 @@ def build(version: str, settings: Settings) -> ModelCard:
         run_tags=dict(run.data.tags),
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
-        decision=decision,
+        decision=stored_decision(model_version.run_id, settings),
         data_versions=data_versions(run.data.tags.get("data_versions_seen", ""), settings),
         decisions=[entry.model_dump() for entry in governance.entries_about(str(version), settings, DECISION_ACTIONS)],
     )
@@ -75,19 +70,17 @@ def publish(version: str, settings: Settings) -> ModelCard:
 
 def stored_card(version: str, settings: Settings) -> tuple[str, str] | None:
     """(Markdown, HTML) of the card logged to the version's run, or None when it has none."""
-    import tempfile
-    from pathlib import Path
+    import mlflow.artifacts
 
-    client = model_registry.client(settings)
+    client = model_registry.client(settings)  # also points mlflow.artifacts at the medops store
     run_id = client.get_model_version(settings.model_name, str(version)).run_id
     if not run_id:
         return None
     logged = {item.path for item in client.list_artifacts(run_id, CARD_DIR)}
     if not {CARD_MARKDOWN, CARD_HTML} <= logged:
         return None
-    with tempfile.TemporaryDirectory(prefix="medops-card-") as tmp:
-        folder = Path(client.download_artifacts(run_id, CARD_DIR, tmp))
-        return (folder / "model_card.md").read_text(), (folder / "model_card.html").read_text()
+    stored = f"runs:/{run_id}/"
+    return mlflow.artifacts.load_text(stored + CARD_MARKDOWN), mlflow.artifacts.load_text(stored + CARD_HTML)
 
 
 def to_html(markdown: str, title: str) -> str:
