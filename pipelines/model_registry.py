@@ -1,13 +1,11 @@
 """The MLflow side of medops: where runs go, the model registry's aliases, and what a run stored.
 
-Promotion uses aliases (``@champion``, ``@challenger``), never registry stages. Decisions and
-their reasons are tags on the model version, so the registry page tells the whole story.
-
-Every training run also stores its *reference* under ``reference/``: the exact training and
-hold-out rows it used, each with the model's ``probability_malignant``, and the model's feature
-importance. Whatever runs downstream of training (the rollout's smoke test, drift monitoring)
-reads them with :func:`stored_reference` instead of splitting the data again, so a setting
-changed since cannot make it compare against other rows.
+Promotion uses aliases (``@champion``, ``@challenger``), never registry stages; decisions and their
+reasons are tags on the model version. Every training run also stores its *reference* under
+``reference/``: the exact training and hold-out rows, each with the model's
+``probability_malignant``, and the feature importance. Whatever runs downstream of training reads
+them with :func:`stored_reference` instead of splitting the data again, so a setting changed since
+cannot make it compare against other rows.
 """
 
 from __future__ import annotations

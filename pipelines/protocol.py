@@ -212,13 +212,10 @@ def approval_reasons(
 ) -> list[str]:
     """Why this change needs a named person's approval under the protocol; empty = automatic change allowed.
 
-    ``family`` is the chosen family (or every family a search may choose from), ``features`` the
-    model's input columns, ``thresholds`` the gate thresholds to be applied (a full set or a form's
-    overrides; None = the protocol's own), ``gate_passed_for_deploy`` the gate outcome of a version
-    about to be served (None when nothing is being deployed), ``holdout_share`` the share to be
-    used (None = the protocol's), ``trigger`` what started the training (``drift``, ``data``, ...).
-    The optional cases (``drift_triggered_promotion``, ``every_promotion``) concern promotions, so
-    they are not raised again when a version already promoted is deployed.
+    ``family`` is the chosen family (or every family a search may choose from); ``thresholds``,
+    ``holdout_share``: None = the protocol's own; ``gate_passed_for_deploy``: the gate outcome of a
+    version about to be served (None when nothing is being deployed). The promotion cases
+    (``drift_triggered_promotion``, ``every_promotion``) are not raised again at deployment.
     """
     if isinstance(features, str):
         raise ValueError("features: give the list of feature names, not one string")

@@ -1,15 +1,12 @@
 """How sure a hold-out figure is: binomial intervals for sensitivity and specificity, DeLong for ROC AUC.
 
-Sensitivity and specificity are proportions of malignant and benign hold-out rows, with a Wilson or
-exact (Clopper-Pearson) interval from statsmodels. ROC AUC gets DeLong's nonparametric variance
-(DeLong, DeLong and Clarke-Pearson 1988, computed with midranks as in Sun and Xu 2014) and a normal
-interval clipped to [0, 1]; two models scored on the same rows get the paired DeLong variance of
-their AUC difference, which accounts for the rows they share. Malignant is the positive class
-throughout. One known limit, stated
-where the figures are shown: DeLong's variance is zero when every malignant row scores above every
-benign one, so a perfectly separated small sample gets an interval of no width; the binomial
-intervals of sensitivity and specificity have no such blind spot, which is why the gate never judges
-on AUC alone.
+Sensitivity and specificity get a Wilson or exact (Clopper-Pearson) interval from statsmodels; ROC
+AUC gets DeLong's nonparametric variance (DeLong, DeLong and Clarke-Pearson 1988, with midranks as
+in Sun and Xu 2014) and a normal interval clipped to [0, 1]; two models scored on the same rows get
+the paired DeLong variance of their AUC difference. Malignant is the positive class throughout.
+DeLong's variance is zero when every malignant row scores above every benign one, so a perfectly
+separated small sample gets an interval of no width; the binomial intervals have no such blind
+spot, which is why the gate never judges on AUC alone.
 """
 
 from __future__ import annotations
