@@ -1,14 +1,11 @@
 """The promotion gate: judge a candidate by the lower bounds of its hold-out figures, overall and per site.
 
 A candidate is promoted only when, on the stable hold-out, the lower ends of the 95 % intervals of
-its sensitivity and specificity (Wilson or exact) and of its ROC AUC (DeLong) reach the modification
-protocol's floors, when it is non-inferior to the champion scored on the same rows (lower bound of
-the paired DeLong difference AUC(candidate) - AUC(champion) >= -margin), and when every site with
-enough malignant (benign) hold-out rows meets the site floor for sensitivity (specificity). Sites
-with fewer rows are reported as "not enough evidence", never passed silently. The decision carries
-every figure, overall and per site, for the candidate and the champion side by side, and a list of
-reasons a reviewer can read; it is plain JSON (:meth:`GateDecision.to_dict`) for the run, the
-version's tags and the model card.
+its sensitivity, specificity and ROC AUC reach the modification protocol's floors, when it is
+non-inferior to the champion scored on the same rows (lower bound of the paired DeLong difference
+AUC(candidate) - AUC(champion) >= -margin), and when every site with enough malignant (benign)
+hold-out rows meets the site floor for sensitivity (specificity). Sites with fewer rows are
+reported as "not enough evidence", never passed silently.
 """
 
 from __future__ import annotations
@@ -91,10 +88,6 @@ class GateDecision(BaseModel):
         """Plain JSON types only (no NaN): safe for ``json.dumps``, MLflow and the model card."""
         return self.model_dump(mode="json")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GateDecision:
-        return cls.model_validate(data)
-
     def metrics(self) -> dict[str, float]:
         """Flat numeric figures for ``mlflow.log_metrics``: ``gate_<figure>`` and ``gate_<site>_<figure>``."""
         flat: dict[str, float] = {"gate_passed": float(self.passed)}
@@ -136,13 +129,9 @@ def decide(
     if champion is not None and not np.array_equal(champion.is_malignant, candidate.is_malignant):
         raise ValueError("champion: scored on other rows than the candidate; compare both on the same hold-out rows")
     limits = thresholds or protocol.gate
-    checks: list[Check] = []
-    reasons: list[str] = []
-
-    everything = np.ones(len(sites), dtype=bool)
-    overall, overall_checks = _judge_group(OVERALL, everything, candidate, champion, limits)
-    checks += overall_checks
-    reasons += [check.reason for check in overall_checks]
+    overall, overall_checks = _judge_group(OVERALL, np.ones(len(sites), dtype=bool), candidate, champion, limits)
+    checks = list(overall_checks)
+    reasons = [check.reason for check in overall_checks]
     if champion is None:
         reasons.append("no champion: non-inferiority not applicable (first model on these rows)")
 
@@ -193,18 +182,14 @@ def _judge_group(
         )
 
     overall = scope == OVERALL
-    label = "overall" if overall else scope
-    checks = []
     need_positives = 1 if overall else limits.site_min_positives
     need_negatives = 1 if overall else limits.site_min_negatives
     sensitivity_floor = limits.sensitivity_lower if overall else limits.site_sensitivity_lower
     specificity_floor = limits.specificity_lower if overall else limits.site_specificity_lower
-    checks.append(
-        _proportion_check(scope, label, "sensitivity", mine.sensitivity, malignant, need_positives, sensitivity_floor)
-    )
-    checks.append(
-        _proportion_check(scope, label, "specificity", mine.specificity, benign, need_negatives, specificity_floor)
-    )
+    checks = [
+        _proportion_check(scope, "sensitivity", mine.sensitivity, malignant, need_positives, sensitivity_floor),
+        _proportion_check(scope, "specificity", mine.specificity, benign, need_negatives, specificity_floor),
+    ]
     if overall:
         checks.append(_auc_check(mine.roc_auc, limits.roc_auc_lower))
         if champion is not None:
@@ -241,71 +226,41 @@ def _figures(scores: ModelScores, rows: np.ndarray, limits: Thresholds) -> Model
     )
 
 
-def _proportion_check(
-    scope: str, label: str, name: str, figure: Proportion | None, rows: int, needed: int, floor: float
-) -> Check:
+def _proportion_check(scope: str, name: str, figure: Proportion | None, rows: int, needed: int, floor: float) -> Check:
     kind = "malignant" if name == "sensitivity" else "benign"
+    rule = f"{name}_lower"
     if scope == OVERALL and figure is None:
-        return Check(
-            scope=scope,
-            rule=f"{name}_lower",
-            status="failed",
-            value=None,
-            floor=floor,
-            reason=f"overall: no {kind} hold-out rows, so {name} cannot be judged: refused",
-        )
+        reason = f"overall: no {kind} hold-out rows, so {name} cannot be judged: refused"
+        return Check(scope=scope, rule=rule, status="failed", value=None, floor=floor, reason=reason)
     if figure is None or rows < needed:
-        return Check(
-            scope=scope,
-            rule=f"{name}_lower",
-            status="not_enough_evidence",
-            value=figure.lower if figure is not None else None,
-            floor=floor,
-            reason=f"{label}: {name} not judged, not enough evidence ({rows} {kind} hold-out rows, {needed} needed)",
-        )
-    passed = figure.lower >= floor
-    return Check(
-        scope=scope,
-        rule=f"{name}_lower",
-        status="passed" if passed else "failed",
-        value=figure.lower,
-        floor=floor,
-        reason=f"{label}: {name} {_text(figure)}, lower bound {'>=' if passed else 'below'} floor {floor:g}",
-    )
+        reason = f"{scope}: {name} not judged, not enough evidence ({rows} {kind} hold-out rows, {needed} needed)"
+        value = figure.lower if figure is not None else None
+        return Check(scope=scope, rule=rule, status="not_enough_evidence", value=value, floor=floor, reason=reason)
+    return _floor_check(scope, rule, figure.lower, floor, f"{scope}: {name} {interval_text(figure)}")
 
 
 def _auc_check(figure: AucEstimate | None, floor: float) -> Check:
     if figure is None:
-        return Check(
-            scope=OVERALL,
-            rule="roc_auc_lower",
-            status="failed",
-            value=None,
-            floor=floor,
-            reason="overall: ROC AUC cannot be estimated (fewer than two malignant or two benign hold-out rows)",
-        )
-    passed = figure.lower >= floor
+        reason = "overall: ROC AUC cannot be estimated (fewer than two malignant or two benign hold-out rows)"
+        return Check(scope=OVERALL, rule="roc_auc_lower", status="failed", value=None, floor=floor, reason=reason)
+    return _floor_check(
+        OVERALL, "roc_auc_lower", figure.lower, floor, f"overall: ROC AUC {interval_text(figure, 4)} (DeLong)"
+    )
+
+
+def _floor_check(scope: str, rule: str, lower: float, floor: float, figure_text: str) -> Check:
+    """A lower bound against its floor; ``figure_text`` opens the reason."""
+    passed = lower >= floor
+    reason = f"{figure_text}, lower bound {'>=' if passed else 'below'} floor {floor:g}"
     return Check(
-        scope=OVERALL,
-        rule="roc_auc_lower",
-        status="passed" if passed else "failed",
-        value=figure.lower,
-        floor=floor,
-        reason=f"overall: ROC AUC {_text(figure, 4)} (DeLong), lower bound {'>=' if passed else 'below'} "
-        f"floor {floor:g}",
+        scope=scope, rule=rule, status="passed" if passed else "failed", value=lower, floor=floor, reason=reason
     )
 
 
 def _non_inferiority_check(difference: AucDifference | None, margin: float) -> Check:
     if difference is None:
-        return Check(
-            scope=OVERALL,
-            rule="non_inferiority",
-            status="failed",
-            value=None,
-            floor=-margin,
-            reason="overall: AUC difference vs champion cannot be estimated on these rows",
-        )
+        reason = "overall: AUC difference vs champion cannot be estimated on these rows"
+        return Check(scope=OVERALL, rule="non_inferiority", status="failed", value=None, floor=-margin, reason=reason)
     passed = difference.lower >= -margin
     return Check(
         scope=OVERALL,
@@ -333,7 +288,7 @@ def _comparison_notes(
         better = new.value > old.value
         clearly = better and new.lower > old.upper
         notes.append(
-            f"{name} candidate {_text(new)} vs champion {_text(old)}"
+            f"{name} candidate {interval_text(new)} vs champion {interval_text(old)}"
             + (" (clearly better: intervals do not overlap)" if clearly else "")
             + (" (candidate meets the site floor the champion misses)" if new.lower >= floor > old.lower else "")
             + (" (champion meets the site floor the candidate misses)" if old.lower >= floor > new.lower else "")
@@ -356,7 +311,10 @@ def _site_line(site: str, group: GroupFigures, checks: list[Check]) -> str:
     )
 
 
-def _text(figure: Proportion | AucEstimate, digits: int = 3) -> str:
+def interval_text(figure: Proportion | AucEstimate | None, digits: int = 3) -> str:
+    """``value [lower, upper]``, with the counts behind a proportion; n/a for no figure."""
+    if figure is None:
+        return "n/a"
     counts = f" ({figure.successes}/{figure.total})" if isinstance(figure, Proportion) else ""
     return f"{figure.value:.{digits}f} [{figure.lower:.{digits}f}, {figure.upper:.{digits}f}]{counts}"
 
@@ -366,9 +324,7 @@ def _scores(scores: ModelScores | tuple[np.ndarray, np.ndarray, np.ndarray], nam
         is_malignant, probability, predicted = scores
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected (is_malignant, probability, predicted) arrays") from None
-    truth = np.asarray(is_malignant)
-    predicted = np.asarray(predicted)
-    probability = np.asarray(probability, dtype="float64")
+    truth, predicted, probability = np.asarray(is_malignant), np.asarray(predicted), np.asarray(probability, "float64")
     for field, values in (("is_malignant", truth), ("predicted", predicted)):
         if values.dtype != bool and not np.isin(values, [0, 1]).all():
             raise ValueError(f"{name}.{field}: expected booleans (malignant = True)")

@@ -1,16 +1,10 @@
 """Who did what, and who must sign off: the audit trail's entries and the protocol's approvals, applied.
 
-Every decision medops takes goes to the hash-chained audit log (:mod:`medops.core.audit`) through
-:func:`record`, with an actor that names someone: the person at the terminal
-(:func:`terminal_user`), the Airflow user who triggered or approved a run, or
-:data:`SCHEDULER` for what the platform did on its own. An entry about a training run or a model
-version also leaves its hash on that run or version in MLflow (tag ``audit.<seq>``), the place
-outside the log the audit module asks anchors to be kept: rewriting the log consistently from some
-entry to its end is then caught by :func:`verify_trail`, which passes those anchors back.
-
-:func:`training_approvals` says why a training's promotion must wait for a named person (the
-modification protocol's cases, and ``MEDOPS_REQUIRE_APPROVAL`` for drift-triggered retraining);
-:func:`named_person` refuses a placeholder where a person's name is required.
+Every decision goes to the hash-chained audit log (:mod:`medops.core.audit`) through :func:`record`,
+with an actor that names someone (:data:`SCHEDULER` for what the platform did on its own). An entry
+about a training run or a model version also leaves its hash on it in MLflow (tag ``audit.<seq>``),
+outside the log, so that rewriting the log consistently from some entry to its end is caught by
+:func:`verify_trail`.
 """
 
 from __future__ import annotations

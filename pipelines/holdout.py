@@ -1,15 +1,12 @@
 """A hold-out that stays put as data grows: each row's side is decided by a hash of the row alone.
 
-A row's key is the SHA-256 of the row as the data registry writes it: its canonical CSV line over
-the contract's columns (30 features in the registry's ``%.10g`` text, diagnosis, site id), so a
-row read back from any data version, on any machine and pandas version, has the same key. A row
-is held out when the first eight bytes of its key, read as a fraction of 2**64, fall below the
-share. The side depends on the row only, never on which other rows a version holds: a row held out
-once stays held out in every later version, so a candidate and its champion are compared on rows
-neither trained on; identical rows land on the same side; and a larger share only adds rows to the
-hold-out. The split is deliberately not stratified by diagnosis or site, because stratifying would
-make a row's side depend on its neighbours; class and site balance are reported
-(:func:`describe_holdout`) instead of forced, and on the seed they come out close to the data's.
+A row's key is the SHA-256 of its canonical CSV line as the data registry writes it, so a row read
+back from any data version, on any machine and pandas version, has the same key; a row is held out
+when the first eight bytes of its key, as a fraction of 2**64, fall below the share. A row held
+out once stays held out in every later version, so a candidate and its champion are compared on
+rows neither trained on, and a larger share only adds rows to the hold-out. The split is
+deliberately not stratified by diagnosis or site, because stratifying would make a row's side
+depend on its neighbours; class and site balance are reported (:func:`describe_holdout`) instead.
 """
 
 from __future__ import annotations
@@ -45,12 +42,8 @@ class HoldoutSummary:
     benign: int
     sites: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    @property
-    def malignant_share(self) -> float:
-        return self.malignant / self.rows if self.rows else float("nan")
-
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"malignant_share": self.malignant_share}
+        return asdict(self) | {"malignant_share": self.malignant / self.rows if self.rows else float("nan")}
 
 
 def canonical_lines(frame: pd.DataFrame) -> list[str]:
@@ -86,8 +79,6 @@ def holdout_mask(keys: np.ndarray, share: float = DEFAULT_SHARE) -> np.ndarray:
     """Which keys are held out: the key's first 16 hex digits, as a fraction of 2**64, below ``share``."""
     if not 0.0 < share < 1.0:
         raise ValueError(f"share: the hold-out share must lie strictly between 0 and 1, got {share!r}")
-    if len(keys) == 0:
-        return np.zeros(0, dtype=bool)
     buckets = np.array([int(key[:16], 16) for key in keys], dtype=np.uint64)
     return buckets < np.uint64(int(share * 2**64))
 
@@ -98,9 +89,7 @@ def split_by_row_key(frame: pd.DataFrame, share: float = DEFAULT_SHARE) -> tuple
     Row order within each side is the frame's, and each side's index is reset.
     """
     held_out = holdout_mask(row_keys(frame), share)
-    train = frame.loc[~held_out].reset_index(drop=True)
-    holdout = frame.loc[held_out].reset_index(drop=True)
-    return train, holdout
+    return frame.loc[~held_out].reset_index(drop=True), frame.loc[held_out].reset_index(drop=True)
 
 
 def holdout_fingerprint(holdout: pd.DataFrame) -> HoldoutFingerprint:

@@ -3,12 +3,7 @@
 Malignant is the positive class everywhere. A ratio whose denominator is zero (sensitivity with no
 malignant row, ROC AUC with one class only, anything on no rows) is ``None``, never NaN: these
 results travel as JSON (XCom, ``summary.json``, alerts, the model card), where NaN is not valid
-JSON and compares unequal to itself, while ``None`` reads as "undefined" in every consumer.
-Whoever needs a number (MLflow metrics, the gate) decides explicitly what an undefined one means.
-
-:func:`probability_malignant` is the one place that turns a scikit-learn model into P(malignant),
-whatever order its classes are in; :func:`feature_importance` is what training logs beside the
-reference rows so that monitoring can weigh drifted features.
+and compares unequal to itself. Whoever needs a number decides what an undefined one means.
 """
 
 from __future__ import annotations
@@ -22,9 +17,6 @@ from pipelines.schema import FEATURES, LABEL, POSITIVE
 
 if TYPE_CHECKING:
     import pandas as pd
-
-METRIC_NAMES = ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "accuracy")
-COUNT_NAMES = ("tp", "fn", "tn", "fp", "n")
 
 
 def probability_malignant(model: Any, rows: pd.DataFrame | np.ndarray) -> np.ndarray:
@@ -148,14 +140,9 @@ def feature_importance(model: Any, train: pd.DataFrame, holdout: pd.DataFrame, *
     else:
         from sklearn.inspection import permutation_importance
 
+        features, labels = holdout[list(FEATURES)], holdout[LABEL].astype(str)
         found = permutation_importance(
-            model,
-            holdout[list(FEATURES)],
-            holdout[LABEL].astype(str),
-            scoring="roc_auc",
-            n_repeats=5,
-            random_state=seed,
-            n_jobs=1,
+            model, features, labels, scoring="roc_auc", n_repeats=5, random_state=seed, n_jobs=1
         )
         raw, method = np.clip(found.importances_mean, 0.0, None), PERMUTATION_IMPORTANCE
     return FeatureImportance(method, normalised(dict(zip(FEATURES, raw.tolist(), strict=True))))

@@ -1,14 +1,10 @@
 """The model card of a model version, in Markdown and HTML, built from what was stored about it.
 
-Everything in the card is read back from the registry, the run, the gate's stored decision
-(``gate/decision.json``), the data registry and the audit trail, never recomputed: intended and
-out-of-scope use, the data versions trained on (with DVC hashes), the hold-out (size, malignant
-count, fingerprint), metrics with 95 % intervals overall and per site, the operating threshold and
-why, known limitations, and the approvals and decisions about the version. :func:`publish` logs
-it to the version's run (``model_card/model_card.md`` and ``.html``) and its description;
-``serving/bento_build.py`` copies both into the Bento so the service answers ``GET /model-card``
-without MLflow. The HTML is rendered by markdown-it-py (in the lock through rich) with raw HTML
-disabled, so text from tags or reasons cannot inject markup.
+Everything in the card is read back from the registry, the run, the gate's stored decision, the
+data registry and the audit trail, never recomputed. :func:`publish` logs it to the version's run
+(``model_card/``) and its description; ``serving/bento_build.py`` copies it into the Bento so the
+service answers ``GET /model-card`` without MLflow. The HTML is rendered by markdown-it-py (in the
+lock through rich) with raw HTML disabled, so text from tags or reasons cannot inject markup.
 """
 
 from __future__ import annotations
@@ -16,13 +12,11 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from medops.core.settings import Settings
 from pipelines import governance, model_registry
-
-if TYPE_CHECKING:
-    from pipelines.gate import GateDecision, GroupFigures
+from pipelines.gate import GateDecision, interval_text
 
 CARD_DIR = "model_card"
 CARD_MARKDOWN = f"{CARD_DIR}/model_card.md"
@@ -46,7 +40,6 @@ def build(version: str, settings: Settings) -> ModelCard:
     client = model_registry.client(settings)
     model_version = client.get_model_version(settings.model_name, str(version))
     run = client.get_run(model_version.run_id)
-    decision = stored_decision(model_version.run_id, settings)
     markdown = render(
         settings.model_name,
         str(version),
@@ -55,7 +48,7 @@ def build(version: str, settings: Settings) -> ModelCard:
         run_tags=dict(run.data.tags),
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
-        decision=decision,
+        decision=stored_decision(model_version.run_id, settings),
         data_versions=data_versions(run.data.tags.get("data_versions_seen", ""), settings),
         decisions=[entry.model_dump() for entry in governance.entries_about(str(version), settings, DECISION_ACTIONS)],
     )
@@ -77,19 +70,17 @@ def publish(version: str, settings: Settings) -> ModelCard:
 
 def stored_card(version: str, settings: Settings) -> tuple[str, str] | None:
     """(Markdown, HTML) of the card logged to the version's run, or None when it has none."""
-    import tempfile
-    from pathlib import Path
+    import mlflow.artifacts
 
-    client = model_registry.client(settings)
+    client = model_registry.client(settings)  # also points mlflow.artifacts at the medops store
     run_id = client.get_model_version(settings.model_name, str(version)).run_id
     if not run_id:
         return None
     logged = {item.path for item in client.list_artifacts(run_id, CARD_DIR)}
     if not {CARD_MARKDOWN, CARD_HTML} <= logged:
         return None
-    with tempfile.TemporaryDirectory(prefix="medops-card-") as tmp:
-        folder = Path(client.download_artifacts(run_id, CARD_DIR, tmp))
-        return (folder / "model_card.md").read_text(), (folder / "model_card.html").read_text()
+    stored = f"runs:/{run_id}/"
+    return mlflow.artifacts.load_text(stored + CARD_MARKDOWN), mlflow.artifacts.load_text(stored + CARD_HTML)
 
 
 def to_html(markdown: str, title: str) -> str:
@@ -128,13 +119,6 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _interval(figure: Any, digits: int = 3) -> str:
-    if figure is None:
-        return "n/a"
-    counts = f" ({figure.successes}/{figure.total})" if hasattr(figure, "successes") else ""
-    return f"{figure.value:.{digits}f} [{figure.lower:.{digits}f}, {figure.upper:.{digits}f}]{counts}"
-
-
 def _status(status: str) -> str:
     return {"passed": "passed", "failed": "**FAILED**", "not_enough_evidence": "not enough evidence"}[status]
 
@@ -145,12 +129,11 @@ def _figures_table(decision: GateDecision) -> list[str]:
         "| ROC AUC [95 % CI] | status |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    groups: list[tuple[str, GroupFigures]] = [("overall", decision.overall), *decision.sites.items()]
-    for scope, group in groups:
+    for scope, group in [("overall", decision.overall), *decision.sites.items()]:
         figures = group.candidate
         lines.append(
-            f"| {_cell(scope)} | {group.rows} | {group.malignant} | {_interval(figures.sensitivity)} "
-            f"| {_interval(figures.specificity)} | {_interval(figures.roc_auc, 4)} | {_status(group.status)} |"
+            f"| {_cell(scope)} | {group.rows} | {group.malignant} | {interval_text(figures.sensitivity)} "
+            f"| {interval_text(figures.specificity)} | {interval_text(figures.roc_auc, 4)} | {_status(group.status)} |"
         )
     return lines
 
@@ -162,16 +145,13 @@ def _champion_lines(decision: GateDecision) -> list[str]:
     lines += ["| rows | champion sensitivity | champion specificity | AUC candidate − champion [95 % CI] |"]
     lines += ["| --- | --- | --- | --- |"]
     for scope, group in [("overall", decision.overall), *decision.sites.items()]:
-        theirs = group.champion
-        difference = group.auc_difference
-        diff_text = (
-            f"{difference.value:+.4f} [{difference.lower:+.4f}, {difference.upper:+.4f}]"
-            if difference is not None
-            else "n/a"
-        )
+        theirs, difference = group.champion, group.auc_difference
+        diff_text = "n/a"
+        if difference is not None:
+            diff_text = f"{difference.value:+.4f} [{difference.lower:+.4f}, {difference.upper:+.4f}]"
         lines.append(
-            f"| {_cell(scope)} | {_interval(theirs.sensitivity) if theirs else 'n/a'} "
-            f"| {_interval(theirs.specificity) if theirs else 'n/a'} | {diff_text} |"
+            f"| {_cell(scope)} | {interval_text(theirs.sensitivity) if theirs else 'n/a'} "
+            f"| {interval_text(theirs.specificity) if theirs else 'n/a'} | {diff_text} |"
         )
     return lines
 

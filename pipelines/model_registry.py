@@ -1,13 +1,11 @@
 """The MLflow side of medops: where runs go, the model registry's aliases, and what a run stored.
 
-Promotion uses aliases (``@champion``, ``@challenger``), never registry stages. Decisions and
-their reasons are tags on the model version, so the registry page tells the whole story.
-
-Every training run also stores its *reference* under ``reference/``: the exact training and
-hold-out rows it used, each with the model's ``probability_malignant``, and the model's feature
-importance. Whatever runs downstream of training (the rollout's smoke test, drift monitoring)
-reads them with :func:`stored_reference` instead of splitting the data again, so a setting
-changed since cannot make it compare against other rows.
+Promotion uses aliases (``@champion``, ``@challenger``), never registry stages; decisions and their
+reasons are tags on the model version. Every training run also stores its *reference* under
+``reference/``: the exact training and hold-out rows, each with the model's
+``probability_malignant``, and the feature importance. Whatever runs downstream of training reads
+them with :func:`stored_reference` instead of splitting the data again, so a setting changed since
+cannot make it compare against other rows.
 """
 
 from __future__ import annotations
@@ -108,8 +106,7 @@ def champion_lock(settings: Settings):
 
 def set_champion(version: str, settings: Settings) -> None:
     """Point ``@champion`` at a version (promotion, or rollback to the previous champion)."""
-    mlflow_client = client(settings)
-    mlflow_client.set_registered_model_alias(settings.model_name, CHAMPION, str(version))
+    client(settings).set_registered_model_alias(settings.model_name, CHAMPION, str(version))
 
 
 def version_tags(version: str, settings: Settings) -> dict[str, str]:
@@ -141,10 +138,6 @@ def quiet_model_io() -> Iterator[None]:
         yield
 
 
-def model_uri(version: str, settings: Settings) -> str:
-    return f"models:/{settings.model_name}/{version}"
-
-
 def download_model(uri: str, directory: Path, settings: Settings) -> Path:
     """Copy the MLflow model at ``uri`` (``models:/...``) into ``directory``; returns its folder."""
     import mlflow.artifacts
@@ -153,7 +146,7 @@ def download_model(uri: str, directory: Path, settings: Settings) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(directory)))
 
 
-def register_trusted(uri: str, settings: Settings, tags: dict[str, Any] | None = None) -> str:
+def register_trusted(uri: str, settings: Settings) -> str:
     """Register the logged model at ``uri`` as a new version, if medops may ever load it.
 
     Refuses (:class:`pipelines.model_trust.UntrustedModel`) anything but a skops model of the
@@ -169,12 +162,11 @@ def register_trusted(uri: str, settings: Settings, tags: dict[str, Any] | None =
 
     with tempfile.TemporaryDirectory(prefix="medops-register-") as tmp, quiet_model_io():
         digest = model_trust.registrable_digest(download_model(uri, Path(tmp), settings), f"the model at {uri}")
-    all_tags = {**(tags or {}), model_trust.DIGEST_KEY: digest}
     # MLflow prints "Created version ..." to stderr, which an Airflow task logs at ERROR level.
     printed = io.StringIO()
     try:
         with quiet_model_io(), contextlib.redirect_stderr(printed):
-            return str(mlflow.register_model(uri, settings.model_name, tags=all_tags).version)
+            return str(mlflow.register_model(uri, settings.model_name, tags={model_trust.DIGEST_KEY: digest}).version)
     finally:
         for line in printed.getvalue().splitlines():
             log.info("%s", line)
@@ -194,23 +186,15 @@ def load_model(version: str, settings: Settings):
     what = f"model version {version} of {settings.model_name}"
     expected = version_tags(version, settings).get(model_trust.DIGEST_KEY)
     with tempfile.TemporaryDirectory(prefix="medops-model-") as tmp:
-        local = download_model(model_uri(version, settings), Path(tmp), settings)
+        local = download_model(f"models:/{settings.model_name}/{version}", Path(tmp), settings)
         try:
             with quiet_model_io():
                 return model_trust.load_trusted(local, expected, what)
         except model_trust.ModelTampered as error:
             from medops.core.alerts import send_alert
 
-            send_alert(
-                f"medops refused tampered {what}",
-                "failure",
-                [],
-                None,
-                None,
-                settings,
-                severity="critical",
-                details=str(error),
-            )
+            title = f"medops refused tampered {what}"
+            send_alert(title, "failure", [], None, None, settings, severity="critical", details=str(error))
             raise
 
 
@@ -222,17 +206,12 @@ def run_url(run_id: str, settings: Settings, experiment_id: str | None = None) -
 
 def code_version() -> str:
     """The git sha of the code that trains, with ``-dirty`` when the checkout has local changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha

@@ -29,7 +29,6 @@ TRUSTED_TYPES: tuple[str, ...] = (
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",  # HistGradientBoostingClassifier
 )
-SKOPS = "skops"
 DIGEST_KEY = "model_sha256"  # model version tag and Bento model metadata
 
 
@@ -41,8 +40,8 @@ class ModelTampered(UntrustedModel):
     """A model artifact whose bytes differ from those recorded when it was registered."""
 
 
-def sklearn_flavor(model_dir: Path, what: str) -> dict[str, Any]:
-    """The ``sklearn`` flavor of an MLflow model directory; refuses any serialization but skops."""
+def model_file(model_dir: Path, what: str) -> Path:
+    """The skops file of an MLflow sklearn model directory; refuses any serialization but skops."""
     import yaml
 
     try:
@@ -53,17 +52,11 @@ def sklearn_flavor(model_dir: Path, what: str) -> dict[str, Any]:
     if not flavor:
         raise UntrustedModel(f"{what} has no sklearn flavor")
     serialization = flavor.get("serialization_format", "pickle")
-    if serialization != SKOPS:
+    if serialization != "skops":
         raise UntrustedModel(
             f"{what} is stored as {serialization}, which runs arbitrary code when loaded; medops loads only "
             "skops models (register it through medops train, which writes skops)"
         )
-    return flavor
-
-
-def model_file(model_dir: Path, what: str) -> Path:
-    """The skops file of an MLflow sklearn model directory (refusing other formats)."""
-    flavor = sklearn_flavor(model_dir, what)
     name = str(flavor.get("pickled_model") or "model.skops")
     path = (Path(model_dir) / name).resolve()
     if Path(model_dir).resolve() not in path.parents:  # the MLmodel file names the file: keep it inside

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 PROTOCOL_FILE = Path(__file__).with_name("modification_protocol.yaml")
 
-# Cases that always need a person; a protocol may add the optional ones, never drop these.
+# Cases that always need a person; a protocol may add the other ApprovalCases, never drop these.
 MANDATORY_APPROVALS = (
     "new_model_family",
     "feature_change",
@@ -28,7 +28,6 @@ MANDATORY_APPROVALS = (
     "deploy_failed_gate",
     "holdout_change",
 )
-OPTIONAL_APPROVALS = ("drift_triggered_promotion", "every_promotion")
 LOWER_BOUND_FLOORS = (
     "sensitivity_lower",
     "specificity_lower",
@@ -105,7 +104,6 @@ class Protocol(BaseModel):
     approval_required_for: tuple[ApprovalCase, ...]
 
     _sha256: str = PrivateAttr(default="")
-    _source: str = PrivateAttr(default="")
 
     @model_validator(mode="after")
     def _mandatory_approvals_kept(self) -> Protocol:
@@ -119,10 +117,6 @@ class Protocol(BaseModel):
     @property
     def sha256(self) -> str:
         return self._sha256
-
-    @property
-    def source(self) -> str:
-        return self._source
 
     def requires(self, case: ApprovalCase) -> bool:
         return case in self.approval_required_for
@@ -150,7 +144,6 @@ def load_protocol(path: Path | str | None = None) -> Protocol:
     except ValidationError as error:
         raise ProtocolError(f"modification protocol {path}: {_describe(error)}") from None
     protocol._sha256 = hashlib.sha256(raw).hexdigest()
-    protocol._source = str(path)
     return protocol
 
 
@@ -166,6 +159,22 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def gate_thresholds(protocol: Protocol, overrides: Mapping[str, Any] | None = None) -> Thresholds:
+    """The protocol's gate floors with a form's or command line's overrides applied (blank = protocol).
+
+    Unknown names or out-of-range values are a ValueError naming the threshold.
+    """
+    given = {name: value for name, value in (overrides or {}).items() if value is not None}
+    unknown = sorted(set(given) - set(Thresholds.model_fields))
+    if unknown:
+        raise ValueError(f"unknown gate threshold(s) {', '.join(unknown)}; known: {', '.join(Thresholds.model_fields)}")
+    try:
+        return Thresholds.model_validate(protocol.gate.model_dump() | given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ValueError(f"gate threshold {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
 def thresholds_below_floors(protocol: Protocol, thresholds: Thresholds | Mapping[str, Any] | None) -> list[str]:
     """Each threshold that is looser than the protocol's floor, as text (an empty list when none).
 
@@ -176,11 +185,7 @@ def thresholds_below_floors(protocol: Protocol, thresholds: Thresholds | Mapping
     if thresholds is None:
         return []
     floors = protocol.gate
-    given = thresholds.model_dump() if isinstance(thresholds, Thresholds) else dict(thresholds)
-    unknown = sorted(set(given) - set(Thresholds.model_fields))
-    if unknown:
-        raise ValueError(f"unknown gate threshold(s) {', '.join(unknown)}; known: {', '.join(Thresholds.model_fields)}")
-    merged = Thresholds.model_validate(floors.model_dump() | {k: v for k, v in given.items() if v is not None})
+    merged = thresholds if isinstance(thresholds, Thresholds) else gate_thresholds(protocol, thresholds)
     looser = []
     for name in LOWER_BOUND_FLOORS:
         if getattr(merged, name) < getattr(floors, name):
@@ -207,13 +212,10 @@ def approval_reasons(
 ) -> list[str]:
     """Why this change needs a named person's approval under the protocol; empty = automatic change allowed.
 
-    ``family`` is the chosen family (or every family a search may choose from), ``features`` the
-    model's input columns, ``thresholds`` the gate thresholds to be applied (a full set or a form's
-    overrides; None = the protocol's own), ``gate_passed_for_deploy`` the gate outcome of a version
-    about to be served (None when nothing is being deployed), ``holdout_share`` the share to be
-    used (None = the protocol's), ``trigger`` what started the training (``drift``, ``data``, ...).
-    The optional cases (``drift_triggered_promotion``, ``every_promotion``) concern promotions, so
-    they are not raised again when a version already promoted is deployed.
+    ``family`` is the chosen family (or every family a search may choose from); ``thresholds``,
+    ``holdout_share``: None = the protocol's own; ``gate_passed_for_deploy``: the gate outcome of a
+    version about to be served (None when nothing is being deployed). The promotion cases
+    (``drift_triggered_promotion``, ``every_promotion``) are not raised again at deployment.
     """
     if isinstance(features, str):
         raise ValueError("features: give the list of feature names, not one string")
@@ -228,15 +230,9 @@ def approval_reasons(
     added = [name for name in features if name not in protocol.automatic.features]
     removed = [name for name in protocol.automatic.features if name not in set(features)]
     if (added or removed) and protocol.requires("feature_change"):
-        change = "; ".join(
-            part
-            for part in (
-                f"added {', '.join(added)}" if added else "",
-                f"removed {', '.join(removed)}" if removed else "",
-            )
-            if part
-        )
-        reasons.append(f"feature change ({change}) from protocol v{protocol.version}'s feature list")
+        changes = [f"added {', '.join(added)}"] if added else []
+        changes += [f"removed {', '.join(removed)}"] if removed else []
+        reasons.append(f"feature change ({'; '.join(changes)}) from protocol v{protocol.version}'s feature list")
     looser = thresholds_below_floors(protocol, thresholds)
     if looser and protocol.requires("thresholds_below_floors"):
         reasons.append(f"gate thresholds below protocol v{protocol.version}'s floors: {'; '.join(looser)}")

@@ -1,29 +1,16 @@
 """Train, evaluate, register and gate a diagnosis model on one data version.
 
-Rows are split into training and hold-out by a hash of each row (:mod:`pipelines.holdout`, the
-modification protocol's share), so a row held out once stays held out in every later data version
-and a candidate and its champion are compared on rows neither trained on. On the training rows a
-small cross-validated search compares logistic regression, an SVM and gradient boosting, each a
-scikit-learn Pipeline with scaling inside (fitted on training rows only). The operating threshold
-is chosen on out-of-fold probabilities to meet the sensitivity target and is stored inside the
-model (``FixedThresholdClassifier``), so every place that predicts uses it. The result is one
-MLflow run and one registered version with ``@challenger``; ``@champion`` moves only through the
-gate (:mod:`pipelines.gate`: lower bounds of 95 % intervals, overall and per site, and
-non-inferiority to the champion on the same stored hold-out rows).
-
-Three steps, each callable (and testable) alone, with paths and small results between them:
-
-- :func:`fit_candidate`: split, search, threshold, fit, evaluate; writes the model, the figures
-  and the reference (rows, scores, importance) to a work directory and returns a JSON-able
-  :class:`FitResult`;
-- :func:`log_run`: one MLflow run with tags, params, metrics, inputs, figures, the model and the
-  reference files; returns the run id;
-- :func:`register_version`: the registry version of that run, ``@challenger``, the gate's decision
-  (``gate/decision.json`` on the run, its figures as metrics, its verdict as version tags) and the
-  model card; returns the :class:`TrainResult`.
-
-:func:`train_model` composes them (the command line); the ``train_model`` DAG runs them as tasks.
-Each step leaves an entry in the audit trail (:mod:`pipelines.governance`).
+Rows are split into training and hold-out by a hash of each row (:mod:`pipelines.holdout`), so a
+row held out once stays held out in every later data version. On the training rows a small
+cross-validated search compares logistic regression, an SVM and gradient boosting, each a
+scikit-learn Pipeline with scaling inside. The operating threshold is chosen on out-of-fold
+probabilities to meet the sensitivity target and is stored inside the model
+(``FixedThresholdClassifier``), so every place that predicts uses it. ``@champion`` moves only
+through the gate (:mod:`pipelines.gate`). Three steps, each callable alone with paths and small
+results between them: :func:`fit_candidate` (files in a work directory, a JSON-able
+:class:`FitResult`), :func:`log_run` (one MLflow run) and :func:`register_version` (the registry
+version, ``@challenger``, the gate's decision and the model card). :func:`train_model` composes
+them (the command line); the ``train_model`` DAG runs them as tasks.
 """
 
 from __future__ import annotations
@@ -34,7 +21,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,40 +49,15 @@ FORM_THRESHOLDS = ("sensitivity_lower", "roc_auc_lower", "non_inferiority_margin
 SHORT_REASON_CHARS = 500
 
 
-def gate_thresholds(protocol: Protocol, overrides: Mapping[str, float | None] | None = None) -> Thresholds:
-    """The protocol's gate floors with a form's or command line's overrides applied (blank = protocol).
-
-    Unknown names or out-of-range values are a ValueError naming the threshold. Whether the result
-    is looser than the protocol is :func:`pipelines.protocol.thresholds_below_floors`' question.
-    """
-    from pydantic import ValidationError
-
-    from pipelines.protocol import Thresholds
-
-    given = {name: value for name, value in (overrides or {}).items() if value is not None}
-    unknown = sorted(set(given) - set(Thresholds.model_fields))
-    if unknown:
-        raise ValueError(f"unknown gate threshold(s) {', '.join(unknown)}; known: {', '.join(Thresholds.model_fields)}")
-    try:
-        return Thresholds.model_validate(protocol.gate.model_dump() | given)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise ValueError(f"gate threshold {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-
-
 def plan_gate(
-    settings: Settings,
-    *,
-    families: Sequence[str] | None,
-    form: Mapping[str, float | None] | None,
-    trigger: str,
+    settings: Settings, *, families: Sequence[str] | None, form: Mapping[str, float | None] | None, trigger: str
 ) -> dict[str, Any]:
     """The thresholds a person set (blank ones dropped) and why promoting needs a person, if it does.
 
     ``{"thresholds", "approval_reasons", "needs_approval"}``, plain JSON for the DAG's XCom. A
     wrong threshold fails here, before minutes of training.
     """
-    from pipelines.protocol import load_protocol
+    from pipelines.protocol import gate_thresholds, load_protocol
 
     protocol = load_protocol()
     thresholds = overrides_only(form)
@@ -137,8 +99,7 @@ class TrainResult:
     holdout: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        result = {item.name: getattr(self, item.name) for item in fields(self)}
-        return result | {"gate": self.gate.to_dict()}
+        return vars(self) | {"gate": self.gate.to_dict()}
 
 
 def candidate_estimators(seed: int) -> dict[str, tuple[Any, dict[str, list]]]:
@@ -150,19 +111,17 @@ def candidate_estimators(seed: int) -> dict[str, tuple[Any, dict[str, list]]]:
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
+    def scaled(model: Any) -> Pipeline:
+        return Pipeline([("scale", StandardScaler()), ("model", model)])
+
     return {
-        "logistic_regression": (
-            Pipeline([("scale", StandardScaler()), ("model", LogisticRegression(max_iter=5000))]),
-            {"model__C": [0.1, 1.0, 10.0]},
-        ),
+        "logistic_regression": (scaled(LogisticRegression(max_iter=5000)), {"model__C": [0.1, 1.0, 10.0]}),
         "svm": (
-            Pipeline(
-                [("scale", StandardScaler()), ("model", CalibratedClassifierCV(SVC(random_state=seed), ensemble=False))]
-            ),
+            scaled(CalibratedClassifierCV(SVC(random_state=seed), ensemble=False)),
             {"model__estimator__C": [1.0, 10.0]},
         ),
         "gradient_boosting": (
-            Pipeline([("scale", StandardScaler()), ("model", HistGradientBoostingClassifier(random_state=seed))]),
+            scaled(HistGradientBoostingClassifier(random_state=seed)),
             {"model__learning_rate": [0.05, 0.1], "model__max_depth": [3, None]},
         ),
     }
@@ -187,15 +146,10 @@ def _best_family(scores: dict[str, float]) -> str:
 
 def search_best(train: pd.DataFrame, families: list[str], settings: Settings) -> tuple[str, Any, dict[str, float]]:
     """Cross-validated ROC AUC search over the families; returns (family, best pipeline, CV scores)."""
-    scores: dict[str, float] = {}
-    params: dict[str, dict[str, Any]] = {}
-    for name in candidate_estimators(settings.seed):
-        if name in families:
-            scores[name], params[name] = _grid_search(train, name, settings)
-    if not scores:
-        raise ValueError(f"no known model family in {families}; choose from {', '.join(FAMILIES)}")
+    searched = {name: _grid_search(train, name, settings) for name in FAMILIES if name in families}
+    scores = {name: score for name, (score, _) in searched.items()}
     family = _best_family(scores)
-    return family, candidate_estimators(settings.seed)[family][0].set_params(**params[family]), scores
+    return family, candidate_estimators(settings.seed)[family][0].set_params(**searched[family][1]), scores
 
 
 def training_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -214,8 +168,7 @@ def search_family(settings: Settings, data_version: str, family: str) -> dict[st
     """
     from threadpoolctl import threadpool_limits
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family}; choose from {', '.join(FAMILIES)}")
+    known_families([family])
     train, _ = training_rows(data_registry.load_version_frame(data_version, settings))
     with threadpool_limits(limits=1):
         score, params = _grid_search(train, family, settings)
@@ -263,10 +216,10 @@ def fit_final(estimator: Any, threshold: float, train: pd.DataFrame):
 class FitResult:
     """What :func:`fit_candidate` produced: where its artifacts are and what they measured.
 
-    Plain values only, so a DAG task can pass it on through XCom (``to_dict``/``from_dict``).
-    The work directory holds ``model.skops``, ``figures/*.png`` and ``reference/`` (the files
-    :func:`pipelines.model_registry.write_reference` writes). ``holdout`` is the hold-out's
-    :class:`pipelines.holdout.HoldoutSummary` (size, malignant count, fingerprint, per site).
+    Plain values only, so a DAG task can pass it on through XCom (``to_dict``/``from_dict``). The
+    work directory holds ``model.skops``, ``figures/*.png`` and ``reference/`` (the files
+    :func:`pipelines.model_registry.write_reference` writes); ``holdout`` is the hold-out's
+    :class:`pipelines.holdout.HoldoutSummary`.
     """
 
     work_dir: str
@@ -287,14 +240,6 @@ class FitResult:
         return str(self.data["tag"])
 
     @property
-    def model_path(self) -> Path:
-        return Path(self.work_dir) / "model.skops"
-
-    @property
-    def figures_dir(self) -> Path:
-        return Path(self.work_dir) / "figures"
-
-    @property
     def reference_dir(self) -> Path:
         return Path(self.work_dir) / model_registry.REFERENCE
 
@@ -303,15 +248,15 @@ class FitResult:
         with model_registry.quiet_model_io():
             import skops.io
 
-            return skops.io.load(self.model_path, trusted=list(model_trust.TRUSTED_TYPES))
+            return skops.io.load(Path(self.work_dir) / "model.skops", trusted=list(model_trust.TRUSTED_TYPES))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FitResult:
-        known = {name for name in cls.__dataclass_fields__}
-        return cls(**{key: value for key, value in data.items() if key in known})  # older XComs held more
+        # older XComs held more
+        return cls(**{key: value for key, value in data.items() if key in cls.__dataclass_fields__})
 
 
 def training_work_dir(settings: Settings, key: str | None = None) -> Path:
@@ -319,11 +264,6 @@ def training_work_dir(settings: Settings, key: str | None = None) -> Path:
     key = key or f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     safe = "".join(char if char.isalnum() or char in "-_." else "_" for char in key)
     return settings.home / "training" / safe
-
-
-def discard_work(fit: FitResult) -> None:
-    """Remove a training's work directory once its run and version exist (they hold copies of everything)."""
-    shutil.rmtree(fit.work_dir, ignore_errors=True)
 
 
 def fit_candidate(
@@ -336,12 +276,11 @@ def fit_candidate(
 ) -> FitResult:
     """Fit the best candidate on a data version (latest by default) and evaluate it on the hold-out.
 
-    Splits the rows by their hash (the protocol's share), searches the families, chooses the
-    operating threshold, fits and evaluates. Writes the model, the evaluation figures and the
-    reference (training and hold-out rows with the model's scores, feature importance) to
-    ``work_dir`` (a new folder under ``MEDOPS_HOME/training`` by default); touches no MLflow run.
-    The champion is judged later, on the rows the run stored (:func:`register_version`). With
-    ``chosen`` (from :func:`choose_best`) the search already ran, fanned out, and is not run again.
+    Splits the rows by their hash, searches the families (unless ``chosen``, from
+    :func:`choose_best`, says the fanned-out search already ran), chooses the operating threshold,
+    fits and evaluates. Writes the model, the evaluation figures and the reference (rows with the
+    model's scores, feature importance) to ``work_dir`` (a new folder under
+    ``MEDOPS_HOME/training`` by default); touches no MLflow run.
     """
     from threadpoolctl import threadpool_limits
 
@@ -355,18 +294,16 @@ def fit_candidate(
     if chosen is not None and chosen["data_version"] != data_version:
         raise ValueError(f"the search ran on {chosen['data_version']}, not on {data_version}")
     data = data_registry.describe_version(data_version, settings)
-    frame = data_registry.load_version_frame(data_version, settings)
-    train, holdout = training_rows(frame)
+    train, holdout = training_rows(data_registry.load_version_frame(data_version, settings))
     if holdout.empty or train.empty:
         raise ValueError(f"{data_version}: the hash split left {len(train)} training and {len(holdout)} hold-out rows")
-    summary = describe_holdout(holdout)
     work = Path(work_dir) if work_dir is not None else training_work_dir(settings)
     work.mkdir(parents=True, exist_ok=True)
 
     # One BLAS thread: on small data, OpenBLAS threads spin against each other and every other
     # process on the machine (search: 71 s with 2 threads vs 3-9 s with 1, measured here).
     with threadpool_limits(limits=1):
-        if chosen is not None:  # the search already ran, fanned out (choose_best's result)
+        if chosen is not None:
             family, cv_scores = chosen["family"], dict(chosen["cv_scores"])
             estimator = candidate_estimators(settings.seed)[family][0].set_params(**chosen["params"])
         else:
@@ -404,7 +341,7 @@ def fit_candidate(
             "cv_folds": settings.cv_folds,
             "sensitivity_target": settings.sensitivity_target,
         },
-        holdout=summary.to_dict(),
+        holdout=describe_holdout(holdout).to_dict(),
         families=families,
     )
 
@@ -428,22 +365,17 @@ def log_run(
     actor: str = governance.SCHEDULER,
     audit: bool = True,
 ) -> str:
-    """Log a fit as one MLflow run, record it in the audit trail, and return the run id.
+    """Log a fit as one MLflow run (tags, params, hold-out metrics, the rows as inputs, figures, the
+    skops model and ``reference/``), record it in the audit trail, and return the run id.
 
     ``audit=False`` leaves the audit entry to :func:`record_training_run`: the DAG logs on a train
     worker, whose host keeps no audit trail, and records on the scheduler's side.
-
-    Tags (data version and DVC hash, code git sha, Airflow run id, trigger, the hold-out's size,
-    malignant count and fingerprint, the protocol), params (family, hyper-parameters, threshold,
-    split, the gate thresholds in force), hold-out metrics (undefined ones left out), the training
-    and hold-out rows as inputs, the figures, the model (safe skops format) and the reference
-    files under ``reference/``. Registering the model is :func:`register_version`'s job.
     """
     import mlflow
     import mlflow.sklearn
     from mlflow.models import infer_signature
 
-    from pipelines.protocol import load_protocol
+    from pipelines.protocol import gate_thresholds, load_protocol
 
     protocol = load_protocol()
     limits = gate_thresholds(protocol, thresholds)
@@ -494,7 +426,7 @@ def log_run(
                 rows[list(DATA_COLUMNS)], source=source, targets=LABEL, name=f"{data_version}-{name}"
             )
             mlflow.log_input(dataset, context=context)
-        mlflow.log_artifacts(str(fit.figures_dir))
+        mlflow.log_artifacts(str(Path(fit.work_dir) / "figures"))
         mlflow.log_artifacts(str(fit.reference_dir), artifact_path=model_registry.REFERENCE)
         features = holdout[list(FEATURES)]
         with model_registry.quiet_model_io():
@@ -540,11 +472,7 @@ def record_training_run(
         actor=actor,
         reason=f"{trigger} training: {fit.family} on {fit.data_version}",
         settings=settings,
-        links={
-            "data_version": fit.data_version,
-            "data_dvc_md5": fit.data["dvc_md5"],
-            "airflow_run_id": airflow_run_id,
-        },
+        links={"data_version": fit.data_version, "data_dvc_md5": fit.data["dvc_md5"], "airflow_run_id": airflow_run_id},
         details={
             "family": fit.family,
             "families_compared": fit.families or list(fit.cv_roc_auc),
@@ -561,19 +489,7 @@ def record_training_run(
 
 def _holdout_tags(holdout: Mapping[str, Any]) -> dict[str, str]:
     """The hold-out's size, malignant count and fingerprint, as tags for the run and the version."""
-    return {
-        "holdout_rows": str(holdout.get("rows", "")),
-        "holdout_malignant": str(holdout.get("malignant", "")),
-        "holdout_sha256": str(holdout.get("sha256", "")),
-    }
-
-
-def _version_of_run(run_id: str, settings: Settings) -> str | None:
-    """The registry version already made from ``run_id`` (a retried register step), if any."""
-    found = model_registry.client(settings).search_model_versions(
-        f"name = '{settings.model_name}' and run_id = '{run_id}'"
-    )
-    return str(min(int(version.version) for version in found)) if found else None
+    return {f"holdout_{key}": str(holdout.get(key, "")) for key in ("rows", "malignant", "sha256")}
 
 
 def judge_version(
@@ -581,43 +497,30 @@ def judge_version(
 ) -> GateDecision:
     """The gate's decision for a registered version, on the hold-out rows its run STORED.
 
-    The candidate's and the champion's models are loaded from the registry and both scored on
-    exactly those rows (the champion: whatever ``@champion`` points at now, unless it is this
-    version), with the site of each row, so the decision is per site too. The hash split keeps
-    the champion's training rows out of these rows whenever both used the protocol's share; if a
-    champion from before did train on some of them, the decision says how many.
+    The candidate and the champion (whatever ``@champion`` points at now, unless it is this
+    version) are loaded from the registry and both scored on exactly those rows, with the site of
+    each row. If a champion from before the hash hold-out trained on some of them, the decision
+    says how many.
     """
     from pipelines.gate import ModelScores, decide
 
-    stored = model_registry.stored_reference(version, settings)
-    holdout = stored.holdout
-    truth = holdout[LABEL].to_numpy() == POSITIVE
-    features = holdout[list(FEATURES)]
-    candidate_model = model_registry.load_model(version, settings)
-    candidate = ModelScores(
-        truth,
-        holdout[model_registry.PROBABILITY].to_numpy(dtype="float64"),
-        np.asarray(candidate_model.predict(features)) == POSITIVE,
-    )
+    holdout = model_registry.stored_reference(version, settings).holdout
+
+    def scored(model: Any, probability: np.ndarray) -> ModelScores:
+        predicted = np.asarray(model.predict(holdout[list(FEATURES)])) == POSITIVE
+        return ModelScores(holdout[LABEL].to_numpy() == POSITIVE, probability, predicted)
+
+    stored_probability = holdout[model_registry.PROBABILITY].to_numpy(dtype="float64")
+    candidate = scored(model_registry.load_model(version, settings), stored_probability)
     champion_version = model_registry.champion_version(settings)
     if champion_version == str(version):
         champion_version = None
     champion = None
     if champion_version is not None:
         champion_model = model_registry.load_model(champion_version, settings)
-        champion = ModelScores(
-            truth,
-            probability_malignant(champion_model, holdout),
-            np.asarray(champion_model.predict(features)) == POSITIVE,
-        )
-    decision = decide(
-        candidate,
-        champion,
-        holdout[SITE].astype(str).to_numpy(),
-        protocol,
-        thresholds=thresholds,
-        champion_version=champion_version,
-    )
+        champion = scored(champion_model, probability_malignant(champion_model, holdout))
+    sites = holdout[SITE].astype(str).to_numpy()
+    decision = decide(candidate, champion, sites, protocol, thresholds=thresholds, champion_version=champion_version)
     if champion_version is not None:
         shared = _rows_champion_trained_on(champion_version, holdout, settings)
         if shared != 0:
@@ -657,6 +560,9 @@ def decision_summary(decision: GateDecision) -> dict[str, Any]:
             return None
         return {"value": round(value.value, 4), "lower": round(value.lower, 4), "upper": round(value.upper, 4)}
 
+    def proportions(group: Any) -> dict[str, Any]:
+        return {name: figure(getattr(group.candidate, name)) for name in ("sensitivity", "specificity")}
+
     overall = decision.overall
     return {
         "passed": decision.passed,
@@ -667,19 +573,12 @@ def decision_summary(decision: GateDecision) -> dict[str, Any]:
         "overall": {
             "rows": overall.rows,
             "malignant": overall.malignant,
-            "sensitivity": figure(overall.candidate.sensitivity),
-            "specificity": figure(overall.candidate.specificity),
+            **proportions(overall),
             "roc_auc": figure(overall.candidate.roc_auc),
             "auc_difference_vs_champion": figure(overall.auc_difference),
         },
         "sites": {
-            site: {
-                "status": group.status,
-                "rows": group.rows,
-                "malignant": group.malignant,
-                "sensitivity": figure(group.candidate.sensitivity),
-                "specificity": figure(group.candidate.specificity),
-            }
+            site: {"status": group.status, "rows": group.rows, "malignant": group.malignant, **proportions(group)}
             for site, group in decision.sites.items()
         },
         "failed": [check.reason for check in decision.checks if check.status == "failed"],
@@ -688,16 +587,14 @@ def decision_summary(decision: GateDecision) -> dict[str, Any]:
 
 def stored_decision(run_id: str, settings: Settings) -> GateDecision | None:
     """The gate decision a training run stored (``gate/decision.json``), or None when it has none."""
-    import tempfile
+    import mlflow.artifacts
 
     from pipelines.gate import GateDecision
 
-    client = model_registry.client(settings)
+    client = model_registry.client(settings)  # also points mlflow.artifacts at the medops store
     if not any(item.path == DECISION_ARTIFACT for item in client.list_artifacts(run_id, "gate")):
         return None
-    with tempfile.TemporaryDirectory(prefix="medops-gate-") as tmp:
-        path = Path(client.download_artifacts(run_id, DECISION_ARTIFACT, tmp))
-        return GateDecision.from_dict(json.loads(path.read_text()))
+    return GateDecision.model_validate(mlflow.artifacts.load_dict(f"runs:/{run_id}/{DECISION_ARTIFACT}"))
 
 
 def register_version(
@@ -715,31 +612,37 @@ def register_version(
 ) -> TrainResult:
     """Register the run's model as a version with ``@challenger``, gate it, and publish its model card.
 
-    The gate (:func:`judge_version`) scores the version and the champion on the hold-out rows the
-    run stored; the full decision goes to the run as ``gate/decision.json`` and its figures as
-    ``gate_*`` metrics; the version's tags keep the verdict, the protocol (version and SHA-256), a
-    short reason, the hold-out's size, malignant count and fingerprint, and what needs a person's
-    approval (``approval_reasons``). The decision (and ``approved_by``'s approval, when given) goes
-    to the audit trail, and the model card to the run (``model_card/``) and the version's
-    description. ``@champion`` is left to :func:`promote`, so that a person can approve in
-    between. Run twice for the same run (a retried task), it reuses the version the first call made.
-    A model medops could not load safely is refused here (:func:`pipelines.model_registry.register_trusted`).
+    The gate (:func:`judge_version`) judges the version on the hold-out rows the run stored; the
+    decision goes to the run (``gate/decision.json``, ``gate_*`` metrics), to the version's tags
+    (with what needs a person's approval, ``approval_reasons``) and to the audit trail, with
+    ``approved_by``'s approval when given. ``@champion`` is left to :func:`promote`, so that a
+    person can approve in between. Run twice for the same run (a retried task), it reuses the
+    version the first call made. A model medops could not load safely is refused here
+    (:func:`pipelines.model_registry.register_trusted`).
     """
+    import time
+
+    from mlflow.entities import Metric
+
     from pipelines import model_card
-    from pipelines.protocol import load_protocol
+    from pipelines.protocol import gate_thresholds, load_protocol
 
     protocol = load_protocol()
     limits = gate_thresholds(protocol, thresholds)
     mlflow_client = model_registry.client(settings)
-    version = _version_of_run(run_id, settings)
-    if version is None:
+    found = mlflow_client.search_model_versions(f"name = '{settings.model_name}' and run_id = '{run_id}'")
+    if found:  # a retried register step: the version the first call made
+        version = str(min(int(item.version) for item in found))
+    else:
         (output,) = mlflow_client.get_run(run_id).outputs.model_outputs
         version = model_registry.register_trusted(f"models:/{output.model_id}", settings)
     mlflow_client.set_registered_model_alias(settings.model_name, model_registry.CHALLENGER, version)
 
     decision = judge_version(version, settings, protocol, limits)
     mlflow_client.log_text(run_id, json.dumps(decision.to_dict(), indent=1) + "\n", DECISION_ARTIFACT)
-    _log_gate_metrics(run_id, decision, settings)
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, 0) for key, value in decision.metrics().items()]
+    mlflow_client.log_batch(run_id, metrics=metrics)
     reason = short_reason(decision)
     approvals = list(approval_reasons)
     model_registry.tag_version(
@@ -751,12 +654,9 @@ def register_version(
             "family": fit.family,
             "roc_auc": _figure(fit.metrics["roc_auc"], 4),
             "sensitivity": _figure(fit.metrics["sensitivity"], 4),
-            "gate_passed": str(decision.passed).lower(),
-            "gate_decision": "passed" if decision.passed else "rejected",
-            "gate_reason": reason,
+            **_verdict_tags(decision, reason, decision.champion_version),
             "protocol_version": str(decision.protocol_version),
             "protocol_sha256": decision.protocol_sha256,
-            "champion_compared": decision.champion_version or "",
             **{
                 f"{name}_lower": f"{getattr(decision.overall.candidate, name).lower:.4f}"
                 for name in ("sensitivity", "specificity", "roc_auc")
@@ -802,18 +702,18 @@ def register_version(
     )
 
 
-def _log_gate_metrics(run_id: str, decision: GateDecision, settings: Settings) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    metrics = [Metric(key, float(value), now, 0) for key, value in decision.metrics().items()]
-    model_registry.client(settings).log_batch(run_id, metrics=metrics)
-
-
 def _figure(value: float | int | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _verdict_tags(decision: GateDecision, reason: str, champion: str | None) -> dict[str, str]:
+    """The gate's verdict as version tags, against ``champion`` (the reason cut to a tag's length)."""
+    return {
+        "champion_compared": champion or "",
+        "gate_passed": str(decision.passed).lower(),
+        "gate_decision": "passed" if decision.passed else "rejected",
+        "gate_reason": reason[:SHORT_REASON_CHARS],
+    }
 
 
 def record_approval(
@@ -824,15 +724,13 @@ def record_approval(
     *,
     reasons: Sequence[str] = (),
     entered_by: str | None = None,
-    details: Mapping[str, Any] | None = None,
 ) -> None:
     """Record a named person's approval of a model version's promotion in the audit trail (once per person)."""
     person = governance.named_person(approved_by, "approved_by")
     text = (reason or "").strip()
     if not text:
         raise ValueError("approval reason: say why the change is acceptable (--reason TEXT)")
-    already = governance.entries_about(version, settings, ("approval",))
-    if any(entry.actor == person for entry in already):
+    if any(entry.actor == person for entry in governance.entries_about(version, settings, ("approval",))):
         return
     run_id = model_registry.client(settings).get_model_version(settings.model_name, str(version)).run_id
     governance.record(
@@ -840,7 +738,7 @@ def record_approval(
         actor=person,
         reason=text,
         settings=settings,
-        details={"approved": list(reasons), "entered_by": entered_by or person, **dict(details or {})},
+        details={"approved": list(reasons), "entered_by": entered_by or person},
         run_id=run_id,
         model_version=str(version),
     )
@@ -859,8 +757,7 @@ def train_model(
     approved_by: str | None = None,
     approval_reason: str | None = None,
 ) -> TrainResult:
-    """Fit, log and register in one call (the command line): :func:`fit_candidate`, :func:`log_run`,
-    :func:`register_version`. The work directory is removed once the version exists.
+    """Fit, log and register in one call (the command line); the work directory is removed after.
 
     A change the modification protocol reserves for a person (thresholds below its floors, say) is
     refused before any training unless ``approved_by`` names who approved it and
@@ -888,40 +785,22 @@ def train_model(
     fit = fit_candidate(settings, data_version, families)
     steps = {"thresholds": thresholds, "trigger": trigger, "airflow_run_id": airflow_run_id, "actor": actor}
     run_id = log_run(fit, settings, **steps)
-    result = register_version(
-        run_id,
-        fit,
-        settings,
-        **steps,
-        approval_reasons=reasons,
-        approved_by=approved_by,
-        approval_reason=approval_reason,
-    )
-    discard_work(fit)
+    approval = {"approval_reasons": reasons, "approved_by": approved_by, "approval_reason": approval_reason}
+    result = register_version(run_id, fit, settings, **steps, **approval)
+    shutil.rmtree(fit.work_dir, ignore_errors=True)  # the run and the version hold copies of everything
     return result
 
 
 def _passes_against(version: str, champion: str | None, settings: Settings, *, actor: str) -> bool:
-    """Judge ``version`` again, against the champion now in place: another training promoted it after
-    this version's gate compared with the one before. Same protocol and thresholds; the new verdict
-    goes to the version's tags and the audit trail. Call with :func:`model_registry.champion_lock` held.
-    """
+    """Judge ``version`` again (same protocol and thresholds) against the champion another training
+    promoted since this version's gate; call with :func:`model_registry.champion_lock` held."""
     from pipelines.protocol import load_protocol
 
     run_id = model_registry.client(settings).get_model_version(settings.model_name, version).run_id
     stored = stored_decision(run_id, settings)
     decision = judge_version(version, settings, load_protocol(), stored.thresholds if stored else None)
     reason = f"judged again: @champion moved to v{champion} since this version's gate. {short_reason(decision)}"
-    model_registry.tag_version(
-        version,
-        {
-            "champion_compared": champion or "",
-            "gate_passed": str(decision.passed).lower(),
-            "gate_decision": "passed" if decision.passed else "rejected",
-            "gate_reason": reason[:SHORT_REASON_CHARS],
-        },
-        settings,
-    )
+    model_registry.tag_version(version, _verdict_tags(decision, reason, champion), settings)
     governance.record(
         "gate_decision",
         actor=actor,
@@ -944,17 +823,14 @@ def promote(
 ) -> bool:
     """Move ``@champion`` to a version whose gate passed; returns whether it moved.
 
-    A version whose promotion needs approval (tag ``approval_required``, from the protocol or
-    ``MEDOPS_REQUIRE_APPROVAL``) moves only with ``approved_by`` naming a person (a placeholder is
-    refused with :class:`pipelines.governance.ApprovalRequired`); the approval, when not recorded
-    yet, and the promotion go to the audit trail, and the model card is published again with them.
-    When another training moved ``@champion`` after this version's gate compared it with the one
-    before (concurrent trainings), it is judged again against the new champion and moves only if it passes.
+    A version whose promotion needs approval (tag ``approval_required``) moves only with
+    ``approved_by`` naming a person; the approval and the promotion go to the audit trail and the
+    model card. When another training moved ``@champion`` since this version's gate, it is judged
+    again against the new champion and moves only if it passes.
     """
     from pipelines import model_card
 
-    version = result_or_version.model_version if isinstance(result_or_version, TrainResult) else result_or_version
-    version = str(version)
+    version = str(result_or_version.model_version if isinstance(result_or_version, TrainResult) else result_or_version)
     tags = model_registry.version_tags(version, settings)
     if tags.get("gate_passed") != "true":
         model_registry.tag_version(version, {"gate_decision": "rejected"}, settings)
@@ -966,14 +842,8 @@ def promote(
         )
     person = governance.named_person(approved_by, "approved_by") if approved_by else None
     if person is not None:
-        record_approval(
-            version,
-            person,
-            approval_reason or f"approved the promotion of model version {version}",
-            settings,
-            reasons=[needed] if needed else [],
-            entered_by=actor,
-        )
+        reason = approval_reason or f"approved the promotion of model version {version}"
+        record_approval(version, person, reason, settings, reasons=[needed] if needed else [], entered_by=actor)
     # Two trainings may reach here at once: the champion is read, judged against, moved and the move
     # audited by one at a time, so the audit trail's promotions are in the order the alias moved.
     with model_registry.champion_lock(settings):
@@ -982,15 +852,8 @@ def promote(
         if previous not in (compared, version) and not _passes_against(version, previous, settings, actor=actor):
             return False
         model_registry.set_champion(version, settings)
-        model_registry.tag_version(
-            version,
-            {
-                "gate_decision": "promoted",
-                "previous_champion": previous or "",
-                **({"approved_by": person} if person else {}),
-            },
-            settings,
-        )
+        promoted = {"gate_decision": "promoted", "previous_champion": previous or ""}
+        model_registry.tag_version(version, promoted | ({"approved_by": person} if person else {}), settings)
         run_id = model_registry.client(settings).get_model_version(settings.model_name, version).run_id
         governance.record(
             "promotion",

@@ -1,15 +1,12 @@
 """How sure a hold-out figure is: binomial intervals for sensitivity and specificity, DeLong for ROC AUC.
 
-Sensitivity and specificity are proportions of malignant and benign hold-out rows, with a Wilson or
-exact (Clopper-Pearson) interval from statsmodels. ROC AUC gets DeLong's nonparametric variance
-(DeLong, DeLong and Clarke-Pearson 1988, computed with midranks as in Sun and Xu 2014) and a normal
-interval clipped to [0, 1]; two models scored on the same rows get the paired DeLong variance of
-their AUC difference, which accounts for the rows they share, and optionally a paired, class-
-stratified bootstrap of it. Malignant is the positive class throughout. One known limit, stated
-where the figures are shown: DeLong's variance is zero when every malignant row scores above every
-benign one, so a perfectly separated small sample gets an interval of no width; the binomial
-intervals of sensitivity and specificity have no such blind spot, which is why the gate never judges
-on AUC alone.
+Sensitivity and specificity get a Wilson or exact (Clopper-Pearson) interval from statsmodels; ROC
+AUC gets DeLong's nonparametric variance (DeLong, DeLong and Clarke-Pearson 1988, with midranks as
+in Sun and Xu 2014) and a normal interval clipped to [0, 1]; two models scored on the same rows get
+the paired DeLong variance of their AUC difference. Malignant is the positive class throughout.
+DeLong's variance is zero when every malignant row scores above every benign one, so a perfectly
+separated small sample gets an interval of no width; the binomial intervals have no such blind
+spot, which is why the gate never judges on AUC alone.
 """
 
 from __future__ import annotations
@@ -68,7 +65,7 @@ class AucDifference(BaseModel):
     p_value: float | None
     positives: int
     negatives: int
-    method: str
+    method: str = "delong"
     confidence: float = CONFIDENCE
 
 
@@ -105,7 +102,9 @@ def sensitivity(
 ) -> Proportion:
     """Share of malignant rows predicted malignant, with its interval."""
     truth, predicted = _as_bool(is_malignant, "is_malignant"), _as_bool(predicted_malignant, "predicted_malignant")
-    _same_length(truth, predicted)
+    if len(truth) != len(predicted):
+        lengths = sorted({len(truth), len(predicted)})
+        raise ValueError(f"arrays of different lengths {lengths}: give one value per hold-out row")
     return proportion(int((truth & predicted).sum()), int(truth.sum()), method=method, confidence=confidence)
 
 
@@ -116,10 +115,9 @@ def specificity(
     method: ProportionMethod = "wilson",
     confidence: float = CONFIDENCE,
 ) -> Proportion:
-    """Share of benign rows predicted benign, with its interval."""
+    """Share of benign rows predicted benign, with its interval: sensitivity with the classes swapped."""
     truth, predicted = _as_bool(is_malignant, "is_malignant"), _as_bool(predicted_malignant, "predicted_malignant")
-    _same_length(truth, predicted)
-    return proportion(int((~truth & ~predicted).sum()), int((~truth).sum()), method=method, confidence=confidence)
+    return sensitivity(~truth, ~predicted, method=method, confidence=confidence)
 
 
 def delong_covariance(is_malignant: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,68 +201,8 @@ def auc_difference(
         p_value=p_value,
         positives=int(truth.sum()),
         negatives=int((~truth).sum()),
-        method="delong",
         confidence=confidence,
     )
-
-
-def bootstrap_auc_difference(
-    is_malignant: np.ndarray,
-    candidate_probability: np.ndarray,
-    champion_probability: np.ndarray,
-    *,
-    resamples: int = 2000,
-    seed: int = 0,
-    confidence: float = CONFIDENCE,
-) -> AucDifference:
-    """The paired AUC difference with a percentile interval from a class-stratified paired bootstrap.
-
-    Each resample draws malignant and benign rows separately (so every resample has both classes
-    and the hold-out's class counts) and scores both models on the same drawn rows.
-    """
-    truth = _as_bool(is_malignant, "is_malignant")
-    scores = np.vstack([candidate_probability, champion_probability]).astype("float64")
-    aucs, _ = delong_covariance(truth, scores)
-    samples = bootstrap_aucs(truth, scores, resamples=resamples, seed=seed)
-    differences = samples[:, 0] - samples[:, 1]
-    tail = (1.0 - confidence) / 2
-    lower, upper = np.quantile(differences, [tail, 1.0 - tail])
-    return AucDifference(
-        candidate=float(aucs[0]),
-        champion=float(aucs[1]),
-        value=float(aucs[0] - aucs[1]),
-        lower=float(lower),
-        upper=float(upper),
-        standard_error=float(differences.std(ddof=1)),
-        p_value=None,
-        positives=int(truth.sum()),
-        negatives=int((~truth).sum()),
-        method=f"paired bootstrap ({resamples} class-stratified resamples, seed {seed})",
-        confidence=confidence,
-    )
-
-
-def bootstrap_aucs(is_malignant: np.ndarray, scores: np.ndarray, *, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, k) AUCs of k score vectors on class-stratified resamples of the same rows."""
-    from scipy.stats import rankdata
-
-    truth = _as_bool(is_malignant, "is_malignant")
-    scores = np.atleast_2d(np.asarray(scores, dtype="float64"))
-    if resamples < 1:
-        raise ValueError(f"resamples: must be at least 1, got {resamples}")
-    rng = np.random.default_rng(seed)
-    positive_rows, negative_rows = np.flatnonzero(truth), np.flatnonzero(~truth)
-    m, n = len(positive_rows), len(negative_rows)
-    if m == 0 or n == 0:
-        raise ValueError(f"ROC AUC needs malignant and benign rows, got {m} malignant and {n} benign")
-    drawn = np.concatenate(
-        [rng.choice(positive_rows, size=(resamples, m)), rng.choice(negative_rows, size=(resamples, n))], axis=1
-    )
-    result = np.empty((resamples, scores.shape[0]))
-    for k, model_scores in enumerate(scores):
-        ranks = rankdata(model_scores[drawn], axis=1)
-        result[:, k] = (ranks[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
-    return result
 
 
 def _as_bool(values: np.ndarray, name: str) -> np.ndarray:
@@ -276,9 +214,3 @@ def _as_bool(values: np.ndarray, name: str) -> np.ndarray:
             raise ValueError(f"{name}: expected booleans (malignant = True), got values other than 0/1")
         array = array.astype(bool)
     return array
-
-
-def _same_length(*arrays: np.ndarray) -> None:
-    lengths = {len(a) for a in arrays}
-    if len(lengths) > 1:
-        raise ValueError(f"arrays of different lengths {sorted(lengths)}: give one value per hold-out row")

@@ -202,7 +202,7 @@ def test_the_decision_round_trips_through_json(protocol):
     candidate, champion, sites = _hold_out({"site-a": (30, 40, 0, 3, 1, 2), "site-b": (3, 9, 0, 1, 0, 1)})
     decision = decide(candidate, champion, sites, protocol, champion_version="2")
     text = json.dumps(decision.to_dict(), allow_nan=False)
-    again = GateDecision.from_dict(json.loads(text))
+    again = GateDecision.model_validate(json.loads(text))
     assert again == decision
     assert again.protocol_sha256 == protocol.sha256 and again.protocol_version == protocol.version
     assert all(isinstance(v, float) for v in decision.metrics().values())
