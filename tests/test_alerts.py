@@ -149,7 +149,7 @@ def test_a_failing_channel_is_reported_not_raised_and_retried(alerting, webhook,
 
 def test_without_channels_nothing_is_sent_and_the_alert_waits_in_the_outbox(medops_home):
     outcome = send_alert("Drift", "drift", COLUMNS, None, REPORT, medops_home)
-    assert not outcome.sent and outcome.undelivered
+    assert not outcome.sent and not outcome.deduplicated
     assert outcome.channels == {"webhook": "not configured", "email": "not configured"}
     waiting = Path(outcome.outbox)
     assert waiting.parent == medops_home.home / "alerts" / "outbox"
@@ -164,7 +164,7 @@ def test_an_alert_every_channel_failed_waits_in_the_outbox(alerting, monkeypatch
     monkeypatch.setenv("MEDOPS_SMTP_PORT", str(free_port()))
     reset_settings()
     outcome = send_alert("Drift", "drift", COLUMNS, "site-d", REPORT, get_settings())
-    assert outcome.undelivered and outcome.outbox
+    assert not outcome.sent and not outcome.deduplicated and outcome.outbox
     assert all(state.startswith("failed") for state in outcome.channels.values())
     (listed,) = outbox_alerts(get_settings())
     assert listed["site"] == "site-d" and listed["channels"] == outcome.channels

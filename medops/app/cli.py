@@ -54,10 +54,6 @@ def terminal_user() -> str:
     return user()
 
 
-class UserError(Exception):
-    """An error the person at the terminal can act on: printed as one line, exit code 1."""
-
-
 def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn any failure into one readable line and exit 1 (a traceback with MEDOPS_DEBUG=1)."""
 
@@ -94,9 +90,9 @@ def step(message: str):
     console.print(f"[green]✓[/] {message}")
 
 
-def emit(payload: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        out.print_json(json.dumps(payload, default=str))
+def emit(payload: dict[str, Any]) -> None:
+    """Print ``payload`` as JSON (what ``--json`` asks for)."""
+    out.print_json(json.dumps(payload, default=str))
 
 
 @command()
@@ -156,7 +152,7 @@ def data_versions(as_json: Annotated[bool, typer.Option("--json", help="Print th
     settings = get_settings()
     rows = [data_registry.version_info(tag, settings) for tag in data_registry.list_versions(settings)]
     if as_json:
-        return emit({"versions": rows}, True)
+        return emit({"versions": rows})
     for row in rows:
         out.print(f"{row['tag']:>10}  {row['rows']:>7} rows  {row['dvc_md5']}  {row['commit'][:10]}")
 
@@ -173,7 +169,7 @@ def ingest(
     with step(f"validating and versioning {file.name}"):
         result = ingest_file(file, get_settings(), site_id=site, actor=terminal_user())
     if as_json:
-        return emit(result.to_dict(), True)
+        return emit(result.to_dict())
     out.print(result.summary(), highlight=False)
 
 
@@ -186,7 +182,7 @@ def data_purge_landing(
 
     result = purge_landing(get_settings())
     if as_json:
-        return emit(result.__dict__, True)
+        return emit(result.__dict__)
     out.print(
         f"purged {result.purged} archived landed file(s) older than {result.retention_days:g} days; kept {result.kept}"
     )
@@ -258,7 +254,7 @@ def train(
             result, settings, approved_by=approved_by, approval_reason=reason, actor=actor
         )
     if as_json:
-        return emit(result.to_dict(), True)
+        return emit(result.to_dict())
     m, figures = result.metrics, result.gate.overall.candidate
     out.print(
         f"model version {result.model_version} ({result.family}) on {result.data_version}: "
@@ -295,7 +291,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print the resul
     payload["services"] = platform.service_status(settings)
     payload.update(_monitoring_status(settings))
     if as_json:
-        return emit(payload, True)
+        return emit(payload)
     out.print(f"MEDOPS_HOME  {payload['home']}")
     out.print(f"data         {payload['data_version'] or 'no registry yet (medops init)'}")
     if champion:
@@ -371,7 +367,7 @@ def alerts(
     settings = get_settings()
     waiting = outbox_alerts(settings)
     if as_json:
-        return emit({"channels": configured_channels(settings), "outbox": waiting}, True)
+        return emit({"channels": configured_channels(settings), "outbox": waiting})
     if not configured_channels(settings):
         out.print(
             "No alert channel is configured: set MEDOPS_ALERT_WEBHOOK_URL (Slack-shaped webhook) or "

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
             and (version is None or entry.links.get("model_version") == str(version))
         ]
         if as_json:
-            return emit({"entries": [entry.model_dump() for entry in rows]}, True)
+            return emit({"entries": [entry.model_dump() for entry in rows]})
         if not rows:
             out.print("the audit trail is empty" if action is None and version is None else "no matching entries")
             return
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         settings = get_settings()
         result, anchors = verify_trail(settings)
         if as_json:
-            emit(result.model_dump() | {"anchors_checked": anchors}, True)
+            emit(result.model_dump() | {"anchors_checked": anchors})
         elif result.ok:
             out.print(
                 f"audit trail intact: {result.entries} entries, head seq {result.head_seq} "
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
                 restored = lineage_steps.restore_rows(found.model["version"], restore, settings, lineage=found)
             payload["restored"] = restored["restored"]
         if as_json:
-            return emit(payload, True)
+            return emit(payload)
         for line in describe(payload):
             out.print(line, highlight=False, markup=False)
 

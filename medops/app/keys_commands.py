@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
 
         record, secret = create_key(get_settings(), scope, site_id=site, name=name)
         if as_json:
-            return emit(record.to_public() | {"key": secret}, True)
+            return emit(record.to_public() | {"key": secret})
         out.print(f"key id  {record.id}  scopes {', '.join(sorted(record.scopes))}  site {record.site_id or 'any'}")
         out.print(secret, highlight=False)
         out.print("[dim]shown once: store it now; medops keeps only its hash[/]")
@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
 
         rows = [key.to_public() for key in read_keys(get_settings())]
         if as_json:
-            return emit({"keys": rows}, True)
+            return emit({"keys": rows})
         for row in rows:
             state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
             out.print(

@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         with step("comparing the prediction log with the champion's training rows"):
             result = run_monitoring(get_settings(), since=since, alert=alert)
         if as_json:
-            return emit(result.to_dict(), True)
+            return emit(result.to_dict())
         colour = {"drift": "red", "performance_drop": "red", "no_drift": "green"}.get(result.verdict, "yellow")
         rows = f"{result.n_current} predictions, model v{result.model_version}"
         severity = f" {result.severity}" if result.severity else ""
@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
             progress=not as_json,
         )
         if as_json:
-            return emit(asdict(summary), True)
+            return emit(asdict(summary))
         out.print(
             f"{summary.site}: sent {summary.records} records in {summary.batches} batches "
             f"({summary.seconds:.1f} s): {summary.scored} scored "

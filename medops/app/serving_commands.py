@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
                 version, settings, override_by=override_by, override_reason=reason, actor=actor, gate_checked=False
             )
         if as_json:
-            return emit(result.to_dict(), True)
+            return emit(result.to_dict())
         before = f"v{result.previous}" if result.previous else "nothing"
         out.print(f"serving  v{result.version} on {result.url} (was {before}; {result.seconds:.0f} s)")
 
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
                 settings, version, override_by=override_by, override_reason=reason, actor=terminal_user()
             )
         if as_json:
-            return emit(result.to_dict(), True)
+            return emit(result.to_dict())
         out.print(f"serving  v{result.version} on {result.url} (was v{result.previous})")
 
     @command(app, name="serve")

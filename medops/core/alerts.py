@@ -1,21 +1,10 @@
 """Alerts for on-call people: a webhook in Slack's JSON shape and e-mail, both optional, deduplicated.
 
-:func:`send_alert` delivers one alert through every channel configured in settings
-(``MEDOPS_ALERT_WEBHOOK_URL``; ``MEDOPS_SMTP_HOST`` with ``MEDOPS_ALERT_EMAIL_TO``). An identical
-alert (same title, verdict, columns, site, severity and details) sent within ``alert_dedup_minutes`` is
-not sent again; the record of what went out lives in ``MEDOPS_HOME/state/alerts.json``. A channel
-that fails is an ERROR log line (channel and reason) and is reported in the returned
-:class:`AlertOutcome`; nothing here raises into the caller, so a broken mail server never fails a
-DAG run or hides the original error.
-
-No alert is ever silent: one that no channel delivered (none configured, or every configured one
-failed) is written to the outbox, ``MEDOPS_HOME/alerts/outbox/<time>-<fingerprint>.json`` (0600),
-which ``medops alerts`` lists and ``medops status`` counts; :attr:`AlertOutcome.outbox` names the
-file so the caller (a DAG task) can mark its run.
-
-Failures of DAG tasks reach the same channels through ``medops.orchestration``'s notifier. This
-module imports only the standard library at the top: DAG files import it (through that notifier)
-when they are parsed.
+An identical alert sent within ``alert_dedup_minutes`` is not sent again (the record lives in
+``MEDOPS_HOME/state/alerts.json``). A failing channel is an ERROR log line and a state in the
+returned :class:`AlertOutcome`, never an exception: a broken mail server must not fail a DAG run.
+No alert is silent: one no channel delivered waits in ``MEDOPS_HOME/alerts/outbox/`` (0600), which
+``medops alerts`` lists. Only the standard library at the top: DAG files import this when parsed.
 """
 
 from __future__ import annotations
@@ -52,11 +41,6 @@ class AlertOutcome:
     deduplicated: bool = False
     channels: dict[str, str] = field(default_factory=dict)
     outbox: str | None = None  # the file the alert waits in when no channel delivered it
-
-    @property
-    def undelivered(self) -> bool:
-        """Nobody received it (deduplicated alerts were received the first time)."""
-        return not self.sent and not self.deduplicated
 
 
 def send_alert(

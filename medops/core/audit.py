@@ -1,16 +1,11 @@
 """The audit trail: an append-only, hash-chained log of every decision the platform takes.
 
-Each entry (one JSON line in ``MEDOPS_HOME/audit/audit.jsonl``) records its sequence number, UTC
-time, actor, action, reason, links (run id, data version, report, model version...), details, the
-hash of the entry before it, and its own hash: SHA-256 over the canonical JSON (sorted keys, no
-spaces, UTF-8) of the entry without that hash. Changing, removing, reordering or inserting any
-entry breaks the chain at that entry, and :func:`verify` names the first one. A head record
-(``audit/head.json``, the last seq and hash) catches truncation of the tail; a chain rewritten
-consistently from some entry to the end is caught only against hashes kept elsewhere, so callers
-store the returned entry's hash with what it describes (an MLflow tag, the model card) and pass
-them as ``anchors``. Appends are serialized across processes with a file lock, written with
-O_APPEND in one write, fsynced (and the directory fsynced when a file is created), and the files
-are readable by their owner only (0600, directory 0700).
+Each entry (one JSON line in ``MEDOPS_HOME/audit/audit.jsonl``) carries the hash of the entry
+before it and its own (SHA-256 of its canonical JSON), so :func:`verify` names the first entry
+changed, removed, reordered or inserted. A head record (``audit/head.json``) catches truncation;
+a chain rewritten consistently to its end is caught only against hashes kept elsewhere (an MLflow
+tag, the model card), passed as ``anchors``. Appends are locked across processes, written in one
+O_APPEND write and fsynced; the files are readable by their owner only.
 """
 
 from __future__ import annotations
@@ -151,8 +146,7 @@ def append(
 
     with FileLock(directory / LOCK_FILE, timeout=LOCK_TIMEOUT_SECONDS, mode=0o600):
         path = directory / AUDIT_FILE
-        last = _last_entry(path)
-        if last is not None:
+        if (last := _last_entry(path)) is not None:
             fields["seq"], fields["prev_hash"] = last.seq + 1, last.hash
         else:
             fields["seq"] = 1
