@@ -1,19 +1,11 @@
 """The cluster profile (`medops up --profile cluster`): the same loop on real engines.
 
-Airflow on PostgreSQL with the CeleryExecutor (Redis as broker, the Airflow database as Celery's
-result backend), its API server, scheduler, DAG processor and triggerer as separate processes (as in
-the standalone profile: :func:`medops.app.platform.start_airflow`), ``MEDOPS_CLUSTER_WORKERS``
-Celery train workers (queue ``train`` and one of their own) that stand for other hosts, and the
-scheduler host's own worker (queue ``default``, on the scheduler's ``MEDOPS_HOME``). A train worker
-has a ``MEDOPS_HOME`` of its own, empty at start (``hosts/<name>``, another disk): it reads data
-versions from the registry's git remote (``git daemon``, read-only) and the DVC remote, is given
-MLflow's login by its environment, and hands models on through MLflow only. MLflow's tracking server
-runs on PostgreSQL with proxied artifacts, so a client needs only its URL. The DVC remote is a
-WebDAV server (wsgidav), reached over HTTP by every host.
-
-Every process goes through :mod:`medops.core.processes`; PostgreSQL and Redis are the machine's
-(``MEDOPS_POSTGRES_URL``, ``MEDOPS_REDIS_URL``). medops creates its role and databases there if
-they are missing and reuses them otherwise; `medops down` stops what `up` started.
+Airflow on PostgreSQL with the CeleryExecutor (Redis as broker), ``MEDOPS_CLUSTER_WORKERS`` Celery
+train workers that stand for other hosts, and the scheduler host's own worker. A train worker has
+an empty ``MEDOPS_HOME`` of its own (``hosts/<name>``): it reads data versions from the registry's
+read-only git daemon and the DVC remote (WebDAV), gets MLflow's login from its environment, and
+hands models on through MLflow's tracking server (PostgreSQL, proxied artifacts) only. PostgreSQL
+and Redis are the machine's; medops creates its role and databases there if they are missing.
 """
 
 from __future__ import annotations
@@ -21,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from medops.app import netns, platform
@@ -134,7 +127,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database,
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CELERY__BROKER_URL": settings.redis_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + cluster_db_url(settings, "airflow"),
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database,
         # two cores for all workers: more task processes per worker only queue on the CPU
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": DEFAULT_QUEUE,
@@ -150,18 +143,8 @@ def start_airflow(settings: Settings) -> None:
 
 
 def worker_argv(name: str, queues: list[str]) -> list[str]:
-    return [
-        str(processes.venv_bin() / "airflow"),
-        "celery",
-        "worker",
-        "--queues",
-        ",".join(queues),
-        "--celery-hostname",
-        f"{name}@%h",
-        "--skip-serve-logs",
-        "--without-gossip",
-        "--without-mingle",
-    ]
+    return [str(processes.venv_bin() / "airflow"), "celery", "worker", "--queues", ",".join(queues),
+            "--celery-hostname", f"{name}@%h", "--skip-serve-logs", "--without-gossip", "--without-mingle"]  # fmt: skip
 
 
 def train_worker_env(settings: Settings, env: dict[str, str], name: str) -> dict[str, str]:
@@ -218,12 +201,8 @@ def _isolate(settings: Settings, index: int, argv: list[str], env: dict[str, str
     link = netns.create(settings, index)
     gateway_argv = [sys.executable, "-m", "medops.app.gateway", link.gateway, *map(str, netns.ports(settings))]
     processes.start(gateway_name(index), gateway_argv, settings, env=processes.child_env(settings))
-    processes.wait_until(
-        lambda: _reachable(link.gateway, settings.airflow_port),
-        30,
-        f"the gateway of {worker_name(index)}",
-        alive=lambda: processes.running(gateway_name(index), settings) is not None,
-    )
+    reachable = lambda: _reachable(link.gateway, settings.airflow_port)  # noqa: E731
+    _wait_for(settings, gateway_name(index), reachable, 30, f"the gateway of {worker_name(index)}")
     return [shutil.which("ip") or "ip", "netns", "exec", link.namespace, *argv], netns.rewrite_env(env, link.gateway)
 
 
@@ -250,21 +229,9 @@ def start_mlflow(settings: Settings) -> int:
 def start_webdav(settings: Settings) -> int:
     """The DVC remote's folder over WebDAV (anonymous, on the profile's host address only)."""
     settings.dvc_remote_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(processes.venv_bin() / "wsgidav"),
-        "--host",
-        settings.host,
-        "--port",
-        str(settings.webdav_port),
-        "--root",
-        str(settings.dvc_remote_dir),
-        "--auth",
-        "anonymous",
-        "--server",
-        "cheroot",
-        "--no-config",
-        "-q",
-    ]
+    argv = [str(processes.venv_bin() / "wsgidav"), "--host", settings.host, "--port", str(settings.webdav_port),
+            "--root", str(settings.dvc_remote_dir), "--auth", "anonymous", "--server", "cheroot",
+            "--no-config", "-q"]  # fmt: skip
     return processes.start("webdav", argv, settings)
 
 
@@ -272,21 +239,9 @@ def start_registry_server(settings: Settings) -> int:
     """The data registry's git repository, read-only over git's own protocol (``git daemon``: no
     push), on the profile's host address; only the registry is exported. Train workers clone it."""
     settings.registry_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        "git",
-        "daemon",
-        "--reuseaddr",
-        "--export-all",
-        f"--base-path={settings.home}",
-        f"--listen={settings.host}",
-        f"--port={settings.registry_port}",
-        str(settings.registry_dir),
-    ]
+    argv = ["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={settings.home}", f"--listen={settings.host}",
+            f"--port={settings.registry_port}", str(settings.registry_dir)]  # fmt: skip
     return processes.start(REGISTRY_SERVER, argv, settings)
-
-
-def registry_server_ready(settings: Settings) -> bool:
-    return _reachable(settings.host, settings.registry_port)
 
 
 def start_services(settings: Settings) -> None:
@@ -296,24 +251,16 @@ def start_services(settings: Settings) -> None:
     start_webdav(settings)
     start_registry_server(settings)
     start_mlflow(settings)
-    processes.wait_until(
-        lambda: registry_server_ready(settings),
-        60,
-        "the git daemon of the data registry",
-        alive=lambda: processes.running(REGISTRY_SERVER, settings) is not None,
-    )
-    processes.wait_until(
-        lambda: processes.http_ok(f"http://{settings.host}:{settings.webdav_port}/"),
-        60,
-        "the WebDAV server of the DVC remote",
-        alive=lambda: processes.running("webdav", settings) is not None,
-    )
-    processes.wait_until(
-        lambda: processes.http_ok(f"{settings.mlflow_url}/health"),
-        180,
-        "the MLflow tracking server",
-        alive=lambda: processes.running("mlflow", settings) is not None,
-    )
+    webdav_url, mlflow_health = f"http://{settings.host}:{settings.webdav_port}/", f"{settings.mlflow_url}/health"
+    git_daemon = lambda: _reachable(settings.host, settings.registry_port)  # noqa: E731
+    _wait_for(settings, REGISTRY_SERVER, git_daemon, 60, "the git daemon of the data registry")
+    _wait_for(settings, "webdav", lambda: processes.http_ok(webdav_url), 60, "the WebDAV server of the DVC remote")
+    _wait_for(settings, "mlflow", lambda: processes.http_ok(mlflow_health), 180, "the MLflow tracking server")
+
+
+def _wait_for(settings: Settings, name: str, check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait for ``check``; give up at once if the platform process ``name`` exited."""
+    processes.wait_until(check, timeout, what, alive=lambda: processes.running(name, settings) is not None)
 
 
 def isolation(settings: Settings) -> str:

@@ -1,10 +1,8 @@
 """`medops up` / `medops down`: the whole platform on embedded defaults, on loopback.
 
-Airflow (API server, scheduler, DAG processor and triggerer, each a process, on SQLite with the
-LocalExecutor), the MLflow UI, the Evidently UI and the served champion. `up` lands the seed
-through `ingest_data` and waits until a champion answers on the serving port; `down` stops
-everything it started. Every door is locked: all listen on loopback only, Airflow and MLflow ask
-for passwords medops generated (secrets under ``MEDOPS_HOME/secrets``, never printed or logged).
+Airflow's four components (SQLite, LocalExecutor), the MLflow and Evidently UIs and the served
+champion; `up` lands the seed through `ingest_data` and waits for a champion to serve. Every door
+is locked: loopback only, and Airflow and MLflow ask for passwords medops generated (never printed).
 """
 
 from __future__ import annotations
@@ -87,20 +85,13 @@ def urls(settings: Settings) -> dict[str, str]:
     }
 
 
-def _health_urls(settings: Settings) -> dict[str, str]:
-    u = urls(settings)
-    return {
-        "airflow": f"{u['airflow']}/api/v2/monitor/health",
-        "mlflow": f"{u['mlflow']}/health",
-        "serving": f"{u['serving']}/readyz",
-        "evidently": f"{u['evidently']}/",
-    }
+HEALTH_PATHS = {"airflow": "/api/v2/monitor/health", "mlflow": "/health", "serving": "/readyz", "evidently": "/"}
 
 
 def service_status(settings: Settings) -> dict[str, dict[str, Any]]:
     return {
-        name: {"up": processes.http_ok(health, timeout=1.0), "url": urls(settings)[name]}
-        for name, health in _health_urls(settings).items()
+        name: {"up": processes.http_ok(url + HEALTH_PATHS[name], timeout=1.0), "url": url}
+        for name, url in urls(settings).items()
     }
 
 
@@ -145,29 +136,13 @@ def start_mlflow(settings: Settings, store: list[str] | None = None, hosts: tupl
     embedded SQLite store with its local artifact folder (the cluster profile passes its own).
     ``hosts``: more Host headers to accept (the cluster's train workers call it through a gateway)."""
     settings.artifact_root.mkdir(parents=True, exist_ok=True)
-    store = store or [
-        "--backend-store-uri",
-        settings.tracking_uri,
-        "--default-artifact-root",
-        settings.artifact_root.as_uri(),
-    ]
+    store = store or ["--backend-store-uri", settings.tracking_uri,
+                      "--default-artifact-root", settings.artifact_root.as_uri()]  # fmt: skip
     port = settings.mlflow_port
-    argv = [
-        str(processes.venv_bin() / "mlflow"),
-        "server",
-        *store,
-        "--app-name",
-        "basic-auth",
-        "--host",
-        settings.host,
-        "--port",
-        str(port),
-        # the Host headers a client on this machine sends (against DNS rebinding)
-        "--allowed-hosts",
-        ",".join(dict.fromkeys(f"{host}:{port}" for host in (settings.host, "127.0.0.1", "localhost", *hosts))),
-        "--workers",
-        "1",
-    ]
+    # the Host headers a client on this machine sends (against DNS rebinding)
+    allowed = ",".join(dict.fromkeys(f"{host}:{port}" for host in (settings.host, "127.0.0.1", "localhost", *hosts)))
+    argv = [str(processes.venv_bin() / "mlflow"), "server", *store, "--app-name", "basic-auth",
+            "--host", settings.host, "--port", str(port), "--allowed-hosts", allowed, "--workers", "1"]  # fmt: skip
     env = {
         "MLFLOW_AUTH_CONFIG_PATH": str(write_mlflow_auth_config(settings)),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": settings.secret("mlflow_flask_secret_key"),  # signs CSRF tokens
@@ -177,16 +152,8 @@ def start_mlflow(settings: Settings, store: list[str] | None = None, hosts: tupl
 
 def start_evidently(settings: Settings) -> int:
     settings.evidently_workspace.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(processes.venv_bin() / "evidently"),
-        "ui",
-        "--workspace",
-        str(settings.evidently_workspace),
-        "--host",
-        settings.host,
-        "--port",
-        str(settings.evidently_port),
-    ]
+    argv = [str(processes.venv_bin() / "evidently"), "ui", "--workspace", str(settings.evidently_workspace),
+            "--host", settings.host, "--port", str(settings.evidently_port)]  # fmt: skip
     # Writes through the UI's API need the secret (reports are written to the workspace on disk by
     # medops itself). In the environment, not the command line, which other users can read.
     env = processes.child_env(settings, {"EVIDENTLY_SECRET": settings.evidently_secret()}, service_keys=False)
