@@ -99,7 +99,8 @@ def deploy_model():
     @task(retries=1)
     def roll_out(version: str, bento: str) -> dict:
         """Start the Bento beside the running one, smoke-test, switch the stable endpoint, stop the old."""
-        from medops.app.run_notes import note_run, rollout_note
+        from medops.app.run_notes import note_run, rollout_note, summary
+        from medops.core.links import mlflow_model_version
         from medops.core.settings import get_settings
         from medops.orchestration import actor_of
         from serving.rollout import DeployFailed, deploy
@@ -117,9 +118,6 @@ def deploy_model():
         except DeployFailed as error:
             note_run("deploy_model", context["run_id"], rollout_note(version, error, settings), settings)
             raise
-        from medops.app.run_notes import summary
-        from medops.core.links import mlflow_model_version
-
         summary(
             f"model version {result.version} serving ({result.switch}, {result.seconds:.1f} s; was {result.previous})",
             {"service": result.url, "model version": mlflow_model_version(settings, settings.model_name, version)},

@@ -62,6 +62,7 @@ def monitor_drift():
     @task
     def check_drift() -> dict:
         """Signals and verdict of the prediction-log window vs the champion's training run; reports written."""
+        from medops.app.run_notes import summary
         from medops.core.settings import get_settings
         from monitoring.reports import run_monitoring
 
@@ -71,8 +72,6 @@ def monitor_drift():
         print(f"verdict: {result.verdict}{severity} ({result.n_current} rows) {result.note}".strip())
         for signal in result.signals:
             print(f"  {signal['scope']}: {signal['text']}")
-        from medops.app.run_notes import summary
-
         summary(
             f"verdict {result.verdict}{severity} on {result.n_current} predictions",
             {"report": result.report_url or result.report},
@@ -86,15 +85,13 @@ def monitor_drift():
         configured channel failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from medops.app.run_notes import monitoring_note, note_run
+        from medops.app.run_notes import alert_delivery, monitoring_note, note_run, summary
         from medops.core.settings import get_settings
         from monitoring.reports import alert_for_result
 
         settings, context = get_settings(), get_current_context()
         outcome = alert_for_result(result, settings) if context["params"].get("alert", True) else None
         note_run("monitor_drift", context["run_id"], monitoring_note(result, outcome, settings), settings)
-        from medops.app.run_notes import alert_delivery, summary
-
         summary(f"alert: {alert_delivery(outcome)}", {"outbox": (outcome or {}).get("outbox")})
         failed = [name for name, state in (outcome or {}).get("channels", {}).items() if state.startswith("failed")]
         if outcome and outcome.get("outbox") and failed:

@@ -17,7 +17,7 @@ import pytest
 
 from medops.core.alerts import configured_channels, outbox_alerts, send_alert
 from medops.core.settings import Settings, get_settings, reset_settings
-from medops.orchestration import MedopsNotifier, failure_notifier, notify_task_failure
+from medops.orchestration import DEFAULT_ARGS, MedopsNotifier, notify_task_failure
 
 
 def free_port() -> int:
@@ -180,7 +180,7 @@ def test_failure_notifier_alerts_through_the_same_channels(alerting, webhook, sm
     ti = SimpleNamespace(
         dag_id="train_model", task_id="train", run_id="manual__1", log_url="http://127.0.0.1:8080/dags/x"
     )
-    notifier = failure_notifier()
+    notifier = DEFAULT_ARGS["on_failure_callback"]
     assert isinstance(notifier, MedopsNotifier)
     notifier({"ti": ti, "exception": ValueError("gate config is broken\nsecond line")})
     (payload,) = webhook.received

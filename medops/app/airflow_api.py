@@ -1,18 +1,14 @@
 """Airflow 3's REST API (``/api/v2``) through its official client, ``apache-airflow-client``.
 
-Used by `medops up` to unpause and trigger DAGs, by the drift scenario and the end-to-end test to
-drive the platform only through public interfaces, and by the loop benchmark for its timings.
-:class:`AirflowClient` is a small facade over the client's typed APIs: calls return the client's
-models (``DAGRunResponse``, ``TaskInstanceResponse``...), whose ``state`` enums compare equal to
-the plain strings (``run.state == "success"``).
-
-The simple auth manager hands out a JWT at ``POST /auth/token``, outside ``/api/v2`` and so
-outside the generated client; that one call is made with httpx. A token that expired (401) is
-replaced once per call.
+:class:`AirflowClient` is a small facade over the client's typed APIs, for `medops up`, the drift
+scenario, the end-to-end test and the loop benchmark. The simple auth manager's JWT comes from
+``POST /auth/token``, outside the generated client, so that one call is made with httpx; a token
+that expired (401) is replaced once per call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -143,10 +139,9 @@ class AirflowClient:
             raise
 
     def import_errors(self) -> list[ImportErrorResponse]:
-        listed = self._call(
+        return self._call(
             "GET import errors", lambda: ImportErrorApi(self._api).get_import_errors(_request_timeout=self.timeout)
-        )
-        return listed.import_errors
+        ).import_errors
 
     def _set_paused(self, dag_id: str, paused: bool) -> None:
         self._call(
@@ -163,21 +158,19 @@ class AirflowClient:
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         """Start a manual run now (no logical date, as Airflow 3 asks) and return its run id."""
         body = TriggerDAGRunPostBody(logical_date=None, conf=conf or {})
-        run = self._call(
+        return self._call(
             f"trigger {dag_id}",
             lambda: DagRunApi(self._api).trigger_dag_run(dag_id, body, _request_timeout=self.timeout),
-        )
-        return run.dag_run_id
+        ).dag_run_id
 
     def runs(self, dag_id: str) -> list[DAGRunResponse]:
         """The DAG's latest runs, most recently started first."""
-        listed = self._call(
+        return self._call(
             f"list runs of {dag_id}",
             lambda: DagRunApi(self._api).get_dag_runs(
                 dag_id, order_by=["-start_date"], limit=RUNS_LISTED, _request_timeout=self.timeout
             ),
-        )
-        return listed.dag_runs
+        ).dag_runs
 
     def run(self, dag_id: str, run_id: str) -> DAGRunResponse:
         return self._call(
@@ -196,11 +189,10 @@ class AirflowClient:
         )
 
     def task_instances(self, dag_id: str, run_id: str) -> list[TaskInstanceResponse]:
-        listed = self._call(
+        return self._call(
             f"list task instances of {dag_id}/{run_id}",
             lambda: TaskInstanceApi(self._api).get_task_instances(dag_id, run_id, _request_timeout=self.timeout),
-        )
-        return listed.task_instances
+        ).task_instances
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         """The value ``task_id`` pushed under ``key`` in that run (a task's return value by default)."""
@@ -211,10 +203,8 @@ class AirflowClient:
         value = entry.actual_instance.value
         # The native form is what the metadata DB holds; values stored as JSON text come back as text.
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 return json.loads(value)
-            except ValueError:
-                return value
         return value
 
     # waiting ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ connection to 127.0.0.1 on the same port, where the platform's services listen."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 TARGET = "127.0.0.1"
@@ -15,13 +16,11 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
-    except (ConnectionError, OSError):
+    except OSError:  # ConnectionError included
         pass
     finally:
-        try:
+        with contextlib.suppress(OSError):
             writer.close()
-        except OSError:
-            pass
 
 
 def _handler(port: int):

@@ -237,9 +237,7 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
     if champion is None:
         run_id = client.trigger("ingest_data", {"announce_latest": True})
         console.print(
-            f"[green]✓[/] triggered ingest_data ({run_id}): the seed lands as data-v1"
-            if fresh
-            else f"[green]✓[/] triggered ingest_data ({run_id})"
+            f"[green]✓[/] triggered ingest_data ({run_id})" + (": the seed lands as data-v1" if fresh else "")
         )
     elif serving_version(settings) != champion:
         from serving import rollout

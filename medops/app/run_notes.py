@@ -126,10 +126,8 @@ def rollout_note(version: str, error: BaseException, settings: Settings) -> str:
     from medops.core.links import mlflow_model_version
 
     first_line = (str(error).strip().splitlines() or [""])[0][:400]
-    return "\n".join(
-        [
-            f"**Rollout of v{version} FELL BACK**: the previous version keeps serving",
-            f"- reason: {type(error).__name__}: {first_line}",
-            f"- [MLflow model version {version}]({mlflow_model_version(settings, settings.model_name, version)})",
-        ]
+    return (
+        f"**Rollout of v{version} FELL BACK**: the previous version keeps serving\n"
+        f"- reason: {type(error).__name__}: {first_line}\n"
+        f"- [MLflow model version {version}]({mlflow_model_version(settings, settings.model_name, version)})"
     )

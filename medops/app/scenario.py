@@ -7,6 +7,7 @@ Airflow's REST API -> the alert -> `train_model` from the `medops/drift` Asset -
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -62,6 +63,7 @@ def run_drift_scenario(
         f"sent back, {sent.rejected} refused"
     )
 
+    not_renewed = functools.partial(_not_renewed, console, before)
     client = platform.airflow_client(settings)
     try:
         trained_before = {run.dag_run_id for run in client.runs("train_model")}
@@ -84,9 +86,7 @@ def run_drift_scenario(
         console.print(f"  alert: {alert_delivery(alert)}", highlight=False)
         if not result.get("retrain"):  # only critical drift or performance_drop schedule a retraining
             seen = f"{result['verdict']} ({result.get('severity') or 'no severity'})"
-            return _not_renewed(
-                console,
-                before,
+            return not_renewed(
                 f"monitor_drift saw {seen}, which does not retrain ({result.get('note') or 'see its run'})",
                 f"send more or more strongly drifted traffic (--records, --drift), then look at {monitor_url}",
             )
@@ -110,22 +110,18 @@ def run_drift_scenario(
             page = links.mlflow_model_version(settings, settings.model_name, challenger) if challenger else ""
             if tags.get("gate_decision") == "rejected" or tags.get("gate_passed") == "false":
                 reasons = "; ".join(json.loads(tags.get("gate_reasons") or "[]"))
-                return _not_renewed(
-                    console,
-                    before,
+                return not_renewed(
                     f"the gate refused v{challenger} (ROC AUC {tags.get('roc_auc')}, sensitivity "
                     f"{tags.get('sensitivity')}): {reasons}",
                     f"compare it with the champion at {page}; feed back more labelled cases from the site "
                     "and trigger train_model, or review the gate's thresholds",
                 )
             if challenger and tags.get("gate_passed") == "true":
-                return _not_renewed(
-                    console,
-                    before,
+                return not_renewed(
                     f"v{challenger} passed the gate and awaits approval",
                     f"approve it in Airflow's Required actions ({training_url}), after a look at {page}",
                 )
-            return _not_renewed(console, before, "no new model version was registered", f"see {training_url}")
+            return not_renewed("no new model version was registered", f"see {training_url}")
         with console.status(f"[cyan]deploy_model: rolling out v{champion}…"):
             _wait(lambda: platform.serving_version(settings) == champion, timeout, f"v{champion} serving")
         console.print(

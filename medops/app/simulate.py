@@ -1,9 +1,7 @@
 """A simulated clinical application: realistic /predict traffic from one site, with optional shifts.
 
-Records are resampled from the Wisconsin breast cancer data (scikit-learn's copy, with medops'
-snake_case columns and malignant spelled out), with a little measurement noise, and sent in
-batches with unique encounter ids. The shifts are the ones monitoring must catch or the service
-must refuse:
+Records are resampled from the seed data with a little measurement noise and sent in batches with
+unique encounter ids. The shifts are the ones monitoring must catch or the service must refuse:
 
 - ``covariate``: the site's imaging is calibrated differently: lengths (radius, perimeter) read
   25% larger and areas accordingly (1.25² = 1.56 times).
@@ -22,7 +20,8 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -30,13 +29,17 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from medops.core.settings import Settings
-    from serving.client import MedopsClient, ServiceError
+    from serving.client import MedopsClient
     from serving.contract import ErrorDetail, PredictResponse
 
 Drift = Literal["covariate", "prevalence", "units"]
 DRIFTS: tuple[str, ...] = ("covariate", "prevalence", "units")
 
-LENGTH_FEATURES = tuple(f"{part}_{kind}" for part in ("mean", "worst") for kind in ("radius", "perimeter")) + (
+LENGTH_FEATURES = (
+    "mean_radius",
+    "mean_perimeter",
+    "worst_radius",
+    "worst_perimeter",
     "radius_error",
     "perimeter_error",
 )
@@ -128,10 +131,9 @@ def simulate(
 ) -> SimulationSummary:
     """Send ``records`` cases from ``site`` to the service's /predict (and their labels to /feedback).
 
-    The service is ``base_url`` (default ``http://127.0.0.1:<MEDOPS_SERVING_PORT>``) with bearer
-    ``api_key`` (default the first of ``settings.service_api_keys()``), reached through
-    :class:`serving.client.MedopsClient` (or ``client``, used as given). Raises
-    :class:`SimulationError` with one readable line when the service cannot be used.
+    The service is ``base_url`` (default: the local one) with ``api_key`` (default: the first of
+    ``settings.service_api_keys()``), or ``client`` as given. Raises :class:`SimulationError` with
+    one readable line when the service cannot be used.
     """
     from pipelines.schema import ENCOUNTER, FEATURES, LABEL, POSITIVE, SITE
     from serving.client import MedopsClient
@@ -237,43 +239,26 @@ def _call(service: MedopsClient, path: str, call: Callable[..., T], *args: Any, 
             f"cannot reach the service at {service.url} ({error}); is it running (make run)?"
         ) from None
     except ServiceError as error:
+        where = f"{service.url}{path}"
         if refusals and error.status == 422:
             raise
-        raise _refused(error, f"{service.url}{path}") from None
+        if error.status == 401:
+            raise SimulationError(f"{where} refused the API key (401): check MEDOPS_API_KEYS") from None
+        raise SimulationError(f"{where} answered HTTP {error.status}: {error.message[:200]}") from None
     except ValidationError as error:
         raise SimulationError(f"{service.url}{path} answered outside the contract: {str(error)[:200]}") from None
 
 
-def _refused(error: ServiceError, where: str) -> SimulationError:
-    if error.status == 401:
-        return SimulationError(f"{where} refused the API key (401): check MEDOPS_API_KEYS")
-    return SimulationError(f"{where} answered HTTP {error.status}: {error.message[:200]}")
-
-
-class _progress:
+@contextmanager
+def _progress(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], object]]:
     """A rich progress bar on stderr (or nothing), used as ``with _progress(...) as advance``."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def __init__(self, enabled: bool, total: int, description: str):
-        self.enabled, self.total, self.description = enabled, total, description
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        self.bar.start()
-        task = self.bar.add_task(self.description, total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
