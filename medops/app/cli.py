@@ -101,14 +101,8 @@ def init() -> None:
     from pipelines import data_registry, model_registry
 
     settings = get_settings()
-    for folder in (
-        settings.landing_dir,
-        settings.quarantine_dir,
-        settings.airflow_home,
-        settings.reports_dir,
-        settings.predictions_dir,
-        settings.run_dir,
-    ):
+    for folder in (settings.landing_dir, settings.quarantine_dir, settings.airflow_home, settings.reports_dir,
+                   settings.predictions_dir, settings.run_dir):  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
     with step("data registry (git + DVC) with the seed as data-v1"):
         version = data_registry.init_registry(settings, actor=terminal_user())
@@ -358,9 +352,7 @@ def _monitoring_status(settings: Settings) -> dict[str, Any]:
 
 
 @command()
-def alerts(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the alerts as JSON.")] = False,
-) -> None:
+def alerts(as_json: Annotated[bool, typer.Option("--json", help="Print the alerts as JSON.")] = False) -> None:
     """Alerts no channel delivered (none configured, or every one failed), newest first."""
     from medops.core.alerts import configured_channels, outbox_alerts
 

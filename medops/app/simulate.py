@@ -135,15 +135,13 @@ def simulate(
     ``settings.service_api_keys()``), or ``client`` as given. Raises :class:`SimulationError` with
     one readable line when the service cannot be used.
     """
+    from medops.core.settings import get_settings
     from pipelines.schema import ENCOUNTER, FEATURES, LABEL, POSITIVE, SITE
     from serving.client import MedopsClient
 
     if records < 1:
         raise ValueError("records must be at least 1")
-    if settings is None:
-        from medops.core.settings import get_settings
-
-        settings = get_settings()
+    settings = settings or get_settings()
     base_url = (base_url or f"http://{settings.host}:{settings.serving_port}").rstrip("/")
     api_key = api_key or settings.service_api_keys()[0]
     batch_size = max(1, min(batch_size, settings.max_records))

@@ -64,10 +64,9 @@ def send_alert(
     quote figures changing every run would otherwise never match). Returns what each channel did; never raises.
     """
     try:
-        if settings is None:
-            from medops.core.settings import get_settings
+        from medops.core.settings import get_settings
 
-            settings = get_settings()
+        settings = settings or get_settings()
         if severity not in SEVERITIES:
             severity = "warning"
         now = now or datetime.now(UTC)
@@ -92,10 +91,9 @@ def send_alert(
                 log.info("alert not sent again within %s min: %s", settings.alert_dedup_minutes, title)
                 skipped = {name: state or "deduplicated" for name, state in channels.items()}
                 return AlertOutcome(sent=False, deduplicated=True, channels=skipped)
-            if not channels["webhook"]:
-                channels["webhook"] = _deliver("webhook", post_webhook, alert, settings)
-            if not channels["email"]:
-                channels["email"] = _deliver("email", send_email, alert, settings)
+            for name, channel in (("webhook", post_webhook), ("email", send_email)):
+                if not channels[name]:
+                    channels[name] = _deliver(name, channel, alert, settings)
             sent = "sent" in channels.values()
             if sent:  # a failed delivery is retried next time rather than suppressed
                 state.record(alert.fingerprint, now)
@@ -242,18 +240,14 @@ def post_webhook(alert: _Alert, settings: Settings) -> None:
             raise RuntimeError(f"webhook answered HTTP {response.status}")
 
 
-def email_message(alert: _Alert, settings: Settings) -> EmailMessage:
+def send_email(alert: _Alert, settings: Settings) -> None:
     message = EmailMessage()
     message["Subject"] = f"[medops][{alert.severity}] {alert.title}"
     message["From"] = settings.alert_email_from
     message["To"] = ", ".join(address.strip() for address in settings.alert_email_to.split(",") if address.strip())
     message.set_content(alert.text() + "\n")
-    return message
-
-
-def send_email(alert: _Alert, settings: Settings) -> None:
     with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=_TIMEOUT_SECONDS) as smtp:
-        smtp.send_message(email_message(alert, settings))
+        smtp.send_message(message)
 
 
 class _DedupState:
