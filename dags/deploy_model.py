@@ -7,12 +7,10 @@ default 3000) without a failed request, or back to an earlier version.
 * **Runs when** `train_model` promotes a version (Asset `medops/champion`), or manually with the
   form's `model_version`: a rollback, or serving a champion again after `medops serve-stop`.
 * **Steps**: `choose_version` (the form, else `@champion`, else the promotion's event) ->
-  `build_bento` (import `models:/<name>/<version>` into BentoML, build the Bento tagged with the
-  version) -> `roll_out` (start it beside the running server, smoke-test it: readiness and
-  predictions on the version's evaluation rows equal to the MLflow model's; then switch the
-  stable endpoint to it, smoke-test the endpoint, stop the candidate, point `@champion` at it).
+  `build_bento` (the Bento tagged with the version) -> `roll_out` (start it beside the running
+  server, smoke-test it against the MLflow model's predictions, switch the stable endpoint to it).
 * **On failure** the version served before keeps serving, `@champion` points back to it and an
-  alert goes to on-call people (webhook / e-mail); the task fails with the reason.
+  alert goes to on-call people; the task fails with the reason.
 * **Protocol**: a version whose gate did not pass is refused in `choose_version` unless the form
   names who decided to serve it anyway (`override_by`) and why (`override_reason`); the override,
   the deployment and any rollback are entries in the audit trail (`medops audit show`).

@@ -6,10 +6,8 @@ and versions what passes in the data registry (git + DVC, tag `data-vN`).
 
 * **Runs when** a file lands (the `medops/landing` Asset's watcher fires), or manually.
 * **Every row is accounted for**: accepted rows go into a new data version, rejected rows go to
-  `MEDOPS_HOME/quarantine/` with one reason per row; `accepted + quarantined = received`.
-  A file that is empty, binary or carries unknown columns (possible patient identifiers) is moved
-  whole into quarantine, named by its SHA-256, with its reason; the run stays green and its log
-  says so. Logs and results name batches by checksum, never by file name.
+  `MEDOPS_HOME/quarantine/` with one reason per row. A file that is empty, binary or carries
+  unknown columns (possible patient identifiers) is quarantined whole, named by its SHA-256.
 * **Crash-safe**: each file is ingested under the registry lock and a journal; a run that died
   half-way is finished or rolled back when the next one starts (Airflow's retry included).
 * **Retention**: ingested files stay in `landing/processed/` for `MEDOPS_LANDING_RETENTION_DAYS`.

@@ -17,17 +17,13 @@ to retrain.
   from `/feedback` labels, and each site's share of refused (422) records.
 * **Verdict**: `no_drift`, `drift`, `performance_drop`, `data_quality` or `insufficient_data`,
   with a severity (`warning`, `critical`); see `monitoring/judge.py`.
-* **Reports**: `MEDOPS_HOME/reports/<timestamp>/` (HTML, JSON, `summary.json`), the Evidently UI
-  project named after the model (drift, performance and verdict snapshots), and the champion's
-  MLflow run (`monitoring/<timestamp>/`).
-* **Alert** on `drift`, `performance_drop` and `data_quality` (webhook + e-mail, deduplicated):
-  sites, signals with figures, severity, what happens next, report link.
-* **Retraining**: `drift` or `performance_drop` at `critical` emits the `medops/drift` Asset
-  (extra `verdict`, `severity`, `drifted_columns`, `sites`, `signals`, `report`), which schedules
-  `train_model` (with cooldown). `data_quality` never retrains; warnings only alert.
-* **Never a silent alert**: an alert no channel delivered waits in `MEDOPS_HOME/alerts/outbox/`
-  (`medops alerts`); the run's note says so, and `alert_on_call` fails when configured channels failed.
-* **Run note**: the verdict, its figures and the link to the Evidently report.
+* **Reports**: `MEDOPS_HOME/reports/<timestamp>/`, the Evidently UI project named after the model,
+  and the champion's MLflow run (`monitoring/<timestamp>/`); the run's note links the report.
+* **Alert** on `drift`, `performance_drop` and `data_quality` (webhook + e-mail, deduplicated). One
+  no channel delivered waits in `MEDOPS_HOME/alerts/outbox/` (`medops alerts`), and
+  `alert_on_call` fails when configured channels failed.
+* **Retraining**: `drift` or `performance_drop` at `critical` emits the `medops/drift` Asset, which
+  schedules `train_model` (with cooldown). `data_quality` never retrains; warnings only alert.
 """
 
 from __future__ import annotations

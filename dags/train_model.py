@@ -17,20 +17,15 @@ Trains, evaluates and registers a diagnosis model, then lets the gate decide abo
   hands its model on through MLflow only; their logs name the worker and its `MEDOPS_HOME`.
 * **Gate** (`pipelines/modification_protocol.yaml`): the lower ends of 95 % intervals of
   sensitivity, specificity and ROC AUC reach the protocol's floors, overall and at every site with
-  enough hold-out rows (smaller sites: "not enough evidence"), and the candidate is non-inferior to
-  the champion scored on the same stored rows. The form may tighten the floors; looser ones
-  (`sensitivity_lower`, `roc_auc_lower` below, `non_inferiority_margin` above the protocol's) need
-  a person's approval.
+  enough hold-out rows, and the candidate is non-inferior to the champion on the same stored rows.
+  The form may tighten the floors; looser ones need a person's approval.
 * **Approval**: what the protocol reserves for a person, and drift-triggered promotions with
   `MEDOPS_REQUIRE_APPROVAL=true`, wait in *Required actions*; the approver's Airflow user name
   goes to the audit trail, and without it nothing is promoted.
 * **Emits** `medops/champion` on promotion, which schedules `deploy_model`; and `medops/data` when
   drift retraining versioned feedback labels (that event names this run in `trained_by`, so the
   run it schedules skips instead of training on the same data again).
-* **Concurrency**: two runs at most at once (two data versions landing together); a promotion
-  finding `@champion` moved by the other run since its gate judges the version again against it.
-* **Run note**: refused (the gate's reasons), waiting for approval, or promoted, with the figures
-  and links to the MLflow run and model version.
+* **Run note**: refused (the gate's reasons), waiting for approval, or promoted, with links.
 """
 
 from __future__ import annotations
