@@ -66,13 +66,10 @@ def register(app: typer.Typer) -> None:
                 highlight=False,
                 markup=False,
             )
+        else:
+            altered = f"audit trail ALTERED at entry seq {result.first_bad_seq}: {result.problem}"
+            out.print(altered, highlight=False, markup=False)
         if not result.ok:
-            if not as_json:
-                out.print(
-                    f"audit trail ALTERED at entry seq {result.first_bad_seq}: {result.problem}",
-                    highlight=False,
-                    markup=False,
-                )
             raise typer.Exit(1)
 
     @command(app)

@@ -186,16 +186,10 @@ def verify(settings: Settings | None = None, *, anchors: Mapping[int, str] | Non
         except ValueError:
             parsed.append(None)
     head = _read_head(directory)
+    recorded = {"head_seq": head.get("seq"), "head_hash": head.get("hash")} if head else {}
 
     def bad(seq: int, problem: str) -> Verification:
-        return Verification(
-            ok=False,
-            entries=len(lines),
-            first_bad_seq=seq,
-            problem=problem,
-            head_seq=head.get("seq") if head else None,
-            head_hash=head.get("hash") if head else None,
-        )
+        return Verification(ok=False, entries=len(lines), first_bad_seq=seq, problem=problem, **recorded)
 
     seqs_present = {entry.seq: position for position, entry in enumerate(parsed, start=1) if entry is not None}
     previous_hash = GENESIS
