@@ -425,17 +425,10 @@ def drift_scenario(
     run_drift_scenario(get_settings(), site=site, records=records, drift=drift, console=console)
 
 
-from medops.app import (  # noqa: E402  (they extend `app`)
-    governance_commands,
-    keys_commands,
-    monitoring_commands,
-    serving_commands,
-)
+from medops.app import governance_commands, keys_commands, monitoring_commands, serving_commands  # noqa: E402
 
-serving_commands.register(app)
-monitoring_commands.register(app)
-governance_commands.register(app)
-keys_commands.register(app)
+for commands in (serving_commands, monitoring_commands, governance_commands, keys_commands):  # they extend `app`
+    commands.register(app)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,12 @@ from medops.core.settings import Settings
 DATABASES = ("airflow", "mlflow")
 TRAIN_QUEUE = "train"
 DEFAULT_QUEUE = "default"
-
-
 CLUSTER_DB_ROLE = "medops"
+HOST_WORKER = "airflow-worker-host"
+HOSTS = "hosts"  # under the scheduler's MEDOPS_HOME: one folder per train worker, standing for its own disk
+REGISTRY_SERVER = "registry-git"
+# what a train worker does not get: the service's keys, the Airflow UI's password file
+WORKER_DROPS = frozenset({"MEDOPS_API_KEYS", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"})
 
 
 def cluster_db_url(settings: Settings, purpose: str, driver: str = "postgresql+psycopg2") -> str:
@@ -35,11 +38,6 @@ def cluster_db_url(settings: Settings, purpose: str, driver: str = "postgresql+p
     admin = make_url(settings.postgres_url)
     url = admin.set(drivername=driver, username=CLUSTER_DB_ROLE, password=None)
     return url.set(database=f"{settings.cluster_db_prefix}_{purpose}").render_as_string(hide_password=False)
-
-
-HOST_WORKER = "airflow-worker-host"
-HOSTS = "hosts"  # under the scheduler's MEDOPS_HOME: one folder per train worker, standing for its own disk
-REGISTRY_SERVER = "registry-git"
 
 
 def worker_name(index: int) -> str:
@@ -166,10 +164,6 @@ def train_worker_env(settings: Settings, env: dict[str, str], name: str) -> dict
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(settings.airflow_home / "logs"),
         "BENTOML_HOME": str(home / "bentoml"),
     }
-
-
-# what a train worker does not get: the service's keys, the Airflow UI's password file
-WORKER_DROPS = frozenset({"MEDOPS_API_KEYS", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"})
 
 
 def start_workers(settings: Settings, env: dict[str, str]) -> list[int]:

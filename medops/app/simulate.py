@@ -35,14 +35,8 @@ if TYPE_CHECKING:
 Drift = Literal["covariate", "prevalence", "units"]
 DRIFTS: tuple[str, ...] = ("covariate", "prevalence", "units")
 
-LENGTH_FEATURES = (
-    "mean_radius",
-    "mean_perimeter",
-    "worst_radius",
-    "worst_perimeter",
-    "radius_error",
-    "perimeter_error",
-)
+LENGTH_FEATURES = ("mean_radius", "mean_perimeter", "worst_radius", "worst_perimeter",
+                   "radius_error", "perimeter_error")  # fmt: skip
 AREA_FEATURES = ("mean_area", "area_error", "worst_area")
 COVARIATE_SCALE = 1.25
 PREVALENCE_MALIGNANT = 0.8

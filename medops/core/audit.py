@@ -26,18 +26,8 @@ AUDIT_FILE = "audit.jsonl"
 HEAD_FILE = "head.json"
 LOCK_FILE = "audit.lock"
 GENESIS = "0" * 64
-ACTIONS = (
-    "data_version",
-    "training_run",
-    "gate_decision",
-    "approval",
-    "refusal",
-    "promotion",
-    "deployment",
-    "rollback",
-    "override",
-    "protocol_change",
-)
+ACTIONS = ("data_version", "training_run", "gate_decision", "approval", "refusal", "promotion", "deployment",
+           "rollback", "override", "protocol_change")  # fmt: skip
 # Stand-ins that name nobody: an approval must carry a real user name.
 PLACEHOLDER_ACTORS = frozenset({"", "approver", "unknown", "none", "null", "user"})
 LOCK_TIMEOUT_SECONDS = 60.0
