@@ -6,6 +6,7 @@ Errors are one clear line on stderr and a non-zero exit code; long work shows pr
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from functools import wraps
@@ -37,8 +38,6 @@ out = Console(soft_wrap=True)
 def _private_files() -> None:
     """Everything medops writes under MEDOPS_HOME (and every process it starts) is private to its user,
     and no model is ever unpickled (see pipelines/model_trust.py)."""
-    import os
-
     from medops.core.processes import PICKLE_SWITCH
 
     os.umask(0o077)
@@ -59,8 +58,6 @@ def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import os
-
         try:
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
@@ -76,10 +73,8 @@ def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def command(target: typer.Typer = app, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        return target.command(**kwargs)(one_line_errors(func))
-
-    return decorate
+    """``target.command(**kwargs)`` for a function whose failures are one line (:func:`one_line_errors`)."""
+    return lambda func: target.command(**kwargs)(one_line_errors(func))
 
 
 @contextmanager
@@ -391,8 +386,6 @@ def up(
     ] = None,
 ) -> None:
     """Start the whole platform and run the loop once (what `make run` does)."""
-    import os
-
     from medops.app import platform
     from medops.core.settings import reset_settings
 

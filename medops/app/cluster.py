@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -201,8 +202,6 @@ def _isolate(settings: Settings, index: int, argv: list[str], env: dict[str, str
 
 
 def _reachable(host: str, port: int) -> bool:
-    import socket
-
     try:
         socket.create_connection((host, port), timeout=2).close()
     except OSError:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import configparser
 import io
+import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -186,8 +188,6 @@ def serving_version(settings: Settings) -> str | None:
 
 def up(settings: Settings, *, wait: bool = True, console: Console, out: Console, timeout: float = 900) -> None:
     """Start everything, land the seed through ingest_data and wait for a champion to serve."""
-    import os
-
     from pipelines import data_registry, model_registry
 
     started = time.monotonic()
@@ -312,8 +312,6 @@ def alert_channels_line(settings: Settings) -> str:
 
 
 def _example_record() -> str:
-    import json
-
     from pipelines.data import seed_frame
     from pipelines.schema import FEATURES
 

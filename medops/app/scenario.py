@@ -11,6 +11,7 @@ import functools
 import json
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -46,8 +47,6 @@ def run_drift_scenario(
     Raises :class:`NotRenewed` (after printing what happened and what to do next) when the loop
     ended with the same model serving: no drift seen, the gate refused, or approval pending.
     """
-    from datetime import UTC, datetime
-
     from medops.app import platform
     from medops.app.airflow_api import FINISHED, AirflowError
     from medops.app.simulate import simulate
