@@ -171,15 +171,7 @@ def train_model():
                 f"hold-out: {holdout['rows']} rows, {holdout['malignant']} malignant, fingerprint {holdout['sha256']}"
             )
             # the audit entry is register's (the scheduler's side keeps the audit trail)
-            mlflow_run_id = log_run(
-                result,
-                settings,
-                thresholds=planned["thresholds"],
-                trigger=planned["trigger"],
-                airflow_run_id=context["run_id"],
-                actor=planned["actor"],
-                audit=False,
-            )
+            mlflow_run_id = log_run(result, settings, audit=False, **_run_facts(planned, context["run_id"]))
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         print(f"MLflow run: {run_url(mlflow_run_id, settings)}")
@@ -197,12 +189,7 @@ def train_model():
 
         settings, context = get_settings(), get_current_context()
         fit_result, mlflow_run_id = FitResult.from_dict(fitted), fitted["mlflow_run_id"]
-        steps = {
-            "thresholds": planned["thresholds"],
-            "trigger": planned["trigger"],
-            "airflow_run_id": context["run_id"],
-            "actor": planned["actor"],
-        }
+        steps = _run_facts(planned, context["run_id"])
         record_training_run(fit_result, mlflow_run_id, settings, **steps)
         result = register_version(
             mlflow_run_id, fit_result, settings, approval_reasons=planned["approval_reasons"], **steps
@@ -269,9 +256,8 @@ def train_model():
         if result["needs_approval"]:
             response = context["ti"].xcom_pull(task_ids="await_approval")
             approved_by = approver_of(response)
-            reason = f"approved in Airflow's Required actions at {response.get('responded_at')}: " + "; ".join(
-                result["approval_reasons"]
-            )
+            reasons = "; ".join(result["approval_reasons"])
+            reason = f"approved in Airflow's Required actions at {response.get('responded_at')}: {reasons}"
         if not promote_version(result["model_version"], settings, approved_by=approved_by, approval_reason=reason):
             from airflow.sdk.exceptions import AirflowSkipException
 
@@ -294,6 +280,11 @@ def train_model():
     promoted = promote(trained)
     branch >> [await_approval, promoted]
     await_approval >> promoted
+
+
+def _run_facts(planned: dict, airflow_run_id: str) -> dict:
+    """What fit and register record about the training: its thresholds, trigger, actor and Airflow run."""
+    return {key: planned[key] for key in ("thresholds", "trigger", "actor")} | {"airflow_run_id": airflow_run_id}
 
 
 def _where(step: str, settings) -> str:

@@ -60,10 +60,9 @@ def register(app: typer.Typer) -> None:
         """Serve the previously deployed model version again and point @champion at it."""
         from serving import rollout
 
-        settings = get_settings()
         with step("rolling back"):
             result = rollout.rollback(
-                settings, version, override_by=override_by, override_reason=reason, actor=terminal_user()
+                get_settings(), version, override_by=override_by, override_reason=reason, actor=terminal_user()
             )
         if as_json:
             return emit(result.to_dict())
@@ -80,10 +79,9 @@ def register(app: typer.Typer) -> None:
         """Start the champion's Bento on the serving port (loopback) if it is not running."""
         from serving import rollout
 
-        settings = get_settings()
         with step("starting the stable server"):
             record = rollout.serve(
-                settings, version, override_by=override_by, override_reason=reason, actor=terminal_user()
+                get_settings(), version, override_by=override_by, override_reason=reason, actor=terminal_user()
             )
         out.print(f"serving  v{record.model_version} on {record.url} (pid {record.pid}, log {record.log})")
 

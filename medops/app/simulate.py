@@ -121,13 +121,12 @@ def simulate(
     batch_size: int = 50,
     seed: int | None = None,
     progress: bool = True,
-    client: MedopsClient | None = None,
 ) -> SimulationSummary:
     """Send ``records`` cases from ``site`` to the service's /predict (and their labels to /feedback).
 
     The service is ``base_url`` (default: the local one) with ``api_key`` (default: the first of
-    ``settings.service_api_keys()``), or ``client`` as given. Raises :class:`SimulationError` with
-    one readable line when the service cannot be used.
+    ``settings.service_api_keys()``). Raises :class:`SimulationError` with one readable line when
+    the service cannot be used.
     """
     from medops.core.settings import get_settings
     from pipelines.schema import ENCOUNTER, FEATURES, LABEL, POSITIVE, SITE
@@ -146,9 +145,7 @@ def simulate(
     scored_ids: list[tuple[str, str]] = []
     payload_columns = [*FEATURES, ENCOUNTER, SITE]
     started = time.perf_counter()
-    own_client = client is None
-    service = client or MedopsClient(base_url, api_key)
-    try:
+    with MedopsClient(base_url, api_key) as service:
         with _progress(progress, records, f"{site}: /predict") as advance:
             for start in range(0, records, batch_size):
                 batch = cases.iloc[start : start + batch_size]
@@ -171,9 +168,6 @@ def simulate(
                     recorded = _call(service, "/feedback", service.feedback, chunk)
                     summary.feedback_sent += recorded.recorded
                     advance(len(chunk))
-    finally:
-        if own_client:
-            service.close()
     summary.model_versions = sorted(versions)
     summary.rejection_reasons = dict(reasons.most_common(5))
     summary.seconds = round(time.perf_counter() - started, 3)

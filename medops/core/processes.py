@@ -60,13 +60,12 @@ def poll_until(check: Callable[[], T], timeout: float, interval: float) -> T:
     seconds have passed; return its last value. An exception from ``check`` ends the wait at once."""
     import tenacity
 
-    retrying = tenacity.Retrying(
+    return tenacity.Retrying(
         stop=tenacity.stop_after_delay(timeout),
         wait=tenacity.wait_fixed(interval),
         retry=tenacity.retry_if_result(lambda value: not value),
         retry_error_callback=lambda state: state.outcome.result(),
-    )
-    return retrying(check)
+    )(check)
 
 
 def wait_until(
