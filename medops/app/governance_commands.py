@@ -1,7 +1,4 @@
-"""``medops audit show|verify`` and ``medops lineage``: the audit trail and lineage at the terminal.
-
-``medops.app.cli`` calls :func:`register` with its Typer app. Heavy imports happen inside the commands.
-"""
+"""``medops audit show|verify`` and ``medops lineage``: the audit trail and lineage at the terminal."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""``medops keys create|list|revoke``: the service's scoped API keys (``serving.keys``).
-
-A running service picks every change up within a second, without a restart. ``medops.app.cli``
-calls :func:`register` with its Typer app.
-"""
+"""``medops keys create|list|revoke``: the service's scoped API keys (``serving.keys``), which a
+running service picks up within a second, without a restart."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """``medops monitor`` and ``medops simulate``: the functions the monitor_drift DAG calls, at a terminal.
 
-``medops.app.cli`` calls :func:`register` with its Typer app. Heavy imports happen inside commands,
-so ``medops --help`` stays quick.
+Heavy imports happen inside the commands, so ``medops --help`` stays quick.
 """
 
 from __future__ import annotations

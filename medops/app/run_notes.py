@@ -1,10 +1,8 @@
-"""Notes on Airflow runs: the outcome of a run (refused challenger, approval waiting, rollout fallen
-back, alert not delivered) where people look first, the grid, with the reason, figures and links.
+"""Notes on Airflow runs: a run's outcome (refused challenger, approval waiting, rollout fallen back,
+alert not delivered) where people look first, the grid, with the reason, figures and links.
 
-Airflow 3.3's Task SDK lets a task read its run's note but not write it, so DAG task bodies call
-:func:`note_run`, which writes it through the REST API (``PATCH /api/v2/dags/{dag}/dagRuns/{run}``)
-as the platform's admin. A note that cannot be written is a WARNING in the task log, never a
-failed task: the outcome itself is already in the log, XCom and MLflow.
+Airflow 3.3's Task SDK lets a task read its run's note but not write it, so :func:`note_run` writes
+it through the REST API; a note that cannot be written is a WARNING, never a failed task.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The drift scenario `make run` offers: a hospital's traffic shifts and the platform renews itself.
 
-Simulated drifted traffic (with the true diagnoses as feedback) -> `monitor_drift` through
-Airflow's REST API -> the alert -> `train_model` from the `medops/drift` Asset -> `deploy_model`
--> the new champion answering on the serving port. Each stage is printed as it completes.
+Drifted traffic with feedback -> `monitor_drift` -> the alert -> `train_model` -> `deploy_model` ->
+the new champion serving, each stage printed as it completes.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""``medops deploy``, ``medops rollback``, ``medops serve`` and ``medops serve-stop``.
-
-The same functions the ``deploy_model`` DAG calls (``serving.rollout``); ``medops.app.cli`` calls
-:func:`register` with its Typer app. Heavy imports happen inside the commands.
-"""
+"""``medops deploy``, ``rollback``, ``serve`` and ``serve-stop``: the functions the ``deploy_model``
+DAG calls (``serving.rollout``), at a terminal. Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 

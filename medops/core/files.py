@@ -1,9 +1,8 @@
 """Writing, locking and fingerprinting files, once for every part of the platform.
 
-A reader (another task, a serving worker, the next run after a crash) sees a file's old content or
-its new content, never half of it: the bytes go to a hidden temporary file in the same directory,
-reach the disk, and take the file's name in one ``os.replace``. Hidden, so that neither the landing
-watcher nor a data directory reader mistakes a half-written file for a finished one.
+A reader sees a file's old content or its new content, never half of it: the bytes go to a hidden
+temporary file in the same directory (hidden, so the landing watcher never takes it for a finished
+file), reach the disk, and take the file's name in one ``os.replace``.
 """
 
 from __future__ import annotations
