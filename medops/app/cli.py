@@ -272,9 +272,9 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print the resul
     from pipelines import data_registry, model_registry
 
     settings = get_settings()
-    payload: dict[str, Any] = {"home": str(settings.home), "data_version": data_registry.latest_version(settings)}
+    data_version = data_registry.latest_version(settings)
     champion = model_registry.champion_version(settings) if (settings.mlflow_dir / "mlflow.db").exists() else None
-    payload["champion"] = champion
+    payload: dict[str, Any] = {"home": str(settings.home), "data_version": data_version, "champion": champion}
     if champion:
         payload["champion_tags"] = model_registry.version_tags(champion, settings)
     payload["services"] = platform.service_status(settings)

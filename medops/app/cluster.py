@@ -147,12 +147,10 @@ def worker_argv(name: str, queues: list[str]) -> list[str]:
 
 
 def train_worker_env(settings: Settings, env: dict[str, str], name: str) -> dict[str, str]:
-    """A train worker as another host: the cluster's Airflow configuration with a ``MEDOPS_HOME`` of
-    its own, the data registry read over git (``MEDOPS_REGISTRY_URL``) and the DVC remote, MLflow's
-    login given here (``MEDOPS_SECRETS_FROM_ENV``: no secrets folder read or made on its disk), no
-    service key. What still names the scheduler's home: the process marker ``down`` looks for, and
-    Airflow's log folder (task logs are written where the API server reads them: on real hosts,
-    remote logging)."""
+    """A train worker as another host: a ``MEDOPS_HOME`` of its own, the data registry read over git,
+    MLflow's login given here (``MEDOPS_SECRETS_FROM_ENV``), no service key. Only the process marker
+    ``down`` looks for and Airflow's log folder (where the API server reads task logs) still name the
+    scheduler's home."""
     home = worker_home(settings, name)
     worker = {key: value for key, value in env.items() if key not in WORKER_DROPS}
     return worker | {

@@ -37,10 +37,8 @@ def note_run(dag_id: str, run_id: str, markdown: str, settings: Settings) -> boo
 
 
 def summary(did: str, look: dict[str, str | None] | None = None, next_step: str | None = None) -> None:
-    """The last lines of a task log: what the task did, where to look and what happens next.
-
-    Printed, so Airflow's log view shows them at the end of the task's log as one block.
-    """
+    """The last lines of a task log, printed as one block: what the task did, where to look and what
+    happens next."""
     lines = [f"── summary: {did}"]
     lines += [f"   {label}: {where}" for label, where in (look or {}).items() if where]
     if next_step:

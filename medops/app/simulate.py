@@ -10,8 +10,7 @@ unique encounter ids. The shifts are the ones monitoring must catch or the servi
   millimetres. The service answers 422 naming the fields; like a real app, the simulator resends
   the other records of the batch and counts the refused ones.
 
-With ``feedback`` the true diagnoses of the scored records go to ``/feedback`` afterwards, as a
-pathology report would, so monitoring can measure performance.
+With ``feedback`` the true diagnoses go to ``/feedback`` afterwards, as a pathology report would.
 """
 
 from __future__ import annotations

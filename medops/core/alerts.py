@@ -58,10 +58,9 @@ def send_alert(
 ) -> AlertOutcome:
     """Send one alert to the configured webhook and e-mail recipients, unless sent just before.
 
-    ``verdict`` is a drift verdict (``drift``) or, for failures, ``failure``; ``site`` names the
-    hospital(s) concerned (None: all); ``report_url`` is the link people follow. ``dedup_key``, when
-    given, stands for the columns and ``details`` in what makes two alerts identical (details that
-    quote figures changing every run would otherwise never match). Returns what each channel did; never raises.
+    ``site`` names the hospital(s) concerned (None: all). ``dedup_key`` stands for the columns and
+    ``details`` in what makes two alerts identical (figures that change every run would never match).
+    Returns what each channel did; never raises.
     """
     try:
         from medops.core.settings import get_settings

@@ -111,9 +111,8 @@ def append(
 ) -> AuditEntry:
     """Add one entry at the end of the chain and return it (its ``hash`` is the anchor to keep elsewhere).
 
-    Refuses (AuditError) to extend a log whose last entry is damaged, since a new entry would
-    vouch for it; refuses (ValueError) an unknown action, a placeholder actor or details that are
-    not plain JSON.
+    Refuses (AuditError) to extend a log whose last entry is damaged, which a new entry would vouch
+    for, and (ValueError) an unknown action, a placeholder actor or details that are not plain JSON.
     """
     from filelock import FileLock
 

@@ -255,10 +255,8 @@ def _reap(pid: int) -> None:
 def stop_process(record: ProcessRecord, timeout: float = 30.0) -> list[int]:
     """Stop the process of ``record`` and everything it started; returns the pids that survived.
 
-    SIGTERM to its group (or to it alone when it left its group), then wait up to ``timeout`` for
-    it; its descendants as they were when the signal went out get what is left of ``timeout``, at
-    most :data:`ORPHAN_GRACE_SECONDS` after it is gone. Survivors are terminated, then killed,
-    by pid.
+    SIGTERM to its group (or to it alone when it left its group); its descendants get what is left
+    of ``timeout``, at most :data:`ORPHAN_GRACE_SECONDS`, then are terminated and killed by pid.
     """
     head = leader(record)
     if head is None:
