@@ -104,14 +104,13 @@ def deploy_model():
         from serving.rollout import DeployFailed, deploy
 
         # choose_version applied the protocol (and recorded any override) before the build
-        context = get_current_context()
-        actor, settings = actor_of(context), get_settings()
+        settings, context = get_settings(), get_current_context()
         # Not asked for a version: choose_version took @champion's, so that is what the alias named; a
         # promotion since then stays (its own run serves it next) instead of being pointed back here.
         champion_seen = None if context["params"].get("model_version") else version
         try:
             result = deploy(
-                version, settings, bento=bento, actor=actor, gate_checked=False, champion_seen=champion_seen
+                version, settings, bento=bento, actor=actor_of(context), gate_checked=False, champion_seen=champion_seen
             )
         except DeployFailed as error:
             note_run("deploy_model", context["run_id"], rollout_note(version, error, settings), settings)

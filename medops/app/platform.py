@@ -322,18 +322,16 @@ def _example_record() -> str:
 
 def down(settings: Settings, *, console: Console) -> None:
     """Stop the served Bentos, Airflow, MLflow and Evidently that `up` started."""
+    from medops.app import cluster
     from serving import rollout
 
     rollout.stop_all(settings)
     console.print("[green]✓[/] serving stopped")
-    from medops.app import cluster
-
     # Every process either profile starts: `down` with the other profile set still stops everything.
     stopped = cluster.stop(settings)
     for name in stopped:
         console.print(f"[green]✓[/] {name} stopped")
     if not stopped:
         console.print("[dim]no platform process was running[/]")
-    left = processes.stop_strays(settings)
-    if left:
+    if left := processes.stop_strays(settings):
         console.print(f"[green]✓[/] stopped {len(left)} process(es) left behind by the above")
