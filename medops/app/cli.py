@@ -335,8 +335,7 @@ def _monitoring_status(settings: Settings) -> dict[str, Any]:
     if (settings.mlflow_dir / "mlflow.db").exists():
         from pipelines import model_registry
 
-        version = model_registry.alias_version("challenger", settings)
-        if version:
+        if version := model_registry.alias_version("challenger", settings):
             tags = model_registry.version_tags(version, settings)
             payload["challenger"] = {
                 "version": version,
@@ -367,8 +366,7 @@ def alerts(as_json: Annotated[bool, typer.Option("--json", help="Print the alert
         out.print(f"{alert.get('time')}  [{alert.get('severity')}] {alert.get('title')}", highlight=False)
         if alert.get("report_url"):
             out.print(f"  report   {alert['report_url']}", highlight=False)
-        failed = {k: v for k, v in (alert.get("channels") or {}).items() if v != "not configured"}
-        if failed:
+        if failed := {k: v for k, v in (alert.get("channels") or {}).items() if v != "not configured"}:
             out.print(f"  channels {failed}", highlight=False)
         out.print(f"  file     {alert['path']}", highlight=False)
 

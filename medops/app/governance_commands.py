@@ -107,8 +107,7 @@ def register(app: typer.Typer) -> None:
 def describe(lineage: dict[str, Any]) -> list[str]:
     """The chain as lines a person reads top to bottom (the encounter appears only as its hash)."""
     lines = []
-    prediction = lineage.get("prediction")
-    if prediction:
+    if prediction := lineage.get("prediction"):
         lines.append(
             f"prediction   {prediction['logged_at']}  site {prediction['site_id']}  P(malignant) "
             f"{prediction['probability_malignant']:.4f} -> {prediction['label']}  (encounter hash "
@@ -125,8 +124,7 @@ def describe(lineage: dict[str, Any]) -> list[str]:
         f"run          {run['run_id']} (trigger {run['trigger']}, by {run['actor'] or '?'}, Airflow run "
         f"{run['airflow_run_id'] or '-'}, code {(run['code_git_sha'] or '?')[:12]})  {run['url']}"
     )
-    gate = lineage.get("gate")
-    if gate:
+    if gate := lineage.get("gate"):
         overall = gate["overall"]
 
         def figure(name: str) -> str:
@@ -158,8 +156,7 @@ def describe(lineage: dict[str, Any]) -> list[str]:
         f"hold-out     {holdout['rows']} rows ({holdout['malignant']} malignant) of {holdout['data_version']}, "
         f"rule {holdout['rule']} share {holdout['share']}, fingerprint {(holdout['sha256'] or '?')[:16]}"
     )
-    restored = lineage.get("restored")
-    if restored:
+    if restored := lineage.get("restored"):
         for name, info in restored["files"].items():
             lines.append(
                 f"restored     {Path(restored['dir']) / name}  {info['rows']} rows  sha256 {info['sha256'][:16]}  "

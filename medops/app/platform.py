@@ -301,8 +301,7 @@ def alert_channels_line(settings: Settings) -> str:
     """Where alerts go, or how to make them reach someone: a drift alert must never vanish."""
     from medops.core.alerts import configured_channels
 
-    channels = configured_channels(settings)
-    if channels:
+    if channels := configured_channels(settings):
         return f"Alerts go to: {', '.join(channels)} (undelivered ones wait in `medops alerts`)."
     return (
         "No alert channel is set: alerts wait in MEDOPS_HOME/alerts/outbox/ (list them with `medops alerts`).\n"

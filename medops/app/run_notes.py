@@ -52,8 +52,7 @@ def monitoring_note(result: dict, alert: dict | None, settings: Settings) -> str
     verdict = result.get("verdict", "unknown")
     lines = [f"**{verdict}** on {result.get('n_current', 0)} predictions of model v{result.get('model_version')}"]
     lines.append(f"- alert: {alert_delivery(alert)}")
-    report = result.get("report_url") or result.get("report")
-    if report:
+    if report := result.get("report_url") or result.get("report"):
         lines.append(f"- [Evidently report]({report})")
     if result.get("severity"):
         retraining = "retraining requested (medops/drift)" if result.get("retrain") else "no retraining"
@@ -61,8 +60,7 @@ def monitoring_note(result: dict, alert: dict | None, settings: Settings) -> str
     if result.get("sites"):
         lines.append(f"- sites: {', '.join(result['sites'])}")
     lines += [f"- {signal['scope']}: {signal['text']}" for signal in (result.get("signals") or [])[:8]]
-    columns = result.get("drifted_columns") or []
-    if columns:
+    if columns := result.get("drifted_columns") or []:
         shown = ", ".join(columns[:8]) + (f" (+{len(columns) - 8} more)" if len(columns) > 8 else "")
         lines.append(f"- drifted features ({len(columns)}): {shown}")
     if result.get("note"):

@@ -94,8 +94,7 @@ def traffic(site: str, records: int, drift: str | None = None, *, seed: int | No
         areas = {name: COVARIATE_SCALE**2 for name in AREA_FEATURES}
         values *= np.array([(lengths | areas).get(name, 1.0) for name in features])
     # Noise never pushes a real measurement out of the plausible range; wrong units must.
-    low = np.array([FEATURE_RANGES[name][0] for name in features])
-    high = np.array([FEATURE_RANGES[name][1] for name in features])
+    low, high = np.array([FEATURE_RANGES[name] for name in features]).T
     values = np.clip(values, low, high)
     if drift == "units":
         wrong = rng.random(records) < UNITS_SHARE
