@@ -157,9 +157,8 @@ class AirflowClient:
     def runs(self, dag_id: str) -> list[DAGRunResponse]:
         """The DAG's latest runs, most recently started first."""
         listing = DagRunApi(self._api).get_dag_runs
-        return self._call(
-            f"list runs of {dag_id}", listing, dag_id, order_by=["-start_date"], limit=RUNS_LISTED
-        ).dag_runs
+        listed = self._call(f"list runs of {dag_id}", listing, dag_id, order_by=["-start_date"], limit=RUNS_LISTED)
+        return listed.dag_runs
 
     def run(self, dag_id: str, run_id: str) -> DAGRunResponse:
         return self._call(f"GET run {dag_id}/{run_id}", DagRunApi(self._api).get_dag_run, dag_id, run_id)

@@ -213,8 +213,7 @@ def start_mlflow(settings: Settings) -> int:
     store = ["--backend-store-uri", cluster_db_url(settings, "mlflow"), "--artifacts-destination",
              str(settings.artifact_root), "--serve-artifacts"]  # fmt: skip
     # a train worker in a network namespace calls it by its gateway's address (10.231.*)
-    hosts = (netns.HOST_PATTERN,) if netns.enabled(settings) else ()
-    return platform.start_mlflow(settings, store, hosts)
+    return platform.start_mlflow(settings, store, (netns.HOST_PATTERN,) if netns.enabled(settings) else ())
 
 
 def start_webdav(settings: Settings) -> int:

@@ -202,8 +202,7 @@ def _predict(
 
 
 def _reason_key(item: ErrorDetail) -> str:
-    field_name = _RECORD_INDEX.sub("records[*]", item.field)
-    return f"{field_name}: {item.reason.split(':')[0]}"
+    return f"{_RECORD_INDEX.sub('records[*]', item.field)}: {item.reason.split(':')[0]}"
 
 
 def _call(service: MedopsClient, path: str, call: Callable[..., T], *args: Any, refusals: bool = False) -> T:

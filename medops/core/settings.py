@@ -346,9 +346,8 @@ class Settings(BaseSettings):
         """MLflow's admin on medops' own server, as the variables MLflow's client reads them from; on a
         host given its logins by configuration (``secrets_from_env``), those variables as they are."""
         if self.secrets_from_env:
-            login = {
-                name: os.environ.get(name, "") for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-            }
+            names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+            login = {name: os.environ.get(name, "") for name in names}
             if not all(login.values()):
                 raise RuntimeError("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD must be set on this host")
             return login
