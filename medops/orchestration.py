@@ -77,8 +77,7 @@ def notify_task_failure(context: Any, *, severity: str = "error") -> AlertOutcom
     """Alert that a task (or, in a DAG-level callback, a DAG run) failed; reads what the context has."""
     try:
         ti = context.get("ti") or context.get("task_instance")
-        dag = context.get("dag")
-        dag_id = getattr(ti, "dag_id", None) or getattr(dag, "dag_id", None) or "unknown DAG"
+        dag_id = getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", None) or "unknown DAG"
         task_id = getattr(ti, "task_id", None)
         run_id = getattr(ti, "run_id", None) or context.get("run_id") or getattr(context.get("dag_run"), "run_id", None)
         error = context.get("exception") or context.get("reason")

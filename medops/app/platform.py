@@ -233,8 +233,7 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
             client.unpause(dag_id)
     console.print("[green]✓[/] DAGs parsed and unpaused: " + ", ".join(LOOP_DAG_IDS))
 
-    champion = model_registry.champion_version(settings)
-    if champion is None:
+    if (champion := model_registry.champion_version(settings)) is None:
         run_id = client.trigger("ingest_data", {"announce_latest": True})
         console.print(
             f"[green]✓[/] triggered ingest_data ({run_id})" + (": the seed lands as data-v1" if fresh else "")

@@ -52,8 +52,7 @@ def run_drift_scenario(
 
     started = time.monotonic()
     window = datetime.now(UTC).isoformat()  # the run below looks at exactly this traffic
-    before = platform.serving_version(settings)
-    if before is None:
+    if (before := platform.serving_version(settings)) is None:
         raise RuntimeError("no champion is serving: run `make run` first")
     sent = simulate(site, records, drift, feedback=True, settings=settings, progress=False)
     console.print(

@@ -76,11 +76,8 @@ def wait_until(
     alive: Callable[[], bool] | None = None,
     hint: str = "see its log under MEDOPS_HOME/run/",
 ) -> T:
-    """Poll ``check`` until it returns something truthy, and return that.
-
-    Raises ``RuntimeError`` as soon as ``alive`` says the process being waited for has exited, and
-    ``TimeoutError`` after ``timeout`` seconds; both messages name ``what`` and end with ``hint``.
-    """
+    """Poll ``check`` until it returns something truthy, and return that; ``RuntimeError`` as soon as
+    ``alive`` says the process waited for exited, ``TimeoutError`` after ``timeout`` seconds."""
 
     def attempt() -> T:
         value = check()
@@ -221,8 +218,7 @@ def is_running(record: ProcessRecord) -> bool:
 
 def descendants(record: ProcessRecord) -> list[psutil.Process]:
     """Every live process below ``record``'s, whatever session it moved to."""
-    process = leader(record)
-    if process is None:
+    if (process := leader(record)) is None:
         return []
     try:
         return alive(process.children(recursive=True))
@@ -258,8 +254,7 @@ def stop_process(record: ProcessRecord, timeout: float = 30.0) -> list[int]:
     SIGTERM to its group (or to it alone when it left its group); its descendants get what is left
     of ``timeout``, at most :data:`ORPHAN_GRACE_SECONDS`, then are terminated and killed by pid.
     """
-    head = leader(record)
-    if head is None:
+    if (head := leader(record)) is None:
         return []
     try:
         family = [head, *head.children(recursive=True)]
