@@ -228,11 +228,9 @@ def slack_payload(alert: _Alert) -> dict[str, Any]:
 
 
 def post_webhook(alert: _Alert, settings: Settings) -> None:
+    body = json.dumps(slack_payload(alert)).encode()
     request = urllib.request.Request(
-        settings.alert_webhook_url,
-        data=json.dumps(slack_payload(alert)).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        settings.alert_webhook_url, data=body, headers={"Content-Type": "application/json"}, method="POST"
     )
     with urllib.request.urlopen(request, timeout=_TIMEOUT_SECONDS) as response:
         if response.status >= 300:
