@@ -7,12 +7,10 @@ default 3000) without a failed request, or back to an earlier version.
 * **Runs when** `train_model` promotes a version (Asset `medops/champion`), or manually with the
   form's `model_version`: a rollback, or serving a champion again after `medops serve-stop`.
 * **Steps**: `choose_version` (the form, else `@champion`, else the promotion's event) ->
-  `build_bento` (import `models:/<name>/<version>` into BentoML, build the Bento tagged with the
-  version) -> `roll_out` (start it beside the running server, smoke-test it: readiness and
-  predictions on the version's evaluation rows equal to the MLflow model's; then switch the
-  stable endpoint to it, smoke-test the endpoint, stop the candidate, point `@champion` at it).
+  `build_bento` (the Bento tagged with the version) -> `roll_out` (start it beside the running
+  server, smoke-test it against the MLflow model's predictions, switch the stable endpoint to it).
 * **On failure** the version served before keeps serving, `@champion` points back to it and an
-  alert goes to on-call people (webhook / e-mail); the task fails with the reason.
+  alert goes to on-call people; the task fails with the reason.
 * **Protocol**: a version whose gate did not pass is refused in `choose_version` unless the form
   names who decided to serve it anyway (`override_by`) and why (`override_reason`); the override,
   the deployment and any rollback are entries in the audit trail (`medops audit show`).
@@ -99,27 +97,24 @@ def deploy_model():
     @task(retries=1)
     def roll_out(version: str, bento: str) -> dict:
         """Start the Bento beside the running one, smoke-test, switch the stable endpoint, stop the old."""
-        from medops.app.run_notes import note_run, rollout_note
+        from medops.app.run_notes import note_run, rollout_note, summary
+        from medops.core.links import mlflow_model_version
         from medops.core.settings import get_settings
         from medops.orchestration import actor_of
         from serving.rollout import DeployFailed, deploy
 
         # choose_version applied the protocol (and recorded any override) before the build
-        context = get_current_context()
-        actor, settings = actor_of(context), get_settings()
+        settings, context = get_settings(), get_current_context()
         # Not asked for a version: choose_version took @champion's, so that is what the alias named; a
         # promotion since then stays (its own run serves it next) instead of being pointed back here.
         champion_seen = None if context["params"].get("model_version") else version
         try:
             result = deploy(
-                version, settings, bento=bento, actor=actor, gate_checked=False, champion_seen=champion_seen
+                version, settings, bento=bento, actor=actor_of(context), gate_checked=False, champion_seen=champion_seen
             )
         except DeployFailed as error:
             note_run("deploy_model", context["run_id"], rollout_note(version, error, settings), settings)
             raise
-        from medops.app.run_notes import summary
-        from medops.core.links import mlflow_model_version
-
         summary(
             f"model version {result.version} serving ({result.switch}, {result.seconds:.1f} s; was {result.previous})",
             {"service": result.url, "model version": mlflow_model_version(settings, settings.model_name, version)},

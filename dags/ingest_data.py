@@ -6,10 +6,8 @@ and versions what passes in the data registry (git + DVC, tag `data-vN`).
 
 * **Runs when** a file lands (the `medops/landing` Asset's watcher fires), or manually.
 * **Every row is accounted for**: accepted rows go into a new data version, rejected rows go to
-  `MEDOPS_HOME/quarantine/` with one reason per row; `accepted + quarantined = received`.
-  A file that is empty, binary or carries unknown columns (possible patient identifiers) is moved
-  whole into quarantine, named by its SHA-256, with its reason; the run stays green and its log
-  says so. Logs and results name batches by checksum, never by file name.
+  `MEDOPS_HOME/quarantine/` with one reason per row. A file that is empty, binary or carries
+  unknown columns (possible patient identifiers) is quarantined whole, named by its SHA-256.
 * **Crash-safe**: each file is ingested under the registry lock and a journal; a run that died
   half-way is finished or rolled back when the next one starts (Airflow's retry included).
 * **Retention**: ingested files stay in `landing/processed/` for `MEDOPS_LANDING_RETENTION_DAYS`.
@@ -52,6 +50,7 @@ def ingest_data():
 
         On a fresh platform this first creates the data registry with the seed as data-v1.
         """
+        from medops.app.run_notes import summary
         from medops.core.settings import get_settings
         from medops.orchestration import actor_of
         from pipelines.data_registry import init_registry
@@ -61,8 +60,6 @@ def ingest_data():
         actor = actor_of(context)
         init_registry(settings, actor=actor)
         results = ingest_landing(settings, site_id=context["params"].get("site_id") or None, actor=actor)
-        from medops.app.run_notes import summary
-
         for result in results:
             print(result.summary())
         versions = [result.version for result in results if result.version]
@@ -79,6 +76,7 @@ def ingest_data():
         """Emit medops/data with the new version, so train_model knows what to train on."""
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from medops.app.run_notes import summary
         from medops.core.settings import get_settings
         from pipelines.data_registry import describe_version, latest_version
 
@@ -90,8 +88,6 @@ def ingest_data():
             raise AirflowSkipException("no new data version to announce")
         info = describe_version(versions[-1], settings)
         context["outlet_events"][DATA].extra = {"data_version": info.tag, "dvc_md5": info.dvc_md5, "rows": info.rows}
-        from medops.app.run_notes import summary
-
         summary(f"announced {info.tag} ({info.rows} rows, DVC md5 {info.dvc_md5}) on medops/data",
                 {"versions": "medops status / Airflow → Assets → medops/data"}, "train_model runs on it")  # fmt: skip
         return info.tag

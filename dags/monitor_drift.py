@@ -17,17 +17,13 @@ to retrain.
   from `/feedback` labels, and each site's share of refused (422) records.
 * **Verdict**: `no_drift`, `drift`, `performance_drop`, `data_quality` or `insufficient_data`,
   with a severity (`warning`, `critical`); see `monitoring/judge.py`.
-* **Reports**: `MEDOPS_HOME/reports/<timestamp>/` (HTML, JSON, `summary.json`), the Evidently UI
-  project named after the model (drift, performance and verdict snapshots), and the champion's
-  MLflow run (`monitoring/<timestamp>/`).
-* **Alert** on `drift`, `performance_drop` and `data_quality` (webhook + e-mail, deduplicated):
-  sites, signals with figures, severity, what happens next, report link.
-* **Retraining**: `drift` or `performance_drop` at `critical` emits the `medops/drift` Asset
-  (extra `verdict`, `severity`, `drifted_columns`, `sites`, `signals`, `report`), which schedules
-  `train_model` (with cooldown). `data_quality` never retrains; warnings only alert.
-* **Never a silent alert**: an alert no channel delivered waits in `MEDOPS_HOME/alerts/outbox/`
-  (`medops alerts`); the run's note says so, and `alert_on_call` fails when configured channels failed.
-* **Run note**: the verdict, its figures and the link to the Evidently report.
+* **Reports**: `MEDOPS_HOME/reports/<timestamp>/`, the Evidently UI project named after the model,
+  and the champion's MLflow run (`monitoring/<timestamp>/`); the run's note links the report.
+* **Alert** on `drift`, `performance_drop` and `data_quality` (webhook + e-mail, deduplicated). One
+  no channel delivered waits in `MEDOPS_HOME/alerts/outbox/` (`medops alerts`), and
+  `alert_on_call` fails when configured channels failed.
+* **Retraining**: `drift` or `performance_drop` at `critical` emits the `medops/drift` Asset, which
+  schedules `train_model` (with cooldown). `data_quality` never retrains; warnings only alert.
 """
 
 from __future__ import annotations
@@ -62,6 +58,7 @@ def monitor_drift():
     @task
     def check_drift() -> dict:
         """Signals and verdict of the prediction-log window vs the champion's training run; reports written."""
+        from medops.app.run_notes import summary
         from medops.core.settings import get_settings
         from monitoring.reports import run_monitoring
 
@@ -71,8 +68,6 @@ def monitor_drift():
         print(f"verdict: {result.verdict}{severity} ({result.n_current} rows) {result.note}".strip())
         for signal in result.signals:
             print(f"  {signal['scope']}: {signal['text']}")
-        from medops.app.run_notes import summary
-
         summary(
             f"verdict {result.verdict}{severity} on {result.n_current} predictions",
             {"report": result.report_url or result.report},
@@ -86,15 +81,13 @@ def monitor_drift():
         configured channel failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from medops.app.run_notes import monitoring_note, note_run
+        from medops.app.run_notes import alert_delivery, monitoring_note, note_run, summary
         from medops.core.settings import get_settings
         from monitoring.reports import alert_for_result
 
         settings, context = get_settings(), get_current_context()
         outcome = alert_for_result(result, settings) if context["params"].get("alert", True) else None
         note_run("monitor_drift", context["run_id"], monitoring_note(result, outcome, settings), settings)
-        from medops.app.run_notes import alert_delivery, summary
-
         summary(f"alert: {alert_delivery(outcome)}", {"outbox": (outcome or {}).get("outbox")})
         failed = [name for name, state in (outcome or {}).get("channels", {}).items() if state.startswith("failed")]
         if outcome and outcome.get("outbox") and failed:

@@ -6,35 +6,26 @@ Trains, evaluates and registers a diagnosis model, then lets the gate decide abo
 * **Runs when** a new data version is announced (`medops/data`), when `monitor_drift` saw drift
   (`medops/drift`, at most once per `MEDOPS_RETRAIN_COOLDOWN_HOURS`), or manually with the form.
 * **Steps**: `plan` (what to train on, the gate thresholds, what needs a person's approval; drift
-  inside the cooldown skips the run), `search` (one
-  mapped task per model family on the `train` queue: cross-validated search of logistic
-  regression, SVM or gradient boosting on the training side of the row-hash split), `choose` (the
-  best family), `fit` on the `train` queue (hash hold-out of the modification protocol's share, an
-  operating threshold meeting the sensitivity target, then one MLflow run: metrics, plots, data
-  version + DVC hash, code git sha, this run's id, the hold-out's size and fingerprint, the exact
-  training and hold-out rows with their scores and the feature importance under `reference/`; its
-  files live in a work folder only while the task runs, so the models leave a worker through MLflow
-  only), `register` (the run's audit entry, a model version with `@challenger`, the gate's decision
-  as `gate/decision.json` and tags, the model card; its log prints the MLflow run).
-* **Hosts**: `search` and `fit` read the data version from the registry's git remote and the DVC
-  remote when the worker has no registry of its own (`MEDOPS_REGISTRY_URL`, the cluster's train
-  workers); their logs name the worker, its `MEDOPS_HOME` and where it read the registry.
+  inside the cooldown skips the run), `search` (one mapped task per model family: cross-validated
+  search on the training side of the row-hash split), `choose` (the best family), `fit` (hold-out
+  of the modification protocol's share, an operating threshold meeting the sensitivity target, then
+  one MLflow run with the figures, the data version and the exact training and hold-out rows under
+  `reference/`), `register` (the run's audit entry, a model version with `@challenger`, the gate's
+  decision as `gate/decision.json` and tags, the model card).
+* **Hosts**: `search` and `fit` run on the `train` queue; a worker without a registry of its own
+  (`MEDOPS_REGISTRY_URL`, the cluster's) reads the data version over git and the DVC remote, and
+  hands its model on through MLflow only; their logs name the worker and its `MEDOPS_HOME`.
 * **Gate** (`pipelines/modification_protocol.yaml`): the lower ends of 95 % intervals of
   sensitivity, specificity and ROC AUC reach the protocol's floors, overall and at every site with
-  enough hold-out rows (smaller sites: "not enough evidence"), and the candidate is non-inferior to
-  the champion scored on the same stored rows. The form may tighten the floors; looser ones
-  (`sensitivity_lower`, `roc_auc_lower` below, `non_inferiority_margin` above the protocol's) need
-  a person's approval.
+  enough hold-out rows, and the candidate is non-inferior to the champion on the same stored rows.
+  The form may tighten the floors; looser ones need a person's approval.
 * **Approval**: what the protocol reserves for a person, and drift-triggered promotions with
   `MEDOPS_REQUIRE_APPROVAL=true`, wait in *Required actions*; the approver's Airflow user name
   goes to the audit trail, and without it nothing is promoted.
 * **Emits** `medops/champion` on promotion, which schedules `deploy_model`; and `medops/data` when
   drift retraining versioned feedback labels (that event names this run in `trained_by`, so the
   run it schedules skips instead of training on the same data again).
-* **Concurrency**: two runs at most at once (two data versions landing together); a promotion
-  finding `@champion` moved by the other run since its gate judges the version again against it.
-* **Run note**: refused (the gate's reasons), waiting for approval, or promoted, with the figures
-  and links to the MLflow run and model version.
+* **Run note**: refused (the gate's reasons), waiting for approval, or promoted, with links.
 """
 
 from __future__ import annotations
@@ -180,15 +171,7 @@ def train_model():
                 f"hold-out: {holdout['rows']} rows, {holdout['malignant']} malignant, fingerprint {holdout['sha256']}"
             )
             # the audit entry is register's (the scheduler's side keeps the audit trail)
-            mlflow_run_id = log_run(
-                result,
-                settings,
-                thresholds=planned["thresholds"],
-                trigger=planned["trigger"],
-                airflow_run_id=context["run_id"],
-                actor=planned["actor"],
-                audit=False,
-            )
+            mlflow_run_id = log_run(result, settings, audit=False, **_run_facts(planned, context["run_id"]))
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         print(f"MLflow run: {run_url(mlflow_run_id, settings)}")
@@ -198,18 +181,15 @@ def train_model():
     def register(planned: dict, fitted: dict) -> dict:
         """Audit the run, register its model as @challenger, gate it on the stored hold-out, publish the
         model card: from the fit's XCom and MLflow only, nothing of the worker's disk."""
+        from medops.app.run_notes import summary
+        from medops.core.links import mlflow_model_version
         from medops.core.settings import get_settings
         from pipelines.model_registry import run_url
         from pipelines.train import FitResult, record_training_run, register_version
 
         settings, context = get_settings(), get_current_context()
         fit_result, mlflow_run_id = FitResult.from_dict(fitted), fitted["mlflow_run_id"]
-        steps = {
-            "thresholds": planned["thresholds"],
-            "trigger": planned["trigger"],
-            "airflow_run_id": context["run_id"],
-            "actor": planned["actor"],
-        }
+        steps = _run_facts(planned, context["run_id"])
         record_training_run(fit_result, mlflow_run_id, settings, **steps)
         result = register_version(
             mlflow_run_id, fit_result, settings, approval_reasons=planned["approval_reasons"], **steps
@@ -218,9 +198,6 @@ def train_model():
         print(f"model version {result.model_version} ({result.family}): {result.metrics}")
         print(f"MLflow run (figures, gate/decision.json, model_card/model_card.html): {url}")
         print(f"gate {'passed' if result.gate.passed else 'failed'}:\n" + "\n".join(result.gate.reasons))
-        from medops.app.run_notes import summary
-        from medops.core.links import mlflow_model_version
-
         outcome = "passed" if result.gate.passed else "REFUSED: @champion unchanged"
         summary(
             f"model version {result.model_version} ({result.family}) registered as @challenger; gate {outcome}",
@@ -269,6 +246,7 @@ def train_model():
     @task(outlets=[CHAMPION], trigger_rule="none_failed_min_one_success")
     def promote(result: dict) -> str:
         """Move @champion to the new version (the gate passed and, if asked, a named person approved)."""
+        from medops.app.run_notes import note_run, summary, training_note
         from medops.core.settings import get_settings
         from medops.orchestration import approver_of
         from pipelines.train import promote as promote_version
@@ -278,9 +256,8 @@ def train_model():
         if result["needs_approval"]:
             response = context["ti"].xcom_pull(task_ids="await_approval")
             approved_by = approver_of(response)
-            reason = f"approved in Airflow's Required actions at {response.get('responded_at')}: " + "; ".join(
-                result["approval_reasons"]
-            )
+            reasons = "; ".join(result["approval_reasons"])
+            reason = f"approved in Airflow's Required actions at {response.get('responded_at')}: {reasons}"
         if not promote_version(result["model_version"], settings, approved_by=approved_by, approval_reason=reason):
             from airflow.sdk.exceptions import AirflowSkipException
 
@@ -290,12 +267,8 @@ def train_model():
                 "another training promoted meanwhile (its tags and the audit trail say why)"
             )
         context["outlet_events"][CHAMPION].extra = {"model_version": result["model_version"]}
-        from medops.app.run_notes import note_run, training_note
-
         note = training_note(result | {"promoted": True, "approved_by": approved_by}, settings)
         note_run("train_model", context["run_id"], note, settings)
-        from medops.app.run_notes import summary
-
         summary(f"@champion → model version {result['model_version']}", {"MLflow run": result["run_url"]},
                 "deploy_model rolls it out (Asset medops/champion)")  # fmt: skip
         return result["model_version"]
@@ -307,6 +280,11 @@ def train_model():
     promoted = promote(trained)
     branch >> [await_approval, promoted]
     await_approval >> promoted
+
+
+def _run_facts(planned: dict, airflow_run_id: str) -> dict:
+    """What fit and register record about the training: its thresholds, trigger, actor and Airflow run."""
+    return {key: planned[key] for key in ("thresholds", "trigger", "actor")} | {"airflow_run_id": airflow_run_id}
 
 
 def _where(step: str, settings) -> str:

@@ -1,14 +1,9 @@
 """The one module outside ``dags/`` that imports Airflow: what every medops DAG shares.
 
-- the Assets that chain the loop (names in :mod:`medops.core.assets`), with the watcher that turns
-  a file landing in ``MEDOPS_HOME/landing/`` into an ``ingest_data`` run;
-- :class:`LandingTrigger`, run in Airflow's triggerer (it resolves the landing folder when it
-  runs, never at DAG parse time);
-- :data:`DEFAULT_ARGS`: owner, retries, and :class:`MedopsNotifier`, which sends a task that failed
-  for good to the same on-call channels as drift (:mod:`medops.core.alerts`).
-
-Only light Airflow modules and the standard library are imported at the top: DAG files import
-this module when they are parsed.
+The Assets that chain the loop, with :class:`LandingTrigger` (run in Airflow's triggerer) turning a
+file landing in ``MEDOPS_HOME/landing/`` into an ``ingest_data`` run, and :data:`DEFAULT_ARGS`,
+whose :class:`MedopsNotifier` sends a task that failed for good to the on-call channels. Only light
+modules are imported at the top: DAG files import this one when they are parsed.
 """
 
 from __future__ import annotations
@@ -66,7 +61,7 @@ class LandingTrigger(BaseEventTrigger):
 
 
 class MedopsNotifier(BaseNotifier):
-    """Sends a failed task (or DAG run) to the medops alert channels: ``on_failure_callback=failure_notifier()``."""
+    """Sends a failed task (or DAG run) to the medops alert channels (``on_failure_callback``)."""
 
     template_fields = ("severity",)
 
@@ -78,17 +73,11 @@ class MedopsNotifier(BaseNotifier):
         notify_task_failure(context, severity=self.severity)
 
 
-def failure_notifier(severity: str = "error") -> MedopsNotifier:
-    """The notifier every medops DAG passes as ``on_failure_callback`` (in ``default_args`` or on the DAG)."""
-    return MedopsNotifier(severity=severity)
-
-
 def notify_task_failure(context: Any, *, severity: str = "error") -> AlertOutcome:
     """Alert that a task (or, in a DAG-level callback, a DAG run) failed; reads what the context has."""
     try:
         ti = context.get("ti") or context.get("task_instance")
-        dag = context.get("dag")
-        dag_id = getattr(ti, "dag_id", None) or getattr(dag, "dag_id", None) or "unknown DAG"
+        dag_id = getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", None) or "unknown DAG"
         task_id = getattr(ti, "task_id", None)
         run_id = getattr(ti, "run_id", None) or context.get("run_id") or getattr(context.get("dag_run"), "run_id", None)
         error = context.get("exception") or context.get("reason")
@@ -125,16 +114,13 @@ DEFAULT_ARGS: dict[str, Any] = {
     "owner": "ml-platform",
     "retries": 2,
     "retry_delay": timedelta(seconds=20),
-    "on_failure_callback": failure_notifier(),
+    "on_failure_callback": MedopsNotifier(),
 }
 
 
 def actor_of(context: Any) -> str:
-    """Who a DAG run acts for in the audit trail: the Airflow user who triggered it, else the scheduler.
-
-    A run triggered from the UI or the REST API carries ``dag_run.triggering_user_name``; one
-    scheduled by an Asset or a timetable carries none and acts as ``medops-scheduler``.
-    """
+    """Who a DAG run acts for in the audit trail: the Airflow user who triggered it (from the UI or
+    the REST API), else the scheduler (a run scheduled by an Asset or a timetable)."""
     from pipelines.governance import SCHEDULER
 
     name = getattr(context.get("dag_run"), "triggering_user_name", None)
@@ -144,10 +130,8 @@ def actor_of(context: Any) -> str:
 def approver_of(response: Any) -> str:
     """The Airflow user name of the person who approved, from ``ApprovalOperator``'s result (its XCom).
 
-    Airflow 3.3's ``HITLOperator.execute_complete`` returns ``chosen_options``, ``params_input``,
-    ``responded_at`` and ``responded_by_user`` (``{"id", "name"}``, None when the request timed out
-    to a default). Anything but an "Approve" by a named user is refused: a promotion the protocol
-    reserves for a person never goes through on a placeholder.
+    Anything but an "Approve" by a named user (``responded_by_user`` is None when the request timed
+    out to a default) is refused: a promotion reserved for a person never goes through on a placeholder.
     """
     from airflow.providers.standard.operators.hitl import ApprovalOperator
 

@@ -17,7 +17,7 @@ import pytest
 
 from medops.core.alerts import configured_channels, outbox_alerts, send_alert
 from medops.core.settings import Settings, get_settings, reset_settings
-from medops.orchestration import MedopsNotifier, failure_notifier, notify_task_failure
+from medops.orchestration import DEFAULT_ARGS, MedopsNotifier, notify_task_failure
 
 
 def free_port() -> int:
@@ -149,7 +149,7 @@ def test_a_failing_channel_is_reported_not_raised_and_retried(alerting, webhook,
 
 def test_without_channels_nothing_is_sent_and_the_alert_waits_in_the_outbox(medops_home):
     outcome = send_alert("Drift", "drift", COLUMNS, None, REPORT, medops_home)
-    assert not outcome.sent and outcome.undelivered
+    assert not outcome.sent and not outcome.deduplicated
     assert outcome.channels == {"webhook": "not configured", "email": "not configured"}
     waiting = Path(outcome.outbox)
     assert waiting.parent == medops_home.home / "alerts" / "outbox"
@@ -164,7 +164,7 @@ def test_an_alert_every_channel_failed_waits_in_the_outbox(alerting, monkeypatch
     monkeypatch.setenv("MEDOPS_SMTP_PORT", str(free_port()))
     reset_settings()
     outcome = send_alert("Drift", "drift", COLUMNS, "site-d", REPORT, get_settings())
-    assert outcome.undelivered and outcome.outbox
+    assert not outcome.sent and not outcome.deduplicated and outcome.outbox
     assert all(state.startswith("failed") for state in outcome.channels.values())
     (listed,) = outbox_alerts(get_settings())
     assert listed["site"] == "site-d" and listed["channels"] == outcome.channels
@@ -180,7 +180,7 @@ def test_failure_notifier_alerts_through_the_same_channels(alerting, webhook, sm
     ti = SimpleNamespace(
         dag_id="train_model", task_id="train", run_id="manual__1", log_url="http://127.0.0.1:8080/dags/x"
     )
-    notifier = failure_notifier()
+    notifier = DEFAULT_ARGS["on_failure_callback"]
     assert isinstance(notifier, MedopsNotifier)
     notifier({"ti": ti, "exception": ValueError("gate config is broken\nsecond line")})
     (payload,) = webhook.received

@@ -1,18 +1,14 @@
 """Airflow 3's REST API (``/api/v2``) through its official client, ``apache-airflow-client``.
 
-Used by `medops up` to unpause and trigger DAGs, by the drift scenario and the end-to-end test to
-drive the platform only through public interfaces, and by the loop benchmark for its timings.
-:class:`AirflowClient` is a small facade over the client's typed APIs: calls return the client's
-models (``DAGRunResponse``, ``TaskInstanceResponse``...), whose ``state`` enums compare equal to
-the plain strings (``run.state == "success"``).
-
-The simple auth manager hands out a JWT at ``POST /auth/token``, outside ``/api/v2`` and so
-outside the generated client; that one call is made with httpx. A token that expired (401) is
-replaced once per call.
+:class:`AirflowClient` is a small facade over the client's typed APIs, for `medops up`, the drift
+scenario, the end-to-end test and the loop benchmark. The simple auth manager's JWT comes from
+``POST /auth/token``, outside the generated client, so that one call is made with httpx; a token
+that expired (401) is replaced once per call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -108,16 +104,17 @@ class AirflowClient:
             )
         self._api.configuration.access_token = response.json()["access_token"]
 
-    def _call(self, what: str, call: Callable[[], T]) -> T:
-        """``call()`` with a token, renewed once on 401; Airflow's refusals become :class:`AirflowError`."""
+    def _call(self, what: str, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``method(*args, **kwargs)`` with a token, renewed once on 401; Airflow's refusals become
+        :class:`AirflowError`."""
         if self._api.configuration.access_token is None:
             self._login()
         try:
             try:
-                return call()
+                return method(*args, _request_timeout=self.timeout, **kwargs)
             except UnauthorizedException:
                 self._login()
-                return call()
+                return method(*args, _request_timeout=self.timeout, **kwargs)
         except ApiException as error:
             body = (error.body or error.reason or "").replace("\n", " ")[:300]
             raise AirflowError(f"{what}: {error.status} {body}", error.status) from None
@@ -134,25 +131,17 @@ class AirflowClient:
     def dag(self, dag_id: str) -> DAGResponse | None:
         """The DAG, or None while the DAG processor has not parsed it."""
         try:
-            return self._call(
-                f"GET dag {dag_id}", lambda: DAGApi(self._api).get_dag(dag_id, _request_timeout=self.timeout)
-            )
+            return self._call(f"GET dag {dag_id}", DAGApi(self._api).get_dag, dag_id)
         except AirflowError as error:
             if error.status == 404:
                 return None
             raise
 
     def import_errors(self) -> list[ImportErrorResponse]:
-        listed = self._call(
-            "GET import errors", lambda: ImportErrorApi(self._api).get_import_errors(_request_timeout=self.timeout)
-        )
-        return listed.import_errors
+        return self._call("GET import errors", ImportErrorApi(self._api).get_import_errors).import_errors
 
     def _set_paused(self, dag_id: str, paused: bool) -> None:
-        self._call(
-            f"PATCH dag {dag_id}",
-            lambda: DAGApi(self._api).patch_dag(dag_id, DAGPatchBody(is_paused=paused), _request_timeout=self.timeout),
-        )
+        self._call(f"PATCH dag {dag_id}", DAGApi(self._api).patch_dag, dag_id, DAGPatchBody(is_paused=paused))
 
     def unpause(self, dag_id: str) -> None:
         self._set_paused(dag_id, False)
@@ -163,58 +152,35 @@ class AirflowClient:
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         """Start a manual run now (no logical date, as Airflow 3 asks) and return its run id."""
         body = TriggerDAGRunPostBody(logical_date=None, conf=conf or {})
-        run = self._call(
-            f"trigger {dag_id}",
-            lambda: DagRunApi(self._api).trigger_dag_run(dag_id, body, _request_timeout=self.timeout),
-        )
-        return run.dag_run_id
+        return self._call(f"trigger {dag_id}", DagRunApi(self._api).trigger_dag_run, dag_id, body).dag_run_id
 
     def runs(self, dag_id: str) -> list[DAGRunResponse]:
         """The DAG's latest runs, most recently started first."""
-        listed = self._call(
-            f"list runs of {dag_id}",
-            lambda: DagRunApi(self._api).get_dag_runs(
-                dag_id, order_by=["-start_date"], limit=RUNS_LISTED, _request_timeout=self.timeout
-            ),
-        )
+        listing = DagRunApi(self._api).get_dag_runs
+        listed = self._call(f"list runs of {dag_id}", listing, dag_id, order_by=["-start_date"], limit=RUNS_LISTED)
         return listed.dag_runs
 
     def run(self, dag_id: str, run_id: str) -> DAGRunResponse:
-        return self._call(
-            f"GET run {dag_id}/{run_id}",
-            lambda: DagRunApi(self._api).get_dag_run(dag_id, run_id, _request_timeout=self.timeout),
-        )
+        return self._call(f"GET run {dag_id}/{run_id}", DagRunApi(self._api).get_dag_run, dag_id, run_id)
 
     def set_note(self, dag_id: str, run_id: str, note: str) -> None:
         """Replace the run's note (Markdown, shown in the grid and on the run's page)."""
-        body = DAGRunPatchBody(note=note)
-        self._call(
-            f"PATCH note of {dag_id}/{run_id}",
-            lambda: DagRunApi(self._api).patch_dag_run(
-                dag_id, run_id, body, update_mask=["note"], _request_timeout=self.timeout
-            ),
-        )
+        patch, body = DagRunApi(self._api).patch_dag_run, DAGRunPatchBody(note=note)
+        self._call(f"PATCH note of {dag_id}/{run_id}", patch, dag_id, run_id, body, update_mask=["note"])
 
     def task_instances(self, dag_id: str, run_id: str) -> list[TaskInstanceResponse]:
-        listed = self._call(
-            f"list task instances of {dag_id}/{run_id}",
-            lambda: TaskInstanceApi(self._api).get_task_instances(dag_id, run_id, _request_timeout=self.timeout),
-        )
-        return listed.task_instances
+        listing = TaskInstanceApi(self._api).get_task_instances
+        return self._call(f"list task instances of {dag_id}/{run_id}", listing, dag_id, run_id).task_instances
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         """The value ``task_id`` pushed under ``key`` in that run (a task's return value by default)."""
-        entry = self._call(
-            f"GET XCom {dag_id}/{run_id}/{task_id}/{key}",
-            lambda: XComApi(self._api).get_xcom_entry(dag_id, task_id, run_id, key, _request_timeout=self.timeout),
-        )
+        get_entry = XComApi(self._api).get_xcom_entry
+        entry = self._call(f"GET XCom {dag_id}/{run_id}/{task_id}/{key}", get_entry, dag_id, task_id, run_id, key)
         value = entry.actual_instance.value
         # The native form is what the metadata DB holds; values stored as JSON text come back as text.
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 return json.loads(value)
-            except ValueError:
-                return value
         return value
 
     # waiting ----------------------------------------------------------------------------------

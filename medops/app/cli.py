@@ -6,6 +6,7 @@ Errors are one clear line on stderr and a non-zero exit code; long work shows pr
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from functools import wraps
@@ -37,8 +38,6 @@ out = Console(soft_wrap=True)
 def _private_files() -> None:
     """Everything medops writes under MEDOPS_HOME (and every process it starts) is private to its user,
     and no model is ever unpickled (see pipelines/model_trust.py)."""
-    import os
-
     from medops.core.processes import PICKLE_SWITCH
 
     os.umask(0o077)
@@ -54,17 +53,11 @@ def terminal_user() -> str:
     return user()
 
 
-class UserError(Exception):
-    """An error the person at the terminal can act on: printed as one line, exit code 1."""
-
-
 def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn any failure into one readable line and exit 1 (a traceback with MEDOPS_DEBUG=1)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import os
-
         try:
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
@@ -80,10 +73,8 @@ def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def command(target: typer.Typer = app, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        return target.command(**kwargs)(one_line_errors(func))
-
-    return decorate
+    """``target.command(**kwargs)`` for a function whose failures are one line (:func:`one_line_errors`)."""
+    return lambda func: target.command(**kwargs)(one_line_errors(func))
 
 
 @contextmanager
@@ -94,9 +85,9 @@ def step(message: str):
     console.print(f"[green]✓[/] {message}")
 
 
-def emit(payload: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        out.print_json(json.dumps(payload, default=str))
+def emit(payload: dict[str, Any]) -> None:
+    """Print ``payload`` as JSON (what ``--json`` asks for)."""
+    out.print_json(json.dumps(payload, default=str))
 
 
 @command()
@@ -105,14 +96,8 @@ def init() -> None:
     from pipelines import data_registry, model_registry
 
     settings = get_settings()
-    for folder in (
-        settings.landing_dir,
-        settings.quarantine_dir,
-        settings.airflow_home,
-        settings.reports_dir,
-        settings.predictions_dir,
-        settings.run_dir,
-    ):
+    for folder in (settings.landing_dir, settings.quarantine_dir, settings.airflow_home, settings.reports_dir,
+                   settings.predictions_dir, settings.run_dir):  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
     with step("data registry (git + DVC) with the seed as data-v1"):
         version = data_registry.init_registry(settings, actor=terminal_user())
@@ -156,7 +141,7 @@ def data_versions(as_json: Annotated[bool, typer.Option("--json", help="Print th
     settings = get_settings()
     rows = [data_registry.version_info(tag, settings) for tag in data_registry.list_versions(settings)]
     if as_json:
-        return emit({"versions": rows}, True)
+        return emit({"versions": rows})
     for row in rows:
         out.print(f"{row['tag']:>10}  {row['rows']:>7} rows  {row['dvc_md5']}  {row['commit'][:10]}")
 
@@ -173,7 +158,7 @@ def ingest(
     with step(f"validating and versioning {file.name}"):
         result = ingest_file(file, get_settings(), site_id=site, actor=terminal_user())
     if as_json:
-        return emit(result.to_dict(), True)
+        return emit(result.to_dict())
     out.print(result.summary(), highlight=False)
 
 
@@ -186,7 +171,7 @@ def data_purge_landing(
 
     result = purge_landing(get_settings())
     if as_json:
-        return emit(result.__dict__, True)
+        return emit(result.__dict__)
     out.print(
         f"purged {result.purged} archived landed file(s) older than {result.retention_days:g} days; kept {result.kept}"
     )
@@ -258,7 +243,7 @@ def train(
             result, settings, approved_by=approved_by, approval_reason=reason, actor=actor
         )
     if as_json:
-        return emit(result.to_dict(), True)
+        return emit(result.to_dict())
     m, figures = result.metrics, result.gate.overall.candidate
     out.print(
         f"model version {result.model_version} ({result.family}) on {result.data_version}: "
@@ -287,15 +272,15 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print the resul
     from pipelines import data_registry, model_registry
 
     settings = get_settings()
-    payload: dict[str, Any] = {"home": str(settings.home), "data_version": data_registry.latest_version(settings)}
+    data_version = data_registry.latest_version(settings)
     champion = model_registry.champion_version(settings) if (settings.mlflow_dir / "mlflow.db").exists() else None
-    payload["champion"] = champion
+    payload: dict[str, Any] = {"home": str(settings.home), "data_version": data_version, "champion": champion}
     if champion:
         payload["champion_tags"] = model_registry.version_tags(champion, settings)
     payload["services"] = platform.service_status(settings)
     payload.update(_monitoring_status(settings))
     if as_json:
-        return emit(payload, True)
+        return emit(payload)
     out.print(f"MEDOPS_HOME  {payload['home']}")
     out.print(f"data         {payload['data_version'] or 'no registry yet (medops init)'}")
     if champion:
@@ -350,8 +335,7 @@ def _monitoring_status(settings: Settings) -> dict[str, Any]:
     if (settings.mlflow_dir / "mlflow.db").exists():
         from pipelines import model_registry
 
-        version = model_registry.alias_version("challenger", settings)
-        if version:
+        if version := model_registry.alias_version("challenger", settings):
             tags = model_registry.version_tags(version, settings)
             payload["challenger"] = {
                 "version": version,
@@ -362,16 +346,14 @@ def _monitoring_status(settings: Settings) -> dict[str, Any]:
 
 
 @command()
-def alerts(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the alerts as JSON.")] = False,
-) -> None:
+def alerts(as_json: Annotated[bool, typer.Option("--json", help="Print the alerts as JSON.")] = False) -> None:
     """Alerts no channel delivered (none configured, or every one failed), newest first."""
     from medops.core.alerts import configured_channels, outbox_alerts
 
     settings = get_settings()
     waiting = outbox_alerts(settings)
     if as_json:
-        return emit({"channels": configured_channels(settings), "outbox": waiting}, True)
+        return emit({"channels": configured_channels(settings), "outbox": waiting})
     if not configured_channels(settings):
         out.print(
             "No alert channel is configured: set MEDOPS_ALERT_WEBHOOK_URL (Slack-shaped webhook) or "
@@ -384,8 +366,7 @@ def alerts(
         out.print(f"{alert.get('time')}  [{alert.get('severity')}] {alert.get('title')}", highlight=False)
         if alert.get("report_url"):
             out.print(f"  report   {alert['report_url']}", highlight=False)
-        failed = {k: v for k, v in (alert.get("channels") or {}).items() if v != "not configured"}
-        if failed:
+        if failed := {k: v for k, v in (alert.get("channels") or {}).items() if v != "not configured"}:
             out.print(f"  channels {failed}", highlight=False)
         out.print(f"  file     {alert['path']}", highlight=False)
 
@@ -403,8 +384,6 @@ def up(
     ] = None,
 ) -> None:
     """Start the whole platform and run the loop once (what `make run` does)."""
-    import os
-
     from medops.app import platform
     from medops.core.settings import reset_settings
 
@@ -437,17 +416,10 @@ def drift_scenario(
     run_drift_scenario(get_settings(), site=site, records=records, drift=drift, console=console)
 
 
-from medops.app import (  # noqa: E402  (they extend `app`)
-    governance_commands,
-    keys_commands,
-    monitoring_commands,
-    serving_commands,
-)
+from medops.app import governance_commands, keys_commands, monitoring_commands, serving_commands  # noqa: E402
 
-serving_commands.register(app)
-monitoring_commands.register(app)
-governance_commands.register(app)
-keys_commands.register(app)
+for commands in (serving_commands, monitoring_commands, governance_commands, keys_commands):  # they extend `app`
+    commands.register(app)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,20 @@
 """The cluster profile (`medops up --profile cluster`): the same loop on real engines.
 
-Airflow on PostgreSQL with the CeleryExecutor (Redis as broker, the Airflow database as Celery's
-result backend), its API server, scheduler, DAG processor and triggerer as separate processes (as in
-the standalone profile: :func:`medops.app.platform.start_airflow`), ``MEDOPS_CLUSTER_WORKERS``
-Celery train workers (queue ``train`` and one of their own) that stand for other hosts, and the
-scheduler host's own worker (queue ``default``, on the scheduler's ``MEDOPS_HOME``). A train worker
-has a ``MEDOPS_HOME`` of its own, empty at start (``hosts/<name>``, another disk): it reads data
-versions from the registry's git remote (``git daemon``, read-only) and the DVC remote, is given
-MLflow's login by its environment, and hands models on through MLflow only. MLflow's tracking server
-runs on PostgreSQL with proxied artifacts, so a client needs only its URL. The DVC remote is a
-WebDAV server (wsgidav), reached over HTTP by every host.
-
-Every process goes through :mod:`medops.core.processes`; PostgreSQL and Redis are the machine's
-(``MEDOPS_POSTGRES_URL``, ``MEDOPS_REDIS_URL``). medops creates its role and databases there if
-they are missing and reuses them otherwise; `medops down` stops what `up` started.
+Airflow on PostgreSQL with the CeleryExecutor (Redis as broker), ``MEDOPS_CLUSTER_WORKERS`` Celery
+train workers that stand for other hosts, and the scheduler host's own worker. A train worker has
+an empty ``MEDOPS_HOME`` of its own (``hosts/<name>``): it reads data versions from the registry's
+read-only git daemon and the DVC remote (WebDAV), gets MLflow's login from its environment, and
+hands models on through MLflow's tracking server (PostgreSQL, proxied artifacts) only. PostgreSQL
+and Redis are the machine's; medops creates its role and databases there if they are missing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from medops.app import netns, platform
@@ -30,9 +24,12 @@ from medops.core.settings import Settings
 DATABASES = ("airflow", "mlflow")
 TRAIN_QUEUE = "train"
 DEFAULT_QUEUE = "default"
-
-
 CLUSTER_DB_ROLE = "medops"
+HOST_WORKER = "airflow-worker-host"
+HOSTS = "hosts"  # under the scheduler's MEDOPS_HOME: one folder per train worker, standing for its own disk
+REGISTRY_SERVER = "registry-git"
+# what a train worker does not get: the service's keys, the Airflow UI's password file
+WORKER_DROPS = frozenset({"MEDOPS_API_KEYS", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"})
 
 
 def cluster_db_url(settings: Settings, purpose: str, driver: str = "postgresql+psycopg2") -> str:
@@ -42,11 +39,6 @@ def cluster_db_url(settings: Settings, purpose: str, driver: str = "postgresql+p
     admin = make_url(settings.postgres_url)
     url = admin.set(drivername=driver, username=CLUSTER_DB_ROLE, password=None)
     return url.set(database=f"{settings.cluster_db_prefix}_{purpose}").render_as_string(hide_password=False)
-
-
-HOST_WORKER = "airflow-worker-host"
-HOSTS = "hosts"  # under the scheduler's MEDOPS_HOME: one folder per train worker, standing for its own disk
-REGISTRY_SERVER = "registry-git"
 
 
 def worker_name(index: int) -> str:
@@ -134,7 +126,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database,
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CELERY__BROKER_URL": settings.redis_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + cluster_db_url(settings, "airflow"),
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database,
         # two cores for all workers: more task processes per worker only queue on the CPU
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": DEFAULT_QUEUE,
@@ -150,27 +142,15 @@ def start_airflow(settings: Settings) -> None:
 
 
 def worker_argv(name: str, queues: list[str]) -> list[str]:
-    return [
-        str(processes.venv_bin() / "airflow"),
-        "celery",
-        "worker",
-        "--queues",
-        ",".join(queues),
-        "--celery-hostname",
-        f"{name}@%h",
-        "--skip-serve-logs",
-        "--without-gossip",
-        "--without-mingle",
-    ]
+    return [str(processes.venv_bin() / "airflow"), "celery", "worker", "--queues", ",".join(queues),
+            "--celery-hostname", f"{name}@%h", "--skip-serve-logs", "--without-gossip", "--without-mingle"]  # fmt: skip
 
 
 def train_worker_env(settings: Settings, env: dict[str, str], name: str) -> dict[str, str]:
-    """A train worker as another host: the cluster's Airflow configuration with a ``MEDOPS_HOME`` of
-    its own, the data registry read over git (``MEDOPS_REGISTRY_URL``) and the DVC remote, MLflow's
-    login given here (``MEDOPS_SECRETS_FROM_ENV``: no secrets folder read or made on its disk), no
-    service key. What still names the scheduler's home: the process marker ``down`` looks for, and
-    Airflow's log folder (task logs are written where the API server reads them: on real hosts,
-    remote logging)."""
+    """A train worker as another host: a ``MEDOPS_HOME`` of its own, the data registry read over git,
+    MLflow's login given here (``MEDOPS_SECRETS_FROM_ENV``), no service key. Only the process marker
+    ``down`` looks for and Airflow's log folder (where the API server reads task logs) still name the
+    scheduler's home."""
     home = worker_home(settings, name)
     worker = {key: value for key, value in env.items() if key not in WORKER_DROPS}
     return worker | {
@@ -183,10 +163,6 @@ def train_worker_env(settings: Settings, env: dict[str, str], name: str) -> dict
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(settings.airflow_home / "logs"),
         "BENTOML_HOME": str(home / "bentoml"),
     }
-
-
-# what a train worker does not get: the service's keys, the Airflow UI's password file
-WORKER_DROPS = frozenset({"MEDOPS_API_KEYS", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"})
 
 
 def start_workers(settings: Settings, env: dict[str, str]) -> list[int]:
@@ -218,18 +194,12 @@ def _isolate(settings: Settings, index: int, argv: list[str], env: dict[str, str
     link = netns.create(settings, index)
     gateway_argv = [sys.executable, "-m", "medops.app.gateway", link.gateway, *map(str, netns.ports(settings))]
     processes.start(gateway_name(index), gateway_argv, settings, env=processes.child_env(settings))
-    processes.wait_until(
-        lambda: _reachable(link.gateway, settings.airflow_port),
-        30,
-        f"the gateway of {worker_name(index)}",
-        alive=lambda: processes.running(gateway_name(index), settings) is not None,
-    )
+    reachable = lambda: _reachable(link.gateway, settings.airflow_port)  # noqa: E731
+    _wait_for(settings, gateway_name(index), reachable, 30, f"the gateway of {worker_name(index)}")
     return [shutil.which("ip") or "ip", "netns", "exec", link.namespace, *argv], netns.rewrite_env(env, link.gateway)
 
 
 def _reachable(host: str, port: int) -> bool:
-    import socket
-
     try:
         socket.create_connection((host, port), timeout=2).close()
     except OSError:
@@ -243,28 +213,15 @@ def start_mlflow(settings: Settings) -> int:
     store = ["--backend-store-uri", cluster_db_url(settings, "mlflow"), "--artifacts-destination",
              str(settings.artifact_root), "--serve-artifacts"]  # fmt: skip
     # a train worker in a network namespace calls it by its gateway's address (10.231.*)
-    hosts = (netns.HOST_PATTERN,) if netns.enabled(settings) else ()
-    return platform.start_mlflow(settings, store, hosts)
+    return platform.start_mlflow(settings, store, (netns.HOST_PATTERN,) if netns.enabled(settings) else ())
 
 
 def start_webdav(settings: Settings) -> int:
     """The DVC remote's folder over WebDAV (anonymous, on the profile's host address only)."""
     settings.dvc_remote_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(processes.venv_bin() / "wsgidav"),
-        "--host",
-        settings.host,
-        "--port",
-        str(settings.webdav_port),
-        "--root",
-        str(settings.dvc_remote_dir),
-        "--auth",
-        "anonymous",
-        "--server",
-        "cheroot",
-        "--no-config",
-        "-q",
-    ]
+    argv = [str(processes.venv_bin() / "wsgidav"), "--host", settings.host, "--port", str(settings.webdav_port),
+            "--root", str(settings.dvc_remote_dir), "--auth", "anonymous", "--server", "cheroot",
+            "--no-config", "-q"]  # fmt: skip
     return processes.start("webdav", argv, settings)
 
 
@@ -272,21 +229,9 @@ def start_registry_server(settings: Settings) -> int:
     """The data registry's git repository, read-only over git's own protocol (``git daemon``: no
     push), on the profile's host address; only the registry is exported. Train workers clone it."""
     settings.registry_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        "git",
-        "daemon",
-        "--reuseaddr",
-        "--export-all",
-        f"--base-path={settings.home}",
-        f"--listen={settings.host}",
-        f"--port={settings.registry_port}",
-        str(settings.registry_dir),
-    ]
+    argv = ["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={settings.home}", f"--listen={settings.host}",
+            f"--port={settings.registry_port}", str(settings.registry_dir)]  # fmt: skip
     return processes.start(REGISTRY_SERVER, argv, settings)
-
-
-def registry_server_ready(settings: Settings) -> bool:
-    return _reachable(settings.host, settings.registry_port)
 
 
 def start_services(settings: Settings) -> None:
@@ -296,24 +241,16 @@ def start_services(settings: Settings) -> None:
     start_webdav(settings)
     start_registry_server(settings)
     start_mlflow(settings)
-    processes.wait_until(
-        lambda: registry_server_ready(settings),
-        60,
-        "the git daemon of the data registry",
-        alive=lambda: processes.running(REGISTRY_SERVER, settings) is not None,
-    )
-    processes.wait_until(
-        lambda: processes.http_ok(f"http://{settings.host}:{settings.webdav_port}/"),
-        60,
-        "the WebDAV server of the DVC remote",
-        alive=lambda: processes.running("webdav", settings) is not None,
-    )
-    processes.wait_until(
-        lambda: processes.http_ok(f"{settings.mlflow_url}/health"),
-        180,
-        "the MLflow tracking server",
-        alive=lambda: processes.running("mlflow", settings) is not None,
-    )
+    webdav_url, mlflow_health = f"http://{settings.host}:{settings.webdav_port}/", f"{settings.mlflow_url}/health"
+    git_daemon = lambda: _reachable(settings.host, settings.registry_port)  # noqa: E731
+    _wait_for(settings, REGISTRY_SERVER, git_daemon, 60, "the git daemon of the data registry")
+    _wait_for(settings, "webdav", lambda: processes.http_ok(webdav_url), 60, "the WebDAV server of the DVC remote")
+    _wait_for(settings, "mlflow", lambda: processes.http_ok(mlflow_health), 180, "the MLflow tracking server")
+
+
+def _wait_for(settings: Settings, name: str, check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait for ``check``; give up at once if the platform process ``name`` exited."""
+    processes.wait_until(check, timeout, what, alive=lambda: processes.running(name, settings) is not None)
 
 
 def isolation(settings: Settings) -> str:

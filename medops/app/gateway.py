@@ -5,39 +5,35 @@ connection to 127.0.0.1 on the same port, where the platform's services listen."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+from functools import partial
 
 TARGET = "127.0.0.1"
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
+        with contextlib.suppress(OSError):  # ConnectionError included
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
     finally:
-        try:
+        with contextlib.suppress(OSError):
             writer.close()
-        except OSError:
-            pass
 
 
-def _handler(port: int):
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            target_reader, target_writer = await asyncio.open_connection(TARGET, port)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(_pipe(reader, target_writer), _pipe(target_reader, writer))
-
-    return handle
+async def _forward(port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        target_reader, target_writer = await asyncio.open_connection(TARGET, port)
+    except OSError:
+        writer.close()
+        return
+    await asyncio.gather(_pipe(reader, target_writer), _pipe(target_reader, writer))
 
 
 async def serve(address: str, ports: list[int]) -> None:
-    servers = [await asyncio.start_server(_handler(port), address, port, reuse_address=True) for port in ports]
+    servers = [await asyncio.start_server(partial(_forward, port), address, port, reuse_address=True) for port in ports]
     print(f"gateway on {address}, ports {ports} -> {TARGET}", flush=True)
     await asyncio.gather(*(server.serve_forever() for server in servers))
 

@@ -1,7 +1,4 @@
-"""``medops audit show|verify`` and ``medops lineage``: the audit trail and lineage at the terminal.
-
-``medops.app.cli`` calls :func:`register` with its Typer app. Heavy imports happen inside the commands.
-"""
+"""``medops audit show|verify`` and ``medops lineage``: the audit trail and lineage at the terminal."""
 
 from __future__ import annotations
 
@@ -35,7 +32,7 @@ def register(app: typer.Typer) -> None:
             and (version is None or entry.links.get("model_version") == str(version))
         ]
         if as_json:
-            return emit({"entries": [entry.model_dump() for entry in rows]}, True)
+            return emit({"entries": [entry.model_dump() for entry in rows]})
         if not rows:
             out.print("the audit trail is empty" if action is None and version is None else "no matching entries")
             return
@@ -58,7 +55,7 @@ def register(app: typer.Typer) -> None:
         settings = get_settings()
         result, anchors = verify_trail(settings)
         if as_json:
-            emit(result.model_dump() | {"anchors_checked": anchors}, True)
+            emit(result.model_dump() | {"anchors_checked": anchors})
         elif result.ok:
             out.print(
                 f"audit trail intact: {result.entries} entries, head seq {result.head_seq} "
@@ -66,13 +63,10 @@ def register(app: typer.Typer) -> None:
                 highlight=False,
                 markup=False,
             )
+        else:
+            altered = f"audit trail ALTERED at entry seq {result.first_bad_seq}: {result.problem}"
+            out.print(altered, highlight=False, markup=False)
         if not result.ok:
-            if not as_json:
-                out.print(
-                    f"audit trail ALTERED at entry seq {result.first_bad_seq}: {result.problem}",
-                    highlight=False,
-                    markup=False,
-                )
             raise typer.Exit(1)
 
     @command(app)
@@ -105,7 +99,7 @@ def register(app: typer.Typer) -> None:
                 restored = lineage_steps.restore_rows(found.model["version"], restore, settings, lineage=found)
             payload["restored"] = restored["restored"]
         if as_json:
-            return emit(payload, True)
+            return emit(payload)
         for line in describe(payload):
             out.print(line, highlight=False, markup=False)
 
@@ -113,8 +107,7 @@ def register(app: typer.Typer) -> None:
 def describe(lineage: dict[str, Any]) -> list[str]:
     """The chain as lines a person reads top to bottom (the encounter appears only as its hash)."""
     lines = []
-    prediction = lineage.get("prediction")
-    if prediction:
+    if prediction := lineage.get("prediction"):
         lines.append(
             f"prediction   {prediction['logged_at']}  site {prediction['site_id']}  P(malignant) "
             f"{prediction['probability_malignant']:.4f} -> {prediction['label']}  (encounter hash "
@@ -131,8 +124,7 @@ def describe(lineage: dict[str, Any]) -> list[str]:
         f"run          {run['run_id']} (trigger {run['trigger']}, by {run['actor'] or '?'}, Airflow run "
         f"{run['airflow_run_id'] or '-'}, code {(run['code_git_sha'] or '?')[:12]})  {run['url']}"
     )
-    gate = lineage.get("gate")
-    if gate:
+    if gate := lineage.get("gate"):
         overall = gate["overall"]
 
         def figure(name: str) -> str:
@@ -164,8 +156,7 @@ def describe(lineage: dict[str, Any]) -> list[str]:
         f"hold-out     {holdout['rows']} rows ({holdout['malignant']} malignant) of {holdout['data_version']}, "
         f"rule {holdout['rule']} share {holdout['share']}, fingerprint {(holdout['sha256'] or '?')[:16]}"
     )
-    restored = lineage.get("restored")
-    if restored:
+    if restored := lineage.get("restored"):
         for name, info in restored["files"].items():
             lines.append(
                 f"restored     {Path(restored['dir']) / name}  {info['rows']} rows  sha256 {info['sha256'][:16]}  "

@@ -1,8 +1,5 @@
-"""``medops keys create|list|revoke``: the service's scoped API keys (``serving.keys``).
-
-A running service picks every change up within a second, without a restart. ``medops.app.cli``
-calls :func:`register` with its Typer app.
-"""
+"""``medops keys create|list|revoke``: the service's scoped API keys (``serving.keys``), which a
+running service picks up within a second, without a restart."""
 
 from __future__ import annotations
 
@@ -33,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
         record, secret = create_key(get_settings(), scope, site_id=site, name=name)
         if as_json:
-            return emit(record.to_public() | {"key": secret}, True)
+            return emit(record.to_public() | {"key": secret})
         out.print(f"key id  {record.id}  scopes {', '.join(sorted(record.scopes))}  site {record.site_id or 'any'}")
         out.print(secret, highlight=False)
         out.print("[dim]shown once: store it now; medops keeps only its hash[/]")
@@ -45,7 +42,7 @@ def register(app: typer.Typer) -> None:
 
         rows = [key.to_public() for key in read_keys(get_settings())]
         if as_json:
-            return emit({"keys": rows}, True)
+            return emit({"keys": rows})
         for row in rows:
             state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
             out.print(

@@ -1,7 +1,6 @@
 """``medops monitor`` and ``medops simulate``: the functions the monitor_drift DAG calls, at a terminal.
 
-``medops.app.cli`` calls :func:`register` with its Typer app. Heavy imports happen inside commands,
-so ``medops --help`` stays quick.
+Heavy imports happen inside the commands, so ``medops --help`` stays quick.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def register(app: typer.Typer) -> None:
         with step("comparing the prediction log with the champion's training rows"):
             result = run_monitoring(get_settings(), since=since, alert=alert)
         if as_json:
-            return emit(result.to_dict(), True)
+            return emit(result.to_dict())
         colour = {"drift": "red", "performance_drop": "red", "no_drift": "green"}.get(result.verdict, "yellow")
         rows = f"{result.n_current} predictions, model v{result.model_version}"
         severity = f" {result.severity}" if result.severity else ""
@@ -92,7 +91,7 @@ def register(app: typer.Typer) -> None:
             progress=not as_json,
         )
         if as_json:
-            return emit(asdict(summary), True)
+            return emit(asdict(summary))
         out.print(
             f"{summary.site}: sent {summary.records} records in {summary.batches} batches "
             f"({summary.seconds:.1f} s): {summary.scored} scored "

@@ -1,15 +1,9 @@
 """The cluster's train workers on virtual networks of their own (``MEDOPS_CLUSTER_NETNS``).
 
 Where the machine allows it (root, ``ip``), each train worker runs in a network namespace of its
-own, joined to this one by a veth pair on a /30 of ``10.231.0.0/16``. The services stay on
-127.0.0.1: the worker reaches them through a gateway, a forwarder (:mod:`medops.app.gateway`) that
-listens on the veth's host-side address only and connects to 127.0.0.1, one per worker, started
-and stopped like every platform process. The worker's environment names the gateway's address
-wherever it named loopback (:func:`rewrite_env`). `medops down` deletes the namespaces (their veth
-goes with them); a namespace a crashed run left is deleted by the next `up`.
-
-Names derive from a short hash of ``MEDOPS_HOME`` (two platforms on one machine do not meet);
-interface names stay within the kernel's 15 characters.
+own, joined to this one by a veth pair on a /30 of ``10.231.0.0/16``, and reaches the services on
+127.0.0.1 through its gateway (:mod:`medops.app.gateway`), which listens on the veth's host side
+only. Names derive from a short hash of ``MEDOPS_HOME``, so two platforms on one machine never meet.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """`medops up` / `medops down`: the whole platform on embedded defaults, on loopback.
 
-Airflow (API server, scheduler, DAG processor and triggerer, each a process, on SQLite with the
-LocalExecutor), the MLflow UI, the Evidently UI and the served champion. `up` lands the seed
-through `ingest_data` and waits until a champion answers on the serving port; `down` stops
-everything it started. Every door is locked: all listen on loopback only, Airflow and MLflow ask
-for passwords medops generated (secrets under ``MEDOPS_HOME/secrets``, never printed or logged).
+Airflow's four components (SQLite, LocalExecutor), the MLflow and Evidently UIs and the served
+champion; `up` lands the seed through `ingest_data` and waits for a champion to serve. Every door
+is locked: loopback only, and Airflow and MLflow ask for passwords medops generated (never printed).
 """
 
 from __future__ import annotations
 
 import configparser
 import io
+import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -87,20 +87,13 @@ def urls(settings: Settings) -> dict[str, str]:
     }
 
 
-def _health_urls(settings: Settings) -> dict[str, str]:
-    u = urls(settings)
-    return {
-        "airflow": f"{u['airflow']}/api/v2/monitor/health",
-        "mlflow": f"{u['mlflow']}/health",
-        "serving": f"{u['serving']}/readyz",
-        "evidently": f"{u['evidently']}/",
-    }
+HEALTH_PATHS = {"airflow": "/api/v2/monitor/health", "mlflow": "/health", "serving": "/readyz", "evidently": "/"}
 
 
 def service_status(settings: Settings) -> dict[str, dict[str, Any]]:
     return {
-        name: {"up": processes.http_ok(health, timeout=1.0), "url": urls(settings)[name]}
-        for name, health in _health_urls(settings).items()
+        name: {"up": processes.http_ok(url + HEALTH_PATHS[name], timeout=1.0), "url": url}
+        for name, url in urls(settings).items()
     }
 
 
@@ -145,29 +138,13 @@ def start_mlflow(settings: Settings, store: list[str] | None = None, hosts: tupl
     embedded SQLite store with its local artifact folder (the cluster profile passes its own).
     ``hosts``: more Host headers to accept (the cluster's train workers call it through a gateway)."""
     settings.artifact_root.mkdir(parents=True, exist_ok=True)
-    store = store or [
-        "--backend-store-uri",
-        settings.tracking_uri,
-        "--default-artifact-root",
-        settings.artifact_root.as_uri(),
-    ]
+    store = store or ["--backend-store-uri", settings.tracking_uri,
+                      "--default-artifact-root", settings.artifact_root.as_uri()]  # fmt: skip
     port = settings.mlflow_port
-    argv = [
-        str(processes.venv_bin() / "mlflow"),
-        "server",
-        *store,
-        "--app-name",
-        "basic-auth",
-        "--host",
-        settings.host,
-        "--port",
-        str(port),
-        # the Host headers a client on this machine sends (against DNS rebinding)
-        "--allowed-hosts",
-        ",".join(dict.fromkeys(f"{host}:{port}" for host in (settings.host, "127.0.0.1", "localhost", *hosts))),
-        "--workers",
-        "1",
-    ]
+    # the Host headers a client on this machine sends (against DNS rebinding)
+    allowed = ",".join(dict.fromkeys(f"{host}:{port}" for host in (settings.host, "127.0.0.1", "localhost", *hosts)))
+    argv = [str(processes.venv_bin() / "mlflow"), "server", *store, "--app-name", "basic-auth",
+            "--host", settings.host, "--port", str(port), "--allowed-hosts", allowed, "--workers", "1"]  # fmt: skip
     env = {
         "MLFLOW_AUTH_CONFIG_PATH": str(write_mlflow_auth_config(settings)),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": settings.secret("mlflow_flask_secret_key"),  # signs CSRF tokens
@@ -177,16 +154,8 @@ def start_mlflow(settings: Settings, store: list[str] | None = None, hosts: tupl
 
 def start_evidently(settings: Settings) -> int:
     settings.evidently_workspace.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(processes.venv_bin() / "evidently"),
-        "ui",
-        "--workspace",
-        str(settings.evidently_workspace),
-        "--host",
-        settings.host,
-        "--port",
-        str(settings.evidently_port),
-    ]
+    argv = [str(processes.venv_bin() / "evidently"), "ui", "--workspace", str(settings.evidently_workspace),
+            "--host", settings.host, "--port", str(settings.evidently_port)]  # fmt: skip
     # Writes through the UI's API need the secret (reports are written to the workspace on disk by
     # medops itself). In the environment, not the command line, which other users can read.
     env = processes.child_env(settings, {"EVIDENTLY_SECRET": settings.evidently_secret()}, service_keys=False)
@@ -219,8 +188,6 @@ def serving_version(settings: Settings) -> str | None:
 
 def up(settings: Settings, *, wait: bool = True, console: Console, out: Console, timeout: float = 900) -> None:
     """Start everything, land the seed through ingest_data and wait for a champion to serve."""
-    import os
-
     from pipelines import data_registry, model_registry
 
     started = time.monotonic()
@@ -266,13 +233,10 @@ def up(settings: Settings, *, wait: bool = True, console: Console, out: Console,
             client.unpause(dag_id)
     console.print("[green]✓[/] DAGs parsed and unpaused: " + ", ".join(LOOP_DAG_IDS))
 
-    champion = model_registry.champion_version(settings)
-    if champion is None:
+    if (champion := model_registry.champion_version(settings)) is None:
         run_id = client.trigger("ingest_data", {"announce_latest": True})
         console.print(
-            f"[green]✓[/] triggered ingest_data ({run_id}): the seed lands as data-v1"
-            if fresh
-            else f"[green]✓[/] triggered ingest_data ({run_id})"
+            f"[green]✓[/] triggered ingest_data ({run_id})" + (": the seed lands as data-v1" if fresh else "")
         )
     elif serving_version(settings) != champion:
         from serving import rollout
@@ -336,8 +300,7 @@ def alert_channels_line(settings: Settings) -> str:
     """Where alerts go, or how to make them reach someone: a drift alert must never vanish."""
     from medops.core.alerts import configured_channels
 
-    channels = configured_channels(settings)
-    if channels:
+    if channels := configured_channels(settings):
         return f"Alerts go to: {', '.join(channels)} (undelivered ones wait in `medops alerts`)."
     return (
         "No alert channel is set: alerts wait in MEDOPS_HOME/alerts/outbox/ (list them with `medops alerts`).\n"
@@ -347,8 +310,6 @@ def alert_channels_line(settings: Settings) -> str:
 
 
 def _example_record() -> str:
-    import json
-
     from pipelines.data import seed_frame
     from pipelines.schema import FEATURES
 
@@ -359,18 +320,16 @@ def _example_record() -> str:
 
 def down(settings: Settings, *, console: Console) -> None:
     """Stop the served Bentos, Airflow, MLflow and Evidently that `up` started."""
+    from medops.app import cluster
     from serving import rollout
 
     rollout.stop_all(settings)
     console.print("[green]✓[/] serving stopped")
-    from medops.app import cluster
-
     # Every process either profile starts: `down` with the other profile set still stops everything.
     stopped = cluster.stop(settings)
     for name in stopped:
         console.print(f"[green]✓[/] {name} stopped")
     if not stopped:
         console.print("[dim]no platform process was running[/]")
-    left = processes.stop_strays(settings)
-    if left:
+    if left := processes.stop_strays(settings):
         console.print(f"[green]✓[/] stopped {len(left)} process(es) left behind by the above")

@@ -1,10 +1,8 @@
-"""Notes on Airflow runs: the outcome of a run (refused challenger, approval waiting, rollout fallen
-back, alert not delivered) where people look first, the grid, with the reason, figures and links.
+"""Notes on Airflow runs: a run's outcome (refused challenger, approval waiting, rollout fallen back,
+alert not delivered) where people look first, the grid, with the reason, figures and links.
 
-Airflow 3.3's Task SDK lets a task read its run's note but not write it, so DAG task bodies call
-:func:`note_run`, which writes it through the REST API (``PATCH /api/v2/dags/{dag}/dagRuns/{run}``)
-as the platform's admin. A note that cannot be written is a WARNING in the task log, never a
-failed task: the outcome itself is already in the log, XCom and MLflow.
+Airflow 3.3's Task SDK lets a task read its run's note but not write it, so :func:`note_run` writes
+it through the REST API; a note that cannot be written is a WARNING, never a failed task.
 """
 
 from __future__ import annotations
@@ -39,10 +37,8 @@ def note_run(dag_id: str, run_id: str, markdown: str, settings: Settings) -> boo
 
 
 def summary(did: str, look: dict[str, str | None] | None = None, next_step: str | None = None) -> None:
-    """The last lines of a task log: what the task did, where to look and what happens next.
-
-    Printed, so Airflow's log view shows them at the end of the task's log as one block.
-    """
+    """The last lines of a task log, printed as one block: what the task did, where to look and what
+    happens next."""
     lines = [f"── summary: {did}"]
     lines += [f"   {label}: {where}" for label, where in (look or {}).items() if where]
     if next_step:
@@ -56,8 +52,7 @@ def monitoring_note(result: dict, alert: dict | None, settings: Settings) -> str
     verdict = result.get("verdict", "unknown")
     lines = [f"**{verdict}** on {result.get('n_current', 0)} predictions of model v{result.get('model_version')}"]
     lines.append(f"- alert: {alert_delivery(alert)}")
-    report = result.get("report_url") or result.get("report")
-    if report:
+    if report := result.get("report_url") or result.get("report"):
         lines.append(f"- [Evidently report]({report})")
     if result.get("severity"):
         retraining = "retraining requested (medops/drift)" if result.get("retrain") else "no retraining"
@@ -65,8 +60,7 @@ def monitoring_note(result: dict, alert: dict | None, settings: Settings) -> str
     if result.get("sites"):
         lines.append(f"- sites: {', '.join(result['sites'])}")
     lines += [f"- {signal['scope']}: {signal['text']}" for signal in (result.get("signals") or [])[:8]]
-    columns = result.get("drifted_columns") or []
-    if columns:
+    if columns := result.get("drifted_columns") or []:
         shown = ", ".join(columns[:8]) + (f" (+{len(columns) - 8} more)" if len(columns) > 8 else "")
         lines.append(f"- drifted features ({len(columns)}): {shown}")
     if result.get("note"):
@@ -126,10 +120,8 @@ def rollout_note(version: str, error: BaseException, settings: Settings) -> str:
     from medops.core.links import mlflow_model_version
 
     first_line = (str(error).strip().splitlines() or [""])[0][:400]
-    return "\n".join(
-        [
-            f"**Rollout of v{version} FELL BACK**: the previous version keeps serving",
-            f"- reason: {type(error).__name__}: {first_line}",
-            f"- [MLflow model version {version}]({mlflow_model_version(settings, settings.model_name, version)})",
-        ]
+    return (
+        f"**Rollout of v{version} FELL BACK**: the previous version keeps serving\n"
+        f"- reason: {type(error).__name__}: {first_line}\n"
+        f"- [MLflow model version {version}]({mlflow_model_version(settings, settings.model_name, version)})"
     )

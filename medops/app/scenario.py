@@ -1,15 +1,16 @@
 """The drift scenario `make run` offers: a hospital's traffic shifts and the platform renews itself.
 
-Simulated drifted traffic (with the true diagnoses as feedback) -> `monitor_drift` through
-Airflow's REST API -> the alert -> `train_model` from the `medops/drift` Asset -> `deploy_model`
--> the new champion answering on the serving port. Each stage is printed as it completes.
+Drifted traffic with feedback -> `monitor_drift` -> the alert -> `train_model` -> `deploy_model` ->
+the new champion serving, each stage printed as it completes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -45,16 +46,13 @@ def run_drift_scenario(
     Raises :class:`NotRenewed` (after printing what happened and what to do next) when the loop
     ended with the same model serving: no drift seen, the gate refused, or approval pending.
     """
-    from datetime import UTC, datetime
-
     from medops.app import platform
     from medops.app.airflow_api import FINISHED, AirflowError
     from medops.app.simulate import simulate
 
     started = time.monotonic()
     window = datetime.now(UTC).isoformat()  # the run below looks at exactly this traffic
-    before = platform.serving_version(settings)
-    if before is None:
+    if (before := platform.serving_version(settings)) is None:
         raise RuntimeError("no champion is serving: run `make run` first")
     sent = simulate(site, records, drift, feedback=True, settings=settings, progress=False)
     console.print(
@@ -62,6 +60,7 @@ def run_drift_scenario(
         f"sent back, {sent.rejected} refused"
     )
 
+    not_renewed = functools.partial(_not_renewed, console, before)
     client = platform.airflow_client(settings)
     try:
         trained_before = {run.dag_run_id for run in client.runs("train_model")}
@@ -84,9 +83,7 @@ def run_drift_scenario(
         console.print(f"  alert: {alert_delivery(alert)}", highlight=False)
         if not result.get("retrain"):  # only critical drift or performance_drop schedule a retraining
             seen = f"{result['verdict']} ({result.get('severity') or 'no severity'})"
-            return _not_renewed(
-                console,
-                before,
+            return not_renewed(
                 f"monitor_drift saw {seen}, which does not retrain ({result.get('note') or 'see its run'})",
                 f"send more or more strongly drifted traffic (--records, --drift), then look at {monitor_url}",
             )
@@ -110,22 +107,18 @@ def run_drift_scenario(
             page = links.mlflow_model_version(settings, settings.model_name, challenger) if challenger else ""
             if tags.get("gate_decision") == "rejected" or tags.get("gate_passed") == "false":
                 reasons = "; ".join(json.loads(tags.get("gate_reasons") or "[]"))
-                return _not_renewed(
-                    console,
-                    before,
+                return not_renewed(
                     f"the gate refused v{challenger} (ROC AUC {tags.get('roc_auc')}, sensitivity "
                     f"{tags.get('sensitivity')}): {reasons}",
                     f"compare it with the champion at {page}; feed back more labelled cases from the site "
                     "and trigger train_model, or review the gate's thresholds",
                 )
             if challenger and tags.get("gate_passed") == "true":
-                return _not_renewed(
-                    console,
-                    before,
+                return not_renewed(
                     f"v{challenger} passed the gate and awaits approval",
                     f"approve it in Airflow's Required actions ({training_url}), after a look at {page}",
                 )
-            return _not_renewed(console, before, "no new model version was registered", f"see {training_url}")
+            return not_renewed("no new model version was registered", f"see {training_url}")
         with console.status(f"[cyan]deploy_model: rolling out v{champion}…"):
             _wait(lambda: platform.serving_version(settings) == champion, timeout, f"v{champion} serving")
         console.print(

@@ -1,8 +1,5 @@
-"""``medops deploy``, ``medops rollback``, ``medops serve`` and ``medops serve-stop``.
-
-The same functions the ``deploy_model`` DAG calls (``serving.rollout``); ``medops.app.cli`` calls
-:func:`register` with its Typer app. Heavy imports happen inside the commands.
-"""
+"""``medops deploy``, ``rollback``, ``serve`` and ``serve-stop``: the functions the ``deploy_model``
+DAG calls (``serving.rollout``), at a terminal. Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
@@ -44,7 +41,7 @@ def register(app: typer.Typer) -> None:
                 version, settings, override_by=override_by, override_reason=reason, actor=actor, gate_checked=False
             )
         if as_json:
-            return emit(result.to_dict(), True)
+            return emit(result.to_dict())
         before = f"v{result.previous}" if result.previous else "nothing"
         out.print(f"serving  v{result.version} on {result.url} (was {before}; {result.seconds:.0f} s)")
 
@@ -60,13 +57,12 @@ def register(app: typer.Typer) -> None:
         """Serve the previously deployed model version again and point @champion at it."""
         from serving import rollout
 
-        settings = get_settings()
         with step("rolling back"):
             result = rollout.rollback(
-                settings, version, override_by=override_by, override_reason=reason, actor=terminal_user()
+                get_settings(), version, override_by=override_by, override_reason=reason, actor=terminal_user()
             )
         if as_json:
-            return emit(result.to_dict(), True)
+            return emit(result.to_dict())
         out.print(f"serving  v{result.version} on {result.url} (was v{result.previous})")
 
     @command(app, name="serve")
@@ -80,10 +76,9 @@ def register(app: typer.Typer) -> None:
         """Start the champion's Bento on the serving port (loopback) if it is not running."""
         from serving import rollout
 
-        settings = get_settings()
         with step("starting the stable server"):
             record = rollout.serve(
-                settings, version, override_by=override_by, override_reason=reason, actor=terminal_user()
+                get_settings(), version, override_by=override_by, override_reason=reason, actor=terminal_user()
             )
         out.print(f"serving  v{record.model_version} on {record.url} (pid {record.pid}, log {record.log})")
 

@@ -1,9 +1,7 @@
 """A simulated clinical application: realistic /predict traffic from one site, with optional shifts.
 
-Records are resampled from the Wisconsin breast cancer data (scikit-learn's copy, with medops'
-snake_case columns and malignant spelled out), with a little measurement noise, and sent in
-batches with unique encounter ids. The shifts are the ones monitoring must catch or the service
-must refuse:
+Records are resampled from the seed data with a little measurement noise and sent in batches with
+unique encounter ids. The shifts are the ones monitoring must catch or the service must refuse:
 
 - ``covariate``: the site's imaging is calibrated differently: lengths (radius, perimeter) read
   25% larger and areas accordingly (1.25² = 1.56 times).
@@ -12,8 +10,7 @@ must refuse:
   millimetres. The service answers 422 naming the fields; like a real app, the simulator resends
   the other records of the batch and counts the refused ones.
 
-With ``feedback`` the true diagnoses of the scored records go to ``/feedback`` afterwards, as a
-pathology report would, so monitoring can measure performance.
+With ``feedback`` the true diagnoses go to ``/feedback`` afterwards, as a pathology report would.
 """
 
 from __future__ import annotations
@@ -22,7 +19,8 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -30,16 +28,14 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from medops.core.settings import Settings
-    from serving.client import MedopsClient, ServiceError
+    from serving.client import MedopsClient
     from serving.contract import ErrorDetail, PredictResponse
 
 Drift = Literal["covariate", "prevalence", "units"]
 DRIFTS: tuple[str, ...] = ("covariate", "prevalence", "units")
 
-LENGTH_FEATURES = tuple(f"{part}_{kind}" for part in ("mean", "worst") for kind in ("radius", "perimeter")) + (
-    "radius_error",
-    "perimeter_error",
-)
+LENGTH_FEATURES = ("mean_radius", "mean_perimeter", "worst_radius", "worst_perimeter",
+                   "radius_error", "perimeter_error")  # fmt: skip
 AREA_FEATURES = ("mean_area", "area_error", "worst_area")
 COVARIATE_SCALE = 1.25
 PREVALENCE_MALIGNANT = 0.8
@@ -98,8 +94,7 @@ def traffic(site: str, records: int, drift: str | None = None, *, seed: int | No
         areas = {name: COVARIATE_SCALE**2 for name in AREA_FEATURES}
         values *= np.array([(lengths | areas).get(name, 1.0) for name in features])
     # Noise never pushes a real measurement out of the plausible range; wrong units must.
-    low = np.array([FEATURE_RANGES[name][0] for name in features])
-    high = np.array([FEATURE_RANGES[name][1] for name in features])
+    low, high = np.array([FEATURE_RANGES[name] for name in features]).T
     values = np.clip(values, low, high)
     if drift == "units":
         wrong = rng.random(records) < UNITS_SHARE
@@ -124,24 +119,20 @@ def simulate(
     batch_size: int = 50,
     seed: int | None = None,
     progress: bool = True,
-    client: MedopsClient | None = None,
 ) -> SimulationSummary:
     """Send ``records`` cases from ``site`` to the service's /predict (and their labels to /feedback).
 
-    The service is ``base_url`` (default ``http://127.0.0.1:<MEDOPS_SERVING_PORT>``) with bearer
-    ``api_key`` (default the first of ``settings.service_api_keys()``), reached through
-    :class:`serving.client.MedopsClient` (or ``client``, used as given). Raises
-    :class:`SimulationError` with one readable line when the service cannot be used.
+    The service is ``base_url`` (default: the local one) with ``api_key`` (default: the first of
+    ``settings.service_api_keys()``). Raises :class:`SimulationError` with one readable line when
+    the service cannot be used.
     """
+    from medops.core.settings import get_settings
     from pipelines.schema import ENCOUNTER, FEATURES, LABEL, POSITIVE, SITE
     from serving.client import MedopsClient
 
     if records < 1:
         raise ValueError("records must be at least 1")
-    if settings is None:
-        from medops.core.settings import get_settings
-
-        settings = get_settings()
+    settings = settings or get_settings()
     base_url = (base_url or f"http://{settings.host}:{settings.serving_port}").rstrip("/")
     api_key = api_key or settings.service_api_keys()[0]
     batch_size = max(1, min(batch_size, settings.max_records))
@@ -152,9 +143,7 @@ def simulate(
     scored_ids: list[tuple[str, str]] = []
     payload_columns = [*FEATURES, ENCOUNTER, SITE]
     started = time.perf_counter()
-    own_client = client is None
-    service = client or MedopsClient(base_url, api_key)
-    try:
+    with MedopsClient(base_url, api_key) as service:
         with _progress(progress, records, f"{site}: /predict") as advance:
             for start in range(0, records, batch_size):
                 batch = cases.iloc[start : start + batch_size]
@@ -177,9 +166,6 @@ def simulate(
                     recorded = _call(service, "/feedback", service.feedback, chunk)
                     summary.feedback_sent += recorded.recorded
                     advance(len(chunk))
-    finally:
-        if own_client:
-            service.close()
     summary.model_versions = sorted(versions)
     summary.rejection_reasons = dict(reasons.most_common(5))
     summary.seconds = round(time.perf_counter() - started, 3)
@@ -216,8 +202,7 @@ def _predict(
 
 
 def _reason_key(item: ErrorDetail) -> str:
-    field_name = _RECORD_INDEX.sub("records[*]", item.field)
-    return f"{field_name}: {item.reason.split(':')[0]}"
+    return f"{_RECORD_INDEX.sub('records[*]', item.field)}: {item.reason.split(':')[0]}"
 
 
 def _call(service: MedopsClient, path: str, call: Callable[..., T], *args: Any, refusals: bool = False) -> T:
@@ -237,43 +222,26 @@ def _call(service: MedopsClient, path: str, call: Callable[..., T], *args: Any, 
             f"cannot reach the service at {service.url} ({error}); is it running (make run)?"
         ) from None
     except ServiceError as error:
+        where = f"{service.url}{path}"
         if refusals and error.status == 422:
             raise
-        raise _refused(error, f"{service.url}{path}") from None
+        if error.status == 401:
+            raise SimulationError(f"{where} refused the API key (401): check MEDOPS_API_KEYS") from None
+        raise SimulationError(f"{where} answered HTTP {error.status}: {error.message[:200]}") from None
     except ValidationError as error:
         raise SimulationError(f"{service.url}{path} answered outside the contract: {str(error)[:200]}") from None
 
 
-def _refused(error: ServiceError, where: str) -> SimulationError:
-    if error.status == 401:
-        return SimulationError(f"{where} refused the API key (401): check MEDOPS_API_KEYS")
-    return SimulationError(f"{where} answered HTTP {error.status}: {error.message[:200]}")
-
-
-class _progress:
+@contextmanager
+def _progress(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], object]]:
     """A rich progress bar on stderr (or nothing), used as ``with _progress(...) as advance``."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def __init__(self, enabled: bool, total: int, description: str):
-        self.enabled, self.total, self.description = enabled, total, description
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        self.bar.start()
-        task = self.bar.add_task(self.description, total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -1,21 +1,10 @@
 """Alerts for on-call people: a webhook in Slack's JSON shape and e-mail, both optional, deduplicated.
 
-:func:`send_alert` delivers one alert through every channel configured in settings
-(``MEDOPS_ALERT_WEBHOOK_URL``; ``MEDOPS_SMTP_HOST`` with ``MEDOPS_ALERT_EMAIL_TO``). An identical
-alert (same title, verdict, columns, site, severity and details) sent within ``alert_dedup_minutes`` is
-not sent again; the record of what went out lives in ``MEDOPS_HOME/state/alerts.json``. A channel
-that fails is an ERROR log line (channel and reason) and is reported in the returned
-:class:`AlertOutcome`; nothing here raises into the caller, so a broken mail server never fails a
-DAG run or hides the original error.
-
-No alert is ever silent: one that no channel delivered (none configured, or every configured one
-failed) is written to the outbox, ``MEDOPS_HOME/alerts/outbox/<time>-<fingerprint>.json`` (0600),
-which ``medops alerts`` lists and ``medops status`` counts; :attr:`AlertOutcome.outbox` names the
-file so the caller (a DAG task) can mark its run.
-
-Failures of DAG tasks reach the same channels through ``medops.orchestration``'s notifier. This
-module imports only the standard library at the top: DAG files import it (through that notifier)
-when they are parsed.
+An identical alert sent within ``alert_dedup_minutes`` is not sent again (the record lives in
+``MEDOPS_HOME/state/alerts.json``). A failing channel is an ERROR log line and a state in the
+returned :class:`AlertOutcome`, never an exception: a broken mail server must not fail a DAG run.
+No alert is silent: one no channel delivered waits in ``MEDOPS_HOME/alerts/outbox/`` (0600), which
+``medops alerts`` lists. Only the standard library at the top: DAG files import this when parsed.
 """
 
 from __future__ import annotations
@@ -53,11 +42,6 @@ class AlertOutcome:
     channels: dict[str, str] = field(default_factory=dict)
     outbox: str | None = None  # the file the alert waits in when no channel delivered it
 
-    @property
-    def undelivered(self) -> bool:
-        """Nobody received it (deduplicated alerts were received the first time)."""
-        return not self.sent and not self.deduplicated
-
 
 def send_alert(
     title: str,
@@ -74,16 +58,14 @@ def send_alert(
 ) -> AlertOutcome:
     """Send one alert to the configured webhook and e-mail recipients, unless sent just before.
 
-    ``verdict`` is a drift verdict (``drift``) or, for failures, ``failure``; ``site`` names the
-    hospital(s) concerned (None: all); ``report_url`` is the link people follow. ``dedup_key``, when
-    given, stands for the columns and ``details`` in what makes two alerts identical (details that
-    quote figures changing every run would otherwise never match). Returns what each channel did; never raises.
+    ``site`` names the hospital(s) concerned (None: all). ``dedup_key`` stands for the columns and
+    ``details`` in what makes two alerts identical (figures that change every run would never match).
+    Returns what each channel did; never raises.
     """
     try:
-        if settings is None:
-            from medops.core.settings import get_settings
+        from medops.core.settings import get_settings
 
-            settings = get_settings()
+        settings = settings or get_settings()
         if severity not in SEVERITIES:
             severity = "warning"
         now = now or datetime.now(UTC)
@@ -108,10 +90,9 @@ def send_alert(
                 log.info("alert not sent again within %s min: %s", settings.alert_dedup_minutes, title)
                 skipped = {name: state or "deduplicated" for name, state in channels.items()}
                 return AlertOutcome(sent=False, deduplicated=True, channels=skipped)
-            if not channels["webhook"]:
-                channels["webhook"] = _deliver("webhook", post_webhook, alert, settings)
-            if not channels["email"]:
-                channels["email"] = _deliver("email", send_email, alert, settings)
+            for name, channel in (("webhook", post_webhook), ("email", send_email)):
+                if not channels[name]:
+                    channels[name] = _deliver(name, channel, alert, settings)
             sent = "sent" in channels.values()
             if sent:  # a failed delivery is retried next time rather than suppressed
                 state.record(alert.fingerprint, now)
@@ -247,29 +228,23 @@ def slack_payload(alert: _Alert) -> dict[str, Any]:
 
 
 def post_webhook(alert: _Alert, settings: Settings) -> None:
+    body = json.dumps(slack_payload(alert)).encode()
     request = urllib.request.Request(
-        settings.alert_webhook_url,
-        data=json.dumps(slack_payload(alert)).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        settings.alert_webhook_url, data=body, headers={"Content-Type": "application/json"}, method="POST"
     )
     with urllib.request.urlopen(request, timeout=_TIMEOUT_SECONDS) as response:
         if response.status >= 300:
             raise RuntimeError(f"webhook answered HTTP {response.status}")
 
 
-def email_message(alert: _Alert, settings: Settings) -> EmailMessage:
+def send_email(alert: _Alert, settings: Settings) -> None:
     message = EmailMessage()
     message["Subject"] = f"[medops][{alert.severity}] {alert.title}"
     message["From"] = settings.alert_email_from
     message["To"] = ", ".join(address.strip() for address in settings.alert_email_to.split(",") if address.strip())
     message.set_content(alert.text() + "\n")
-    return message
-
-
-def send_email(alert: _Alert, settings: Settings) -> None:
     with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=_TIMEOUT_SECONDS) as smtp:
-        smtp.send_message(email_message(alert, settings))
+        smtp.send_message(message)
 
 
 class _DedupState:

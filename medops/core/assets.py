@@ -1,8 +1,5 @@
-"""Names of the Airflow Assets that chain the medops loop.
-
-Plain strings, so that the layers below orchestration (the retraining plan, the rollout) can read
-asset events without importing Airflow; ``medops.orchestration`` declares the Asset objects.
-"""
+"""Names of the Airflow Assets that chain the medops loop: plain strings, so that the layers below
+orchestration read asset events without importing Airflow (``medops.orchestration`` declares them)."""
 
 LANDING = "medops/landing"
 DATA = "medops/data"

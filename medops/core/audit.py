@@ -1,16 +1,11 @@
 """The audit trail: an append-only, hash-chained log of every decision the platform takes.
 
-Each entry (one JSON line in ``MEDOPS_HOME/audit/audit.jsonl``) records its sequence number, UTC
-time, actor, action, reason, links (run id, data version, report, model version...), details, the
-hash of the entry before it, and its own hash: SHA-256 over the canonical JSON (sorted keys, no
-spaces, UTF-8) of the entry without that hash. Changing, removing, reordering or inserting any
-entry breaks the chain at that entry, and :func:`verify` names the first one. A head record
-(``audit/head.json``, the last seq and hash) catches truncation of the tail; a chain rewritten
-consistently from some entry to the end is caught only against hashes kept elsewhere, so callers
-store the returned entry's hash with what it describes (an MLflow tag, the model card) and pass
-them as ``anchors``. Appends are serialized across processes with a file lock, written with
-O_APPEND in one write, fsynced (and the directory fsynced when a file is created), and the files
-are readable by their owner only (0600, directory 0700).
+Each entry (one JSON line in ``MEDOPS_HOME/audit/audit.jsonl``) carries the hash of the entry
+before it and its own (SHA-256 of its canonical JSON), so :func:`verify` names the first entry
+changed, removed, reordered or inserted. A head record (``audit/head.json``) catches truncation;
+a chain rewritten consistently to its end is caught only against hashes kept elsewhere (an MLflow
+tag, the model card), passed as ``anchors``. Appends are locked across processes, written in one
+O_APPEND write and fsynced; the files are readable by their owner only.
 """
 
 from __future__ import annotations
@@ -31,18 +26,8 @@ AUDIT_FILE = "audit.jsonl"
 HEAD_FILE = "head.json"
 LOCK_FILE = "audit.lock"
 GENESIS = "0" * 64
-ACTIONS = (
-    "data_version",
-    "training_run",
-    "gate_decision",
-    "approval",
-    "refusal",
-    "promotion",
-    "deployment",
-    "rollback",
-    "override",
-    "protocol_change",
-)
+ACTIONS = ("data_version", "training_run", "gate_decision", "approval", "refusal", "promotion", "deployment",
+           "rollback", "override", "protocol_change")  # fmt: skip
 # Stand-ins that name nobody: an approval must carry a real user name.
 PLACEHOLDER_ACTORS = frozenset({"", "approver", "unknown", "none", "null", "user"})
 LOCK_TIMEOUT_SECONDS = 60.0
@@ -126,9 +111,8 @@ def append(
 ) -> AuditEntry:
     """Add one entry at the end of the chain and return it (its ``hash`` is the anchor to keep elsewhere).
 
-    Refuses (AuditError) to extend a log whose last entry is damaged, since a new entry would
-    vouch for it; refuses (ValueError) an unknown action, a placeholder actor or details that are
-    not plain JSON.
+    Refuses (AuditError) to extend a log whose last entry is damaged, which a new entry would vouch
+    for, and (ValueError) an unknown action, a placeholder actor or details that are not plain JSON.
     """
     from filelock import FileLock
 
@@ -151,8 +135,7 @@ def append(
 
     with FileLock(directory / LOCK_FILE, timeout=LOCK_TIMEOUT_SECONDS, mode=0o600):
         path = directory / AUDIT_FILE
-        last = _last_entry(path)
-        if last is not None:
+        if (last := _last_entry(path)) is not None:
             fields["seq"], fields["prev_hash"] = last.seq + 1, last.hash
         else:
             fields["seq"] = 1
@@ -192,16 +175,10 @@ def verify(settings: Settings | None = None, *, anchors: Mapping[int, str] | Non
         except ValueError:
             parsed.append(None)
     head = _read_head(directory)
+    recorded = {"head_seq": head.get("seq"), "head_hash": head.get("hash")} if head else {}
 
     def bad(seq: int, problem: str) -> Verification:
-        return Verification(
-            ok=False,
-            entries=len(lines),
-            first_bad_seq=seq,
-            problem=problem,
-            head_seq=head.get("seq") if head else None,
-            head_hash=head.get("hash") if head else None,
-        )
+        return Verification(ok=False, entries=len(lines), first_bad_seq=seq, problem=problem, **recorded)
 
     seqs_present = {entry.seq: position for position, entry in enumerate(parsed, start=1) if entry is not None}
     previous_hash = GENESIS

@@ -1,9 +1,8 @@
 """Writing, locking and fingerprinting files, once for every part of the platform.
 
-A reader (another task, a serving worker, the next run after a crash) sees a file's old content or
-its new content, never half of it: the bytes go to a hidden temporary file in the same directory,
-reach the disk, and take the file's name in one ``os.replace``. Hidden, so that neither the landing
-watcher nor a data directory reader mistakes a half-written file for a finished one.
+A reader sees a file's old content or its new content, never half of it: the bytes go to a hidden
+temporary file in the same directory (hidden, so the landing watcher never takes it for a finished
+file), reach the disk, and take the file's name in one ``os.replace``.
 """
 
 from __future__ import annotations
@@ -62,21 +61,18 @@ def _fsync_directory(directory: Path) -> None:
     """Make the rename itself durable: it lives in the directory's entries."""
     descriptor = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(descriptor)
-    except OSError:  # some filesystems refuse to fsync a directory; the data itself is on disk
-        pass
+        # some filesystems refuse to fsync a directory; the data itself is on disk
+        with contextlib.suppress(OSError):
+            os.fsync(descriptor)
     finally:
         os.close(descriptor)
 
 
 def file_lock(path: Path, timeout: float = -1, *, reentrant: bool = False) -> BaseFileLock:
-    """A lock shared by every process that names ``path``; ``with file_lock(p, 30):`` waits at most 30 s.
-
-    A negative ``timeout`` waits as long as it takes; running out raises ``filelock.Timeout``.
-    ``reentrant=True`` hands every caller in the process the same lock object, so a function that
-    holds it can call another that takes it again; without it a second object for the same path
-    would wait for the first one forever (flock is per open file, not per process).
-    """
+    """A lock shared by every process that names ``path``; ``with file_lock(p, 30):`` waits at most 30 s
+    (a negative ``timeout`` as long as it takes). ``reentrant=True`` hands every caller in the process
+    the same lock object: a second object for the same path would wait for the first one forever
+    (flock is per open file, not per process)."""
     from filelock import FileLock
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,5 @@
-"""Links people click between the UIs: Airflow runs, MLflow runs and model versions, Evidently reports.
-
-One place builds them from settings, so a run note, an MLflow tag, an alert and the command line
-point at the same pages. Only the standard library: DAG files import this when they run a task.
-"""
+"""Links people click between the UIs, built in one place so that run notes, MLflow tags, alerts and
+the command line point at the same pages. Only the standard library: DAG tasks import this."""
 
 from __future__ import annotations
 

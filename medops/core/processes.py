@@ -1,22 +1,15 @@
 """The one supervisor of every long-running process medops starts: start, find, wait for, stop.
 
 A process starts detached, in its own session (a Ctrl-C meant for the caller must not reach it),
-with its output appended to a log under ``MEDOPS_HOME/run/``. It is remembered by a JSON record
-in the same folder: its pid and the kernel's start time of that pid, so that a pid the kernel
-recycled after a crash is never signalled.
-
-Stopping sends SIGTERM to the process's group (an Airflow component leaves its task processes
-in it, and they stop together) and waits for the process and every descendant it had when the
-signal went out. Descendants in sessions of their own, such as the workers of a circus arbiter
-(``bentoml serve``), are out of reach of a group signal: their parent stops them, and whatever
-outlives it is terminated, then killed, one by one by pid. So nothing keeps running after
-``make stop``, a rollout or a test.
-
-Waiting is :func:`poll_until` (tenacity), for the waits here and the polls elsewhere in medops.
+its output appended to a log under ``MEDOPS_HOME/run/``, and is remembered by its pid and the
+kernel's start time of that pid, so that a pid recycled after a crash is never signalled. Stopping
+signals the process's group, then terminates by pid whatever outlived it (descendants in sessions
+of their own, such as ``bentoml serve``'s workers), so nothing keeps running after ``make stop``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,11 +48,8 @@ CRASH_EXIT_CODE = 86
 
 
 def crash_point(step: str) -> None:
-    """End the process on the spot at ``step`` if ``MEDOPS_TEST_CRASH_AT`` names it (tests only).
-
-    ``os._exit`` skips every ``finally`` block, ``except`` clause and exit handler, as a power cut
-    or a ``kill -9`` does: the fault-injection tests see exactly what a real crash leaves behind.
-    """
+    """End the process on the spot at ``step`` if ``MEDOPS_TEST_CRASH_AT`` names it (tests only)."""
+    # os._exit skips every finally block and exit handler, as a power cut or a kill -9 does
     if os.environ.get(CRASH_AT_VARIABLE) == step:
         os._exit(CRASH_EXIT_CODE)
 
@@ -70,13 +60,12 @@ def poll_until(check: Callable[[], T], timeout: float, interval: float) -> T:
     seconds have passed; return its last value. An exception from ``check`` ends the wait at once."""
     import tenacity
 
-    retrying = tenacity.Retrying(
+    return tenacity.Retrying(
         stop=tenacity.stop_after_delay(timeout),
         wait=tenacity.wait_fixed(interval),
         retry=tenacity.retry_if_result(lambda value: not value),
         retry_error_callback=lambda state: state.outcome.result(),
-    )
-    return retrying(check)
+    )(check)
 
 
 def wait_until(
@@ -87,11 +76,8 @@ def wait_until(
     alive: Callable[[], bool] | None = None,
     hint: str = "see its log under MEDOPS_HOME/run/",
 ) -> T:
-    """Poll ``check`` until it returns something truthy, and return that.
-
-    Raises ``RuntimeError`` as soon as ``alive`` says the process being waited for has exited, and
-    ``TimeoutError`` after ``timeout`` seconds; both messages name ``what`` and end with ``hint``.
-    """
+    """Poll ``check`` until it returns something truthy, and return that; ``RuntimeError`` as soon as
+    ``alive`` says the process waited for exited, ``TimeoutError`` after ``timeout`` seconds."""
 
     def attempt() -> T:
         value = check()
@@ -119,28 +105,15 @@ def venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``MEDOPS_*`` variables that rebuild ``settings`` in a child process (unset ones left out)."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        env[f"MEDOPS_{name.upper()}"] = str(value)
-    return env
-
-
 def child_env(settings: Settings, extra: dict[str, str] | None = None, *, service_keys: bool = True) -> dict[str, str]:
     """The environment of every process medops starts: this venv first on PATH, ``settings`` as
-    ``MEDOPS_*`` (they win over what this process inherited), the stores under ``MEDOPS_HOME`` that
-    tools find through variables of their own, and the platform marker :func:`strays` looks for.
-
-    ``service_keys=False`` leaves the service's bearer keys and MLflow's login out, for the processes
-    that call neither (the MLflow and Evidently UIs): a key is only where it is needed."""
+    ``MEDOPS_*`` (they win over what this process inherited), and the platform marker :func:`strays`
+    looks for. ``service_keys=False`` leaves the service's keys and MLflow's login out (the UIs)."""
     fields = {f"MEDOPS_{name.upper()}" for name in type(settings).model_fields}
     env = {key: value for key, value in os.environ.items() if key not in fields}
-    env.update(settings_env(settings))
+    for name, value in settings.model_dump().items():  # what rebuilds ``settings`` in the child
+        if value is not None:
+            env[f"MEDOPS_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     if not service_keys:
         for name in ("MEDOPS_API_KEYS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             env.pop(name, None)
@@ -245,8 +218,7 @@ def is_running(record: ProcessRecord) -> bool:
 
 def descendants(record: ProcessRecord) -> list[psutil.Process]:
     """Every live process below ``record``'s, whatever session it moved to."""
-    process = leader(record)
-    if process is None:
+    if (process := leader(record)) is None:
         return []
     try:
         return alive(process.children(recursive=True))
@@ -271,43 +243,36 @@ def alive(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):  # not our child: its parent, or init, reaps it
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # not our child: its parent, or init, reaps it
-        pass
 
 
 # Stopping ---------------------------------------------------------------------------------------------
 def stop_process(record: ProcessRecord, timeout: float = 30.0) -> list[int]:
     """Stop the process of ``record`` and everything it started; returns the pids that survived.
 
-    SIGTERM to its group (or to it alone when it left its group), then wait up to ``timeout`` for
-    it; its descendants as they were when the signal went out get what is left of ``timeout``, at
-    most :data:`ORPHAN_GRACE_SECONDS` after it is gone. Survivors are terminated, then killed,
-    by pid.
+    SIGTERM to its group (or to it alone when it left its group); its descendants get what is left
+    of ``timeout``, at most :data:`ORPHAN_GRACE_SECONDS`, then are terminated and killed by pid.
     """
-    head = leader(record)
-    if head is None:
+    if (head := leader(record)) is None:
         return []
     try:
         family = [head, *head.children(recursive=True)]
     except psutil.Error:
         family = [head]
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
         if os.getpgid(head.pid) == head.pid:
             os.killpg(head.pid, signal.SIGTERM)
         else:
             head.send_signal(signal.SIGTERM)
-    except (ProcessLookupError, PermissionError, psutil.Error):
-        pass
     started = time.monotonic()
     poll_until(lambda: not alive([head]), timeout, 0.1)
     left = max(0.0, timeout - (time.monotonic() - started))
     poll_until(lambda: not alive(family), min(left, ORPHAN_GRACE_SECONDS), 0.1)
     stragglers = alive(family)
+    # Airflow's components take longer than the grace on their SIGTERM; a worker in a session of
+    # its own that its parent did not stop gets here too
     for process in stragglers:
-        # Airflow's components take longer than the grace on their SIGTERM; a worker in a session of
-        # its own that its parent did not stop gets here too
         logger.info("terminating process %s left over by pid %s", process.pid, record.pid)
     return terminate(stragglers)
 
@@ -325,10 +290,8 @@ def terminate(targets: Iterable[int | psutil.Process], timeout: float = KILL_GRA
         processes.append(process)
     poll_until(lambda: not alive(processes), timeout, 0.1)
     for process in alive(processes):
-        try:
+        with contextlib.suppress(psutil.Error):
             process.kill()
-        except psutil.Error:
-            continue
     poll_until(lambda: not alive(processes), 2.0, 0.05)
     return [process.pid for process in alive(processes)]
 

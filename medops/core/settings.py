@@ -316,13 +316,12 @@ class Settings(BaseSettings):
         return self.tls_certfile is not None and self.tls_keyfile is not None
 
     # Secrets generated on first use, kept under MEDOPS_HOME, never in code ----------------
-    def _secret(self, name: str) -> str:
-        """The secret ``name``, generated once: the first process to create it wins, atomically.
+    def secret(self, name: str) -> str:
+        """A generated secret shared by every process of this ``MEDOPS_HOME`` (e.g. Airflow's JWT key).
 
-        The value is written to a private temporary file and linked into place, which fails if
-        the name exists (``write_atomically(..., overwrite=False)``): no reader ever sees a
-        half-written file, and two workers starting together end up with the same key. An empty
-        secret is an error, never a key.
+        Generated once and linked into place (``write_atomically(..., overwrite=False)``): no reader
+        sees a half-written file, and two workers starting together end up with the same key. An
+        empty secret is an error, never a key.
         """
         if self.secrets_from_env:
             raise RuntimeError(f"the secret {name} is not given to this host (MEDOPS_SECRETS_FROM_ENV is set)")
@@ -339,35 +338,30 @@ class Settings(BaseSettings):
             raise RuntimeError(f"the secret {path} is empty: delete it to have a new one generated")
         return value
 
-    def secret(self, name: str) -> str:
-        """A generated secret shared by every process of this ``MEDOPS_HOME`` (e.g. Airflow's JWT key)."""
-        return self._secret(name)
-
     def evidently_secret(self) -> str:
         """What the Evidently UI asks of a write through its API (reading stays open on loopback)."""
-        return self._secret("evidently_secret")
+        return self.secret("evidently_secret")
 
     def mlflow_credentials(self) -> dict[str, str]:
         """MLflow's admin on medops' own server, as the variables MLflow's client reads them from; on a
         host given its logins by configuration (``secrets_from_env``), those variables as they are."""
         if self.secrets_from_env:
-            login = {
-                name: os.environ.get(name, "") for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-            }
+            names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+            login = {name: os.environ.get(name, "") for name in names}
             if not all(login.values()):
                 raise RuntimeError("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD must be set on this host")
             return login
-        return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self._secret(MLFLOW_ADMIN_PASSWORD)}
+        return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.secret(MLFLOW_ADMIN_PASSWORD)}
 
     def service_api_keys(self) -> list[str]:
         """Bearer keys the service accepts: ``MEDOPS_API_KEYS`` or a key generated on first run."""
         if self.api_keys:
             return [key.strip() for key in self.api_keys.split(",") if key.strip()]
-        return [self._secret("api_key")]
+        return [self.secret("api_key")]
 
     def encounter_hash_key(self) -> bytes:
         """Key of the HMAC that replaces encounter ids in the prediction log."""
-        return self._secret("encounter_hash_key").encode()
+        return self.secret("encounter_hash_key").encode()
 
 
 @functools.cache
