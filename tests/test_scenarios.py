@@ -127,6 +127,67 @@ def test_population_keeps_each_class_marginals_and_range():
     assert drawn[LABEL].value_counts().to_dict() == {POSITIVE: 500, "benign": 500}
 
 
+def _faithfulness(settings: Settings, rows: int, seed: int = 1) -> dict:
+    """How close generated rows are to the seed's real ones (the figures in monitoring/scenarios.py's
+    docstring): per class and feature a K-S test of generated vs seed rows, and two champions (one
+    fitted on the real training split, the scenarios' one fitted on generated rows) scored on real
+    and on generated rows."""
+    from sklearn.metrics import roc_auc_score
+    from threadpoolctl import threadpool_limits
+
+    from pipelines.metrics import probability_malignant
+    from pipelines.train import choose_threshold, fit_final, search_best
+
+    frame = seed_frame()
+    population = Population.of(frame)
+    rng = np.random.default_rng(seed)
+    rejected = 0
+    for label in (True, False):
+        real = frame[(frame[LABEL] == POSITIVE) == label][list(FEATURES)].to_numpy()
+        drawn = population.features(np.full(len(real), label), rng)
+        rejected += sum(ks_2samp(drawn[:, i], real[:, i]).pvalue < 0.05 for i in range(len(FEATURES)))
+
+    def figures(model, threshold: float, cases) -> dict:
+        score = probability_malignant(model, cases[list(FEATURES)])
+        truth, flagged = (cases[LABEL] == POSITIVE).to_numpy(), score >= threshold
+        return {
+            "auc": float(roc_auc_score(truth, score)),
+            "sensitivity": float(flagged[truth].mean()),
+            "specificity": float((~flagged[~truth]).mean()),
+            "flagged_rate": float(flagged.mean()),
+            "scores": score,
+        }
+
+    def compare(model, threshold: float, real) -> dict:
+        count = int(round(rows * population.prevalence))
+        on_real = figures(model, threshold, real)
+        on_drawn = figures(model, threshold, population.draw((count, rows - count), rng))
+        distance = float(ks_2samp(on_real.pop("scores"), on_drawn.pop("scores")).statistic)
+        return {"real": on_real, "generated": on_drawn, "score_ks_distance": distance}
+
+    train, holdout = reference_split(frame, settings)
+    with threadpool_limits(limits=1):
+        _, estimator, _ = search_best(train, ["logistic_regression"], settings)
+        threshold = choose_threshold(estimator, train, settings.sensitivity_target, settings)
+        real_model = fit_final(estimator, threshold, train)
+    champion = fit_champion(settings, frame)
+    return {
+        "rejected_at_5pct": rejected,
+        "real_champion": compare(real_model, threshold, holdout),
+        "generated_champion": compare(champion.model, champion.threshold, frame),
+    }
+
+
+def test_generated_rows_score_like_real_rows():
+    found = _faithfulness(Settings(), rows=5_000)
+    assert found["rejected_at_5pct"] <= 3  # of 60 K-S tests (30 features, two classes)
+    for champion in ("real_champion", "generated_champion"):
+        real, generated = found[champion]["real"], found[champion]["generated"]
+        assert found[champion]["score_ks_distance"] < 0.1
+        for name in ("auc", "sensitivity", "specificity", "flagged_rate"):
+            assert abs(real[name] - generated[name]) < 0.04, (champion, name, real, generated)
+
+
 def test_bad_window_size_is_refused(champion):
     with pytest.raises(ValueError, match="at least one record"):
         generate_window("calm", 0, champion, np.random.default_rng(0))
