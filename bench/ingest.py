@@ -144,7 +144,8 @@ def _versioning(folder: Path, landed: Path, accepted: Any, runs: int, n_write: i
                 handle.write(f"# run {i}\n")
             batch.read_bytes()  # warm page cache for both
             started = time.perf_counter()
-            data_registry._dvc_add_and_push(settings.registry_dir)
+            data_registry._dvc_add(settings.registry_dir)
+            data_registry._dvc_push(settings.registry_dir)
             times["dvc_add_push"].append(time.perf_counter() - started)
             target = folder / f"copy-{i}"
             target.mkdir()
