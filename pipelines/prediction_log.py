@@ -377,11 +377,16 @@ def _settle(future: Any, error: BaseException | None) -> None:
         future.set_exception(error)
 
 
+def _as_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive one is read as UTC, as every time in the logs is."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 def _log_files(directory: Path, prefix: str, since: datetime | None) -> list[Path]:
     files = sorted(directory.glob(f"{prefix}-*.csv"))
     if since is None:
         return files
-    first_day = since.astimezone(UTC).strftime("%Y%m%d")
+    first_day = _as_utc(since).strftime("%Y%m%d")
     return [path for path in files if path.name.split("-")[1] >= first_day]
 
 
@@ -429,9 +434,7 @@ def read_predictions(
     if not include_smoke_tests:
         frame = frame[frame[SITE] != SMOKE_TEST_SITE]
     if since is not None:
-        since_utc = pd.Timestamp(since)
-        since_utc = since_utc.tz_localize(UTC) if since_utc.tzinfo is None else since_utc.tz_convert(UTC)
-        frame = frame[frame["logged_at"] >= since_utc]
+        frame = frame[frame["logged_at"] >= pd.Timestamp(_as_utc(since))]
     return frame.reset_index(drop=True)
 
 
@@ -502,9 +505,9 @@ def read_refusals(settings: Settings, since: datetime | None = None, until: date
     frame = _read_log(refusals_dir(settings), "refusals", since, REFUSAL_COLUMNS, (SITE, "field", "reason"))
     frame = frame.dropna(subset=["count", "records"])  # torn rows
     if since is not None:
-        frame = frame[frame["logged_at"] >= pd.Timestamp(since)]
+        frame = frame[frame["logged_at"] >= pd.Timestamp(_as_utc(since))]
     if until is not None:
-        frame = frame[frame["logged_at"] < pd.Timestamp(until)]
+        frame = frame[frame["logged_at"] < pd.Timestamp(_as_utc(until))]
     return frame.reset_index(drop=True)
 
 

@@ -18,8 +18,10 @@ from pipelines.prediction_log import (
     PredictionLogWriter,
     hash_encounter_id,
     label_predictions,
+    log_refusal,
     read_feedback,
     read_predictions,
+    read_refusals,
 )
 from pipelines.schema import FEATURES
 
@@ -102,6 +104,30 @@ def test_since_filter_and_smoke_tests_left_out(medops_home: Settings):
     assert len(read_predictions(medops_home, since=cut, include_smoke_tests=True)) == 5
     assert read_predictions(medops_home, since=cut + timedelta(days=1)).empty
     assert len(read_predictions(medops_home)) == 5
+
+
+def test_naive_bounds_are_read_as_utc_everywhere(medops_home: Settings, monkeypatch):
+    """Times in the logs are UTC, so a naive ``since``/``until`` means UTC for the day files picked and
+    for the rows kept alike, whatever the server's own time zone."""
+    import time
+
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")  # UTC+14: local midnight is the previous UTC day
+    time.tzset()
+    try:
+        day = datetime(2026, 3, 10, 12, tzinfo=UTC)
+        for hours in (-13, 1, 13):  # 23:00 the day before, 13:00, and 01:00 the day after
+            log_refusal(
+                medops_home,
+                [("site-a", "radius_mean", "missing", 1, 1)],
+                now=(day + timedelta(hours=hours)).timestamp(),
+            )
+        naive_since, naive_until = datetime(2026, 3, 10, 0, 0), datetime(2026, 3, 11, 0, 0)
+        kept = read_refusals(medops_home, since=naive_since, until=naive_until)
+        aware = read_refusals(medops_home, since=naive_since.replace(tzinfo=UTC), until=naive_until.replace(tzinfo=UTC))
+        assert kept["logged_at"].tolist() == aware["logged_at"].tolist() == [pd.Timestamp(day + timedelta(hours=1))]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
 
 
 def test_empty_log_reads_as_empty_frame(medops_home: Settings):
