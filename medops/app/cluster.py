@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from medops.app import netns, platform
@@ -194,7 +195,7 @@ def _isolate(settings: Settings, index: int, argv: list[str], env: dict[str, str
     link = netns.create(settings, index)
     gateway_argv = [sys.executable, "-m", "medops.app.gateway", link.gateway, *map(str, netns.ports(settings))]
     processes.start(gateway_name(index), gateway_argv, settings, env=processes.child_env(settings))
-    reachable = lambda: _reachable(link.gateway, settings.airflow_port)  # noqa: E731
+    reachable = partial(_reachable, link.gateway, settings.airflow_port)
     _wait_for(settings, gateway_name(index), reachable, 30, f"the gateway of {worker_name(index)}")
     return [shutil.which("ip") or "ip", "netns", "exec", link.namespace, *argv], netns.rewrite_env(env, link.gateway)
 
@@ -242,7 +243,7 @@ def start_services(settings: Settings) -> None:
     start_registry_server(settings)
     start_mlflow(settings)
     webdav_url, mlflow_health = f"http://{settings.host}:{settings.webdav_port}/", f"{settings.mlflow_url}/health"
-    git_daemon = lambda: _reachable(settings.host, settings.registry_port)  # noqa: E731
+    git_daemon = partial(_reachable, settings.host, settings.registry_port)
     _wait_for(settings, REGISTRY_SERVER, git_daemon, 60, "the git daemon of the data registry")
     _wait_for(settings, "webdav", lambda: processes.http_ok(webdav_url), 60, "the WebDAV server of the DVC remote")
     _wait_for(settings, "mlflow", lambda: processes.http_ok(mlflow_health), 180, "the MLflow tracking server")
