@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medops.core.files import write_atomically
+from medops.core.links import evidently_report
 from monitoring.drift import PROBABILITY, DriftResult, Verdict, plain
 
 if TYPE_CHECKING:
@@ -185,9 +186,7 @@ def run_monitoring(
     project_id, snapshots = add_to_workspace(settings, kinds, name=f"{stamp} v{champion}", sites=list(judged.sites))
     result.workspace_project_id, result.snapshot_ids = project_id, snapshots
     if snapshots:
-        result.report_url = (
-            f"http://{settings.host}:{settings.evidently_port}/projects/{project_id}/reports/{snapshots[0]}"
-        )
+        result.report_url = evidently_report(settings, str(project_id), str(snapshots[0]))
     result.mlflow_run_id = log_to_mlflow(directory, settings, model_version=champion, stamp=stamp, result=result)
     _save_window_state(settings, now, result, _next_baseline(state.get("traffic") or {}, traffic, result))
     if alert:

@@ -44,6 +44,10 @@ def test_links_are_urls_into_each_ui():
         == "http://127.0.0.1:5001/#/models/breast-cancer/versions/3"
     )
     assert links.mlflow_run(settings, "1", "abc") == "http://127.0.0.1:5001/#/experiments/1/runs/abc"
+    assert (
+        links.evidently_report(Settings(home="/tmp/x", evidently_port=8001), "p-1", "s-2")
+        == "http://127.0.0.1:8001/projects/p-1/reports/s-2"
+    )
 
 
 def test_monitoring_note_says_the_alert_reached_nobody():

@@ -25,3 +25,9 @@ def mlflow_run(settings: Settings, experiment_id: str, run_id: str) -> str:
 
 def mlflow_model_version(settings: Settings, model_name: str, version: str | int) -> str:
     return f"{settings.mlflow_url}/#/models/{quote(model_name, safe='')}/versions/{quote(str(version), safe='')}"
+
+
+def evidently_report(settings: Settings, project_id: str, snapshot_id: str) -> str:
+    """A report (snapshot) of a project in the Evidently UI: what an on-call alert links to."""
+    project, snapshot = quote(project_id, safe=""), quote(snapshot_id, safe="")
+    return f"http://{settings.host}:{settings.evidently_port}/projects/{project}/reports/{snapshot}"
